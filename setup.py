@@ -36,7 +36,8 @@ setup(
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={
-        "pyworkflow.plugin": ["gmmhet = scipion_gmmhet"],
+        # pyworkflow imports each entry point by its *name*, so the name must be the package.
+        "pyworkflow.plugin": ["scipion_gmmhet = scipion_gmmhet"],
         "console_scripts": ["gmmhet = scipion_gmmhet.engine.cli:main"],
     },
     classifiers=[
