@@ -1,0 +1,52 @@
+"""Simulate a cryo-EM particle dataset with known conformational/compositional heterogeneity.
+
+Writes DIR/particles.star (RELION 3.1) + particles.mrcs, consensus.mrc (population-weighted
+mean map), truth.csv (per particle: conformation c, composition label, pose, shift, defocus),
+truth_maps/*.mrc and truth_gmm/*.npz (the ground-truth states) and simulation.json. The
+molecule is a five-domain pseudo-atomic model (three core domains, a hinged arm, a subunit of
+~13 % of the mass) scaled to fill ~60-70 % of the box. See scipion_gmmhet.engine.simulate.
+
+examples:
+  gmmhet simulate --out sim --kind conformational
+  gmmhet simulate --out sim_mixed --kind mixed --n 20000 --box 96 --apix 2.0 --snr 0.05 --seed 3
+  gmmhet simulate --out sim_comp --kind compositional --subunit-fraction 0.3 --n 2000 --box 48
+  gmmhet simulate --out clean --kind homogeneous --n 100 --snr inf
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    from ..simulate import KINDS
+
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    parser.add_argument("--kind", required=True, choices=KINDS, help="kind of heterogeneity")
+    parser.add_argument("--n", type=int, default=5000, help="number of particles (default 5000)")
+    parser.add_argument("--box", type=int, default=64, help="box size in pixels, even (default 64)")
+    parser.add_argument("--apix", type=float, default=3.0, help="pixel size in Angstrom (default 3.0)")
+    parser.add_argument("--snr", type=float, default=0.1,
+                        help="signal-to-noise ratio: mean variance of the noiseless CTF-applied images / "
+                             "noise variance; 'inf' for no noise (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of poses, CTF, states and noise (default 0)")
+    parser.add_argument("--molecule-seed", type=int, default=0, help="seed of the molecule's shape (default 0)")
+    parser.add_argument("--subunit-fraction", type=float, default=0.5,
+                        help="fraction of particles with the subunit, compositional/mixed (default 0.5)")
+    parser.add_argument("--states", type=int, default=5, dest="n_states_maps",
+                        help="number of ground-truth conformation maps, evenly spaced in c (default 5)")
+    parser.add_argument("--max-shift-px", type=float, default=2.0,
+                        help="origin shifts uniform within +- this many pixels (default 2)")
+    parser.add_argument("--no-ctf", action="store_true",
+                        help="do not apply the CTF to the images (tests; the star still lists defoci)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..simulate import simulate
+
+    result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix, snr=args.snr, seed=args.seed,
+                      n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
+                      molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)
+    s = result["summary"]
+    print(f"wrote {s['n']} {s['kind']} particles ({s['box']} px, {s['apix']:g} A/px, SNR {s['snr']}) in "
+          f"{s['seconds_total']:.1f} s: {result['star']}")
+    return 0
