@@ -38,3 +38,9 @@ MATCH_BY_NAME = 0
 MATCH_BY_ID = 1
 MATCH_BY_ORDER = 2
 MATCH_CHOICES = ['image name (stack + index)', 'particle id', 'order']
+
+
+# Attributes that link Scipion outputs to engine files, and the Flexibility Hub program name.
+GMM_FILE_ATTR = '_gmmhet_gmmFile'      #: on a Volume: path of the gmm.npz it renders
+TRAIN_DIR_ATTR = '_gmmhet_trainDir'    #: on a particle set: the `gmmhet train` output folder
+FLEX_PROG_NAME = 'GMMHET'              #: FlexInfo.getProgName() of this plugin's outputs

@@ -274,6 +274,17 @@ def _particleIds(frame, source: str, label: str = GMMHET_PARTICLE_ID) -> np.ndar
     return ids
 
 
+def readParticleIds(starFn: str, block: str = 'particles') -> np.ndarray:
+    """The Scipion particle id of every row of a canonical star (``rlnGmmhetParticleId``), in
+    row order: row ``i`` of any engine result (latent.npy, labels.npy) belongs to particle
+    ``readParticleIds(star)[i]``."""
+    from .engine.star import read_star
+    blocks = read_star(starFn)
+    if block not in blocks:
+        raise InputError("%s: no data_%s block; give a star written by this plugin" % (starFn, block))
+    return _particleIds(blocks[block], starFn)
+
+
 def iterStarRowsById(starFn: str, block: str = 'particles'):
     """Yield ``(particleId, row)`` for every row of ``block`` of a star file, with ``row`` a
     dict ``{column: value}`` and ``particleId`` its ``rlnGmmhetParticleId`` (unique)."""
