@@ -118,3 +118,27 @@ def test_relion_written_stack_without_map_id(real_metadata_dir):
     with mrcfile.open(path, permissive=True) as m:
         np.testing.assert_array_equal(np.asarray(st[3]), m.data[3])
     assert open_stack(str(real_metadata_dir / "toy_datadir" / "toy_images_b.mrcs")).shape == (900, 30, 30)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_extended_header_that_fits_is_read_and_one_past_the_file_is_refused(tmp_path, big_endian):
+    """nsymbt is checked against the file size from the raw header (in the byte order mrcfile
+    uses) before mrcfile reads it: a real extended header still reads, an impossible one is
+    refused with the 'truncated' message."""
+    vol = np.random.default_rng(1).normal(size=(8, 8, 8)).astype(np.float32)
+    path = str(tmp_path / "ext.mrc")
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(vol.astype(">f4") if big_endian else vol)
+        m.set_extended_header(np.zeros(256, dtype="V1"))
+        m.voxel_size = 1.5
+    raw = open(path, "rb").read()
+    assert (raw[212] == 0x11) == big_endian and len(raw) == 1024 + 256 + vol.nbytes
+    got, apix = read_map(path)
+    assert np.array_equal(got, vol) and apix == pytest.approx(1.5)
+    assert np.array_equal(np.asarray(open_stack(path)), vol)
+    bad = bytearray(raw)
+    bad[92:96] = np.array([len(raw)], dtype=">i4" if big_endian else "<i4").tobytes()  # 1024 + nsymbt > size
+    open(path, "wb").write(bytes(bad))
+    for reader in (read_map, open_stack, stack_apix):
+        with pytest.raises(InputError, match="truncated or not an MRC file: header says .* bytes of extended header"):
+            reader(path)

@@ -20,7 +20,6 @@ one batched complex matrix product ``(B, H, N) @ (B, N, W)``: the separable form
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,14 +59,15 @@ class GMM:
 
     def save(self, path: str) -> None:
         """Write the documented ``gmm.npz`` (atomically)."""
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, version=GMM_FILE_VERSION, centers_A=self.centers_A, amplitudes=self.amplitudes,
-                 sigmas_A=self.sigmas_A, box=self.box, apix=self.apix,
-                 info_keys=np.array(list(self.info.keys()), dtype=str),
-                 info_values=np.array([str(v) for v in self.info.values()], dtype=str),
-                 units=np.array("centers_A: Angstrom xyz from the centre voxel D//2; sigmas_A: Angstrom; "
-                                "amplitudes: peak density"))
-        os.replace(tmp, path)
+        from .atomic import atomic_write  # InputError on a full disk; no half-written file or stray .tmp
+
+        atomic_write(path, lambda tmp: np.savez(
+            tmp, version=GMM_FILE_VERSION, centers_A=self.centers_A, amplitudes=self.amplitudes,
+            sigmas_A=self.sigmas_A, box=self.box, apix=self.apix,
+            info_keys=np.array(list(self.info.keys()), dtype=str),
+            info_values=np.array([str(v) for v in self.info.values()], dtype=str),
+            units=np.array("centers_A: Angstrom xyz from the centre voxel D//2; sigmas_A: Angstrom; "
+                           "amplitudes: peak density")), suffix=".tmp.npz")
 
     @classmethod
     def load(cls, path: str) -> "GMM":

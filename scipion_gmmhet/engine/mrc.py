@@ -4,10 +4,12 @@ Arrays follow MRC order: a map is ``vol[z, y, x]`` and a stack ``stack[n, y, x]`
 (see ``conventions``). Pixel sizes (``apix``) are in Angstrom per pixel/voxel.
 
 Headers are read with ``mrcfile`` (permissively: RELION writes stacks without the ``MAP``
-id string and with a zero machine stamp) and then checked here: the data block must fit in
+id string and with a zero machine stamp) once the extended-header size (``nsymbt``) read from
+the raw bytes fits in the file (mrcfile would allocate it first), and then checked here: the data block must fit in
 the file and, for files without the ``MAP`` id, fill it exactly. Stacks are then mapped with
 ``numpy.memmap`` read-only, so opening a 100 GB stack costs nothing and a stack never
-outlives its file handle. Anything wrong raises :class:`~.errors.InputError`.
+outlives its file handle. Anything wrong raises :class:`~.errors.InputError`. Writes go
+through :mod:`.atomic` (``path.tmp`` then rename; a full disk is an InputError).
 """
 from __future__ import annotations
 
@@ -18,9 +20,24 @@ import mrcfile
 import mrcfile.utils
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import InputError
 
 _HEADER_BYTES = 1024
+
+
+_MODES = (0, 1, 2, 4, 6, 12)  # the modes mrcfile maps to a dtype
+
+
+def _byte_order(raw: bytes) -> str:
+    """The byte order mrcfile reads a header in (permissive): big-endian when the machine stamp
+    (bytes 212-213) is 0x11 0x11, else little-endian; the other one when only it gives a known mode."""
+    order = "big" if raw[212] == 0x11 and raw[213] == 0x11 else "little"
+    other = "little" if order == "big" else "big"
+    if (int.from_bytes(raw[12:16], order, signed=True) not in _MODES
+            and int.from_bytes(raw[12:16], other, signed=True) in _MODES):
+        return other
+    return order
 
 
 def _header(path: str):
@@ -33,6 +50,17 @@ def _header(path: str):
     bad = f"{path}: truncated or not an MRC file"
     if size < _HEADER_BYTES:
         raise InputError(f"{bad} ({size} bytes); re-export or re-copy it")
+    # mrcfile reads (allocates) the extended header of nsymbt bytes before anything can be
+    # checked: refuse a size the file cannot hold first (a corrupt word would cost up to 2 GiB).
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_HEADER_BYTES)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc}); check the file's permissions") from None
+    nsymbt = int.from_bytes(raw[92:96], _byte_order(raw), signed=True)
+    if nsymbt < 0 or _HEADER_BYTES + nsymbt > size:
+        raise InputError(f"{bad}: header says {nsymbt} bytes of extended header but the file has {size} bytes; "
+                         "re-export or re-copy it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -99,16 +127,19 @@ def read_map(path, apix: float | None = None) -> tuple[np.ndarray, float]:
 
 
 def _write_atomic(path: str, data: np.ndarray, apix: float, stack: bool) -> None:
-    tmp = path + ".tmp"
-    with mrcfile.new(tmp, overwrite=True) as m:
-        m.set_data(np.ascontiguousarray(data, dtype=np.float32))
-        if stack:
-            m.set_image_stack()
-        else:
-            m.set_volume()
-        m.voxel_size = float(apix)
-        m.update_header_stats()
-    os.replace(tmp, path)
+    """Write through ``atomic.atomic_write``: ``path.tmp`` then rename; a full disk is an
+    InputError and leaves neither a half-written ``path`` nor ``path.tmp``."""
+    def write(tmp: str) -> None:
+        with mrcfile.new(tmp, overwrite=True) as m:
+            m.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            if stack:
+                m.set_image_stack()
+            else:
+                m.set_volume()
+            m.voxel_size = float(apix)
+            m.update_header_stats()
+
+    atomic_write(path, write)
 
 
 def write_map(path, data: np.ndarray, apix: float) -> None:

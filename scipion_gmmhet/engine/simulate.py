@@ -61,6 +61,7 @@ Output files in ``out_dir`` (all written atomically)
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -74,6 +75,7 @@ import pandas as pd
 import torch
 
 from .conventions import ctf_2d, euler_to_matrix, fourier_grid, fourier_to_image, matrix_to_euler
+from .atomic import atomic_path, atomic_write, write_text
 from .errors import InputError
 from .gmm import GMM, project, render_map
 from .mrc import write_map
@@ -314,11 +316,24 @@ def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool =
 
 # ----------------------------------------------------------------------------- writers
 
+def _reserve_space(path: str) -> None:
+    """Allocate a memory-mapped file's blocks now, so that a full disk is an ENOSPC here (an
+    InputError through ``atomic``) rather than a SIGBUS when a page of the map is written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        # the file system cannot preallocate (EOPNOTSUPP, EINVAL): write as before
+    finally:
+        os.close(fd)
+
+
 def _atomic_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _star_tables(truth: pd.DataFrame, box: int, apix: float, rng: np.random.Generator) -> dict:
@@ -455,47 +470,45 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
         batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box))))
     n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
     stack_path = os.path.join(out_dir, "particles.mrcs")
-    tmp = stack_path + ".tmp"
     stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}
     noise_sigma, signal_var = 0.0, None
-    with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
-        def images(i0, i1):
-            out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf).numpy()
-                   for j in range(i0, i1, batch_size)]
-            return np.concatenate(out)
+    with atomic_path(stack_path) as tmp:  # InputError on a full disk; no stray .tmp
+        with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
+            _reserve_space(tmp)
+            def images(i0, i1):
+                out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf).numpy()
+                       for j in range(i0, i1, batch_size)]
+                return np.concatenate(out)
 
-        def write(i0, clean):
-            img = clean
-            if noise_sigma > 0:
-                img = clean + rng_noise.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_sigma)
-            m.data[i0:i0 + len(img)] = img
-            stats["min"] = min(stats["min"], float(img.min()))
-            stats["max"] = max(stats["max"], float(img.max()))
-            stats["sum"] += float(img.sum(dtype=np.float64))
-            stats["sumsq"] += float(np.square(img, dtype=np.float64).sum())
+            def write(i0, clean):
+                img = clean
+                if noise_sigma > 0:
+                    img = clean + rng_noise.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_sigma)
+                m.data[i0:i0 + len(img)] = img
+                stats["min"] = min(stats["min"], float(img.min()))
+                stats["max"] = max(stats["max"], float(img.max()))
+                stats["sum"] += float(img.sum(dtype=np.float64))
+                stats["sumsq"] += float(np.square(img, dtype=np.float64).sum())
 
-        cal = images(0, n_cal)
-        signal_var = float(cal.reshape(len(cal), -1).var(axis=1, dtype=np.float64).mean())
-        noise_sigma = math.sqrt(signal_var / snr) if math.isfinite(snr) else 0.0
-        write(0, cal)
-        del cal
-        for i0 in range(n_cal, n, batch_size):
-            write(i0, images(i0, min(n, i0 + batch_size)))
-        m.set_image_stack()
-        m.voxel_size = apix
-        count = n * box * box
-        mean = stats["sum"] / count
-        m.header.dmin, m.header.dmax, m.header.dmean = stats["min"], stats["max"], mean
-        m.header.rms = math.sqrt(max(0.0, stats["sumsq"] / count - mean * mean))
-    os.replace(tmp, stack_path)
+            cal = images(0, n_cal)
+            signal_var = float(cal.reshape(len(cal), -1).var(axis=1, dtype=np.float64).mean())
+            noise_sigma = math.sqrt(signal_var / snr) if math.isfinite(snr) else 0.0
+            write(0, cal)
+            del cal
+            for i0 in range(n_cal, n, batch_size):
+                write(i0, images(i0, min(n, i0 + batch_size)))
+            m.set_image_stack()
+            m.voxel_size = apix
+            count = n * box * box
+            mean = stats["sum"] / count
+            m.header.dmin, m.header.dmax, m.header.dmean = stats["min"], stats["max"], mean
+            m.header.rms = math.sqrt(max(0.0, stats["sumsq"] / count - mean * mean))
     t_stack = time.perf_counter() - t0
 
     star_path = os.path.join(out_dir, "particles.star")
     write_star(star_path, _star_tables(truth, box, apix, rng_coords))
     csv_path = os.path.join(out_dir, "truth.csv")
-    tmp = csv_path + ".tmp"
-    truth.to_csv(tmp, index=False, na_rep="nan")
-    os.replace(tmp, csv_path)
+    atomic_write(csv_path, lambda tmp: truth.to_csv(tmp, index=False, na_rep="nan"))
 
     maps, gmms, states = {}, {}, []
     renderer = StateRenderer(mol)

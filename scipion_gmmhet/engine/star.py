@@ -19,6 +19,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_path
 from .errors import InputError
 
 _TOKEN = re.compile(r"""\s*(?:"([^"]*)"(?=\s|$)|'([^']*)'(?=\s|$)|(\S+))""")
@@ -237,7 +238,6 @@ def write_star(path, blocks: dict[str, pd.DataFrame]) -> None:
             cols = [_format_column(df[c]) for c in df.columns]
             parts.extend(" ".join(row) + "\n" for row in zip(*cols))
         parts.append("\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write("".join(parts))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # InputError on a full disk; no half-written file or stray .tmp
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write("".join(parts))

@@ -53,15 +53,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def write_fsc_csv(path: str, table: dict) -> None:
     """Write ``fourier.fsc_table`` as CSV (shell, freq_invA, resolution_A, fsc), atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("shell,freq_invA,resolution_A,fsc\n")
-        for s, fr, r, c in zip(table["shell"], table["freq_invA"], table["resolution_A"], table["fsc"]):
-            f.write(f"{int(s)},{fr:.6g},{r:.6g},{c:.6f}\n")
-    os.replace(tmp, path)
+    from ..atomic import write_text
+
+    rows = [f"{int(s)},{fr:.6g},{r:.6g},{c:.6f}\n"
+            for s, fr, r, c in zip(table["shell"], table["freq_invA"], table["resolution_A"], table["fsc"])]
+    write_text(path, "shell,freq_invA,resolution_A,fsc\n" + "".join(rows))
 
 
 def main(args) -> int:
+    from .. import validate
+    from ..atomic import write_text
     from ..build import build_gmm
     from ..mrc import read_map, write_map
 
@@ -70,15 +71,11 @@ def main(args) -> int:
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: must be at least 1")
     vol, apix = read_map(args.map, apix=args.apix)
+    validate.check_map(vol, apix, args.map)
     mask = None
     if args.mask:
         mask, mask_apix = read_map(args.mask, apix=args.apix)
-        if mask.shape != vol.shape:
-            raise InputError(f"{args.mask}: box {mask.shape[0]} differs from the map's {vol.shape[0]}; "
-                             "resample the mask onto the map's grid")
-        if abs(mask_apix - apix) > 1e-3 * apix:
-            raise InputError(f"{args.mask}: pixel size {mask_apix:.4g} A differs from the map's {apix:.4g} A; "
-                             "resample the mask onto the map's grid")
+        validate.check_mask_matches(mask.shape, mask_apix, vol.shape, apix, args.mask)
     os.makedirs(args.out, exist_ok=True)
     res = build_gmm(vol, apix, args.resolution, mask=mask, n_gauss=args.n_gauss or None, device=args.device,
                     seed=args.seed, steps=args.steps)
@@ -91,10 +88,7 @@ def main(args) -> int:
                    fsc05_resolution_A=res.fsc05_resolution_A, box=gmm.box, apix=gmm.apix,
                    seconds=round(res.seconds, 2), map=os.path.abspath(args.map),
                    mask=os.path.abspath(args.mask) if args.mask else None, stages=res.history)
-    tmp = os.path.join(args.out, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1, default=float)
-    os.replace(tmp, os.path.join(args.out, "summary.json"))
+    write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1, default=float))
     log.info("N = %d Gaussians; FSC(model, map) < 0.5 at %.3g A (target %.3g A); wrote %s",
              len(gmm), res.fsc05_resolution_A, args.resolution, args.out)
     return 0
