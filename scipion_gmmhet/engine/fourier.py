@@ -32,7 +32,7 @@ def shell_index_3d(box: int) -> np.ndarray:
 
 def shell_for_resolution(box: int, apix: float, resolution_A: float) -> int:
     """The shell whose frequency is ``1/resolution_A`` (rounded down, at least 1)."""
-    return max(1, int(math.floor(box * apix / resolution_A)))
+    return max(1, int(math.floor(box * apix / resolution_A + 1e-9)))  # 1e-9: box*apix rounding
 
 
 def shell_resolution_A(box: int, apix: float, shells: np.ndarray) -> np.ndarray:

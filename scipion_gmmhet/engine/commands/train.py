@@ -1,0 +1,78 @@
+"""Train the heterogeneity network (e2gmm's encoder-decoder on a GMM) on aligned particles.
+
+Each particle is encoded from the gradient of the FRC between it and the neutral GMM's
+projection (at its pose, with its CTF) into a point of a small latent space; the decoder turns
+latent points into changed GMMs. Writes OUT/latent.npy (float32, one row per particle in star
+order; with --symmetry, n_particles x n_ops rows, particle-major), OUT/model.pt, OUT/loss.csv
+(epoch, train_loss, val_loss, seconds), OUT/config.json, OUT/gmm.npz and OUT/checkpoints/.
+
+Examples:
+  gmmhet train --particles particles.star --gmm build/ --zdim 4 --epochs 30 --out train/
+  gmmhet train --particles particles.star --gmm build/gmm.npz --zdim 2 --epochs 40 \\
+      --changes amplitudes --batch-size 128 --device cuda --out train_amp/
+  gmmhet train --particles spike.star --gmm build/ --symmetry C3 --mask one_rbd.mrc \\
+      --changes positions --out train_rbd/
+  gmmhet train --particles particles.star --gmm build/ --epochs 60 --resume --out train/
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InputError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from ..train import TrainConfig
+    d = TrainConfig()
+    p.add_argument("--particles", required=True, help="RELION particle star file with 3D alignment and CTF")
+    p.add_argument("--gmm", required=True, help="neutral GMM: 'gmmhet build' output folder or its gmm.npz")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--zdim", type=int, default=d.zdim, help=f"latent dimension (default {d.zdim})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"particles per step (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+    p.add_argument("--changes", default=",".join(d.changes),
+                   help="what may change: comma-separated subset of positions,amplitudes,widths "
+                        "(default positions,amplitudes)")
+    p.add_argument("--mask", default=None, help="focus mask (MRC): only Gaussians whose centre is inside "
+                                                "(> 0.5) may change")
+    p.add_argument("--symmetry", default="C1", help="C or D point group for symmetry expansion, e.g. C3, D2 "
+                                                    "(use with a mask on one asymmetric unit)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (initialisation, order, noise)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--features", choices=["cache", "onthefly"], default=d.features,
+                   help="gradient features cached once in OUT/features.f16 (default) or computed every batch")
+    p.add_argument("--ctf", dest="ctf_mode", choices=["auto", "ctf", "flipped", "premultiplied", "none"],
+                   default="auto", help="how images relate to the CTF: raw (ctf), phase-flipped, "
+                                        "CTF-premultiplied, or none; auto reads the star")
+    p.add_argument("--lowres", type=float, default=d.lowres_A, help="FRC band low-resolution limit, A (default 100)")
+    p.add_argument("--highres", type=float, default=None,
+                   help="FRC band high-resolution limit, A (default: chosen from the data: last ring where the "
+                        "neutral model's per-particle FRC is >= min(0.5, 0.6 x its peak), never finer than the "
+                        "GMM's resolution)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out fraction (default 0.05)")
+    p.add_argument("--latent-noise", type=float, default=d.latent_noise, help="latent noise sd during training")
+    p.add_argument("--latent-reg", type=float, default=d.latent_reg, help="weight of the latent-norm penalty")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="units per hidden layer (default 512)")
+    p.add_argument("--layers", type=int, default=d.layers, help="hidden layers per network (default 3)")
+
+
+def main(args) -> int:
+    from ..features import Particles
+    from ..model import parse_changes
+    from ..train import TrainConfig, load_gmm, resolve_device, train
+    if args.zdim < 1:
+        raise InputError(f"--zdim {args.zdim}: the latent dimension must be at least 1")
+    if not 0 <= args.val_fraction < 0.5:
+        raise InputError(f"--val-fraction {args.val_fraction}: give a fraction in [0, 0.5)")
+    cfg = TrainConfig(zdim=args.zdim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      changes=parse_changes(args.changes), seed=args.seed, features=args.features,
+                      ctf_mode=args.ctf_mode, symmetry=args.symmetry, mask=args.mask, lowres_A=args.lowres,
+                      highres_A=args.highres, val_fraction=args.val_fraction, latent_noise=args.latent_noise,
+                      latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers)
+    device = resolve_device(args.device)
+    neutral = load_gmm(args.gmm)
+    particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode, device=device)
+    train(particles, neutral, cfg, args.out, resume=args.resume, star_path=args.particles)
+    return 0

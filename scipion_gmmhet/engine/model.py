@@ -1,0 +1,129 @@
+"""The heterogeneity network: encoder (gradient features -> latent) and decoder (latent ->
+changes of the neutral GMM), e2gmm's design with leaky ReLU.
+
+Both are multilayer perceptrons (default 3 hidden layers of 512 units, LeakyReLU 0.2: plain
+ReLU networks lose a share of runs to dead units). The decoder outputs, for the ``Nm`` mobile
+Gaussians (all, or those inside the focus mask), the changes allowed by ``changes``:
+
+- ``positions``: ``centre = centre0 + pos_scale_A * d`` (Angstrom; ``pos_scale_A`` is a tenth
+  of the box edge, so an output of order one is a large domain motion);
+- ``amplitudes``: ``amplitude = amplitude0 * (1 + d)`` (relative; 0 removes a Gaussian);
+- ``widths``: ``sigma = sigma0 * exp(d)`` (relative, stays positive).
+
+``d = f(z) - f(0)``, and rows whose latent is exactly zero get ``d = 0`` by construction, so
+the decoder returns the neutral model EXACTLY at latent 0 (bit for bit). Gaussians outside
+the focus mask never change.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CHANGES = ("positions", "amplitudes", "widths")
+
+
+def parse_changes(text) -> tuple[str, ...]:
+    """``'positions,amplitudes'`` (or a list) -> ordered tuple of known change names."""
+    from .errors import InputError
+    items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    alias = {"position": "positions", "pos": "positions", "p": "positions", "amplitude": "amplitudes",
+             "amp": "amplitudes", "a": "amplitudes", "width": "widths", "sigma": "widths", "sigmas": "widths",
+             "s": "widths", "w": "widths"}
+    items = [alias.get(t, t) for t in items]
+    bad = [t for t in items if t not in CHANGES]
+    if bad or not items:
+        raise InputError(f"--changes {text!r}: give a comma-separated subset of {','.join(CHANGES)}")
+    return tuple(c for c in CHANGES if c in items)
+
+
+def mlp(n_in: int, n_out: int, hidden: int, layers: int, dropout: float = 0.0,
+        batchnorm: bool = False) -> nn.Sequential:
+    mods, d = [], n_in
+    for i in range(layers):
+        mods += [nn.Linear(d, hidden), nn.LeakyReLU(0.2)]
+        d = hidden
+    if batchnorm:
+        mods.append(nn.BatchNorm1d(d))
+    if dropout > 0:
+        mods.append(nn.Dropout(dropout))
+    mods.append(nn.Linear(d, n_out))
+    return nn.Sequential(*mods)
+
+
+class Encoder(nn.Module):
+    """Normalised gradient features ``(B, F)`` -> latents ``(B, K)``. The output layer starts
+    with small weights, so latents start close to (not exactly) zero, as in e2gmm."""
+
+    def __init__(self, n_features: int, zdim: int, hidden: int = 512, layers: int = 3, dropout: float = 0.0,
+                 batchnorm: bool = False):
+        super().__init__()
+        self.net = mlp(n_features, zdim, hidden, layers, dropout, batchnorm)
+        with torch.no_grad():
+            self.net[-1].weight.mul_(0.1)
+            self.net[-1].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """Latents ``(B, K)`` -> changed GMM ``(centres_A (B,N,3), amplitudes (B,N), sigmas_A (B,N))``."""
+
+    def __init__(self, zdim: int, centers_A: torch.Tensor, amplitudes: torch.Tensor, sigmas_A: torch.Tensor,
+                 mobile: torch.Tensor, changes=("positions", "amplitudes"), pos_scale_A: float = 10.0,
+                 hidden: int = 512, layers: int = 3):
+        super().__init__()
+        self.zdim, self.changes, self.pos_scale_A = int(zdim), tuple(changes), float(pos_scale_A)
+        self.register_buffer("c0", centers_A.detach().clone().float())
+        self.register_buffer("a0", amplitudes.detach().clone().float())
+        self.register_buffer("s0", sigmas_A.detach().clone().float())
+        self.register_buffer("mobile", mobile.detach().clone().long())
+        self.n_mobile = int(mobile.numel())
+        self.n_out = self.n_mobile * (3 * ("positions" in self.changes) + ("amplitudes" in self.changes)
+                                      + ("widths" in self.changes))
+        self.net = mlp(zdim, self.n_out, hidden, layers)
+
+    def deltas(self, z: torch.Tensor) -> torch.Tensor:
+        """``f(z) - f(0)`` ``(B, n_out)``, exactly zero on rows where ``z`` is exactly zero."""
+        zero = torch.zeros(1, z.shape[1], dtype=z.dtype, device=z.device)
+        d = self.net(z) - self.net(zero)
+        nonzero = (z != 0).any(dim=1, keepdim=True)
+        return torch.where(nonzero, d, torch.zeros((), dtype=d.dtype, device=d.device))
+
+    def forward(self, z: torch.Tensor):
+        B, m = z.shape[0], self.n_mobile
+        d = self.deltas(z)
+        c = self.c0.expand(B, -1, -1)
+        a = self.a0.expand(B, -1)
+        s = self.s0.expand(B, -1)
+        o = 0
+        if "positions" in self.changes:
+            dc = d[:, o:o + 3 * m].reshape(B, m, 3) * self.pos_scale_A
+            c = c.index_add(1, self.mobile, dc)
+            o += 3 * m
+        if "amplitudes" in self.changes:
+            a = a.index_add(1, self.mobile, self.a0[self.mobile] * d[:, o:o + m])
+            o += m
+        if "widths" in self.changes:
+            factor = torch.ones(B, s.shape[1], dtype=s.dtype, device=s.device)
+            factor = factor.index_copy(1, self.mobile, torch.exp(d[:, o:o + m]))
+            s = s * factor
+        return c, a, s
+
+
+class HetModel(nn.Module):
+    """Encoder + decoder; ``forward(features) -> (z, (centres, amplitudes, sigmas))``."""
+
+    def __init__(self, n_features: int, zdim: int, centers_A, amplitudes, sigmas_A, mobile, changes,
+                 pos_scale_A: float, hidden: int = 512, layers: int = 3, dropout: float = 0.0,
+                 batchnorm: bool = False):
+        super().__init__()
+        self.encoder = Encoder(n_features, zdim, hidden, layers, dropout, batchnorm)
+        self.decoder = Decoder(zdim, centers_A, amplitudes, sigmas_A, mobile, changes, pos_scale_A, hidden, layers)
+
+    def forward(self, features: torch.Tensor, latent_noise: float = 0.0, generator=None):
+        z = self.encoder(features)
+        zn = z
+        if latent_noise > 0:
+            zn = z + latent_noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        return z, self.decoder(zn)
