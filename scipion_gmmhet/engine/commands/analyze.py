@@ -1,0 +1,289 @@
+"""Analyse a trained latent space: embeddings, clusters, maps, trajectories and reconstructions.
+
+Clusters the latents of `gmmhet train` (k-means or a Gaussian mixture, k given), embeds them
+(PCA, kept with its inverse, and optionally UMAP), renders the decoded GMM at each cluster
+centre and along the principal components (cryoDRGN-style traversal between the 5th and 95th
+percentiles), and reconstructs each cluster's particles from the images (direct Fourier
+inversion with CTF correction, two half maps, FSC) to check that each state is in the data.
+Optional: the motion of a masked domain (--domain-mask) and the even/odd reproducibility test
+against a second training on the other half of the particles (--even-odd).
+
+Writes to --out: labels.npy (cluster per star row, 0-based), embedding_pca.npy (all PCs),
+embedding_umap.npy, centers.npy (cluster centres, latent space), cluster_XX_gmm.mrc,
+cluster_XX.mrc + _half1/_half2.mrc + _mask.mrc + _fsc.csv, pcN_SS.mrc, pcN_motion.bild/.cmm/.png
+(Gaussian displacements from the first to the last trajectory point: ChimeraX arrows, markers,
+quiver plot), embedding_*.png and fsc.png, chimerax_clusters.cxc and summary.json (cluster
+sizes, centres, resolutions).
+
+Examples:
+
+    gmmhet analyze --train train/ --particles particles.star --clusters 4 --out analysis/
+    gmmhet analyze --train train/ --particles particles.star --clusters 2 --method gmm --embedding both --out an2/
+    gmmhet analyze --train train/ --particles particles.star --clusters 6 --no-reconstruct --traj-steps 20 --out an3/
+    gmmhet analyze --train even/ --even-odd odd/ --particles even.star --clusters 3 --domain-mask arm.mrc --out an4/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger("gmmhet.analyze")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, metavar="DIR", help="output folder of 'gmmhet train'")
+    parser.add_argument("--particles", metavar="STAR",
+                        help="the star the model was trained on (needed for reconstructions; default: the "
+                             "one recorded in DIR/config.json)")
+    parser.add_argument("--latents", metavar="FILE.npy",
+                        help="latent vectors to analyse instead of DIR/latent.npy: (N, K) float, row i = row i "
+                             "of --particles (e.g. a subset of the trained particles); needs --particles")
+    parser.add_argument("--clusters", type=int, required=True, metavar="K", help="number of clusters")
+    parser.add_argument("--method", choices=["kmeans", "gmm"], default="kmeans",
+                        help="clustering: k-means or Gaussian mixture (default kmeans)")
+    parser.add_argument("--embedding", choices=["pca", "umap", "both"], default="pca",
+                        help="2-D embeddings to compute and plot (default pca; umap is slower)")
+    parser.add_argument("--no-reconstruct", action="store_true", help="skip the per-cluster reconstructions")
+    parser.add_argument("--no-gmm-maps", action="store_true", help="skip the cluster-centre GMM maps")
+    parser.add_argument("--traj-steps", type=int, default=10, metavar="N",
+                        help="maps per principal-component trajectory (0: none; default 10)")
+    parser.add_argument("--pcs", type=int, default=2, metavar="P",
+                        help="number of principal components to traverse (default 2)")
+    parser.add_argument("--domain-mask", metavar="MASK.mrc",
+                        help="mask of a domain: find the latent direction that moves it most and the rest least")
+    parser.add_argument("--even-odd", metavar="DIR2",
+                        help="a second training on the other half of the particles: match clusters between "
+                             "the two and report their agreement (reproducibility.json)")
+    parser.add_argument("--device", default="cpu", help="torch device for decoding and reconstruction (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for clustering, UMAP and half splits (default 0)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+
+def _write_npy(path: str, arr: np.ndarray) -> None:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def _xy(emb: np.ndarray) -> np.ndarray:
+    if emb.shape[1] >= 2:
+        return emb[:, :2]
+    return np.concatenate([emb, np.zeros_like(emb)], axis=1)
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import analysis as an
+    from ..fourier import fsc_table
+    from ..mrc import read_map, write_map
+    from ..train import load_trained
+
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    if args.clusters < 1:
+        raise InputError(f"--clusters {args.clusters}: give at least 1")
+    if args.traj_steps < 0 or args.traj_steps == 1:
+        raise InputError(f"--traj-steps {args.traj_steps}: give 0 (no trajectories) or at least 2")
+    os.makedirs(out, exist_ok=True)
+    model = load_trained(args.train, args.device)
+    info = dict(getattr(model, "info", {}) or {})
+    cfg_path = os.path.join(args.train, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            info.update(json.load(f))
+    n_ops = int(info.get("n_ops", 1) or 1)
+    if args.latents:
+        if not args.particles:
+            raise InputError("--latents: give --particles too (row i of the latents is row i of that star)")
+        if not os.path.exists(args.latents):
+            raise InputError(f"--latents {args.latents}: no such file; check the path")
+        try:
+            z = np.load(args.latents, allow_pickle=False)
+        except Exception:
+            raise InputError(f"--latents {args.latents}: not a .npy array; save an (N, K) array with numpy") from None
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != model.zdim:
+            raise InputError(f"--latents {args.latents}: shape {z.shape}, but the model's latent space has "
+                             f"{model.zdim} dimensions; give an (N, {model.zdim}) array")
+        n_ops = 1  # one latent row per star row (an expanded star carries the expanded poses)
+    else:
+        z = np.asarray(model.latents(), dtype=np.float32)
+    star = args.particles or info.get("particles")
+    box, apix = model.neutral.box, model.neutral.apix
+    log.info("latents: %d x %d from %s", z.shape[0], z.shape[1], args.train)
+
+    meta = None
+    if star and (not args.no_reconstruct or args.latents):
+        from ..metadata import read_particles
+        meta = read_particles(star)
+        if len(meta) * n_ops != z.shape[0]:
+            raise InputError(f"--particles {star}: {len(meta)} particles x {n_ops} symmetry operator(s) but the "
+                             f"training has {z.shape[0]} latent rows; give the star the model was trained on")
+        if meta.box != box or abs(meta.apix - apix) > 1e-3 * apix:
+            raise InputError(f"--particles {star}: box {meta.box} at {meta.apix:.4f} A/px but the model is box "
+                             f"{box} at {apix:.4f} A/px; give the star the model was trained on")
+    elif not args.no_reconstruct:
+        log.warning("no --particles star (and none recorded in the training): skipping reconstructions")
+
+    summary = {"train": os.path.abspath(args.train), "particles": os.path.abspath(star) if star else None,
+               "n_latents": int(z.shape[0]), "zdim": int(z.shape[1]), "n_ops": n_ops, "box": box, "apix": apix,
+               "method": args.method, "k": args.clusters, "seed": args.seed}
+
+    # embeddings
+    pca = an.fit_pca(z)
+    emb_pca = pca.transform(z).astype(np.float32)
+    _write_npy(os.path.join(out, "embedding_pca.npy"), emb_pca)
+    summary["pca_explained_variance_ratio"] = pca.explained_variance_ratio_.round(4).tolist()
+    embeddings = {"pca": emb_pca}
+    if args.embedding in ("umap", "both"):
+        tu = time.time()
+        emb_umap = an.umap_embedding(z, seed=args.seed)
+        _write_npy(os.path.join(out, "embedding_umap.npy"), emb_umap)
+        embeddings["umap"] = emb_umap
+        log.info("UMAP of %d points in %.1f s", z.shape[0], time.time() - tu)
+
+    # clustering
+    cl = an.cluster_latents(z, args.clusters, args.method, args.seed)
+    _write_npy(os.path.join(out, "labels.npy"), cl.labels)
+    _write_npy(os.path.join(out, "centers.npy"), cl.centers)
+    clusters = []
+    for c in range(args.clusters):
+        clusters.append({"label": c, "size": int(cl.sizes[c]), "fraction": float(cl.sizes[c] / z.shape[0]),
+                         "center": cl.centers[c].round(5).tolist(), "nearest_row": int(cl.nearest_rows[c]),
+                         "nearest_latent": z[cl.nearest_rows[c]].round(5).tolist()})
+        log.info("cluster %d: %d particles (%.1f%%)", c, cl.sizes[c], 100 * cl.sizes[c] / z.shape[0])
+    for name, emb in embeddings.items():
+        cxy = (pca.transform(cl.centers)[:, :2] if name == "pca" else emb[cl.nearest_rows])
+        cxy = _xy(cxy)
+        axes = ((f"PC1 ({100 * pca.explained_variance_ratio_[0]:.0f}%)",
+                 f"PC2 ({100 * pca.explained_variance_ratio_[1]:.0f}%)" if z.shape[1] > 1 else "")
+                if name == "pca" else ("UMAP1", "UMAP2"))
+        an.plot_clusters_png(os.path.join(out, f"embedding_{name}.png"), _xy(emb), cl.labels, cxy, axes,
+                             f"{args.method} clusters, {name.upper()}")
+
+    # maps from the model
+    gmm_maps = {}
+    if not args.no_gmm_maps:
+        for c, vol in enumerate(an.render_at(model, cl.centers, box, apix)):
+            path = os.path.join(out, f"cluster_{c:02d}_gmm.mrc")
+            write_map(path, vol, apix)
+            gmm_maps[c] = vol
+            clusters[c]["gmm_map"] = os.path.basename(path)
+    trajectories = {}
+    if args.traj_steps:
+        for pc in range(1, min(args.pcs, z.shape[1]) + 1):
+            pts, t = an.pc_trajectory(pca, z, pc, args.traj_steps)
+            names = []
+            for s, vol in enumerate(an.render_at(model, pts, box, apix)):
+                path = os.path.join(out, f"pc{pc}_{s:02d}.mrc")
+                write_map(path, vol, apix)
+                names.append(os.path.basename(path))
+            c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
+            an.write_bild(os.path.join(out, f"pc{pc}_motion.bild"), c0, d, box, apix, min_length_A=0.5)
+            an.write_cmm(os.path.join(out, f"pc{pc}_motion.cmm"), c0, d, box, apix, name=f"pc{pc}")
+            an.plot_quiver_png(os.path.join(out, f"pc{pc}_motion.png"), c0, d,
+                               f"PC{pc}: Gaussian motion, {100 - 2 * 5}% range")
+            _write_npy(os.path.join(out, f"pc{pc}_points.npy"), pts)
+            trajectories[f"pc{pc}"] = {"maps": names, "pc_coordinates": t.round(5).tolist(),
+                                       "max_displacement_A": float(np.linalg.norm(d, axis=1).max())}
+        log.info("trajectories: %s", ", ".join(f"{k} ({len(v['maps'])} maps, max Gaussian motion %.1f A)"
+                                                % v["max_displacement_A"] for k, v in trajectories.items()))
+    summary["trajectories"] = trajectories
+
+    if args.domain_mask:
+        mask, mask_apix = read_map(args.domain_mask)
+        if mask.shape[0] != box or abs(mask_apix - apix) > 1e-3 * apix:
+            raise InputError(f"--domain-mask {args.domain_mask}: box {mask.shape[0]} at {mask_apix:.4f} A/px but "
+                             f"the model is box {box} at {apix:.4f} A/px; resample the mask")
+        inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
+        dm = an.domain_motion(model, z, inside, seed=args.seed)
+        pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))
+        names = []
+        for s, vol in enumerate(an.render_at(model, pts, box, apix)):
+            path = os.path.join(out, f"domain_{s:02d}.mrc")
+            write_map(path, vol, apix)
+            names.append(os.path.basename(path))
+        c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
+        an.write_bild(os.path.join(out, "domain_motion.bild"), c0, d, box, apix, min_length_A=0.5)
+        _write_npy(os.path.join(out, "domain_direction.npy"), dm.direction)
+        summary["domain_motion"] = {"direction": dm.direction.round(5).tolist(), "rayleigh_ratio": dm.ratio,
+                                    "n_gaussians_in_mask": int(inside.sum()), "rms_in_A_per_unit": dm.rms_in_A,
+                                    "rms_out_A_per_unit": dm.rms_out_A, "maps": names}
+        log.info("domain motion: %d Gaussians in the mask, in/out motion ratio %.2f", inside.sum(),
+                 dm.rms_in_A / max(1e-12, dm.rms_out_A))
+
+    # reconstructions from the particles
+    recon_tables = {}
+    if args.no_reconstruct:
+        meta = None
+    if meta is not None and n_ops > 1:
+        log.warning("symmetry-expanded training (%d operators): per-cluster reconstructions need the expanded "
+                    "poses and are skipped", n_ops)
+    elif meta is not None:
+        from ..reconstruct import half_assignment, normalise_ctf_mode, reconstruct_particles
+        halves = half_assignment(meta, args.seed)
+        ctf_mode = normalise_ctf_mode((info.get("train") or {}).get("ctf_mode"))
+        for c in range(args.clusters):
+            rows = np.nonzero(cl.labels == c)[0]
+            if rows.size < 2:
+                log.warning("cluster %d has %d particle(s): no reconstruction", c, rows.size)
+                continue
+            rec = reconstruct_particles(meta, rows, halves=halves, device=args.device, ctf_mode=ctf_mode,
+                                        seed=args.seed)
+            paths = rec.write(os.path.join(out, f"cluster_{c:02d}.mrc"))
+            recon_tables[f"cluster {c}"] = rec.fsc
+            clusters[c].update({"map": os.path.basename(paths["map"]),
+                                "half1": os.path.basename(paths["half1"]),
+                                "half2": os.path.basename(paths["half2"]),
+                                "fsc_csv": os.path.basename(paths["fsc"]),
+                                "resolution_0143_A": float(rec.resolution_0143_A),
+                                "resolution_0143_masked_A": float(rec.resolution_0143_masked_A),
+                                "half_sizes": list(rec.half_sizes)})
+            if c in gmm_maps:
+                tg = fsc_table(rec.volume, gmm_maps[c], apix)
+                clusters[c]["fsc05_vs_gmm_A"] = an.safe_resolution(tg, 0.5)
+            log.info("cluster %d: reconstruction from %d particles, FSC 0.143 resolution %.2f A (masked %.2f A) "
+                     "(%.1f s)", c, rows.size, rec.resolution_0143_A, rec.resolution_0143_masked_A, rec.seconds)
+        if recon_tables:
+            an.plot_fsc_png(os.path.join(out, "fsc.png"), recon_tables, "half-map FSC per cluster")
+    summary["clusters"] = clusters
+
+    # even/odd reproducibility
+    if args.even_odd:
+        model_b = load_trained(args.even_odd, args.device)
+        rep = an.even_odd_report(model, z, model_b, np.asarray(model_b.latents()), args.clusters, args.method,
+                                 args.seed, box, apix)
+        _write_json(os.path.join(out, "reproducibility.json"), rep)
+        summary["reproducibility"] = {"max_population_diff": rep["max_population_diff"],
+                                      "min_fsc_area": rep["min_fsc_area"]}
+        log.info("even/odd: matched clusters' FSC area >= %.3f, population difference <= %.1f%%",
+                 rep["min_fsc_area"], 100 * rep["max_population_diff"])
+
+    # ChimeraX command file opening the cluster maps together
+    lines = []
+    for c, cinfo in enumerate(clusters):
+        for key in ("map", "gmm_map"):
+            if key in cinfo:
+                lines.append(f"open {cinfo[key]}")
+    if lines:
+        lines += ["volume all step 1", "tile"]
+        with open(os.path.join(out, "chimerax_clusters.cxc.tmp"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(os.path.join(out, "chimerax_clusters.cxc.tmp"), os.path.join(out, "chimerax_clusters.cxc"))
+    summary["seconds"] = round(time.time() - t0, 2)
+    _write_json(os.path.join(out, "summary.json"), summary)
+    log.info("wrote %s (%.1f s)", os.path.join(out, "summary.json"), summary["seconds"])
+    return 0

@@ -1,0 +1,84 @@
+"""Reconstruct a 3D map from particles by direct Fourier inversion with CTF correction.
+
+Reconstructs all particles of a star file, or the subset listed in --indices (0-based star
+rows, a .npy array or a text file with one row per line), with Wiener-style CTF correction
+(regularised by a fraction of the mean CTF^2 weight per shell), trilinear insertion on a
+2x padded grid and gridding correction. Writes MAP.mrc, the half maps MAP_half1.mrc and
+MAP_half2.mrc (from rlnRandomSubset, or a seeded random split), and MAP_fsc.csv (half-map
+FSC per shell, unmasked and under an automatic soft solvent mask MAP_mask.mrc with RELION's
+phase-randomisation correction), and logs both FSC 0.143 resolutions.
+
+Examples:
+
+    gmmhet reconstruct --particles sim/particles.star --out recon/consensus.mrc
+    gmmhet reconstruct --particles particles.star --indices analysis/cluster_00_rows.txt --out cl00.mrc
+    gmmhet reconstruct --particles particles.star --device cuda --batch-size 512 --out map.mrc
+    gmmhet reconstruct --particles phaseflipped.star --ctf-mode phase_flipped --out map.mrc
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from ..errors import InputError
+
+log = logging.getLogger("gmmhet.reconstruct")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    from ..reconstruct import CTF_MODES, DEFAULT_REG_FRAC
+    parser.add_argument("--particles", required=True, metavar="STAR", help="particle star file (or cryoSPARC .cs)")
+    parser.add_argument("--indices", metavar="FILE",
+                        help="0-based star rows to reconstruct (.npy, or text: one integer per line)")
+    parser.add_argument("--out", required=True, metavar="MAP.mrc", help="output map (.mrc)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="particles per insertion batch (default: chosen from the box size)")
+    parser.add_argument("--pad", type=int, default=2, help="oversampling of the 3D Fourier grid (default 2)")
+    parser.add_argument("--reg-frac", type=float, default=DEFAULT_REG_FRAC,
+                        help="Wiener regulariser as a fraction of the mean CTF^2 weight per shell "
+                             f"(default {DEFAULT_REG_FRAC})")
+    parser.add_argument("--ctf-mode", choices=list(CTF_MODES), default=None,
+                        help="how the images carry the CTF (default: 'full', or 'premultiplied' per "
+                             "optics group as flagged by rlnCtfDataAreCtfPremultiplied; 'none' without CTF)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random half split (default 0)")
+    parser.add_argument("--images-root", metavar="DIR", help="directory the image names are relative to")
+    parser.add_argument("--no-mask", action="store_true", help="skip the automatic mask and the masked FSC")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..metadata import read_particles
+    from ..reconstruct import read_indices, reconstruct_particles
+
+    out = os.path.abspath(args.out)
+    if not out.endswith(".mrc"):
+        raise InputError(f"{args.out}: output must be a .mrc file")
+    if os.path.abspath(args.particles) == out:
+        raise InputError(f"{args.out}: same file as the input; write the map elsewhere")
+    if args.pad < 1 or args.reg_frac < 0:
+        raise InputError("--pad must be >= 1 and --reg-frac >= 0")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    meta = read_particles(args.particles, images_root=args.images_root)
+    ctf_mode = args.ctf_mode
+    meta.validate(require_alignment=True, require_ctf=ctf_mode not in ("none",) and meta.has_ctf(),
+                  check_images=True, allow_duplicates=True)
+    if ctf_mode is None and not meta.has_ctf():
+        log.warning("%s: no CTF parameters; reconstructing WITHOUT CTF correction", args.particles)
+    rows = read_indices(args.indices, len(meta)) if args.indices else None
+    n = len(meta) if rows is None else rows.size
+    log.info("reconstructing %d of %d particles (box %d px, %.4g A/px) on %s", n, len(meta), meta.box,
+             meta.apix, args.device)
+    rec = reconstruct_particles(meta, rows, seed=args.seed, pad=args.pad, reg_frac=args.reg_frac,
+                                batch_size=args.batch_size, device=args.device, ctf_mode=ctf_mode,
+                                mask=not args.no_mask)
+    paths = rec.write(out)
+    summary = rec.summary()
+    log.info("half maps: %d + %d particles; FSC 0.143 resolution %.2f A unmasked, %.2f A with the automatic "
+             "solvent mask (phase-randomisation corrected); Nyquist %.2f A; %.1f s", rec.half_sizes[0],
+             rec.half_sizes[1], rec.resolution_0143_A, rec.resolution_0143_masked_A, 2 * rec.apix, rec.seconds)
+    for role, p in paths.items():
+        log.info("wrote %s (%s)", p, role)
+    log.debug(json.dumps(summary))
+    return 0

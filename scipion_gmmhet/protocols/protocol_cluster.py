@@ -1,0 +1,429 @@
+# **************************************************************************
+# *
+# * scipion-em-gmmhet: GMM-based heterogeneity analysis for Scipion
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# **************************************************************************
+"""Protocol "gmmhet - cluster and reconstruct": clusters the latent space of "train
+heterogeneity", renders the Gaussian model at each cluster centre and along the principal
+components, and reconstructs each cluster from its particles.
+
+Runs ``gmmhet analyze`` on the canonical star of the input particles (written by
+:func:`convert.writeSetOfParticles`, with ``rlnGmmhetParticleId``) and on the latent vectors of
+those particles (from their ``_zFlex``, or from the training's ``latent.npy`` through the
+training star's ids), so any subset of the trained particles can be analysed. Labels come
+back by particle id, never by position.
+
+Outputs
+    ``outputClasses`` (SetOfClasses3D): one class per cluster with its particles (alignment and
+    CTF kept: each class can go straight into a RELION or cryoSPARC refinement); the
+    representative is the cluster's reconstruction (half maps attached), or its GMM map when
+    reconstructions are off. ``outputGmmVolumes`` (SetOfVolumes): the decoded Gaussian model at
+    each cluster centre (volume id = class id). ``outputTrajectories`` (SetOfVolumes): maps
+    along PC1, PC2... (attributes ``_gmmhetPc``, ``_gmmhetStep``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+import pyworkflow.protocol.params as params
+from pyworkflow.object import Float, Integer, String
+from pwem.objects import SetOfClasses3D, SetOfVolumes, Volume
+from pwem.protocols import ProtAnalysis3D
+
+from .. import Plugin, convert
+from ..constants import GMMHET_PARTICLE_ID
+from ..engine.errors import InputError
+
+METHOD_KMEANS, METHOD_GMM = 0, 1
+METHOD_CHOICES = ['k-means', 'Gaussian mixture']
+METHOD_NAMES = ['kmeans', 'gmm']
+EMB_PCA, EMB_UMAP, EMB_BOTH = 0, 1, 2
+EMB_CHOICES = ['PCA', 'UMAP', 'PCA and UMAP']
+EMB_NAMES = ['pca', 'umap', 'both']
+#: attribute of a training output set naming its training folder (see protocol_train)
+TRAIN_DIR_ATTR = '_gmmhet_trainDir'
+
+
+class ProtGmmhetCluster(ProtAnalysis3D):
+    """Cluster the latent space of a trained Gaussian-mixture model and reconstruct each
+    cluster from its particles.
+
+    The latent vectors are clustered (k-means or a Gaussian mixture, with the number of
+    clusters you choose); the decoded Gaussian model is rendered at each cluster centre and
+    along the principal components of the latent space (how the molecule moves); each
+    cluster's particles are reconstructed by direct Fourier inversion with CTF correction, with
+    half maps and their FSC, to check that each state is in the data and not only in the
+    network. The classes keep their particles' alignment and CTF, ready for refinement.
+    """
+    _label = 'gmmhet - cluster and reconstruct'
+    _possibleOutputs = {'outputClasses': SetOfClasses3D, 'outputGmmVolumes': SetOfVolumes,
+                        'outputTrajectories': SetOfVolumes}
+
+    def __init__(self, **kwargs):
+        ProtAnalysis3D.__init__(self, **kwargs)
+
+    # -------------------------- DEFINE param functions -----------------------
+    def _defineParams(self, form):
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+                       label='Use GPU?',
+                       help='Decode and reconstruct on a GPU (CUDA). No: on the CPU (fine for '
+                            'small sets; reconstructions of 100k+ particles are faster on a GPU).')
+        form.addHidden(params.GPU_LIST, params.StringParam, default=Plugin.getDefaultGpu(),
+                       label='Choose GPU IDs', help='GPU id to use (the first one listed).')
+
+        form.addSection(label='Input')
+        form.addParam('inputParticles', params.PointerParam,
+                      pointerClass='SetOfParticlesFlex, SetOfParticles',
+                      pointerCondition='hasAlignmentProj', important=True,
+                      label='Particles from "train heterogeneity"',
+                      help='The output particles of "gmmhet - train heterogeneity" (they carry '
+                           'their latent vectors and the trained model), or a subset of them.')
+        form.addParam('numberOfClusters', params.IntParam, default=4, validators=[params.GE(1)],
+                      label='Number of clusters',
+                      help='How many states to separate. Look at the latent space in the '
+                           'training viewer first; over-clustering (a few more clusters than '
+                           'visible states) is harmless: similar clusters give similar maps.')
+        form.addParam('clusterMethod', params.EnumParam, choices=METHOD_CHOICES,
+                      default=METHOD_KMEANS, display=params.EnumParam.DISPLAY_HLIST,
+                      label='Clustering method',
+                      help='k-means: compact, equal-variance clusters (robust default). Gaussian '
+                           'mixture: clusters of different shapes and spreads (full covariances).')
+        form.addParam('embedding', params.EnumParam, choices=EMB_CHOICES, default=EMB_PCA,
+                      display=params.EnumParam.DISPLAY_HLIST, label='Embedding for plots',
+                      help='2-D views of the latent space for the plots (clustering always uses '
+                           'the full latent space). UMAP is slower on large sets.')
+
+        form.addSection(label='Maps')
+        form.addParam('doReconstruct', params.BooleanParam, default=True,
+                      label='Reconstruct each cluster from its particles?',
+                      help='Direct Fourier inversion with CTF correction of each cluster\'s '
+                           'particles, with half maps and FSC: the check that a state exists in '
+                           'the data. The class representatives are these maps.')
+        form.addParam('doGmmMaps', params.BooleanParam, default=True,
+                      label='Gaussian-model map at each cluster centre?',
+                      help='The decoded Gaussian model rendered at each cluster centre in the '
+                           'latent space (noise-free, at the model\'s resolution).')
+        form.addParam('doTrajectories', params.BooleanParam, default=True,
+                      label='Trajectories along the principal components?',
+                      help='Maps at evenly spaced points along each principal component of the '
+                           'latent space, between its 5th and 95th percentiles (cryoDRGN\'s '
+                           'PC traversal): how the molecule moves.')
+        form.addParam('trajectorySteps', params.IntParam, default=10, condition='doTrajectories',
+                      validators=[params.GE(2)], label='Maps per trajectory')
+        form.addParam('numberOfPcs', params.IntParam, default=2, condition='doTrajectories',
+                      validators=[params.GE(1)], label='Principal components to traverse',
+                      help='PC1, PC2, ... (at most the latent dimension).')
+        form.addParam('domainMask', params.PointerParam, pointerClass='VolumeMask, Volume',
+                      allowsNull=True, expertLevel=params.LEVEL_ADVANCED,
+                      label='Domain mask (optional)',
+                      help='A mask on one domain: finds the latent direction along which that '
+                           'domain moves most while the rest moves least, and renders maps '
+                           'along it (domain_XX.mrc in the extra folder).')
+        form.addParam('seed', params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      label='Random seed', help='Seed of the clustering, UMAP and half-map split.')
+        form.addParallelSection(threads=2, mpi=0)
+
+    # -------------------------- INSERT steps functions -----------------------
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, self._inputKey())
+        self._insertFunctionStep(self.analyzeStep, self._getAnalyzeArgs())
+        self._insertFunctionStep(self.createOutputStep)
+
+    # -------------------------- STEPS functions ------------------------------
+    def convertInputStep(self, inputKey):
+        """The canonical star of the input particles and their latent vectors, row by row
+        (latents.npy row i = star row i, matched through the particle ids)."""
+        parts = self.inputParticles.get()
+        starFn = self.getParticlesStar()
+        convert.writeSetOfParticles(parts, starFn, self._getExtraPath())
+        ids = self._starIds(starFn)
+        zById = self._latentsById(parts)
+        missing = [pid for pid in ids.tolist() if pid not in zById]
+        if missing:
+            raise InputError('input particles: %d particle(s) have no latent vector (e.g. id %d); '
+                             'give particles from "gmmhet - train heterogeneity"'
+                             % (len(missing), missing[0]))
+        z = np.stack([zById[int(pid)] for pid in ids]).astype(np.float32)
+        tmp = self.getLatentsFile() + '.tmp.npy'
+        np.save(tmp, z)
+        os.replace(tmp, self.getLatentsFile())
+        self.info('Wrote %d particles and their %d-D latent vectors' % z.shape)
+
+    def analyzeStep(self, args):
+        Plugin.runGmmhet(self, 'analyze', args,
+                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+
+    def createOutputStep(self):
+        parts = self.inputParticles.get()
+        apix = parts.getSamplingRate()
+        summary = self.getSummary()
+        labelById = self.getLabelsById()
+        clusters = {c['label']: c for c in summary['clusters']}
+        outDir = self.getAnalysisDir()
+
+        def updateParticle(item, _row):
+            label = labelById.get(item.getObjId())
+            if label is None:
+                item._appendItem = False
+            else:
+                item.setClassId(label + 1)
+
+        def updateClass(cls):
+            info = clusters.get(cls.getObjId() - 1, {})
+            rep = cls.getRepresentative()
+            mapName = info.get('map') or info.get('gmm_map')
+            if mapName:
+                rep.setFileName(os.path.join(outDir, mapName))
+                rep.setSamplingRate(apix)
+                if info.get('half1'):
+                    rep.setHalfMaps([os.path.join(outDir, info['half1']),
+                                     os.path.join(outDir, info['half2'])])
+            if info.get('gmm_map'):
+                cls._gmmhetGmmMap = String(os.path.join(outDir, info['gmm_map']))
+            if info.get('resolution_0143_A') is not None:
+                cls._gmmhetResolution = Float(info['resolution_0143_A'])
+            cls._gmmhetLatentCenter = String(','.join('%.6g' % v for v in info.get('center', [])))
+
+        classes = self._createSetOfClasses3D(parts)
+        classes.classifyItems(updateItemCallback=updateParticle, updateClassCallback=updateClass,
+                              iterParams={'orderBy': 'id'})
+        outputs = {'outputClasses': classes}
+
+        if any('gmm_map' in c for c in clusters.values()):
+            gmmVols = self._createSetOfVolumes('_gmm')
+            gmmVols.setSamplingRate(apix)
+            for label in sorted(clusters):
+                c = clusters[label]
+                if 'gmm_map' not in c:
+                    continue
+                vol = Volume(location=os.path.join(outDir, c['gmm_map']))
+                vol.setSamplingRate(apix)
+                vol.setObjId(label + 1)
+                vol.setObjLabel('cluster %d GMM' % (label + 1))
+                vol._gmmhetClusterSize = Integer(c['size'])
+                gmmVols.append(vol)
+            outputs['outputGmmVolumes'] = gmmVols
+
+        traj = summary.get('trajectories') or {}
+        if traj:
+            trajVols = self._createSetOfVolumes('_traj')
+            trajVols.setSamplingRate(apix)
+            for name in sorted(traj):
+                pc = int(name[2:])
+                for step, mapName in enumerate(traj[name]['maps']):
+                    vol = Volume(location=os.path.join(outDir, mapName))
+                    vol.setSamplingRate(apix)
+                    vol.setObjLabel('PC%d step %d' % (pc, step + 1))
+                    vol._gmmhetPc = Integer(pc)
+                    vol._gmmhetStep = Integer(step + 1)
+                    trajVols.append(vol)
+            outputs['outputTrajectories'] = trajVols
+
+        self._defineOutputs(**outputs)
+        for out in outputs.values():
+            self._defineSourceRelation(self.inputParticles, out)
+
+    # -------------------------- INFO functions -------------------------------
+    def _validate(self):
+        errors = []
+        parts = self.inputParticles.get()
+        if parts is None:
+            return ['Input particles: select the output of "gmmhet - train heterogeneity".']
+        if not parts.hasAlignmentProj():
+            errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
+                          'heterogeneity".')
+        trainDir = self.getTrainDir()
+        if not trainDir:
+            errors.append('Input particles: they do not name a training folder; give the output '
+                          'of "gmmhet - train heterogeneity".')
+        elif not os.path.exists(os.path.join(trainDir, 'model.pt')):
+            errors.append('Input particles: the training folder %s has no model.pt; let the '
+                          'training finish.' % trainDir)
+        k = self.numberOfClusters.get()
+        if k is None or k < 1:
+            errors.append('Number of clusters: give at least 1.')
+        elif parts.getSize() and k > parts.getSize():
+            errors.append('Number of clusters: %d is more than the %d particles.'
+                          % (k, parts.getSize()))
+        mask = self.domainMask.get()
+        if mask is not None:
+            dims = mask.getDim()
+            box = parts.getXDim()
+            if dims is not None and tuple(dims) != (box, box, box):
+                errors.append('Domain mask: box %s but the particles are %d px; resample it.'
+                              % ('x'.join(str(d) for d in dims), box))
+            if abs((mask.getSamplingRate() or 0) - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
+                errors.append('Domain mask: %.4f A/px but the particles are %.4f A/px; resample it.'
+                              % (mask.getSamplingRate() or 0, parts.getSamplingRate()))
+        if self.usesGpu() and not self.getGpuList():
+            errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
+        return errors
+
+    def _summary(self):
+        summary = []
+        parts = self.inputParticles.get()
+        if parts is not None:
+            summary.append('Input: %d particles; %d clusters (%s)'
+                           % (parts.getSize(), self.numberOfClusters.get(),
+                              METHOD_CHOICES[self.clusterMethod.get()]))
+        s = self.getSummary(missingOk=True)
+        for c in (s or {}).get('clusters', []):
+            line = 'Class %d: %d particles (%.1f%%)' % (c['label'] + 1, c['size'], 100 * c['fraction'])
+            if c.get('resolution_0143_A') is not None:
+                line += ', FSC 0.143 resolution %.1f A' % c['resolution_0143_A']
+            summary.append(line)
+        if not s and not self.isFinished():
+            summary.append('Outputs not ready yet.')
+        return summary
+
+    def _methods(self):
+        if not self.hasAttribute('outputClasses'):
+            return []
+        s = self.getSummary(missingOk=True) or {}
+        return ['The latent vectors of %d particles were clustered into %d classes with %s '
+                '(scikit-learn); each class was reconstructed by direct Fourier inversion with '
+                'Wiener-style CTF correction from two random halves (scipion-em-gmmhet), and the '
+                'Gaussian model was rendered at each cluster centre.'
+                % (s.get('n_latents', 0), self.numberOfClusters.get(),
+                   METHOD_CHOICES[self.clusterMethod.get()])]
+
+    def _citations(self):
+        return ['Chen2021']
+
+    # -------------------------- UTILS functions ------------------------------
+    def getParticlesStar(self) -> str:
+        return self._getExtraPath('input_particles.star')
+
+    def getLatentsFile(self) -> str:
+        return self._getExtraPath('latents.npy')
+
+    def getAnalysisDir(self) -> str:
+        return self._getExtraPath('analysis')
+
+    def getSummary(self, missingOk: bool = False) -> dict | None:
+        fn = os.path.join(self.getAnalysisDir(), 'summary.json')
+        if not os.path.exists(fn):
+            if missingOk:
+                return None
+            raise InputError('%s: missing; the analysis did not finish' % fn)
+        with open(fn) as f:
+            return json.load(f)
+
+    def getLabelsById(self) -> dict[int, int]:
+        """{particle id: 0-based cluster label} from labels.npy and the star's ids."""
+        ids = self._starIds(self.getParticlesStar())
+        labels = np.load(os.path.join(self.getAnalysisDir(), 'labels.npy'))
+        if len(labels) != len(ids):
+            raise InputError('labels.npy: %d labels for %d particles in %s; re-run the protocol'
+                             % (len(labels), len(ids), self.getParticlesStar()))
+        return {int(pid): int(lab) for pid, lab in zip(ids.tolist(), labels.tolist())}
+
+    def getEmbedding(self, name: str = 'pca') -> np.ndarray | None:
+        fn = os.path.join(self.getAnalysisDir(), 'embedding_%s.npy' % name)
+        return np.load(fn) if os.path.exists(fn) else None
+
+    def getTrainDir(self) -> str | None:
+        """The training folder of the input particles: the set's ``_gmmhet_trainDir``, its
+        Flexibility Hub ``trainDir``, or the producing protocol's ``getTrainDir()``."""
+        parts = self.inputParticles.get()
+        if parts is None:
+            return None
+        attr = getattr(parts, TRAIN_DIR_ATTR, None)
+        if attr is not None and attr.get():
+            return attr.get()
+        if hasattr(parts, 'getFlexInfo'):
+            try:
+                value = parts.getFlexInfo().getAttr('trainDir')
+                if value:
+                    return value
+            except AttributeError:
+                pass
+        prot = self.inputParticles.getObjValue()
+        if prot is not None and hasattr(prot, 'getTrainDir'):
+            return prot.getTrainDir()
+        return None
+
+    def _trainStar(self) -> str | None:
+        parts = self.inputParticles.get()
+        if hasattr(parts, 'getFlexInfo'):
+            try:
+                return parts.getFlexInfo().getAttr('particlesStar')
+            except AttributeError:
+                pass
+        prot = self.inputParticles.getObjValue()
+        if prot is not None and hasattr(prot, 'getParticlesStar'):
+            return prot.getParticlesStar()
+        trainDir = self.getTrainDir()  # the engine records the star it trained on
+        cfg = os.path.join(trainDir or '', 'config.json')
+        if trainDir and os.path.exists(cfg):
+            with open(cfg) as f:
+                return json.load(f).get('particles')
+        return None
+
+    def _latentsById(self, parts) -> dict[int, np.ndarray]:
+        """{particle id: latent vector}: the particles' own ``_zFlex`` when they carry it, else
+        the training's latent.npy rows through the training star's ids."""
+        out = {}
+        for p in parts.iterItems(orderBy='id'):
+            if hasattr(p, 'getZFlex'):
+                z = p.getZFlex()
+                if z.size:
+                    out[p.getObjId()] = np.asarray(z, dtype=np.float32)
+        if out:
+            return out
+        trainDir, trainStar = self.getTrainDir(), self._trainStar()
+        if not trainDir or not trainStar or not os.path.exists(trainStar):
+            raise InputError('input particles: no latent vectors and no training star; give the '
+                             'output of "gmmhet - train heterogeneity"')
+        from .protocol_train import latentRowsById
+        z = np.load(os.path.join(trainDir, 'latent.npy'), mmap_mode='r')
+        with open(os.path.join(trainDir, 'config.json')) as f:
+            nOps = int(json.load(f).get('n_ops', 1))
+        rows = latentRowsById(trainStar, z.shape[0], nOps)
+        return {pid: np.asarray(z[r], dtype=np.float32) for pid, r in rows.items()}
+
+    @staticmethod
+    def _starIds(starFn: str) -> np.ndarray:
+        from ..engine.star import read_star
+        return convert._particleIds(read_star(starFn)['particles'], starFn, GMMHET_PARTICLE_ID)
+
+    def _getAnalyzeArgs(self) -> str:
+        args = ['--train %s' % _q(self.getTrainDir() or ''),
+                '--particles %s' % _q(self.getParticlesStar()),
+                '--latents %s' % _q(self.getLatentsFile()),
+                '--clusters %d' % self.numberOfClusters.get(),
+                '--method %s' % METHOD_NAMES[self.clusterMethod.get()],
+                '--embedding %s' % EMB_NAMES[self.embedding.get()],
+                '--seed %d' % self.seed.get(),
+                '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
+                '--out %s' % _q(self.getAnalysisDir())]
+        if not self.doReconstruct:
+            args.append('--no-reconstruct')
+        if not self.doGmmMaps:
+            args.append('--no-gmm-maps')
+        if self.doTrajectories:
+            args += ['--traj-steps %d' % self.trajectorySteps.get(), '--pcs %d' % self.numberOfPcs.get()]
+        else:
+            args.append('--traj-steps 0')
+        mask = self.domainMask.get()
+        if mask is not None:
+            args.append('--domain-mask %s' % _q(convert.cleanFileName(mask.getFileName())))
+        return ' '.join(args)
+
+    def _inputKey(self) -> str:
+        parts = self.inputParticles.get()
+        return 'particles %s:%s size %s' % (
+            self.inputParticles.getObjValue().getObjId() if parts is not None else None,
+            self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0)
+
+
+def _q(path: str) -> str:
+    return "'%s'" % path if ' ' in str(path) else str(path)

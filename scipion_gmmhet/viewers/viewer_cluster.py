@@ -1,0 +1,249 @@
+# **************************************************************************
+# *
+# * scipion-em-gmmhet: GMM-based heterogeneity analysis for Scipion
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# **************************************************************************
+"""Viewer of "gmmhet - cluster and reconstruct": the latent embedding coloured by class with
+the class centres labelled, the class sizes, the per-class half-map FSC curves, and the maps
+opened together in ChimeraX (a ``.cxc`` command file; ChimeraX is launched where installed).
+
+Headless: :func:`writeEmbeddingPng`, :func:`writeClassSizesPng`, :func:`writeFscPng`,
+:func:`writeChimeraxScript` and :func:`writeClusterReport` need no GUI (tests, demo report).
+Every array is read from the analysis folder, whose files are all in the star's row order
+(labels.npy, embedding_*.npy), so rows of one file belong to the same particle as rows of the
+others.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import pyworkflow.protocol.params as params
+import pyworkflow.viewer as pwviewer
+from pwem.viewers import EmProtocolViewer
+from pwem.viewers.plotter import EmPlotter
+
+from ..protocols.protocol_cluster import ProtGmmhetCluster
+from . import plots
+
+EMBEDDINGS = ['PCA', 'UMAP']
+
+
+# ---------------------------------------------------------------------------- headless API
+def _clusterData(prot, embedding: str = 'pca'):
+    """(xy (N, 2), labels (N,) 1-based, centres (k, 2) at each cluster's on-data point nearest
+    its centre, axis labels, summary)."""
+    s = prot.getSummary()
+    emb = prot.getEmbedding(embedding)
+    if emb is None:
+        raise ValueError('no %s embedding in %s; choose another embedding or re-run with it'
+                         % (embedding.upper(), prot.getAnalysisDir()))
+    labels = np.load(os.path.join(prot.getAnalysisDir(), 'labels.npy')) + 1
+    if emb.shape[1] < 2:
+        emb = np.concatenate([emb, np.zeros_like(emb)], axis=1)
+    xy = emb[:, :2]
+    centres = np.array([xy[c['nearest_row']] for c in s['clusters']])
+    if embedding == 'pca':
+        ev = s.get('pca_explained_variance_ratio', [])
+        axes = tuple('PC%d%s' % (i + 1, ' (%.0f%%)' % (100 * ev[i]) if i < len(ev) else '')
+                     for i in range(2))
+    else:
+        axes = ('UMAP1', 'UMAP2')
+    return xy, labels, centres, axes, s
+
+
+def drawEmbedding(ax, prot, embedding: str = 'pca'):
+    xy, labels, centres, axes, s = _clusterData(prot, embedding)
+    return plots.draw_scatter(ax, xy, labels=labels, value_label='class (size)', axis_labels=axes,
+                              centers=centres,
+                              title='%s, %d classes (%s)' % (embedding.upper(), len(s['clusters']),
+                                                             s.get('method', '')))
+
+
+def writeEmbeddingPng(prot, outPng: str, embedding: str = 'pca') -> str:
+    """Embedding coloured by class, class centres labelled 1..k. Returns ``outPng``."""
+    xy, labels, centres, axes, s = _clusterData(prot, embedding)
+    return plots.plot_scatter(xy, outPng, labels=labels, value_label='class (size)', axis_labels=axes,
+                              centers=centres,
+                              title='%s, %d classes (%s)' % (embedding.upper(), len(s['clusters']),
+                                                             s.get('method', '')))
+
+
+def drawClassSizes(ax, prot):
+    s = prot.getSummary()
+    sizes = [c['size'] for c in s['clusters']]
+    x = np.arange(1, len(sizes) + 1)
+    bars = ax.bar(x, sizes, color='tab:blue')
+    for b, c in zip(bars, s['clusters']):
+        ax.annotate('%.1f%%' % (100 * c['fraction']), (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha='center', va='bottom', fontsize='small')
+    ax.set_xticks(x)
+    ax.set_xlabel('class')
+    ax.set_ylabel('particles')
+    ax.set_title('Class sizes (%d particles)' % sum(sizes))
+    return ax
+
+
+def writeClassSizesPng(prot, outPng: str) -> str:
+    fig, (ax,) = plots._new_figure()
+    drawClassSizes(ax, prot)
+    return plots._save(fig, outPng)
+
+
+def fscCurves(prot) -> tuple[np.ndarray, dict]:
+    """(frequencies in 1/A, {'class k (R A)': half-map FSC}) of the class reconstructions."""
+    from ..engine.reconstruct import read_fsc_csv
+    s = prot.getSummary()
+    freq, curves = None, {}
+    for c in s['clusters']:
+        if not c.get('fsc_csv'):
+            continue
+        t = read_fsc_csv(os.path.join(prot.getAnalysisDir(), c['fsc_csv']))
+        freq = t['freq_invA']
+        curves['class %d (%.1f A)' % (c['label'] + 1, c.get('resolution_0143_A', float('nan')))] = t['fsc']
+    return freq, curves
+
+
+def writeFscPng(prot, outPng: str) -> str:
+    freq, curves = fscCurves(prot)
+    if not curves:
+        raise ValueError('no class reconstructions (the protocol ran without them)')
+    return plots.plot_fsc_curves(freq, curves, outPng, title='Half-map FSC of the class reconstructions')
+
+
+def classMaps(prot) -> list[tuple[str, str]]:
+    """[(label, absolute map path)]: each class's reconstruction, then its GMM map."""
+    s = prot.getSummary()
+    out = []
+    for c in s['clusters']:
+        for key, what in (('map', 'reconstruction'), ('gmm_map', 'GMM')):
+            if c.get(key):
+                out.append(('class %d %s' % (c['label'] + 1, what),
+                            os.path.abspath(os.path.join(prot.getAnalysisDir(), c[key]))))
+    return out
+
+
+def writeChimeraxScript(prot, outCxc: str) -> str:
+    """ChimeraX command file opening every class map (reconstructions, then GMM maps) side by
+    side with the same colour per class. Returns ``outCxc``."""
+    import matplotlib
+    cmap = matplotlib.colormaps['tab10']
+    s = prot.getSummary()
+    lines = ['# gmmhet cluster and reconstruct: %d classes' % len(s['clusters'])]
+    n = 0
+    for c in s['clusters']:
+        color = matplotlib.colors.to_hex(cmap(c['label'] % 10))
+        for key in ('map', 'gmm_map'):
+            if c.get(key):
+                n += 1
+                path = os.path.abspath(os.path.join(prot.getAnalysisDir(), c[key]))
+                lines.append('open "%s"' % path)
+                lines.append('volume #%d color %s' % (n, color))
+                lines.append('rename #%d "class %d %s"' % (n, c['label'] + 1,
+                                                           'GMM' if key == 'gmm_map' else 'map'))
+    lines += ['tile', 'view']
+    tmp = outCxc + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    os.replace(tmp, outCxc)
+    return outCxc
+
+
+def writeClusterReport(prot, outDir: str) -> dict[str, str]:
+    """All the viewer's figures (PNG) and the ChimeraX file in ``outDir``; returns {name: path}."""
+    os.makedirs(outDir, exist_ok=True)
+    out = {'embedding_pca': writeEmbeddingPng(prot, os.path.join(outDir, 'classes_pca.png'), 'pca'),
+           'sizes': writeClassSizesPng(prot, os.path.join(outDir, 'class_sizes.png')),
+           'chimerax': writeChimeraxScript(prot, os.path.join(outDir, 'classes.cxc'))}
+    if prot.getEmbedding('umap') is not None:
+        out['embedding_umap'] = writeEmbeddingPng(prot, os.path.join(outDir, 'classes_umap.png'), 'umap')
+    if fscCurves(prot)[1]:
+        out['fsc'] = writeFscPng(prot, os.path.join(outDir, 'class_fsc.png'))
+    return out
+
+
+# ---------------------------------------------------------------------------- viewer
+class GmmhetClusterViewer(EmProtocolViewer):
+    """Classes of "gmmhet - cluster and reconstruct": embedding, sizes, FSC, maps."""
+    _label = 'viewer cluster and reconstruct'
+    _targets = [ProtGmmhetCluster]
+    _environments = [pwviewer.DESKTOP_TKINTER, pwviewer.WEB_DJANGO]
+
+    def _defineParams(self, form):
+        form.addSection(label='Classes')
+        form.addParam('embedding', params.EnumParam, choices=EMBEDDINGS, default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, label='Embedding',
+                      help='UMAP is available when the protocol computed it.')
+        form.addParam('displayEmbedding', params.LabelParam,
+                      label='Show the latent space coloured by class')
+        form.addParam('displaySizes', params.LabelParam, label='Show the class sizes')
+        form.addParam('displayFsc', params.LabelParam, label='Show the FSC curves')
+        form.addParam('displayMaps', params.LabelParam, label='Open the class maps in ChimeraX')
+
+    def _getVisualizeDict(self):
+        return {'displayEmbedding': self._showEmbedding, 'displaySizes': self._showSizes,
+                'displayFsc': self._showFsc, 'displayMaps': self._showMaps}
+
+    def _pngPath(self, name: str) -> str:
+        folder = self._getPath()
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, 'gmmhet_cluster_%s_%s' % (self.protocol.getObjId(), name))
+
+    def _ready(self):
+        if self.protocol.getSummary(missingOk=True) is None:
+            return [self.errorMessage('The analysis has not finished yet.', title='No classes')]
+        return None
+
+    def _showEmbedding(self, paramName=None):
+        err = self._ready()
+        if err:
+            return err
+        name = EMBEDDINGS[self.embedding.get()].lower()
+        if self.protocol.getEmbedding(name) is None:
+            return [self.errorMessage('The protocol did not compute a %s embedding.' % name.upper(),
+                                      title='Embedding')]
+        plotter = EmPlotter(x=1, y=1, figsize=(6.5, 5.5), windowTitle='Classes (%s)' % name.upper())
+        drawEmbedding(plotter.createSubPlot('', '', ''), self.protocol, name)
+        plotter.savefig(self._pngPath('embedding_%s.png' % name))
+        return [plotter]
+
+    def _showSizes(self, paramName=None):
+        err = self._ready()
+        if err:
+            return err
+        plotter = EmPlotter(x=1, y=1, figsize=(6, 4.5), windowTitle='Class sizes')
+        drawClassSizes(plotter.createSubPlot('', '', ''), self.protocol)
+        return [plotter]
+
+    def _showFsc(self, paramName=None):
+        err = self._ready()
+        if err:
+            return err
+        freq, curves = fscCurves(self.protocol)
+        if not curves:
+            return [self.errorMessage('The protocol ran without class reconstructions.', title='FSC')]
+        plotter = EmPlotter(x=1, y=1, figsize=(7, 4.5), windowTitle='Half-map FSC')
+        plots.draw_fsc(plotter.createSubPlot('', '', ''), freq, curves,
+                       title='Half-map FSC of the class reconstructions')
+        return [plotter]
+
+    def _showMaps(self, paramName=None):
+        err = self._ready()
+        if err:
+            return err
+        cxc = writeChimeraxScript(self.protocol, self._pngPath('maps.cxc'))
+        try:
+            from pwem.viewers.viewer_chimera import Chimera, ChimeraView
+            program = Chimera.getProgram()
+        except Exception:
+            program = None
+        if program and os.path.exists(program):
+            return [ChimeraView(cxc)]
+        return [self.infoMessage('ChimeraX is not installed (scipion-em-chimera). Open the maps '
+                                 'with:\n  chimerax %s' % cxc, title='ChimeraX')]
