@@ -121,11 +121,28 @@ def nearest_rows(latents, points) -> np.ndarray:
     return arg
 
 
-def cluster_latents(latents, k: int, method: str = "kmeans", seed: int = 0) -> Clustering:
-    """k-means (``method='kmeans'``) or full-covariance Gaussian-mixture (``'gmm'``) clustering
-    of the latents into ``k`` clusters (sklearn, seeded, 10 restarts). Clusters are renumbered
-    by decreasing size."""
+WHITEN_MIN_VARIANCE = 0.05  #: principal components below this fraction of variance are dropped
+
+
+def whitened_principal_components(latents) -> np.ndarray:
+    """The latents' principal components that explain at least 5% of the variance, each scaled
+    to unit variance. A wide conformational motion then no longer outweighs a small
+    compositional gap along another direction (k-means would cut the motion in half), while
+    noise-only directions are left out instead of being amplified."""
+    from sklearn.decomposition import PCA
     z = _check_latents(latents)
+    pca = PCA(whiten=True).fit(z)
+    keep = max(1, int(np.sum(pca.explained_variance_ratio_ >= WHITEN_MIN_VARIANCE)))
+    return pca.transform(z)[:, :keep]
+
+
+def cluster_latents(latents, k: int, method: str = "kmeans", seed: int = 0, whiten: bool = False) -> Clustering:
+    """k-means (``method='kmeans'``) or full-covariance Gaussian-mixture (``'gmm'``) clustering
+    of the latents into ``k`` clusters (sklearn, seeded, 10 restarts). With ``whiten`` the
+    clustering runs on :func:`whitened_principal_components` and each centre is the mean latent
+    of its cluster. Clusters are renumbered by decreasing size."""
+    z = _check_latents(latents)
+    space = whitened_principal_components(z) if whiten else z
     if method not in METHODS:
         raise InputError(f"clustering method {method!r}: use one of {', '.join(METHODS)}")
     if not 1 <= int(k) <= z.shape[0]:
@@ -134,13 +151,16 @@ def cluster_latents(latents, k: int, method: str = "kmeans", seed: int = 0) -> C
     k = int(k)
     if method == "kmeans":
         from sklearn.cluster import KMeans
-        km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(z)
+        km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(space)
         labels, centers = km.labels_, km.cluster_centers_
     else:
         from sklearn.mixture import GaussianMixture
         gm = GaussianMixture(n_components=k, covariance_type="full", n_init=5, random_state=seed,
-                             reg_covar=1e-6 * max(1e-12, float(z.var(axis=0).mean()))).fit(z)
-        labels, centers = gm.predict(z), gm.means_
+                             reg_covar=1e-6 * max(1e-12, float(space.var(axis=0).mean()))).fit(space)
+        labels, centers = gm.predict(space), gm.means_
+    if whiten:
+        centers = np.stack([z[labels == c].mean(axis=0) if np.any(labels == c) else z.mean(axis=0)
+                            for c in range(k)])
     sizes = np.bincount(labels, minlength=k)
     order = np.argsort(-sizes, kind="stable")
     remap = np.empty(k, dtype=np.int64)

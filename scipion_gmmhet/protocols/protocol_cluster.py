@@ -96,6 +96,13 @@ class ProtGmmhetCluster(ProtAnalysis3D):
                       label='Clustering method',
                       help='k-means: compact, equal-variance clusters (robust default). Gaussian '
                            'mixture: clusters of different shapes and spreads (full covariances).')
+        form.addParam('whiten', params.BooleanParam, default=True,
+                      label='Cluster on whitened latents?',
+                      help='Cluster on the principal components of the latent space that carry at '
+                           'least 5% of the variance, each scaled to unit variance. Keeps a wide '
+                           'conformational motion from outweighing a compositional difference '
+                           '(plain k-means then cuts the motion in half). Set No to cluster the raw '
+                           'latent vectors.')
         form.addParam('embedding', params.EnumParam, choices=EMB_CHOICES, default=EMB_PCA,
                       display=params.EnumParam.DISPLAY_HLIST, label='Embedding for plots',
                       help='2-D views of the latent space for the plots (clustering always uses '
@@ -405,6 +412,8 @@ class ProtGmmhetCluster(ProtAnalysis3D):
                 '--seed %d' % self.seed.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
                 '--out %s' % _q(self.getAnalysisDir())]
+        if self.whiten:
+            args.append('--whiten')
         if not self.doReconstruct:
             args.append('--no-reconstruct')
         if not self.doGmmMaps:

@@ -48,6 +48,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, required=True, metavar="K", help="number of clusters")
     parser.add_argument("--method", choices=["kmeans", "gmm"], default="kmeans",
                         help="clustering: k-means or Gaussian mixture (default kmeans)")
+    parser.add_argument("--whiten", action="store_true",
+                        help="cluster on the whitened principal components of the latents (those with >= 5%% "
+                             "of the variance, scaled to unit variance): separates a compositional gap from a "
+                             "wider conformational motion")
     parser.add_argument("--embedding", choices=["pca", "umap", "both"], default="pca",
                         help="2-D embeddings to compute and plot (default pca; umap is slower)")
     parser.add_argument("--no-reconstruct", action="store_true", help="skip the per-cluster reconstructions")
@@ -156,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("UMAP of %d points in %.1f s", z.shape[0], time.time() - tu)
 
     # clustering
-    cl = an.cluster_latents(z, args.clusters, args.method, args.seed)
+    cl = an.cluster_latents(z, args.clusters, args.method, args.seed, whiten=args.whiten)
     _write_npy(os.path.join(out, "labels.npy"), cl.labels)
     _write_npy(os.path.join(out, "centers.npy"), cl.centers)
     clusters = []
