@@ -262,9 +262,6 @@ def test_nan_pixels_refused_by_reconstruct_cli(tmp_path, capsys):
                    "NaN or Inf")
 
 
-@pytest.mark.xfail(strict=True, reason="engine/train.py (or features.Particles.from_star) does not call "
-                                       "validate.check_images_finite yet: today one NaN pixel silently turns every "
-                                       "latent into NaN (see docs/reliability.md, open edits)")
 def test_nan_pixels_refused_by_train_cli(good, capsys):
     d, _ = good
     make_stack(d, nan_rows=(2,))

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .conventions import ctf_2d, fourier_grid, image_to_fourier
+from .atomic import atomic_path, write_text
 from .errors import InputError
 from .fourier import RingBinner
 from .gmm import GMM, project
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CTF_MODES = ("auto", "ctf", "flipped", "premultiplied", "none")
 PARAM_TYPES = ("centers", "amplitudes", "sigmas")
+OOM_HINT = ("lower --n-gauss / use a smaller box (Fourier crop via --highres) or use --device cpu")
 _CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kv", "cs_mm", "amplitude_contrast",
              "phase_shift_deg", "bfactor", "scale")
 
@@ -60,6 +62,56 @@ class ArrayImages:
 
     def get(self, rows) -> np.ndarray:
         return np.asarray(self.images[np.asarray(rows)], dtype=np.float32)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (``torch.cuda.OutOfMemoryError``, or a RuntimeError
+    saying 'out of memory', as some backends and older torch versions raise)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class AdaptiveBatch:
+    """A batch size that halves on device out-of-memory (CUDA OOM).
+
+    ``shrink()`` empties the device cache, halves ``size`` and logs it; when ``size`` is
+    already 1 it raises :class:`InputError` naming the settings to lower. :meth:`run` walks
+    ``[0, n)`` in chunks of the current size, retrying a chunk that ran out of memory with the
+    halved size (``fn(start, stop)`` must have no effect when it raises).
+    """
+
+    def __init__(self, size: int, what: str, device=None):
+        self.size, self.what, self.device = max(1, int(size)), what, device
+        self.halvings = 0
+
+    def shrink(self) -> None:
+        if self.device is None or torch.device(self.device).type == "cuda":
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - no CUDA here (CPU tests inject the error)
+                pass
+        if self.size <= 1:
+            raise InputError(f"{self.what}: does not fit in GPU memory even with batch size 1; {OOM_HINT}")
+        old, self.size = self.size, max(1, self.size // 2)
+        self.halvings += 1
+        log.warning("%s: out of GPU memory with batch size %d; emptied the cache and carrying on with batch "
+                    "size %d", self.what, old, self.size)
+
+    def run(self, n: int, fn) -> None:
+        start = 0
+        while start < n:
+            stop = min(n, start + self.size)
+            try:
+                fn(start, stop)
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not is_oom(exc):
+                    raise
+                del exc
+                self.shrink()
+                continue
+            start = stop
 
 
 @dataclass
@@ -160,14 +212,40 @@ class Particles:
         items_np = np.asarray(items.cpu() if isinstance(items, torch.Tensor) else items, dtype=np.int64)
         rows = items_np // self.n_ops
         uniq, inverse = np.unique(rows, return_inverse=True)
-        imgs = self.images.get(uniq)
-        img = torch.as_tensor(np.asarray(imgs, dtype=np.float32))
+        imgs = np.asarray(self.images.get(uniq), dtype=np.float32)
+        if not np.isfinite(imgs).all():  # cheap (host memory, before the transfer); one NaN spoils every latent
+            self._refuse_nonfinite(uniq, imgs)
+        img = torch.as_tensor(imgs)
         if len(uniq) != len(rows) or not np.array_equal(uniq, rows):
             img = img[torch.as_tensor(inverse)]
         if self.device.type == "cuda":
             img = img.pin_memory().to(self.device, non_blocking=True)
         items_t = torch.as_tensor(items_np, device=self.device)
         return self.geometry(items_t, self.crop_fourier(image_to_fourier(img.to(self.device))))
+
+    def image_name(self, row: int) -> str:
+        """``'000005@stack.mrcs'`` for particle row ``row`` (0-based) when the images come from
+        stacks (:class:`data.ParticleImages`), else ``'particle row N'`` (1-based)."""
+        im = self.images
+        if hasattr(im, "stack_paths") and hasattr(im, "index"):
+            return f"{int(im.index[row]) + 1:06d}@{im.stack_paths[int(im.stack_code[row])]}"
+        return f"particle row {int(row) + 1}"
+
+    def _refuse_nonfinite(self, rows: np.ndarray, imgs: np.ndarray) -> None:
+        bad = np.flatnonzero(~np.isfinite(imgs.reshape(len(imgs), -1)).all(axis=1))
+        row = int(rows[bad[0]])
+        source = getattr(self.images, "source", "particles")
+        raise InputError(f"{source}: NaN or Inf pixel values in image {self.image_name(row)} (particle row {row + 1}"
+                         f"{f' and {bad.size - 1} more in this batch' if bad.size > 1 else ''}); re-extract or "
+                         "re-normalise the particles, or remove those rows")
+
+    def check_finite_sample(self, sample: int = 256, name: str | None = None, seed: int = 0) -> None:
+        """Refuse NaN/Inf pixels in a bounded sample of the images (first, last and ``sample``
+        seeded random particles; see :func:`validate.check_images_finite`)."""
+        from .validate import check_images_finite
+        if hasattr(self.images, "get") and hasattr(self.images, "__len__"):
+            check_images_finite(self.images, sample=sample, name=name or getattr(self.images, "source", "particles"),
+                                seed=seed)
 
     def geometry(self, items: torch.Tensor, F_img: torch.Tensor | None = None) -> Batch:
         rows = torch.div(items, self.n_ops, rounding_mode="floor")
@@ -248,12 +326,17 @@ class GradientFeatures:
 
     def estimate_stats(self, particles: Particles, items: np.ndarray, batch_size: int) -> dict:
         """Per-feature mean and per-type RMS from the given items (a seeded sample)."""
-        total, total_sq, count = None, None, 0
-        for start in range(0, len(items), batch_size):
-            g = self.raw(particles.batch(np.sort(items[start:start + batch_size]))).double()
-            total = g.sum(0) if total is None else total + g.sum(0)
-            total_sq = (g * g).sum(0) if total_sq is None else total_sq + (g * g).sum(0)
-            count += g.shape[0]
+        acc = {"total": None, "total_sq": None, "count": 0}
+        items = np.asarray(items)
+
+        def step(i0, i1):
+            g = self.raw(particles.batch(np.sort(items[i0:i1]))).double()
+            acc["total"] = g.sum(0) if acc["total"] is None else acc["total"] + g.sum(0)
+            acc["total_sq"] = (g * g).sum(0) if acc["total_sq"] is None else acc["total_sq"] + (g * g).sum(0)
+            acc["count"] += g.shape[0]
+
+        AdaptiveBatch(batch_size, "feature statistics", self.device).run(len(items), step)
+        total, total_sq, count = acc["total"], acc["total_sq"], acc["count"]
         mean = total / count
         var = (total_sq / count - mean * mean).clamp_min(0)
         scale, o = {}, 0
@@ -292,28 +375,101 @@ class FeatureCache:
         self.array = np.memmap(self.path, dtype=np.float16, mode="r", shape=shape)
         return True
 
-    def build(self, features: GradientFeatures, particles: Particles, batch_size: int, fingerprint: dict) -> None:
+    def build(self, features: GradientFeatures, particles: Particles, batch_size: int, fingerprint: dict,
+              dist=None) -> None:
+        """Compute every item's features into ``features.f16``.
+
+        Written to ``features.f16.tmp`` (its blocks reserved first with ``posix_fallocate``, so
+        a full disk is a one-line InputError and not a SIGBUS on a memory-map page), renamed
+        into place, and only then is ``features.json`` written: a kill at any moment never
+        leaves a cache that loads as complete. With ``dist`` (:mod:`distributed`, several
+        processes), each rank computes its own block of rows into the shared temporary file.
+        """
         n, nf = len(particles), features.n_features
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         tmp = self.path + ".tmp"
-        out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(n, nf))
-        fmax = float(np.finfo(np.float16).max)
-        for start in range(0, n, batch_size):
-            items = np.arange(start, min(n, start + batch_size))
-            out[items[0]:items[-1] + 1] = features(particles.batch(items)).clamp(-fmax, fmax).cpu().numpy()
-        out.flush()
-        del out
-        os.replace(tmp, self.path)
-        meta_tmp = self.meta_path + ".tmp"
-        with open(meta_tmp, "w") as f:
-            json.dump({"n_items": n, "n_features": nf, "dtype": "float16", "fingerprint": fingerprint}, f)
-        os.replace(meta_tmp, self.meta_path)
+        if rank == 0:
+            for p in (self.meta_path, self.path):  # an older cache must not outlive a half-built one
+                if os.path.exists(p):
+                    os.remove(p)
+        if world == 1:
+            with atomic_path(self.path) as tmp:
+                self._fill(tmp, features, particles, batch_size, 0, n, n, nf, create=True)
+        else:
+            err = None
+            if rank == 0:
+                try:
+                    self._create(tmp, n, nf)
+                except InputError as exc:
+                    err = exc
+            dist.raise_if_any(err)
+            lo, hi = n * rank // world, n * (rank + 1) // world
+            self._fill(tmp, features, particles, batch_size, lo, hi, n, nf, create=False)
+            dist.barrier()
+            if rank == 0:
+                os.replace(tmp, self.path)
+        if rank == 0:
+            write_text(self.meta_path, json.dumps({"n_items": n, "n_features": nf, "dtype": "float16",
+                                                   "fingerprint": fingerprint}))
+        if dist is not None:
+            dist.barrier()
         self.array = np.memmap(self.path, dtype=np.float16, mode="r", shape=(n, nf))
+
+    @staticmethod
+    def _create(path: str, n: int, nf: int) -> None:
+        from .atomic import disk_full_error
+        try:
+            with open(path, "wb") as f:
+                f.truncate(n * nf * 2)
+            _reserve_space(path)
+        except OSError as exc:
+            err = disk_full_error(path, exc)
+            if err is not None:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+                raise err from None
+            raise
+
+    def _fill(self, path, features, particles, batch_size, lo, hi, n, nf, create: bool) -> None:
+        if create:
+            self._create(path, n, nf)
+        if hi <= lo:
+            return
+        out = np.memmap(path, dtype=np.float16, mode="r+", shape=(n, nf))
+        fmax = float(np.finfo(np.float16).max)
+
+        def step(i0, i1):
+            x = features(particles.batch(np.arange(lo + i0, lo + i1))).clamp(-fmax, fmax).cpu().numpy()
+            out[lo + i0:lo + i1] = x
+
+        AdaptiveBatch(batch_size, "gradient features", features.device).run(hi - lo, step)
+        out.flush()  # the map is closed when this returns (before the rename)
 
     def get(self, items: np.ndarray, device) -> torch.Tensor:
         order = np.argsort(items, kind="stable")
         rows = np.empty((len(items), self.array.shape[1]), dtype=np.float16)
         rows[order] = self.array[items[order]]
         return torch.as_tensor(rows, device=device).float()
+
+
+def _reserve_space(path: str) -> None:
+    """Allocate a file's blocks now (as ``simulate._reserve_space``): a full disk is an ENOSPC
+    here rather than a SIGBUS when a page of its memory map is written."""
+    import errno
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:

@@ -121,9 +121,15 @@ class HetModel(nn.Module):
         self.encoder = Encoder(n_features, zdim, hidden, layers, dropout, batchnorm)
         self.decoder = Decoder(zdim, centers_A, amplitudes, sigmas_A, mobile, changes, pos_scale_A, hidden, layers)
 
-    def forward(self, features: torch.Tensor, latent_noise: float = 0.0, generator=None):
+    def forward(self, features: torch.Tensor, latent_noise: float = 0.0, generator=None,
+                noise: torch.Tensor | None = None):
+        """``noise``: standard normal draws ``(B, K)`` to use (scaled by ``latent_noise``) instead
+        of drawing them from ``generator`` (training draws a whole global batch's noise once, so
+        that splitting the batch into chunks or across processes leaves it unchanged)."""
         z = self.encoder(features)
         zn = z
         if latent_noise > 0:
-            zn = z + latent_noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            if noise is None:
+                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            zn = z + latent_noise * noise
         return z, self.decoder(zn)

@@ -31,6 +31,18 @@ noise and dropout in epoch ``e`` depend only on ``(seed, e)``. Checkpoints hold 
 the optimiser state after each complete epoch, so ``--resume`` reproduces an uninterrupted run
 exactly on CPU.
 
+Reliability: a bounded sample of the images is checked for NaN/Inf pixels before anything
+else, and every batch when it is read (:meth:`features.Particles.batch`). Every file is
+written atomically (:mod:`atomic`: temporary file + rename; a full disk is a one-line
+InputError). Device out-of-memory halves the physical batch (:class:`features.AdaptiveBatch`):
+a training batch is then processed in chunks whose gradients add up to the batch's (same
+batch size, same Adam steps; bit-identical to a run started with that chunk size), and a
+batch of 1 that does not fit is an InputError naming the settings to lower.
+
+Several processes (``torchrun``, :mod:`distributed`): each takes its share of every global
+batch of the same seeded order, the loss is scaled so that DDP's gradient average is the
+global batch's mean, rank 0 writes the files, the latents are gathered in star order.
+
 Files in the output directory: ``config.json``, ``gmm.npz`` (copy of the neutral model),
 ``features.f16`` + ``features.json`` (cache), ``feature_stats.npz``, ``checkpoints/epoch_NNNN.pt``
 (last two kept), ``loss.csv`` (epoch, train_loss, val_loss, seconds), ``model.pt`` (trained
@@ -39,6 +51,7 @@ model + config), ``latent.npy`` (float32, n_items x zdim; row ``i * n_ops + s`` 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -50,8 +63,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import atomic
+from .distributed import Dist
 from .errors import InputError
-from .features import FeatureCache, GradientFeatures, Particles, feature_param_types, focus_mask_gaussians
+from .features import (AdaptiveBatch, FeatureCache, GradientFeatures, Particles, feature_param_types,
+                       focus_mask_gaussians, is_oom)
 from .fourier import RingBinner
 from .gmm import GMM, project
 from .model import HetModel, parse_changes
@@ -166,11 +182,14 @@ def auto_highres(particles: Particles, neutral: GMM, cfg: TrainConfig, n_sample:
     binner = RingBinner(particles.box, particles.apix, None, None, device=particles.device)
     c0, a0, s0 = neutral.tensors(particles.device)
     total = torch.zeros(binner.n_rings, device=particles.device, dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, len(items), cfg.batch_size):
-            b = particles.batch(items[start:start + cfg.batch_size])
-            F = project(c0, a0, s0, b.rotations, particles.box, particles.apix, b.origins_A, b.ctf)
-            total += binner.frc(F, b.F_img).double().sum(0)
+
+    @torch.no_grad()
+    def step(i0, i1):
+        b = particles.batch(items[i0:i1])
+        F = project(c0, a0, s0, b.rotations, particles.box, particles.apix, b.origins_A, b.ctf)
+        total.add_(binner.frc(F, b.F_img).double().sum(0))
+
+    AdaptiveBatch(cfg.batch_size, "training band (per-particle FRC)", particles.device).run(len(items), step)
     curve = (total / len(items)).cpu().numpy()
     lo_ring = max(1, int(np.ceil(particles.box * particles.apix / (cfg.lowres_A or 100.0))))
     peak = float(curve[lo_ring - 1:].max()) if len(curve) >= lo_ring else 0.0
@@ -191,23 +210,15 @@ def auto_highres(particles: Particles, neutral: GMM, cfg: TrainConfig, n_sample:
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic.torch_save(obj, path)
 
 
 def _atomic_text(text: str, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def _atomic_npy(arr: np.ndarray, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    atomic.save_npy(path, arr)
 
 
 def split_items(n_particles: int, n_ops: int, val_fraction: float, seed: int):
@@ -247,6 +258,47 @@ def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, 
     return loss, frc, z
 
 
+def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_std: float, noise,
+                latent_reg: float, scale: float):
+    """Forward and backward of one chunk of a training batch: the loss is the chunk's SUM of
+    per-particle losses (``-FRC + latent_reg |z|^2``) times ``scale`` (1 / global batch size,
+    times the number of processes under DDP), so the gradients of a batch's chunks (and
+    processes) add up to the gradient of the mean over the global batch. Returns the chunk's
+    per-particle FRC (detached)."""
+    z, (c, a, s) = model(x, noise_std, None, noise)
+    F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf)
+    frc = binner.mean_frc(F, b.F_img)
+    loss = -frc.sum()
+    if latent_reg > 0:
+        loss = loss + latent_reg * (z * z).sum()
+    (loss * scale).backward()
+    return frc.detach()
+
+
+def _train_batch(model, ddp, binner, source, items: np.ndarray, noise: torch.Tensor, cfg: "TrainConfig", box: int,
+                 apix: float, chunk: AdaptiveBatch, dist: Dist) -> torch.Tensor:
+    """Gradients of one global batch ``items`` (sorted) into the parameters' ``.grad``, in
+    chunks of ``chunk.size`` particles; this process's share under DDP. Returns the summed
+    ``-FRC`` of this process's particles."""
+    pos = dist.shard(len(items)) if dist.enabled else np.arange(len(items))
+    scale = dist.world_size / len(items)
+    if len(pos) == 0:  # more processes than particles in this (last) batch: a zero-weight dummy
+        pos, scale = np.arange(1), 0.0
+    mine, my_noise = items[pos], noise[torch.as_tensor(pos, device=noise.device)] if noise is not None else None
+    total = torch.zeros((), device=binner.onehot.device)
+    starts = list(range(0, len(mine), chunk.size))
+    for k, i0 in enumerate(starts):
+        sel = slice(i0, i0 + chunk.size)
+        x, b = source(mine[sel])
+        sync = contextlib.nullcontext() if (ddp is None or k == len(starts) - 1) else ddp.no_sync()
+        with sync:
+            frc = _chunk_step(ddp if ddp is not None else model, binner, x, b, box, apix, cfg.latent_noise,
+                              None if my_noise is None else my_noise[sel], cfg.latent_reg, scale)
+        if scale > 0:
+            total = total + (-frc).sum()
+    return total
+
+
 def _checkpoints(out_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "epoch_*.pt")))
 
@@ -265,9 +317,18 @@ def _fingerprint(cfg: TrainConfig, particles: Particles, neutral: GMM, star_path
 # training
 
 def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, resume: bool = False,
-          star_path: str | None = None) -> dict:
+          star_path: str | None = None, dist: Dist | None = None) -> dict:
     """Train on ``particles`` (already on their device) from the ``neutral`` GMM; write the
-    output directory described in the module docstring. Returns a summary dict."""
+    output directory described in the module docstring. Returns a summary dict.
+
+    ``dist``: the process group (:mod:`distributed`) when launched by ``torchrun`` with several
+    processes; every process calls this with the same arguments, rank 0 writes the files.
+    Device out-of-memory halves the physical batch (chunk) size and carries on: a batch is
+    then processed in chunks whose gradients add up to the whole batch's, so the optimisation
+    (batch size, number of Adam steps) is unchanged (see :class:`features.AdaptiveBatch`).
+    """
+    dist = dist if dist is not None else Dist(device=particles.device)
+    main = dist.is_main
     device = particles.device
     if cfg.zdim < 1:
         raise InputError(f"--zdim {cfg.zdim}: the latent dimension must be at least 1")
@@ -279,6 +340,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
                          "sampled like the particles")
     if particles.n_particles < 2:
         raise InputError(f"--particles: {particles.n_particles} particle(s); training needs at least 2")
+    # NaN/Inf pixels: a bounded sample now (every batch is checked again when it is read)
+    particles.check_finite_sample(256, name=star_path, seed=cfg.seed)
     cfg.changes = parse_changes(cfg.changes)
     cfg.ctf_mode = particles.ctf_mode
     frc_curve = None
@@ -287,18 +350,20 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     cfg.lowres_A, cfg.highres_A = default_band(neutral, particles.apix, particles.box, cfg.lowres_A, cfg.highres_A)
     if cfg.pos_scale_A is None:
         cfg.pos_scale_A = 0.1 * neutral.box * neutral.apix
-    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
     fingerprint = _fingerprint(cfg, particles, neutral, star_path)
-
+    if main:
+        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+    err = None
     if resume and os.path.exists(os.path.join(out_dir, "config.json")):
         with open(os.path.join(out_dir, "config.json")) as f:
             old = json.load(f)
         if old.get("fingerprint") != fingerprint or any(
                 old["train"].get(k) != cfg.to_dict()[k] for k in ("zdim", "batch_size", "lr", "hidden", "layers",
                                                                    "latent_noise", "latent_reg", "val_fraction")):
-            raise InputError(f"--resume: {out_dir} holds a run with other inputs or settings; give the same "
+            err = InputError(f"--resume: {out_dir} holds a run with other inputs or settings; give the same "
                              "settings, or a new --out without --resume")
-    if not resume:
+    dist.raise_if_any(err)
+    if not resume and main:
         for p in _checkpoints(out_dir):
             os.remove(p)
 
@@ -311,16 +376,18 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             "n_ops": particles.n_ops, "n_items": len(particles), "n_gaussians": len(neutral),
             "n_mobile": int(mobile.numel()), "n_features": feats.n_features, "rings": [binner.lo, binner.hi],
             "particles": os.path.abspath(star_path) if star_path else None, "device": str(device),
-            "particle_frc_per_ring": frc_curve,
+            "n_processes": dist.world_size, "particle_frc_per_ring": frc_curve,
             "model_file_version": MODEL_FILE_VERSION}
-    _atomic_text(json.dumps(info, indent=1), os.path.join(out_dir, "config.json"))
-    neutral.save(os.path.join(out_dir, "gmm.npz"))
+    if main:
+        _atomic_text(json.dumps(info, indent=1), os.path.join(out_dir, "config.json"))
+        neutral.save(os.path.join(out_dir, "gmm.npz"))
     log.info("training on %d particles x %d symmetry operators, %d Gaussians (%d may change: %s), %d features, "
-             "band %.1f-%.1f A (rings %d-%d, Fourier crop %d -> %d px), ctf %s, device %s", particles.n_particles,
-             particles.n_ops, len(neutral), mobile.numel(), ",".join(cfg.changes), feats.n_features, cfg.lowres_A,
-             cfg.highres_A, binner.lo, binner.hi, particles.box, particles.fbox, particles.ctf_mode, device)
+             "band %.1f-%.1f A (rings %d-%d, Fourier crop %d -> %d px), ctf %s, device %s, %d process(es)",
+             particles.n_particles, particles.n_ops, len(neutral), mobile.numel(), ",".join(cfg.changes),
+             feats.n_features, cfg.lowres_A, cfg.highres_A, binner.lo, binner.hi, particles.box, particles.fbox,
+             particles.ctf_mode, device, dist.world_size)
 
-    # feature normalisation statistics (seeded sample), then the optional cache
+    # feature normalisation statistics (seeded sample; every process computes the same), then the cache
     stats_path = os.path.join(out_dir, "feature_stats.npz")
     stats = _load_stats(stats_path, fingerprint)
     if stats is None:
@@ -329,17 +396,23 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
         n_items = len(particles)
         sample = np.sort(rng.choice(n_items, size=min(cfg.n_stats, n_items), replace=False))
         stats = feats.estimate_stats(particles, sample, cfg.batch_size)
-        _save_stats(stats, fingerprint, stats_path)
+        if main:
+            _save_stats(stats, fingerprint, stats_path)
         log.info("feature statistics from %d particles in %.1f s (rms: %s)", len(sample), time.time() - t0,
                  ", ".join(f"{k} {v:.3g}" for k, v in stats["scale"].items()))
     else:
         feats.set_stats(stats)
+    dist.barrier()
     cache = None
     if cfg.features == "cache":
         cache = FeatureCache(out_dir)
-        if not cache.load(fingerprint):
+        ok = cache.load(fingerprint)
+        if dist.enabled:  # all processes must agree before rank 0 may rebuild it
+            flag = dist.all_reduce_sum(torch.tensor([float(ok)], device=dist._coll_device()))
+            ok = float(flag) == dist.world_size
+        if not ok:
             t0 = time.time()
-            cache.build(feats, particles, max(cfg.batch_size, 64), fingerprint)
+            cache.build(feats, particles, max(cfg.batch_size, 64), fingerprint, dist=dist if dist.enabled else None)
             dt = time.time() - t0
             log.info("gradient features of %d items cached in %s (%.1f s, %.0f particles/s)", len(particles),
                      cache.path, dt, len(particles) / max(dt, 1e-9))
@@ -356,7 +429,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history, start_epoch = [], 0
+    history, start_epoch, resumed_chunk = [], 0, None
     if resume:
         ckpts = _checkpoints(out_dir)
         if ckpts:
@@ -364,9 +437,24 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             history, start_epoch = ck["history"], int(ck["epoch"])
+            resumed_chunk = ck.get("chunk_size")
             log.info("resuming from %s (epoch %d done)", ckpts[-1], start_epoch)
         else:
             log.info("--resume: no checkpoint in %s; starting from scratch", out_dir)
+    dist.barrier()  # nobody reads a checkpoint that rank 0 is about to replace
+    ddp = None
+    if dist.enabled:
+        import inspect
+        DDP = torch.nn.parallel.DistributedDataParallel
+        # the buffers (neutral GMM, mobile list) are identical constants on every process
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False})
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **sync)
+    local_batch = -(-cfg.batch_size // dist.world_size)
+    chunk = AdaptiveBatch(min(local_batch, int((cfg.extra or {}).get("max_chunk", local_batch)),
+                              int(resumed_chunk or local_batch)), "training step", device)
+    if chunk.size < local_batch:
+        log.info("training batches of %d processed in chunks of %d particles", cfg.batch_size, chunk.size)
 
     t_train = time.time()
     for epoch in range(start_epoch, cfg.epochs):
@@ -382,36 +470,52 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             items = np.sort(order[start:start + cfg.batch_size])
             if len(items) < 2 and cfg.batchnorm:
                 continue
-            x, b = source(items)
-            loss, frc, _ = _frc_loss(model, binner, x, b, particles.fbox, particles.fapix, cfg.latent_noise, gen,
-                                     cfg.latent_reg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            noise = (torch.randn((len(items), cfg.zdim), generator=gen, device=device)
+                     if cfg.latent_noise > 0 else None)
+            while True:
+                try:
+                    opt.zero_grad(set_to_none=True)
+                    step_total = _train_batch(model, ddp, binner, source, items, noise, cfg, particles.fbox,
+                                              particles.fapix, chunk, dist)
+                    break
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+                    if not is_oom(exc):
+                        raise
+                    del exc
+                    opt.zero_grad(set_to_none=True)
+                    chunk.shrink()  # InputError at chunk size 1
             opt.step()
-            total = total + (-frc.detach()).sum()
-        train_loss = float(total) / len(order)
-        val_loss = evaluate_loss(model, source, binner, val_items, cfg.batch_size, particles.fbox, particles.fapix)
+            total = total + step_total
+        train_loss = float(dist.all_reduce_sum(total.detach().reshape(1).clone())) / len(order)
+        val_loss = evaluate_loss(model, source, binner, val_items, cfg.batch_size, particles.fbox, particles.fapix,
+                                 dist=dist)
         dt = time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": dt})
         rate = len(order) / max(dt, 1e-9)
         eta = dt * (cfg.epochs - epoch - 1)
         log.info("epoch %d/%d  train loss %.5f  val loss %.5f  %.0f particles/s  ETA %.0f s", epoch + 1, cfg.epochs,
                  train_loss, val_loss, rate, eta)
-        ck_path = os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1:04d}.pt")
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                      "history": history, "config": cfg.to_dict()}, ck_path)
-        for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
-            os.remove(old)
-        _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
+        if main:
+            ck_path = os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1:04d}.pt")
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                          "history": history, "config": cfg.to_dict(), "chunk_size": chunk.size}, ck_path)
+            for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
+                os.remove(old)
+            _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
 
-    _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
     t_lat = time.time()
-    z = encode_items(model, source, np.arange(len(particles)), max(cfg.batch_size, 256))
-    _atomic_npy(z, os.path.join(out_dir, "latent.npy"))
-    _atomic_save(_model_payload(model, cfg, feats, mobile_np, info), os.path.join(out_dir, "model.pt"))
+    n_all = len(particles)
+    lo, hi = dist.block(n_all)
+    z = encode_items(model, source, np.arange(lo, hi), max(cfg.batch_size, 256))
+    z = dist.gather_rows(z, n_all)
+    if main:
+        _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
+        _atomic_npy(z, os.path.join(out_dir, "latent.npy"))
+        _atomic_save(_model_payload(model, cfg, feats, mobile_np, info), os.path.join(out_dir, "model.pt"))
+    dist.barrier()
     log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", os.path.join(out_dir, "latent.npy"), z.shape[0],
              z.shape[1], time.time() - t_lat, time.time() - t_train)
-    return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info}
+    return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info, "chunk_size": chunk.size}
 
 
 def _write_loss_csv(history: list, path: str) -> None:
@@ -421,10 +525,10 @@ def _write_loss_csv(history: list, path: str) -> None:
 
 
 def _save_stats(stats: dict, fingerprint: dict, path: str) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mean=stats["mean"], scale_json=json.dumps(stats["scale"]), n_sample=stats["n_sample"],
-             fingerprint=json.dumps(fingerprint, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.atomic_write(path, lambda tmp: np.savez(tmp, mean=stats["mean"], scale_json=json.dumps(stats["scale"]),
+                                                   n_sample=stats["n_sample"],
+                                                   fingerprint=json.dumps(fingerprint, sort_keys=True)),
+                        suffix=".tmp.npz")
 
 
 def _load_stats(path: str, fingerprint: dict):
@@ -438,19 +542,28 @@ def _load_stats(path: str, fingerprint: dict):
 
 @torch.no_grad()
 def evaluate_loss(model: HetModel, source, binner: RingBinner, items: np.ndarray, batch_size: int, box: int,
-                  apix: float) -> float:
-    """Mean ``-FRC`` over ``items`` with the model in eval mode and no latent noise (nan if none)."""
+                  apix: float, dist: Dist | None = None) -> float:
+    """Mean ``-FRC`` over ``items`` with the model in eval mode and no latent noise (nan if none);
+    with ``dist``, each process takes its share and the sums are added."""
     if len(items) == 0:
         return float("nan")
+    n = len(items)
+    if dist is not None and dist.enabled:
+        items = items[dist.shard(n)]
     was = model.training
     model.eval()
-    total = torch.zeros((), device=binner.onehot.device)
-    for start in range(0, len(items), batch_size):
-        x, b = source(items[start:start + batch_size])
+    total = torch.zeros((), device=binner.onehot.device, dtype=torch.float64)
+
+    def step(i0, i1):
+        x, b = source(items[i0:i1])
         _, (c, a, s) = model(x)
-        total = total + (-binner.mean_frc(project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf), b.F_img)).sum()
+        total.add_((-binner.mean_frc(project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf), b.F_img)).sum())
+
+    AdaptiveBatch(batch_size, "validation loss", binner.onehot.device).run(len(items), step)
     model.train(was)
-    return float(total) / len(items)
+    if dist is not None:
+        dist.all_reduce_sum(total.reshape(1))
+    return float(total) / n
 
 
 @torch.no_grad()
@@ -458,13 +571,16 @@ def encode_items(model: HetModel, source, items: np.ndarray, batch_size: int) ->
     """Latents ``(len(items), zdim)`` float32 in the order of ``items`` (eval mode, no noise)."""
     model.eval()
     out = []
-    for start in range(0, len(items), batch_size):
-        sel = items[start:start + batch_size]
+
+    def step(i0, i1):
+        sel = items[i0:i1]
         if source.cache is not None:
             x = source.cache.get(sel, source.device)
         else:
             x = source.feats(source.particles.batch(sel))
         out.append(model.encoder(x).float().cpu())
+
+    AdaptiveBatch(batch_size, "encoding latents", source.device).run(len(items), step)
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.decoder.zdim), np.float32)
 
 

@@ -13,6 +13,11 @@ Examples:
   gmmhet train --particles spike.star --gmm build/ --symmetry C3 --mask one_rbd.mrc \\
       --changes positions --out train_rbd/
   gmmhet train --particles particles.star --gmm build/ --epochs 60 --resume --out train/
+  torchrun --nproc_per_node 4 -m scipion_gmmhet.engine train --particles particles.star \\
+      --gmm build/ --device cuda --out train/     # one process per GPU (DistributedDataParallel)
+
+A NaN/Inf pixel is refused before training (a sample of the images, then every batch). On
+CUDA out-of-memory the batch is processed in halved chunks (same result up to rounding).
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from ..distributed import init_from_env
     from ..features import Particles
     from ..model import parse_changes
     from ..train import TrainConfig, load_gmm, resolve_device, train
@@ -71,8 +77,13 @@ def main(args) -> int:
                       ctf_mode=args.ctf_mode, symmetry=args.symmetry, mask=args.mask, lowres_A=args.lowres,
                       highres_A=args.highres, val_fraction=args.val_fraction, latent_noise=args.latent_noise,
                       latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers)
-    device = resolve_device(args.device)
-    neutral = load_gmm(args.gmm)
-    particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode, device=device)
-    train(particles, neutral, cfg, args.out, resume=args.resume, star_path=args.particles)
+    resolve_device(args.device)  # a clear error before joining a process group
+    dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/distributed.py)
+    try:
+        neutral = load_gmm(args.gmm)
+        particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode,
+                                        device=dist.device)
+        train(particles, neutral, cfg, args.out, resume=args.resume, star_path=args.particles, dist=dist)
+    finally:
+        dist.close()
     return 0
