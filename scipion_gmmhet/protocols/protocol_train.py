@@ -212,7 +212,9 @@ class ProtGmmhetTrain(ProtAnalysis3D):
             self._checkResumable(trainDir)
             args += ' --resume'
             self.info('Resuming training from %s' % self._checkpoints(trainDir)[-1])
-        Plugin.runGmmhet(self, 'train', args, gpuList=self.getGpuList() if self.usesGpu() else [])
+        gpus = self.getGpuList() if self.usesGpu() else []
+        # One DistributedDataParallel process per listed GPU ("0 1 2 3" -> 4 processes).
+        Plugin.runGmmhet(self, 'train', args, gpuList=gpus, nprocs=max(1, len(gpus)))
 
     def createOutputStep(self, trainArgs=None):
         """SetOfParticlesFlex: the input particles, each with its latent vector (by id)."""
