@@ -253,8 +253,6 @@ def test_nan_sample_is_bounded_and_hits_first_and_last(tmp_path):
     assert sum(calls) <= 18  # first + last + 16 random, never the whole stack
 
 
-@pytest.mark.xfail(strict=True, reason="commands/reconstruct.py does not call validate.check_images_finite yet "
-                                       "(see docs/reliability.md, open edits)")
 def test_nan_pixels_refused_by_reconstruct_cli(tmp_path, capsys):
     make_stack(tmp_path, nan_rows=(2,))
     star = make_star(tmp_path)

@@ -46,6 +46,7 @@ import torch
 from .conventions import ctf_2d, fourier_grid, image_to_fourier, origin_phase
 from .errors import InputError
 from .fourier import fsc_table, resolution_at_threshold, shell_index_3d
+from .validate import check_images_finite
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,9 @@ def reconstruct_particles(meta, rows=None, *, images=None, halves: np.ndarray | 
         sel = rows[h == half]
         for s in range(0, sel.size, bs):
             r = np.sort(sel[s:s + bs])
-            imgs = torch.as_tensor(np.asarray(images.get(r), dtype=np.float32), device=dev)
+            batch = np.asarray(images.get(r), dtype=np.float32)
+            check_images_finite(batch, name="particles", rows=r)  # host-side, before the transfer
+            imgs = torch.as_tensor(batch, device=dev)
             ctfp = None if ctf_all is None else {k: np.asarray(v)[r] for k, v in ctf_all.items()}
             F, ctf = prepare_batch(imgs, torch.as_tensor(org_all[r], device=dev), ctfp, apix)
             pm = None if premult_all is None else torch.as_tensor(premult_all[r])

@@ -64,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
     ctf_mode = args.ctf_mode
     meta.validate(require_alignment=True, require_ctf=ctf_mode not in ("none",) and meta.has_ctf(),
                   check_images=True, allow_duplicates=True)
+    from ..data import ParticleImages
+    from ..validate import check_images_finite
+    check_images_finite(ParticleImages(meta), sample=256, name=args.particles)
     if ctf_mode is None and not meta.has_ctf():
         log.warning("%s: no CTF parameters; reconstructing WITHOUT CTF correction", args.particles)
     rows = read_indices(args.indices, len(meta)) if args.indices else None
