@@ -1,0 +1,366 @@
+# **************************************************************************
+# *
+# * scipion-em-gmmhet: GMM-based heterogeneity analysis for Scipion
+# *
+# * This program is free software; you can redistribute it and/or modify
+# * it under the terms of the GNU General Public License as published by
+# * the Free Software Foundation; either version 3 of the License, or
+# * (at your option) any later version.
+# *
+# **************************************************************************
+"""Protocol "gmmhet - refine orientations": refines every particle's orientation and shift
+against the Gaussian model the trained network decodes for THAT particle.
+
+Runs ``gmmhet refine`` on the canonical star of the input particles (written by
+:func:`convert.writeSetOfParticles`, with ``rlnGmmhetParticleId``) and on their latent vectors
+(``_zFlex``, or the training's ``latent.npy`` through the training star's ids). The refined
+poses come back through :func:`convert.readPosesIntoSet`, keyed by particle id; CTF,
+acquisition, latent vectors and every other attribute are kept.
+
+Output: ``outputParticles`` (same set type as the input: a SetOfParticlesFlex stays one, so
+"cluster and reconstruct" can follow) with the refined 3D alignment; each particle carries
+``_gmmhetDeltaAngle`` (degrees) and ``_gmmhetDeltaShift`` (Angstrom), its pose change.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import pyworkflow.protocol.params as params
+import pyworkflow.utils as pwutils
+from pyworkflow.mapper.sqlite_db import SqliteDb
+from pyworkflow.object import Float, String
+from pwem.objects import SetOfParticles, SetOfParticlesFlex
+from pwem.protocols import ProtAnalysis3D
+
+from .. import Plugin, convert
+from ..constants import GMMHET_PARTICLE_ID
+from ..engine.errors import InputError
+
+#: attribute of a training output set naming its training folder (see protocol_train)
+TRAIN_DIR_ATTR = '_gmmhet_trainDir'
+
+
+class ProtGmmhetRefine(ProtAnalysis3D):
+    """Refine particle orientations against each particle's own Gaussian model.
+
+    A consensus refinement aligns every particle to one average map, which a moving domain
+    blurs. Here each particle is aligned again, locally (within the angular and shift ranges
+    you give, around its current pose), to the projection - with its CTF - of the Gaussian
+    model that the trained network decodes at the particle's latent point. With a mask, only
+    the Gaussians inside it are scored: the pose of that domain. The output particles keep
+    everything but their alignment, which is replaced by the refined one.
+    """
+    _label = 'gmmhet - refine orientations'
+    _possibleOutputs = {'outputParticles': SetOfParticles}
+
+    def __init__(self, **kwargs):
+        ProtAnalysis3D.__init__(self, **kwargs)
+
+    # -------------------------- DEFINE param functions -----------------------
+    def _defineParams(self, form):
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+                       label='Use GPU?',
+                       help='Refine on a GPU (CUDA). No: on the CPU (fine for a few thousand '
+                            'small particles).')
+        form.addHidden(params.GPU_LIST, params.StringParam, default=Plugin.getDefaultGpu(),
+                       label='Choose GPU IDs', help='GPU id to use (the first one listed).')
+
+        form.addSection(label='Input')
+        form.addParam('inputParticles', params.PointerParam,
+                      pointerClass='SetOfParticlesFlex, SetOfParticles',
+                      pointerCondition='hasAlignmentProj', important=True,
+                      label='Particles from "train heterogeneity"',
+                      help='The output particles of "gmmhet - train heterogeneity" (they carry '
+                           'their latent vectors and name the trained model), or a subset of '
+                           'them. Their current poses are the starting point.')
+        form.addParam('maxAngle', params.FloatParam, default=6.0, validators=[params.GE(0)],
+                      label='Angular search range (deg)',
+                      help='Largest rotation away from the current pose, in degrees. Poses from a '
+                           'consensus refinement are usually within a few degrees; 0 refines '
+                           'shifts only.')
+        form.addParam('maxShift', params.FloatParam, default=-1.0,
+                      label='Shift search range (A)',
+                      help='Largest change of the particle origin, in Angstrom. -1: two pixels.')
+        form.addParam('mask', params.PointerParam, pointerClass='VolumeMask, Volume', allowsNull=True,
+                      label='Focus mask (optional)',
+                      help='A mask on one region (same box and sampling as the particles): only '
+                           'the Gaussians inside it are scored and the rest of the model is '
+                           'subtracted from the particles, so the refined pose is that region\'s.')
+        form.addParam('doReconstruct', params.BooleanParam, default=True,
+                      label='Reconstruct before and after?',
+                      help='Reconstruct the particles with their input poses and with the refined '
+                           'poses (direct Fourier inversion with CTF correction, half maps and '
+                           'FSC), to see what the refinement gained.')
+
+        form.addSection(label='Advanced')
+        form.addParam('highRes', params.FloatParam, default=-1.0, expertLevel=params.LEVEL_ADVANCED,
+                      label='High-resolution limit (A)',
+                      help='Finest detail compared. -1: the Gaussian model\'s own resolution '
+                           '(where its median Gaussian fades to 1%, at least Nyquist).')
+        form.addParam('lowRes', params.FloatParam, default=-1.0, expertLevel=params.LEVEL_ADVANCED,
+                      label='Low-resolution limit (A)', help='-1: the training\'s limit.')
+        form.addParam('score', params.EnumParam, choices=['whitened correlation', 'FRC'], default=0,
+                      expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_HLIST,
+                      label='Score',
+                      help='Whitened correlation: cross-correlation over the resolution band with '
+                           'each ring whitened by the particle\'s own power (the maximum-likelihood '
+                           'score; much less sensitive to noise). FRC: plain mean of the ring '
+                           'correlations (e2gmm\'s training loss).')
+        form.addParam('levels', params.IntParam, default=3, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label='Finer rotation levels',
+                      help='Local rotation lattices (step halved each time) after the coarse one.')
+        form.addParam('polishSteps', params.IntParam, default=10, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label='Gradient polishing steps')
+        form.addParam('batchSize', params.IntParam, default=64, validators=[params.GE(1)],
+                      expertLevel=params.LEVEL_ADVANCED, label='Particles per batch')
+        form.addParallelSection(threads=2, mpi=0)
+
+    # -------------------------- INSERT steps functions -----------------------
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, self._inputKey())
+        self._insertFunctionStep(self.refineStep, self._getRefineArgs())
+        if self.doReconstruct:
+            for which in ('before', 'after'):
+                self._insertFunctionStep(self.reconstructStep, which)
+        self._insertFunctionStep(self.createOutputStep)
+
+    # -------------------------- STEPS functions ------------------------------
+    def convertInputStep(self, inputKey):
+        """Canonical star of the input particles + their latents, row by row (matched by id)."""
+        from .protocol_cluster import ProtGmmhetCluster
+        parts = self.inputParticles.get()
+        starFn = self.getParticlesStar()
+        convert.writeSetOfParticles(parts, starFn, self._getExtraPath())
+        ids = self._starIds(starFn)
+        zById = ProtGmmhetCluster._latentsById(self, parts)
+        missing = [pid for pid in ids.tolist() if pid not in zById]
+        if missing:
+            raise InputError('input particles: %d particle(s) have no latent vector (e.g. id %d); '
+                             'give particles from "gmmhet - train heterogeneity"'
+                             % (len(missing), missing[0]))
+        z = np.stack([zById[int(pid)] for pid in ids]).astype(np.float32)
+        tmp = self.getLatentsFile() + '.tmp.npy'
+        np.save(tmp, z)
+        os.replace(tmp, self.getLatentsFile())
+        self.info('Wrote %d particles and their %d-D latent vectors' % z.shape)
+
+    def refineStep(self, args):
+        Plugin.runGmmhet(self, 'refine', args,
+                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+
+    def reconstructStep(self, which):
+        star = self.getParticlesStar() if which == 'before' else self.getOutputStar()
+        os.makedirs(self.getReconstructionDir(), exist_ok=True)
+        args = '--particles %s --out %s --device %s' % (
+            _q(star), _q(self.getReconstruction(which)), 'cuda' if self.usesGpu() else 'cpu')
+        Plugin.runGmmhet(self, 'reconstruct', args,
+                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+
+    def createOutputStep(self):
+        parts = self.inputParticles.get()
+        changes = self.getPoseChanges()
+        byId = {int(pid): (float(a), float(s)) for pid, a, s in
+                zip(changes['particle_id'], changes['delta_angle_deg'], changes['delta_shift_A'])}
+
+        def extra(item, _row):
+            a, s = byId.get(item.getObjId(), (float('nan'), float('nan')))
+            item._gmmhetDeltaAngle = Float(a)
+            item._gmmhetDeltaShift = Float(s)
+
+        outSet = self._createOutputSet(parts)
+        n, missing = convert.readPosesIntoSet(parts, self.getOutputStar(), outSet, extraCallback=extra)
+        if missing:
+            self.warning('%d input particle(s) had no refined pose and were left out (e.g. id %d)'
+                         % (len(missing), missing[0]))
+        trainDir = self.getTrainDir()
+        if trainDir:
+            setattr(outSet, TRAIN_DIR_ATTR, String(trainDir))
+        self._defineOutputs(outputParticles=outSet)
+        self._defineSourceRelation(self.inputParticles, outSet)
+        self.info('Refined poses of %d particles' % n)
+
+    def _createOutputSet(self, parts):
+        if isinstance(parts, SetOfParticlesFlex):
+            fn = self._getPath('particles_refined.sqlite')
+            SqliteDb.closeConnection(fn)
+            pwutils.cleanPath(fn)
+            out = SetOfParticlesFlex(filename=fn, progName=parts.getFlexInfo().getProgName())
+            return out
+        return self._createSetOfParticles('refined')
+
+    # -------------------------- INFO functions -------------------------------
+    def _validate(self):
+        errors = []
+        parts = self.inputParticles.get()
+        if parts is None:
+            return ['Input particles: select the output of "gmmhet - train heterogeneity".']
+        if not parts.hasAlignmentProj():
+            errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
+                          'heterogeneity".')
+        trainDir = self.getTrainDir()
+        if not trainDir:
+            errors.append('Input particles: they do not name a training folder; give the output '
+                          'of "gmmhet - train heterogeneity".')
+        elif not os.path.exists(os.path.join(trainDir, 'model.pt')):
+            errors.append('Input particles: the training folder %s has no model.pt; let the '
+                          'training finish.' % trainDir)
+        if self.maxAngle.get() is None or self.maxAngle.get() < 0:
+            errors.append('Angular search range: give 0 or more degrees.')
+        shift = self.maxShift.get()
+        if shift is not None and shift < 0 and shift != -1:
+            errors.append('Shift search range: give 0 or more Angstrom (or -1 for two pixels).')
+        mask = self.mask.get()
+        if mask is not None:
+            dims = mask.getDim()
+            box = parts.getXDim()
+            if dims is not None and tuple(dims) != (box, box, box):
+                errors.append('Focus mask: box %s but the particles are %d px; resample it.'
+                              % ('x'.join(str(d) for d in dims), box))
+            if abs((mask.getSamplingRate() or 0) - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
+                errors.append('Focus mask: %.4f A/px but the particles are %.4f A/px; resample it.'
+                              % (mask.getSamplingRate() or 0, parts.getSamplingRate()))
+        if self.usesGpu() and not self.getGpuList():
+            errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
+        return errors
+
+    def _summary(self):
+        summary = []
+        parts = self.inputParticles.get()
+        if parts is not None:
+            shift = self.maxShift.get()
+            summary.append('Input: %d particles; search within %.2f deg and %s'
+                           % (parts.getSize(), self.maxAngle.get(),
+                              '2 px' if shift is None or shift < 0 else '%.2f A' % shift))
+        s = self.getChangeSummary()
+        if s:
+            summary.append('Angular change: median %.2f deg, 90th percentile %.2f deg'
+                           % (s['angle_median_deg'], s['angle_p90_deg']))
+            summary.append('Shift change: median %.2f A, 90th percentile %.2f A'
+                           % (s['shift_median_A'], s['shift_p90_A']))
+            summary.append('Mean score %.4f -> %.4f; %d of %d particles moved'
+                           % (s['score_before_mean'], s['score_after_mean'], s['n_moved'], s['n']))
+            res = {w: self.getResolution(w) for w in ('before', 'after')}
+            if all(r is not None for r in res.values()):
+                summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'
+                               % (res['before'], res['after']))
+        elif not self.isFinished():
+            summary.append('Outputs not ready yet.')
+        return summary
+
+    def _methods(self):
+        s = self.getChangeSummary()
+        if not s:
+            return []
+        return ['The orientations and shifts of %d particles were refined locally (within %.1f '
+                'degrees) against the projection, with each particle\'s CTF, of the Gaussian model '
+                'decoded at its latent point (scipion-em-gmmhet, e2gmm\'s method); median changes '
+                '%.2f degrees and %.2f A.' % (s['n'], self.maxAngle.get(), s['angle_median_deg'],
+                                               s['shift_median_A'])]
+
+    def _citations(self):
+        return ['Chen2021']
+
+    # -------------------------- UTILS functions ------------------------------
+    def getParticlesStar(self) -> str:
+        return self._getExtraPath('input_particles.star')
+
+    def getLatentsFile(self) -> str:
+        return self._getExtraPath('latents.npy')
+
+    def getRefineDir(self) -> str:
+        return self._getExtraPath('refine')
+
+    def getOutputStar(self) -> str:
+        return os.path.join(self.getRefineDir(), 'particles.star')
+
+    def getPoseChangesFile(self) -> str:
+        return os.path.join(self.getRefineDir(), 'pose_changes.csv')
+
+    def getReconstructionDir(self) -> str:
+        return self._getExtraPath('reconstruction')
+
+    def getReconstruction(self, which: str) -> str:
+        """Map reconstructed with the input ('before') or refined ('after') poses."""
+        return os.path.join(self.getReconstructionDir(), '%s.mrc' % which)
+
+    def getFsc(self, which: str) -> dict | None:
+        """Half-map FSC table of a reconstruction (None when not computed)."""
+        fn = self.getReconstruction(which)[:-4] + '_fsc.csv'
+        if not os.path.exists(fn):
+            return None
+        from ..engine.reconstruct import read_fsc_csv
+        return read_fsc_csv(fn)
+
+    def getResolution(self, which: str) -> float | None:
+        t = self.getFsc(which)
+        if t is None:
+            return None
+        from ..engine.fourier import resolution_at_threshold
+        curve = t['fsc_masked'] if 'fsc_masked' in t else t['fsc']
+        return resolution_at_threshold(t['freq_invA'], curve, 0.143)
+
+    def getPoseChanges(self) -> dict:
+        """The engine's pose_changes.csv as ``{column: array}`` (per particle id)."""
+        import pandas as pd
+        fn = self.getPoseChangesFile()
+        if not os.path.exists(fn):
+            raise InputError('%s: missing; the refinement did not finish' % fn)
+        df = pd.read_csv(fn)
+        return {c: df[c].to_numpy() for c in df.columns}
+
+    def getChangeSummary(self) -> dict | None:
+        """Median / 90th percentile of the pose changes (None before the run ends)."""
+        if not os.path.exists(self.getPoseChangesFile()):
+            return None
+        from ..engine.commands.refine import summary
+        c = self.getPoseChanges()
+        s = summary(c['delta_angle_deg'], c['delta_shift_A'], c['score_before'], c['score_after'])
+        s['n'] = len(c['delta_angle_deg'])
+        return s
+
+    def getTrainDir(self) -> str | None:
+        from .protocol_cluster import ProtGmmhetCluster
+        return ProtGmmhetCluster.getTrainDir(self)
+
+    def _trainStar(self) -> str | None:
+        from .protocol_cluster import ProtGmmhetCluster
+        return ProtGmmhetCluster._trainStar(self)
+
+    @staticmethod
+    def _starIds(starFn: str) -> np.ndarray:
+        from ..engine.star import read_star
+        return convert._particleIds(read_star(starFn)['particles'], starFn, GMMHET_PARTICLE_ID)
+
+    def _getRefineArgs(self) -> str:
+        args = ['--train %s' % _q(self.getTrainDir() or ''),
+                '--particles %s' % _q(self.getParticlesStar()),
+                '--latents %s' % _q(self.getLatentsFile()),
+                '--max-angle %g' % self.maxAngle.get(),
+                '--score %s' % ('wcc' if self.score.get() == 0 else 'frc'),
+                '--levels %d' % self.levels.get(),
+                '--polish-steps %d' % self.polishSteps.get(),
+                '--batch-size %d' % self.batchSize.get(),
+                '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
+                '--out %s' % _q(self.getRefineDir())]
+        if self.maxShift.get() is not None and self.maxShift.get() >= 0:
+            args.append('--max-shift %g' % self.maxShift.get())
+        if self.highRes.get() is not None and self.highRes.get() > 0:
+            args.append('--highres %g' % self.highRes.get())
+        if self.lowRes.get() is not None and self.lowRes.get() > 0:
+            args.append('--lowres %g' % self.lowRes.get())
+        mask = self.mask.get()
+        if mask is not None:
+            args.append('--mask %s' % _q(convert.cleanFileName(mask.getFileName())))
+        return ' '.join(args)
+
+    def _inputKey(self) -> str:
+        parts = self.inputParticles.get()
+        return 'particles %s:%s size %s' % (
+            self.inputParticles.getObjValue().getObjId() if parts is not None else None,
+            self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0)
+
+
+def _q(path: str) -> str:
+    return "'%s'" % path if ' ' in str(path) else str(path)

@@ -1,0 +1,238 @@
+"""Tests of engine/refine.py and `gmmhet refine` (per-particle pose refinement)."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scipion_gmmhet.engine import metadata, refine, simulate
+from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler
+from scipion_gmmhet.engine.data import ParticleImages
+from scipion_gmmhet.engine.errors import InputError
+from scipion_gmmhet.engine.features import ArrayImages, Particles
+from scipion_gmmhet.engine.gmm import GMM, project
+
+BOX, APIX = 32, 3.0
+
+
+class TruthModels:
+    """Each particle's ground-truth GMM (the simulator's molecule at its conformation)."""
+
+    def __init__(self, mol, conformation):
+        self.mol, self.c = mol, np.asarray(conformation, float)
+        self.n = mol.n_without_subunit()
+        self.neutral_centers_A = mol.centers_A[:self.n]
+        self.median_sigma_A = float(mol.sigma_A)
+
+    def gaussians(self, rows, device):
+        B = len(rows)
+        cen = torch.as_tensor(self.mol.centers_A[:self.n]).expand(B, self.n, 3).clone()
+        cen[:, self.mol.arm_slice()] = self.mol.arm_centers(torch.as_tensor(self.c[np.asarray(rows)]))
+        return cen, torch.full((B, self.n), float(self.mol.amplitude)), torch.full((B, self.n), float(self.mol.sigma_A))
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("refine_sim"))
+    simulate.simulate(d, "conformational", n=64, box=BOX, apix=APIX, snr=100.0, seed=3, n_gaussians=300)
+    truth = pd.read_csv(os.path.join(d, "truth.csv"))
+    meta = metadata.read_particles(os.path.join(d, "particles.star"))
+    mol = simulate.build_molecule(BOX, APIX, 0, 300)
+    rot = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
+    org = truth[["origin_x_A", "origin_y_A"]].to_numpy()
+    return dict(dir=d, truth=truth, meta=meta, mol=mol, rot=rot, org=org,
+                models=TruthModels(mol, truth["conformation"].to_numpy()))
+
+
+def perturb(rot, org, deg_rms=3.0, px_rms=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(rot)
+    v = rng.normal(size=(n, 3)) * deg_rms / math.sqrt(3)
+    return (refine.rotvec_to_matrix(torch.as_tensor(v)).numpy() @ rot,
+            org + rng.normal(size=(n, 2)) * px_rms * APIX / math.sqrt(2))
+
+
+def particles(meta, rot, org):
+    return Particles(ParticleImages(meta), rot, org, BOX, APIX, ctf=meta.ctf_params(), ctf_mode="ctf")
+
+
+FAST = dict(max_angle_deg=6.0, levels=2, polish_steps=4, batch_size=48)
+
+
+# ----------------------------------------------------------------------------- geometry and scores
+def test_rotvec_angle_is_angular_distance():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(20, 3)) * 4.0
+    A = euler_to_matrix(*(rng.uniform(0, 180, 20) for _ in range(3)))
+    B = refine.rotvec_to_matrix(torch.as_tensor(v)).numpy() @ A
+    np.testing.assert_allclose(angular_distance_deg(B, A), np.linalg.norm(v, axis=1), atol=1e-5)
+    g = refine.coarse_rotation_grid(6.0)
+    assert len(g) == 33 and float(g.norm(dim=1).max()) <= 6.0 + 1e-5 and float(g[0].norm()) == 0.0
+
+
+@pytest.mark.parametrize("score", refine.SCORES)
+def test_shift_scores_equal_exact_scores_and_find_the_shift(score):
+    """The one-FFT shift search gives the exact score at every integer shift and recovers a
+    known sub-pixel shift of a noise-free image."""
+    rng = np.random.default_rng(1)
+    g = GMM(rng.normal(size=(40, 3)) * 12.0, np.ones(40), np.full(40, 4.0), BOX, APIX)
+    B = 6
+    A = torch.as_tensor(euler_to_matrix(*(rng.uniform(0, 180, B) for _ in range(3))), dtype=torch.float32)
+    true_shift_px = torch.as_tensor(rng.uniform(-1.8, 1.8, size=(B, 2)), dtype=torch.float32)
+    c, a, s = g.tensors()
+    Fimg = project(c, a, s, A, BOX, APIX, true_shift_px * APIX)
+    sc = refine._Scorer(BOX, APIX, None, 8.0, 2.5 * APIX, "cpu", score)
+    Fmod = project(c, a, s, A, BOX, APIX, torch.zeros(B, 2))
+    shift, best = sc.shift_scores(Fimg, sc.image_power(Fimg), Fmod)
+    np.testing.assert_allclose(shift.numpy(), true_shift_px.numpy(), atol=0.25)
+    d = torch.round(shift)
+    exact = sc.frc(Fimg, project(c, a, s, A, BOX, APIX, d * APIX))
+    F2 = project(c, a, s, A, BOX, APIX, torch.zeros(B, 2))
+    # the FFT map's value at the integer peak is the exact score there
+    b = sc.binner
+    p2 = b.ring_sums(b.gather(F2).abs() ** 2)
+    w = sc.ring_coeffs(sc.image_power(Fimg), p2)
+    wp = torch.zeros(B, F2.shape[1] * F2.shape[2])
+    wp[:, b.flat_index] = w[:, sc.ring_of_band]
+    G = wp.reshape(F2.shape) * sc.col_weight * F2 * Fimg.conj()
+    cc = torch.fft.irfft2(G, s=(BOX, BOX)) * (BOX * BOX / 2)
+    at = cc[torch.arange(B), d[:, 1].long() % BOX, d[:, 0].long() % BOX]
+    np.testing.assert_allclose(at.numpy(), exact.numpy(), rtol=1e-4, atol=1e-5)
+    assert bool((best >= exact - 1e-5).all())
+
+
+def test_remove_rigid_motion_keeps_only_the_deformation():
+    """A rigidly moved model with one domain deformed comes back onto the neutral model except
+    for the deformation (robust fit: the moving domain does not drag it)."""
+    rng = np.random.default_rng(2)
+    c0 = torch.as_tensor(rng.normal(size=(200, 3)) * 15.0, dtype=torch.float32)
+    R = refine.rotvec_to_matrix(torch.as_tensor(rng.normal(size=(4, 3)) * 3.0, dtype=torch.float32))
+    c = torch.einsum("bij,nj->bni", R, c0) + torch.as_tensor(rng.normal(size=(4, 1, 3)) * 3.0, dtype=torch.float32)
+    bump = torch.as_tensor(rng.normal(size=(4, 30, 3)) * 6.0, dtype=torch.float32)
+    c[:, :30] += torch.einsum("bij,bnj->bni", R, bump)
+    out = refine.remove_rigid_motion(c, c0, torch.ones(200))
+    assert float((out[:, 30:] - c0[30:]).norm(dim=-1).max()) < 0.02
+    np.testing.assert_allclose(out[:, :30].numpy(), (c0[:30] + bump).numpy(), atol=0.02)
+
+
+# ----------------------------------------------------------------------------- refinement
+def test_refinement_recovers_perturbed_poses(sim):
+    rot_p, org_p = perturb(sim["rot"], sim["org"], seed=11)
+    res = refine.refine_poses(particles(sim["meta"], rot_p, org_p), sim["models"], **FAST)
+    ang0 = np.median(angular_distance_deg(rot_p, sim["rot"]))
+    ang1 = np.median(angular_distance_deg(res.rotations, sim["rot"]))
+    sh0 = np.median(np.linalg.norm(org_p - sim["org"], axis=1))
+    sh1 = np.median(np.linalg.norm(res.origins_A - sim["org"], axis=1))
+    print(f"angle {ang0:.2f} -> {ang1:.2f} deg, shift {sh0 / APIX:.3f} -> {sh1 / APIX:.3f} px")
+    assert ang1 <= 0.5 * ang0
+    assert sh1 <= 0.5 * sh0
+    assert np.all(res.score_after >= res.score_before)
+    assert np.all(res.delta_angle_deg <= FAST["max_angle_deg"] + 1e-4)
+    assert np.all(res.delta_shift_A <= 2 * APIX + 1e-4)
+    # the reported changes are the real ones
+    np.testing.assert_allclose(res.delta_angle_deg, angular_distance_deg(res.rotations, rot_p), atol=0.01)
+    np.testing.assert_allclose(res.delta_shift_A, np.linalg.norm(res.origins_A - org_p, axis=1), atol=1e-6)
+
+
+def test_refinement_does_no_harm_at_the_true_poses(sim):
+    res = refine.refine_poses(particles(sim["meta"], sim["rot"], sim["org"]), sim["models"], **FAST)
+    change = np.median(res.delta_angle_deg)
+    sh = np.median(res.delta_shift_A) / APIX
+    print(f"no harm: median change {change:.2f} deg, {sh:.3f} px")
+    assert change < 0.5  # below the angular precision of these particles (~0.5 deg from a perturbed start)
+    assert sh < 0.25
+
+
+def test_ranges_are_respected_and_zero_range_keeps_poses(sim):
+    rot_p, org_p = perturb(sim["rot"][:24], sim["org"][:24], deg_rms=5.0, px_rms=2.0, seed=4)
+    meta = sim["meta"].subset(np.arange(24))
+    res = refine.refine_poses(particles(meta, rot_p, org_p), sim["models"], max_angle_deg=1.5, max_shift_A=2.0,
+                              levels=1, polish_steps=3)
+    assert np.all(res.delta_angle_deg <= 1.5 + 1e-4) and np.all(res.delta_shift_A <= 2.0 + 1e-4)
+    res0 = refine.refine_poses(particles(meta, rot_p, org_p), sim["models"], max_angle_deg=0.0, max_shift_A=0.0,
+                               polish_steps=3)
+    np.testing.assert_allclose(res0.rotations, rot_p, atol=1e-6)
+    np.testing.assert_allclose(res0.origins_A, org_p, atol=1e-6)
+
+
+def test_focus_mask_refines_the_masked_domain(sim):
+    """Particles whose arm alone is rotated: with a focus mask on the arm, the search finds
+    the arm's rotation (the pose of the domain), without the mask it stays near the body's."""
+    mol = sim["mol"]
+    n = 24
+    arm = np.zeros(mol.n_without_subunit(), bool)
+    arm[mol.arm_slice()] = True
+    rng = np.random.default_rng(7)
+    v = rng.normal(size=(n, 3))
+    v = 3.0 * v / np.linalg.norm(v, axis=1, keepdims=True)
+    rot = sim["rot"][:n]
+    models = TruthModels(mol, np.full(n, 0.5))
+    cen, amp, sig = models.gaussians(np.arange(n), "cpu")
+    A = torch.as_tensor(rot, dtype=torch.float32)
+    A_arm = refine.rotvec_to_matrix(torch.as_tensor(v, dtype=torch.float32)) @ A
+    F = (project(cen[:, ~arm], amp[:, ~arm], sig[:, ~arm], A, BOX, APIX)
+         + project(cen[:, arm], amp[:, arm], sig[:, arm], A_arm, BOX, APIX))
+    from scipion_gmmhet.engine.conventions import fourier_to_image
+    imgs = fourier_to_image(F, BOX).numpy()
+    parts = Particles(ArrayImages(imgs), rot, np.zeros((n, 2)), BOX, APIX, ctf=None, ctf_mode="none")
+    res = refine.refine_poses(parts, models, focus=arm, max_angle_deg=5.0, max_shift_A=0.0, levels=2,
+                              polish_steps=4)
+    err_masked = np.median(angular_distance_deg(res.rotations, A_arm.double().numpy()))
+    assert err_masked < 1.0, err_masked
+    with pytest.raises(InputError, match="selects no Gaussian"):
+        refine.refine_poses(parts, models, focus=np.zeros_like(arm))
+
+
+def test_bad_ranges_are_input_errors(sim):
+    p = particles(sim["meta"], sim["rot"], sim["org"])
+    with pytest.raises(InputError, match="--max-angle"):
+        refine.refine_poses(p, sim["models"], max_angle_deg=-1)
+    with pytest.raises(InputError, match="--max-shift"):
+        refine.refine_poses(p, sim["models"], max_shift_A=-1)
+    with pytest.raises(InputError, match="--score"):
+        refine.refine_poses(p, sim["models"], score="bogus")
+
+
+# ----------------------------------------------------------------------------- the command
+def test_cli_refine_writes_star_and_changes(sim, tmp_path):
+    from scipion_gmmhet.engine import cli
+    d = sim["dir"]
+    rot_p, org_p = perturb(sim["rot"], sim["org"], seed=5)
+    meta_p = sim["meta"].with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p)
+    meta_p.particles["rlnGmmhetParticleId"] = np.arange(1, len(meta_p) + 1) * 10
+    star = str(tmp_path / "perturbed.star")
+    metadata.write_particles(star, meta_p)
+    gmm = os.path.join(d, "truth_gmm", sorted(os.listdir(os.path.join(d, "truth_gmm")))[2])
+    train_dir = str(tmp_path / "train")
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    out = str(tmp_path / "refine")
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
+                     "--polish-steps", "2", "--device", "cpu", "--out", out]) == 0
+    new = metadata.read_particles(os.path.join(out, "particles.star"))
+    old = metadata.read_particles(star)
+    assert len(new) == len(old)
+    pose_cols = {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"}
+    for col in old.particles.columns:
+        if col not in pose_cols:
+            assert (new.particles[col].astype(str) == old.particles[col].astype(str)).all(), col
+    table = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+    assert list(table["row"]) == list(range(len(old)))
+    assert list(table["particle_id"]) == list(old.particles["rlnGmmhetParticleId"])
+    np.testing.assert_allclose(table["delta_angle_deg"],
+                               angular_distance_deg(new.rotation_matrices(), old.rotation_matrices()), atol=0.01)
+    np.testing.assert_allclose(table["delta_shift_A"], np.linalg.norm(new.origins_A() - old.origins_A(), axis=1),
+                               atol=1e-3)
+    assert (table["score_after"] >= table["score_before"] - 1e-6).all()
+    assert table["delta_angle_deg"].max() <= 4.0 + 0.01
+    # bad input: one line, exit status 2
+    empty = str(tmp_path / "empty.mrc")
+    from scipion_gmmhet.engine.mrc import write_map
+    write_map(empty, np.zeros((BOX, BOX, BOX), np.float32), APIX)
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--mask", empty, "--out",
+                     str(tmp_path / "r2")]) == 2
+    assert cli.main(["refine", "--train", str(tmp_path), "--particles", star, "--out", str(tmp_path / "r3")]) == 2
