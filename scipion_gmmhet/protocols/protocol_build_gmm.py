@@ -48,7 +48,7 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
     for "gmmhet - train heterogeneity". The viewer plots the FSC between the model and the map
     and shows the Gaussian centres over the map in ChimeraX.
     """
-    _label = 'gmmhet - build Gaussian model'
+    _label = 'build Gaussian model'
     _possibleOutputs = {'outputVolume': Volume}
 
     def __init__(self, **kwargs):

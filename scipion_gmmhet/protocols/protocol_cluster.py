@@ -63,7 +63,7 @@ class ProtGmmhetCluster(ProtAnalysis3D):
     half maps and their FSC, to check that each state is in the data and not only in the
     network. The classes keep their particles' alignment and CTF, ready for refinement.
     """
-    _label = 'gmmhet - cluster and reconstruct'
+    _label = 'cluster and reconstruct'
     _possibleOutputs = {'outputClasses': SetOfClasses3D, 'outputGmmVolumes': SetOfVolumes,
                         'outputTrajectories': SetOfVolumes}
 

@@ -46,7 +46,7 @@ class ProtGmmhetImportPoses(ProtParticles):
     Particles without a pose are not in the output: they are counted in the summary and
     listed in extra/unmatched_particles.txt.
     """
-    _label = 'gmmhet - import poses'
+    _label = 'import poses'
     _possibleOutputs = {'outputParticles': SetOfParticles}
 
     def __init__(self, **kwargs):

@@ -52,7 +52,7 @@ class ProtGmmhetRefine(ProtAnalysis3D):
     the Gaussians inside it are scored: the pose of that domain. The output particles keep
     everything but their alignment, which is replaced by the refined one.
     """
-    _label = 'gmmhet - refine orientations'
+    _label = 'refine orientations'
     _possibleOutputs = {'outputParticles': SetOfParticles}
 
     def __init__(self, **kwargs):

@@ -68,7 +68,7 @@ class ProtGmmhetTrain(ProtAnalysis3D):
     cluster, reconstruct and refine them with the other gmmhet protocols or Flexibility Hub
     tools.
     """
-    _label = 'gmmhet - train heterogeneity'
+    _label = 'train heterogeneity'
     _possibleOutputs = {'outputParticles': SetOfParticlesFlex}
 
     def __init__(self, **kwargs):
