@@ -382,3 +382,44 @@ def test_real_disk_full_in_the_simulator_is_one_clear_line(small_disk):
     assert str(e.value) == (f"{out / 'particles.mrcs'}: disk full while writing (No space left on device); "
                             "free space or choose another output folder"), str(e.value)
     assert not [f for _, _, fs in os.walk(small_disk) for f in fs]
+
+
+def test_reconstruct_and_analysis_writers_report_disk_full_in_one_line(tmp_path, monkeypatch, capsys):
+    """`gmmhet reconstruct` (its FSC csv) and the analysis writers (.cmm/.bild, npy, json, csv)
+    go through engine/atomic.py: a full disk is exit status 2 with one line naming the file,
+    and no '*.tmp' is left."""
+    import builtins
+
+    from scipion_gmmhet.engine import analysis
+    from scipion_gmmhet.engine.cli import main
+    from scipion_gmmhet.engine.commands import analyze
+    from scipion_gmmhet.engine.commands import refine as refine_cmd
+    from scipion_gmmhet.engine.simulate import simulate
+
+    sim = tmp_path / "sim"
+    simulate(str(sim), "homogeneous", n=64, box=32, snr=10.0, seed=0)
+    out = tmp_path / "rec"
+    monkeypatch.setattr(atomic, "open", _failing_open(builtins.open), raising=False)  # text writers: ENOSPC
+    capsys.readouterr()
+    assert main(["reconstruct", "--particles", str(sim / "particles.star"), "--out", str(out / "map.mrc")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gmmhet reconstruct: error: {out / 'map_fsc.csv'}: disk full while writing "
+                   "(No space left on device); free space or choose another output folder"], err
+    assert not (out / "map_fsc.csv").exists()
+    centers = np.zeros((3, 3))
+    with pytest.raises(InputError, match=r"g\.cmm: disk full"):
+        analysis.write_cmm(str(out / "g.cmm"), centers, np.ones((3, 3)), 32, 2.0)
+    with pytest.raises(InputError, match=r"g\.bild: disk full"):
+        analysis.write_bild(str(out / "g.bild"), centers, np.ones((3, 3)), 32, 2.0)
+    with pytest.raises(InputError, match=r"s\.json: disk full"):
+        analyze._write_json(str(out / "s.json"), {"a": 1.0})
+    with pytest.raises(InputError, match=r"l\.npy: disk full"):
+        analyze._write_npy(str(out / "l.npy"), np.arange(1000))
+    monkeypatch.undo()
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, path, **k: _failing_open(builtins.open)(path, "w")
+                        .write("row\n" * 100))
+    with pytest.raises(InputError, match=r"pose_changes\.csv: disk full"):
+        refine_cmd._write_csv_atomic(str(out / "pose_changes.csv"), pd.DataFrame({"row": np.arange(5)}))
+    monkeypatch.undo()
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if ".tmp" in f]
+    assert sorted(os.listdir(out)) == ["map.mrc", "map_half1.mrc", "map_half2.mrc", "map_mask.mrc"]

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path, write_text
 from .errors import InputError
 from .fourier import fsc_table, resolution_at_threshold
 
@@ -343,10 +343,7 @@ def write_bild(path: str, centers_A: np.ndarray, displacement_A: np.ndarray, box
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- reproducibility
@@ -434,9 +431,8 @@ def _figure(w=6.0, h=5.0):
 
 def _save_png(fig, path: str) -> str:
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

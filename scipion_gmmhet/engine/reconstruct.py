@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .conventions import ctf_2d, fourier_grid, image_to_fourier, origin_phase
+from .atomic import write_text
 from .errors import InputError
 from .fourier import fsc_table, resolution_at_threshold, shell_index_3d
 from .validate import check_images_finite
@@ -337,14 +338,12 @@ class Reconstruction:
 def write_fsc_csv(path: str, table: dict, masked: np.ndarray | None = None) -> None:
     """FSC table (``shell, freq_invA, resolution_A, fsc`` [, ``fsc_masked``: the corrected
     masked FSC]) as CSV, atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("shell,freq_invA,resolution_A,fsc" + (",fsc_masked" if masked is not None else "") + "\n")
-        for i, (s, fr, res, c) in enumerate(zip(table["shell"], table["freq_invA"], table["resolution_A"],
-                                                table["fsc"])):
-            extra = f",{masked[i]:.6f}" if masked is not None else ""
-            f.write(f"{int(s)},{fr:.6g},{res:.6g},{c:.6f}{extra}\n")
-    os.replace(tmp, path)
+    lines = ["shell,freq_invA,resolution_A,fsc" + (",fsc_masked" if masked is not None else "")]
+    for i, (s, fr, res, c) in enumerate(zip(table["shell"], table["freq_invA"], table["resolution_A"],
+                                            table["fsc"])):
+        extra = f",{masked[i]:.6f}" if masked is not None else ""
+        lines.append(f"{int(s)},{fr:.6g},{res:.6g},{c:.6f}{extra}")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def read_fsc_csv(path: str) -> dict[str, np.ndarray]:

@@ -76,6 +76,21 @@ class Xvfb:
         self.display = ':%d' % int(data.strip())
         return self.display
 
+    _shared = None
+
+    @classmethod
+    def shared(cls) -> "Xvfb":
+        """One server for the whole test process, stopped when the process exits. Tk keeps
+        process-wide X resources (fonts, images, Scipion's icon cache) on the first display it
+        opens: stopping that server and opening Tk on another one kills the process with an
+        X IO error, so every GUI test of a run uses this one."""
+        if cls._shared is None or cls._shared.proc is None or cls._shared.proc.poll() is not None:
+            import atexit
+            cls._shared = cls()
+            cls._shared.start()
+            atexit.register(cls._shared.stop)
+        return cls._shared
+
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -120,9 +135,9 @@ class TestGuiForms(BaseTest):
         cls.outDir = os.path.abspath(cls.proj.getPath('screenshots'))
         os.makedirs(cls.outDir, exist_ok=True)
         cls.docsDir = docsScreenshotDir()
-        cls.xvfb = Xvfb()
+        cls.xvfb = Xvfb.shared()
         cls.oldDisplay = os.environ.get('DISPLAY')
-        os.environ['DISPLAY'] = cls.xvfb.start()
+        os.environ['DISPLAY'] = cls.xvfb.display
         cls.shots = {}
         cls.mainWindow = None
 
@@ -133,7 +148,6 @@ class TestGuiForms(BaseTest):
             cls.mainWindow.root.destroy()
             if tkRoot is not None:
                 tkRoot.destroy()
-        cls.xvfb.stop()
         if cls.oldDisplay is None:
             os.environ.pop('DISPLAY', None)
         else:

@@ -326,9 +326,9 @@ class TestWorkflowRelion(BaseTest):
         from scipion_gmmhet.viewers.latent_selection import GmmhetLatentSelectionViewer
         if shutil.which('Xvfb') is None:
             self.skipTest(XVFB_MISSING)
-        xvfb = Xvfb()
+        xvfb = Xvfb.shared()  # one X server per test process (see Xvfb.shared)
         old = os.environ.get('DISPLAY')
-        os.environ['DISPLAY'] = xvfb.start()
+        os.environ['DISPLAY'] = xvfb.display
         import tkinter as tk
         root = tk.Tk()
         root.withdraw()
@@ -375,7 +375,6 @@ class TestWorkflowRelion(BaseTest):
             self.assertEqual(sorted(subsetOutput(prot).getIdSet()), want)
         finally:
             root.destroy()
-            xvfb.stop()
             if old is None:
                 os.environ.pop('DISPLAY', None)
             else:

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from ..atomic import save_npy, write_text
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.analyze")
@@ -71,16 +72,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_npy(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    save_npy(path, arr)
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def _xy(emb: np.ndarray) -> np.ndarray:
@@ -284,9 +280,7 @@ def main(args: argparse.Namespace) -> int:
                 lines.append(f"open {cinfo[key]}")
     if lines:
         lines += ["volume all step 1", "tile"]
-        with open(os.path.join(out, "chimerax_clusters.cxc.tmp"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(os.path.join(out, "chimerax_clusters.cxc.tmp"), os.path.join(out, "chimerax_clusters.cxc"))
+        write_text(os.path.join(out, "chimerax_clusters.cxc"), "\n".join(lines) + "\n")
     summary["seconds"] = round(time.time() - t0, 2)
     _write_json(os.path.join(out, "summary.json"), summary)
     log.info("wrote %s (%.1f s)", os.path.join(out, "summary.json"), summary["seconds"])

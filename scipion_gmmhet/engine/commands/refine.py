@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _write_csv_atomic(path: str, df) -> None:
-    tmp = path + ".tmp"
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def main(args) -> int:
