@@ -12,8 +12,15 @@
 the class centres labelled, the class sizes, the per-class half-map FSC curves, and the maps
 opened together in ChimeraX (a ``.cxc`` command file; ChimeraX is launched where installed).
 
+It also plays a principal-component trajectory as a ChimeraX volume series
+(:func:`writeTrajectoryChimerax`; Scipion's own volume viewer where ChimeraX is not installed)
+and shows the Gaussian displacements between two class centres (:func:`writeDisplacementFiles`:
+BILD arrows, CMM markers, a quiver plot and a ChimeraX file opening both GMM maps with the
+arrows).
+
 Headless: :func:`writeEmbeddingPng`, :func:`writeClassSizesPng`, :func:`writeFscPng`,
-:func:`writeChimeraxScript` and :func:`writeClusterReport` need no GUI (tests, demo report).
+:func:`writeChimeraxScript`, :func:`writeTrajectoryChimerax`, :func:`writeDisplacementFiles`
+and :func:`writeClusterReport` need no GUI (tests, demo report).
 Every array is read from the analysis folder, whose files are all in the star's row order
 (labels.npy, embedding_*.npy), so rows of one file belong to the same particle as rows of the
 others.
@@ -29,7 +36,9 @@ import pyworkflow.viewer as pwviewer
 from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
+from ..engine.errors import InputError
 from ..protocols.protocol_cluster import ProtGmmhetCluster
+from . import chimerax as cx
 from . import plots
 
 EMBEDDINGS = ['PCA', 'UMAP']
@@ -155,8 +164,86 @@ def writeChimeraxScript(prot, outCxc: str) -> str:
     return outCxc
 
 
+def trajectoryMaps(prot, pc: int) -> list[str]:
+    """Absolute paths of the maps along principal component ``pc`` (1-based), in step order
+    (summary.json 'trajectories' -> 'pc<pc>' -> 'maps', written in step order by the analysis)."""
+    traj = prot.getSummary().get('trajectories') or {}
+    key = 'pc%d' % int(pc)
+    if key not in traj:
+        have = ', '.join(sorted(traj)) or 'none'
+        raise ValueError('PC%d: no trajectory in %s (trajectories: %s); choose another PC or re-run '
+                         'the protocol with trajectories' % (int(pc), prot.getAnalysisDir(), have))
+    return [os.path.abspath(os.path.join(prot.getAnalysisDir(), m)) for m in traj[key]['maps']]
+
+
+def writeTrajectoryChimerax(prot, pc: int, outDir: str) -> str:
+    """ChimeraX command file playing the maps along principal component ``pc`` (1-based) as one
+    volume series, back and forth. Returns the ``.cxc`` path (``outDir``/pc<pc>_trajectory.cxc)."""
+    maps = trajectoryMaps(prot, pc)
+    os.makedirs(outDir, exist_ok=True)
+    return cx.volume_series_cxc(maps, os.path.join(outDir, 'pc%d_trajectory.cxc' % int(pc)),
+                                name='PC%d trajectory' % int(pc),
+                                comment='gmmhet: PC%d trajectory, %d maps' % (int(pc), len(maps)))
+
+
+def _clusterByClass(summary: dict, classId: int) -> dict:
+    for c in summary['clusters']:
+        if int(c['label']) + 1 == int(classId):
+            return c
+    raise ValueError('class %d: no such class (classes 1..%d); choose one of them'
+                     % (int(classId), len(summary['clusters'])))
+
+
+def writeDisplacementFiles(prot, classA: int, classB: int, outDir: str, model=None,
+                           exaggerate: float = 1.0, minLength_A: float = 0.5) -> dict[str, str]:
+    """Gaussian displacements from the decoded GMM at class ``classA``'s latent centre to the one
+    at class ``classB``'s (1-based class ids as shown by the viewer; centres from summary.json
+    'clusters'[i]['center']). ``model``: anything with ``gmm_at(z) -> GMM`` (default: the trained
+    model of ``prot.getTrainDir()``). Writes in ``outDir``: the two GMM maps (MRC), arrows
+    (``.bild``, one per Gaussian moving more than ``minLength_A``, drawn ``exaggerate`` times
+    longer), markers at class A's centres (``.cmm``), a quiver plot (PNG) and a ``.cxc`` opening
+    the two maps with the arrows and markers. Returns {'map_a', 'map_b', 'bild', 'cmm', 'png',
+    'cxc': path}."""
+    from ..engine.analysis import plot_quiver_png
+    from ..engine.mrc import write_map
+    if int(classA) == int(classB):
+        raise ValueError('classes %d and %d: choose two different classes' % (classA, classB))
+    s = prot.getSummary()
+    ca, cb = _clusterByClass(s, classA), _clusterByClass(s, classB)
+    if model is None:
+        from ..engine.train import load_trained
+        trainDir = prot.getTrainDir()
+        if not trainDir:
+            raise ValueError('no training folder for the input particles; the displacements need '
+                             'the trained model')
+        model = load_trained(trainDir)
+    ga = model.gmm_at(np.asarray(ca['center'], dtype=np.float32))
+    gb = model.gmm_at(np.asarray(cb['center'], dtype=np.float32))
+    os.makedirs(outDir, exist_ok=True)
+    stem = os.path.join(outDir, 'class%d_to_class%d' % (int(classA), int(classB)))
+    out = {}
+    for key, g, cid in (('map_a', ga, classA), ('map_b', gb, classB)):
+        out[key] = stem + '_gmm%d.mrc' % int(cid)
+        write_map(out[key], g.render(), g.apix)
+    disp = np.asarray(gb.centers_A, np.float64) - np.asarray(ga.centers_A, np.float64)
+    out['bild'] = cx.displacement_bild(ga.centers_A, gb.centers_A, stem + '.bild', ga.box, ga.apix,
+                                       min_length_A=minLength_A, exaggerate=exaggerate)
+    out['cmm'] = cx.gmm_markers_cmm(ga, stem + '.cmm', name='class %d Gaussians' % int(classA))
+    out['png'] = plot_quiver_png(stem + '.png', ga.centers_A, disp,
+                                 'class %d -> class %d' % (int(classA), int(classB)))
+    out['cxc'] = cx.maps_cxc([out['map_a'], out['map_b']], stem + '.cxc',
+                             names=['class %d GMM' % int(classA), 'class %d GMM' % int(classB)],
+                             extra_files=[out['bild'], out['cmm']], tile=False,
+                             comment='gmmhet: Gaussian displacements, class %d -> class %d '
+                                     '(max %.1f A)' % (int(classA), int(classB),
+                                                       float(np.linalg.norm(disp, axis=1).max())
+                                                       if len(disp) else 0.0))
+    return out
+
+
 def writeClusterReport(prot, outDir: str) -> dict[str, str]:
-    """All the viewer's figures (PNG) and the ChimeraX file in ``outDir``; returns {name: path}."""
+    """All the viewer's figures (PNG) and ChimeraX files (class maps; one volume series per PC
+    trajectory, 'trajectory_pc<i>') in ``outDir``; returns {name: path}."""
     os.makedirs(outDir, exist_ok=True)
     out = {'embedding_pca': writeEmbeddingPng(prot, os.path.join(outDir, 'classes_pca.png'), 'pca'),
            'sizes': writeClassSizesPng(prot, os.path.join(outDir, 'class_sizes.png')),
@@ -165,6 +252,8 @@ def writeClusterReport(prot, outDir: str) -> dict[str, str]:
         out['embedding_umap'] = writeEmbeddingPng(prot, os.path.join(outDir, 'classes_umap.png'), 'umap')
     if fscCurves(prot)[1]:
         out['fsc'] = writeFscPng(prot, os.path.join(outDir, 'class_fsc.png'))
+    for name in sorted(prot.getSummary().get('trajectories') or {}):
+        out['trajectory_%s' % name] = writeTrajectoryChimerax(prot, int(name[2:]), outDir)
     return out
 
 
@@ -185,10 +274,27 @@ class GmmhetClusterViewer(EmProtocolViewer):
         form.addParam('displaySizes', params.LabelParam, label='Show the class sizes')
         form.addParam('displayFsc', params.LabelParam, label='Show the FSC curves')
         form.addParam('displayMaps', params.LabelParam, label='Open the class maps in ChimeraX')
+        form.addSection(label='Motions')
+        form.addParam('pc', params.IntParam, default=1, validators=[params.GE(1)],
+                      label='Principal component',
+                      help='1-based; the protocol computed trajectories for its first PCs.')
+        form.addParam('displayTrajectory', params.LabelParam, label='Play PC trajectory',
+                      help='The maps along this PC as a ChimeraX volume series (Scipion\'s '
+                           'volume viewer where ChimeraX is not installed).')
+        form.addParam('classA', params.IntParam, default=1, validators=[params.GE(1)],
+                      label='From class')
+        form.addParam('classB', params.IntParam, default=2, validators=[params.GE(1)],
+                      label='To class')
+        form.addParam('displayDisplacements', params.LabelParam,
+                      label='Gaussian displacements between two classes',
+                      help='Arrows from each Gaussian at the first class centre to the same '
+                           'Gaussian at the second (quiver plot, and ChimeraX with both GMM maps).')
 
     def _getVisualizeDict(self):
         return {'displayEmbedding': self._showEmbedding, 'displaySizes': self._showSizes,
-                'displayFsc': self._showFsc, 'displayMaps': self._showMaps}
+                'displayFsc': self._showFsc, 'displayMaps': self._showMaps,
+                'displayTrajectory': self._showTrajectory,
+                'displayDisplacements': self._showDisplacements}
 
     def _pngPath(self, name: str) -> str:
         folder = self._getPath()
@@ -238,12 +344,41 @@ class GmmhetClusterViewer(EmProtocolViewer):
         if err:
             return err
         cxc = writeChimeraxScript(self.protocol, self._pngPath('maps.cxc'))
+        return cx.chimeraxViews(cxc, self, what='the class maps')
+
+    def _showTrajectory(self, paramName=None):
+        err = self._ready()
+        if err:
+            return err
+        pc = self.pc.get()
         try:
-            from pwem.viewers.viewer_chimera import Chimera, ChimeraView
-            program = Chimera.getProgram()
-        except Exception:
-            program = None
-        if program and os.path.exists(program):
-            return [ChimeraView(cxc)]
-        return [self.infoMessage('ChimeraX is not installed (scipion-em-chimera). Open the maps '
-                                 'with:\n  chimerax %s' % cxc, title='ChimeraX')]
+            cxc = writeTrajectoryChimerax(self.protocol, pc, self._pngPath('trajectories'))
+        except ValueError as e:
+            return [self.errorMessage(str(e), title='PC trajectory')]
+        if cx.chimerax_program():
+            return cx.chimeraxViews(cxc, self, what='the PC%d trajectory' % pc)
+        # no ChimeraX: Scipion's own viewer of the trajectory maps (labels 'PC<pc> step <s>')
+        trajSet = getattr(self.protocol, 'outputTrajectories', None)
+        if trajSet is not None:
+            from pwem.viewers import ObjectView
+            return [ObjectView(self._project, trajSet.strId(), trajSet.getFileName())]
+        from pwem.viewers import DataView
+        maps = trajectoryMaps(self.protocol, pc)
+        return [DataView(m) for m in (maps[0], maps[-1])[:len(maps)]]   # the two ends
+
+    def _showDisplacements(self, paramName=None):
+        err = self._ready()
+        if err:
+            return err
+        a, b = self.classA.get(), self.classB.get()
+        try:
+            files = writeDisplacementFiles(self.protocol, a, b, self._pngPath('displacements'))
+        except (ValueError, InputError) as e:
+            return [self.errorMessage(str(e), title='Gaussian displacements')]
+        import matplotlib.image
+        plotter = EmPlotter(x=1, y=1, figsize=(15, 5),
+                            windowTitle='Gaussian displacements, class %d -> class %d' % (a, b))
+        ax = plotter.createSubPlot('', '', '')
+        ax.imshow(matplotlib.image.imread(files['png']))
+        ax.set_axis_off()
+        return [plotter] + cx.chimeraxViews(files['cxc'], self, what='the displacements')
