@@ -39,8 +39,8 @@ from pwem.objects import SetOfClasses3D, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
-from ..constants import GMMHET_PARTICLE_ID
 from ..engine.errors import InputError
+from .trained_input import TrainedParticlesInput
 
 METHOD_KMEANS, METHOD_GMM = 0, 1
 METHOD_CHOICES = ['k-means', 'Gaussian mixture']
@@ -48,11 +48,9 @@ METHOD_NAMES = ['kmeans', 'gmm']
 EMB_PCA, EMB_UMAP, EMB_BOTH = 0, 1, 2
 EMB_CHOICES = ['PCA', 'UMAP', 'PCA and UMAP']
 EMB_NAMES = ['pca', 'umap', 'both']
-#: attribute of a training output set naming its training folder (see protocol_train)
-TRAIN_DIR_ATTR = '_gmmhet_trainDir'
 
 
-class ProtGmmhetCluster(ProtAnalysis3D):
+class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
     """Cluster the latent space of a trained Gaussian-mixture model and reconstruct each
     cluster from its particles.
 
@@ -336,71 +334,6 @@ class ProtGmmhetCluster(ProtAnalysis3D):
     def getEmbedding(self, name: str = 'pca') -> np.ndarray | None:
         fn = os.path.join(self.getAnalysisDir(), 'embedding_%s.npy' % name)
         return np.load(fn) if os.path.exists(fn) else None
-
-    def getTrainDir(self) -> str | None:
-        """The training folder of the input particles: the set's ``_gmmhet_trainDir``, its
-        Flexibility Hub ``trainDir``, or the producing protocol's ``getTrainDir()``."""
-        parts = self.inputParticles.get()
-        if parts is None:
-            return None
-        attr = getattr(parts, TRAIN_DIR_ATTR, None)
-        if attr is not None and attr.get():
-            return attr.get()
-        if hasattr(parts, 'getFlexInfo'):
-            try:
-                value = parts.getFlexInfo().getAttr('trainDir')
-                if value:
-                    return value
-            except AttributeError:
-                pass
-        prot = self.inputParticles.getObjValue()
-        if prot is not None and hasattr(prot, 'getTrainDir'):
-            return prot.getTrainDir()
-        return None
-
-    def _trainStar(self) -> str | None:
-        parts = self.inputParticles.get()
-        if hasattr(parts, 'getFlexInfo'):
-            try:
-                return parts.getFlexInfo().getAttr('particlesStar')
-            except AttributeError:
-                pass
-        prot = self.inputParticles.getObjValue()
-        if prot is not None and hasattr(prot, 'getParticlesStar'):
-            return prot.getParticlesStar()
-        trainDir = self.getTrainDir()  # the engine records the star it trained on
-        cfg = os.path.join(trainDir or '', 'config.json')
-        if trainDir and os.path.exists(cfg):
-            with open(cfg) as f:
-                return json.load(f).get('particles')
-        return None
-
-    def _latentsById(self, parts) -> dict[int, np.ndarray]:
-        """{particle id: latent vector}: the particles' own ``_zFlex`` when they carry it, else
-        the training's latent.npy rows through the training star's ids."""
-        out = {}
-        for p in parts.iterItems(orderBy='id'):
-            if hasattr(p, 'getZFlex'):
-                z = p.getZFlex()
-                if z.size:
-                    out[p.getObjId()] = np.asarray(z, dtype=np.float32)
-        if out:
-            return out
-        trainDir, trainStar = self.getTrainDir(), self._trainStar()
-        if not trainDir or not trainStar or not os.path.exists(trainStar):
-            raise InputError('input particles: no latent vectors and no training star; give the '
-                             'output of "gmmhet - train heterogeneity"')
-        from .protocol_train import latentRowsById
-        z = np.load(os.path.join(trainDir, 'latent.npy'), mmap_mode='r')
-        with open(os.path.join(trainDir, 'config.json')) as f:
-            nOps = int(json.load(f).get('n_ops', 1))
-        rows = latentRowsById(trainStar, z.shape[0], nOps)
-        return {pid: np.asarray(z[r], dtype=np.float32) for pid, r in rows.items()}
-
-    @staticmethod
-    def _starIds(starFn: str) -> np.ndarray:
-        from ..engine.star import read_star
-        return convert._particleIds(read_star(starFn)['particles'], starFn, GMMHET_PARTICLE_ID)
 
     def _getAnalyzeArgs(self) -> str:
         args = ['--train %s' % _q(self.getTrainDir() or ''),

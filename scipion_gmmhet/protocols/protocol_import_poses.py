@@ -18,7 +18,7 @@ import numpy as np
 
 import pyworkflow.protocol.params as params
 from pyworkflow.object import Integer, String
-from pwem.constants import ALIGN_PROJ, NO_INDEX
+from pwem.constants import NO_INDEX
 from pwem.objects import SetOfParticles, Transform
 from pwem.protocols import ProtParticles
 
@@ -110,7 +110,6 @@ class ProtGmmhetImportPoses(ProtParticles):
     # -------------------------- STEPS functions ------------------------------
     def createOutputStep(self):
         inputSet = self.inputParticles.get()
-        pixelSize = inputSet.getSamplingRate()
         table = self._readPoseTable(inputSet)
 
         ids, paths, indices = [], [], []

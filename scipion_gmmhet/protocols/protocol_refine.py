@@ -35,14 +35,12 @@ from pwem.objects import SetOfParticles, SetOfParticlesFlex
 from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
-from ..constants import GMMHET_PARTICLE_ID
+from ..constants import TRAIN_DIR_ATTR
 from ..engine.errors import InputError
-
-#: attribute of a training output set naming its training folder (see protocol_train)
-TRAIN_DIR_ATTR = '_gmmhet_trainDir'
+from .trained_input import TrainedParticlesInput
 
 
-class ProtGmmhetRefine(ProtAnalysis3D):
+class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
     """Refine particle orientations against each particle's own Gaussian model.
 
     A consensus refinement aligns every particle to one average map, which a moving domain
@@ -129,12 +127,11 @@ class ProtGmmhetRefine(ProtAnalysis3D):
     # -------------------------- STEPS functions ------------------------------
     def convertInputStep(self, inputKey):
         """Canonical star of the input particles + their latents, row by row (matched by id)."""
-        from .protocol_cluster import ProtGmmhetCluster
         parts = self.inputParticles.get()
         starFn = self.getParticlesStar()
         convert.writeSetOfParticles(parts, starFn, self._getExtraPath())
         ids = self._starIds(starFn)
-        zById = ProtGmmhetCluster._latentsById(self, parts)
+        zById = self._latentsById(parts)
         missing = [pid for pid in ids.tolist() if pid not in zById]
         if missing:
             raise InputError('input particles: %d particle(s) have no latent vector (e.g. id %d); '
@@ -319,19 +316,6 @@ class ProtGmmhetRefine(ProtAnalysis3D):
         s = summary(c['delta_angle_deg'], c['delta_shift_A'], c['score_before'], c['score_after'])
         s['n'] = len(c['delta_angle_deg'])
         return s
-
-    def getTrainDir(self) -> str | None:
-        from .protocol_cluster import ProtGmmhetCluster
-        return ProtGmmhetCluster.getTrainDir(self)
-
-    def _trainStar(self) -> str | None:
-        from .protocol_cluster import ProtGmmhetCluster
-        return ProtGmmhetCluster._trainStar(self)
-
-    @staticmethod
-    def _starIds(starFn: str) -> np.ndarray:
-        from ..engine.star import read_star
-        return convert._particleIds(read_star(starFn)['particles'], starFn, GMMHET_PARTICLE_ID)
 
     def _getRefineArgs(self) -> str:
         args = ['--train %s' % _q(self.getTrainDir() or ''),

@@ -1,0 +1,83 @@
+"""What the protocols that start from trained particles ("cluster and reconstruct", "refine
+orientations") share: finding the training folder, the star it trained on, and each input
+particle's latent vector -- always by particle id."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .. import convert
+from ..constants import TRAIN_DIR_ATTR
+from ..engine.errors import InputError
+
+
+class TrainedParticlesInput:
+    """Mixin for protocols whose ``inputParticles`` are the output of "train heterogeneity"
+    (or a subset of it)."""
+
+    def getTrainDir(self) -> str | None:
+        """The training folder of the input particles: the set's ``_gmmhet_trainDir``, its
+        Flexibility Hub ``trainDir``, or the producing protocol's ``getTrainDir()``."""
+        parts = self.inputParticles.get()
+        if parts is None:
+            return None
+        attr = getattr(parts, TRAIN_DIR_ATTR, None)
+        if attr is not None and attr.get():
+            return attr.get()
+        if hasattr(parts, 'getFlexInfo'):
+            try:
+                value = parts.getFlexInfo().getAttr('trainDir')
+                if value:
+                    return value
+            except AttributeError:
+                pass
+        prot = self.inputParticles.getObjValue()
+        if prot is not None and hasattr(prot, 'getTrainDir'):
+            return prot.getTrainDir()
+        return None
+
+    def _trainStar(self) -> str | None:
+        parts = self.inputParticles.get()
+        if hasattr(parts, 'getFlexInfo'):
+            try:
+                return parts.getFlexInfo().getAttr('particlesStar')
+            except AttributeError:
+                pass
+        prot = self.inputParticles.getObjValue()
+        if prot is not None and hasattr(prot, 'getParticlesStar'):
+            return prot.getParticlesStar()
+        trainDir = self.getTrainDir()  # the engine records the star it trained on
+        cfg = os.path.join(trainDir or '', 'config.json')
+        if trainDir and os.path.exists(cfg):
+            with open(cfg) as f:
+                return json.load(f).get('particles')
+        return None
+
+    def _latentsById(self, parts) -> dict[int, np.ndarray]:
+        """{particle id: latent vector}: the particles' own ``_zFlex`` when they carry it, else
+        the training's latent.npy rows through the training star's ids."""
+        out = {}
+        for p in parts.iterItems(orderBy='id'):
+            if hasattr(p, 'getZFlex'):
+                z = p.getZFlex()
+                if z.size:
+                    out[p.getObjId()] = np.asarray(z, dtype=np.float32)
+        if out:
+            return out
+        trainDir, trainStar = self.getTrainDir(), self._trainStar()
+        if not trainDir or not trainStar or not os.path.exists(trainStar):
+            raise InputError('input particles: no latent vectors and no training star; give the '
+                             'output of "gmmhet - train heterogeneity"')
+        from .protocol_train import latentRowsById
+        z = np.load(os.path.join(trainDir, 'latent.npy'), mmap_mode='r')
+        with open(os.path.join(trainDir, 'config.json')) as f:
+            nOps = int(json.load(f).get('n_ops', 1))
+        rows = latentRowsById(trainStar, z.shape[0], nOps)
+        return {pid: np.asarray(z[r], dtype=np.float32) for pid, r in rows.items()}
+
+    @staticmethod
+    def _starIds(starFn: str) -> np.ndarray:
+        """Particle ids of a canonical star's rows (row order)."""
+        return convert.readParticleIds(starFn)
