@@ -143,25 +143,6 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
         self._insertFunctionStep(self.createOutputStep)
 
     # -------------------------- STEPS functions ------------------------------
-    def convertInputStep(self, inputKey):
-        """The canonical star of the input particles and their latent vectors, row by row
-        (latents.npy row i = star row i, matched through the particle ids)."""
-        parts = self.inputParticles.get()
-        starFn = self.getParticlesStar()
-        convert.writeSetOfParticles(parts, starFn, self._getExtraPath())
-        ids = self._starIds(starFn)
-        zById = self._latentsById(parts)
-        missing = [pid for pid in ids.tolist() if pid not in zById]
-        if missing:
-            raise InputError('input particles: %d particle(s) have no latent vector (e.g. id %d); '
-                             'give particles from "gmmhet - train heterogeneity"'
-                             % (len(missing), missing[0]))
-        z = np.stack([zById[int(pid)] for pid in ids]).astype(np.float32)
-        tmp = self.getLatentsFile() + '.tmp.npy'
-        np.save(tmp, z)
-        os.replace(tmp, self.getLatentsFile())
-        self.info('Wrote %d particles and their %d-D latent vectors' % z.shape)
-
     def analyzeStep(self, args):
         Plugin.runGmmhet(self, 'analyze', args,
                          gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
@@ -304,12 +285,6 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
         return ['Chen2021']
 
     # -------------------------- UTILS functions ------------------------------
-    def getParticlesStar(self) -> str:
-        return self._getExtraPath('input_particles.star')
-
-    def getLatentsFile(self) -> str:
-        return self._getExtraPath('latents.npy')
-
     def getAnalysisDir(self) -> str:
         return self._getExtraPath('analysis')
 

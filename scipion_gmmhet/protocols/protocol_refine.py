@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
@@ -125,24 +124,6 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         self._insertFunctionStep(self.createOutputStep)
 
     # -------------------------- STEPS functions ------------------------------
-    def convertInputStep(self, inputKey):
-        """Canonical star of the input particles + their latents, row by row (matched by id)."""
-        parts = self.inputParticles.get()
-        starFn = self.getParticlesStar()
-        convert.writeSetOfParticles(parts, starFn, self._getExtraPath())
-        ids = self._starIds(starFn)
-        zById = self._latentsById(parts)
-        missing = [pid for pid in ids.tolist() if pid not in zById]
-        if missing:
-            raise InputError('input particles: %d particle(s) have no latent vector (e.g. id %d); '
-                             'give particles from "gmmhet - train heterogeneity"'
-                             % (len(missing), missing[0]))
-        z = np.stack([zById[int(pid)] for pid in ids]).astype(np.float32)
-        tmp = self.getLatentsFile() + '.tmp.npy'
-        np.save(tmp, z)
-        os.replace(tmp, self.getLatentsFile())
-        self.info('Wrote %d particles and their %d-D latent vectors' % z.shape)
-
     def refineStep(self, args):
         Plugin.runGmmhet(self, 'refine', args,
                          gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
@@ -260,12 +241,6 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         return ['Chen2021']
 
     # -------------------------- UTILS functions ------------------------------
-    def getParticlesStar(self) -> str:
-        return self._getExtraPath('input_particles.star')
-
-    def getLatentsFile(self) -> str:
-        return self._getExtraPath('latents.npy')
-
     def getRefineDir(self) -> str:
         return self._getExtraPath('refine')
 

@@ -17,6 +17,30 @@ class TrainedParticlesInput:
     """Mixin for protocols whose ``inputParticles`` are the output of "train heterogeneity"
     (or a subset of it)."""
 
+    def convertInputStep(self, inputKey):
+        """The canonical star of the input particles and their latent vectors, row by row
+        (latents.npy row i = star row i, matched through the particle ids)."""
+        from ..engine.atomic import save_npy
+        parts = self.inputParticles.get()
+        starFn = self.getParticlesStar()
+        convert.writeSetOfParticles(parts, starFn, self._getExtraPath())
+        ids = self._starIds(starFn)
+        zById = self._latentsById(parts)
+        missing = [pid for pid in ids.tolist() if pid not in zById]
+        if missing:
+            raise InputError('input particles: %d particle(s) have no latent vector (e.g. id %d); '
+                             'give particles from "train heterogeneity"' % (len(missing), missing[0]))
+        z = np.stack([zById[int(pid)] for pid in ids]).astype(np.float32)
+        save_npy(self.getLatentsFile(), z)
+        self.info('Wrote %d particles and their %d-D latent vectors' % z.shape)
+
+    def getParticlesStar(self) -> str:
+        """The canonical star of the input particles (row i = latents.npy row i)."""
+        return self._getExtraPath('input_particles.star')
+
+    def getLatentsFile(self) -> str:
+        return self._getExtraPath('latents.npy')
+
     def getTrainDir(self) -> str | None:
         """The training folder of the input particles: the set's ``_gmmhet_trainDir``, its
         Flexibility Hub ``trainDir``, or the producing protocol's ``getTrainDir()``."""
