@@ -28,7 +28,7 @@ from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
 from ..protocols.protocol_build_gmm import ProtGmmhetBuildGmm, readFscCsv
-from . import plots
+from . import chimerax as cx, plots
 
 
 # ---------------------------------------------------------------------------- headless API
@@ -158,12 +158,4 @@ class GmmhetBuildGmmViewer(EmProtocolViewer):
         if err:
             return err
         cxc = writeChimeraxScript(self.protocol, self._outPath('model.cxc'))
-        try:
-            from pwem.viewers.viewer_chimera import Chimera, ChimeraView
-            program = Chimera.getProgram()
-        except Exception:
-            program = None
-        if program and os.path.exists(program):
-            return [ChimeraView(cxc)]
-        return [self.infoMessage('ChimeraX is not installed (scipion-em-chimera). Open the model '
-                                 'with:\n  chimerax %s' % cxc, title='ChimeraX')]
+        return cx.chimeraxViews(cxc, self, what='the model')
