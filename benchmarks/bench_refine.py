@@ -67,6 +67,22 @@ def perturb(rot: np.ndarray, org: np.ndarray, apix: float, deg_rms: float, px_rm
     return R @ rot, org + rng.normal(size=(n, 2)) * px_rms * apix / math.sqrt(2.0)
 
 
+def write_arm_mask(mol, path: str, invert: bool = False) -> str:
+    """A binary mask (box^3, the map's pixel size) of the voxels within 1.5 px of the arm's
+    Gaussian centres, as a user would draw around the moving domain (``invert``: everything
+    else, i.e. the rigid core)."""
+    from scipion_gmmhet.engine.mrc import write_map
+    box, apix = mol.box, mol.apix
+    arm = mol.centers_A[mol.arm_slice()] / apix + box // 2  # voxel coordinates (x, y, z)
+    g = np.arange(box)
+    vol = np.zeros((box, box, box), np.float32)
+    zz, yy, xx = np.meshgrid(g, g, g, indexing="ij")
+    for x, y, z in arm:
+        vol[(xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2 <= 1.5 ** 2] = 1.0
+    write_map(path, 1.0 - vol if invert else vol, apix)
+    return path
+
+
 def pose_errors(rot, org, rot_true, org_true, apix):
     ang = angular_distance_deg(rot, rot_true)
     sh = np.linalg.norm(org - org_true, axis=1) / apix
@@ -81,6 +97,79 @@ def fsc_vs_truth(meta, truth_map, device) -> dict:
     nyq = len(t["fsc"])
     return {"fsc_mean": float(np.mean(t["fsc"][1:nyq])), "res05_A": resolution_at_threshold(t["freq_invA"], t["fsc"], 0.5),
             "curve": t["fsc"]}
+
+
+def evaluate(m_in, m_out, rot_true, org_true, truth_map, device, seconds, d_ang, d_shift_A, apix) -> dict:
+    """Pose errors before/after, FSC with the truth before/after, changes."""
+    before = pose_errors(m_in.rotation_matrices(), m_in.origins_A(), rot_true, org_true, apix)
+    after = pose_errors(m_out.rotation_matrices(), m_out.origins_A(), rot_true, org_true, apix)
+    return dict(before=before, after=after, fsc_before=fsc_vs_truth(m_in, truth_map, device),
+                fsc_after=fsc_vs_truth(m_out, truth_map, device), seconds=seconds,
+                change_med=float(np.median(d_ang)), change_shift_med_px=float(np.median(d_shift_A) / apix))
+
+
+def summary_line(r: dict) -> str:
+    return ("angle %.2f -> %.2f deg, shift %.3f -> %.3f px, FSC mean %.4f -> %.4f, FSC0.5 %.2f -> %.2f A, "
+            "median change %.2f deg %.3f px, %.0f s" % (
+                r["before"]["ang_med"], r["after"]["ang_med"], r["before"]["sh_med_px"], r["after"]["sh_med_px"],
+                r["fsc_before"]["fsc_mean"], r["fsc_after"]["fsc_mean"], r["fsc_before"]["res05_A"],
+                r["fsc_after"]["res05_A"], r["change_med"], r["change_shift_med_px"], r["seconds"]))
+
+
+def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, truth_map, device, apix):
+    """The user's recipe through the ``gmmhet`` command: train (``--train-mask arm``: only the
+    arm's Gaussians may move), then ``gmmhet refine --rounds R`` (``--refine-mask core``: the
+    core's pose, the arm's decoded projection subtracted), on the perturbed particles; and the
+    same recipe on the unperturbed particles (its own training) for the no-harm check."""
+    from scipion_gmmhet.engine import cli
+    states = sorted(os.listdir(os.path.join(sim_dir, "truth_gmm")))
+    neutral = os.path.join(sim_dir, "truth_gmm", states[len(states) // 2])
+    train_extra = ["--zdim", "4", "--epochs", str(args.epochs), "--changes", args.changes, "--device", device]
+    if args.train_mask == "arm":
+        train_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "arm_mask.mrc"))]
+    refine_extra = ["--max-angle", str(args.max_angle), "--max-shift", str(args.max_shift_px * apix),
+                    "--score", args.score, "--levels", str(args.levels), "--polish-steps", str(args.polish_steps),
+                    "--rounds", str(args.rounds), "--min-gain", str(args.min_gain), "--device", device]
+    if args.highres:
+        refine_extra += ["--highres", str(args.highres)]
+    if not args.prior:
+        refine_extra.append("--no-prior")
+    if args.refine_mask == "core":
+        refine_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "core_mask.mrc"), invert=True)]
+    tag = f"{args.n}_{args.box}_{args.epochs}_{args.train_mask}_{args.changes.replace(',', '-')}"
+    starts = [("perturbed", star_p, meta_p)]
+    if not args.skip_true:
+        star_t = os.path.join(args.work, "true.star")
+        metadata.write_particles(star_t, meta)
+        starts.append(("true poses", star_t, meta))
+    rows = {}
+    for label, star, m in starts:
+        key = "pert" if label == "perturbed" else "true"
+        train_dir = os.path.join(args.work, f"train_{key}_{tag}")
+        if not os.path.exists(os.path.join(train_dir, "model.pt")):
+            if cli.main(["train", "--particles", star, "--gmm", neutral, "--out", train_dir] + train_extra):
+                raise SystemExit("training failed")
+        out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}_r{args.rounds}_g{args.min_gain:g}")
+        t0 = time.time()
+        if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
+            raise SystemExit("refine failed")
+        dt = time.time() - t0
+        m_out = metadata.read_particles(os.path.join(out, "particles.star"))
+        ch = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+        rows[label] = evaluate(m, m_out, rot_true, org_true, truth_map, device, dt, ch["delta_angle_deg"].to_numpy(),
+                               ch["delta_shift_A"].to_numpy(), apix)
+        if args.rounds > 1:  # the angular error after each round
+            rows[label]["rounds"] = [pose_errors(metadata.read_particles(os.path.join(out, f"round_{r}", "particles.star"))
+                                                 .rotation_matrices(), metadata.read_particles(
+                os.path.join(out, f"round_{r}", "particles.star")).origins_A(), rot_true, org_true, apix)["ang_med"]
+                for r in range(1, args.rounds + 1)]
+        print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
+    note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = simulator "
+            f"state {states[len(states) // 2]}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
+            f"then `gmmhet refine --rounds {args.rounds}` (refine, retrain on the refined poses, refine...; focus mask: "
+            f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}); the no-harm row trains its "
+            "own network on the unperturbed particles")
+    return rows, note
 
 
 def main(argv=None) -> int:
@@ -99,10 +188,20 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--polish-steps", type=int, default=10)
     ap.add_argument("--no-prior", dest="prior", action="store_false")
+    ap.add_argument("--min-gain", type=float, default=refine.MIN_GAIN_NATS,
+                    help="evidence (nats) a new pose needs (gmmhet refine --min-gain)")
     ap.add_argument("--skip-true", action="store_true", help="skip the no-harm run from the true poses")
     ap.add_argument("--model", default="truth,trained",
                     help="comma-separated: truth (each particle's ground-truth GMM), trained (the network)")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--changes", default="positions", help="what the network may change (gmmhet train --changes)")
+    ap.add_argument("--refine-mask", default="core", choices=("core", "none"),
+                    help="core: refine the core's pose with the arm's decoded projection subtracted; none: whole model")
+    ap.add_argument("--rounds", type=int, default=3, help="gmmhet refine --rounds (refine-retrain iterations)")
+    ap.add_argument("--train-mask", default="arm", choices=("arm", "none"),
+                    help="arm: train with a focus mask on the moving arm (the core stays the neutral model's, "
+                         "so the network cannot explain pose errors as motions of the whole particle); "
+                         "none: every Gaussian may move")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default="/tmp/gmmhet_bench_refine")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "refine.md"))
@@ -135,54 +234,32 @@ def main(argv=None) -> int:
     # 2. the particle-specific models, and the refinements
     truth_map, _ = read_map(os.path.join(sim_dir, "consensus.mrc"))
     kw = dict(max_angle_deg=args.max_angle, max_shift_A=args.max_shift_px * apix, highres_A=args.highres,
-              score=args.score, levels=args.levels, polish_steps=args.polish_steps, prior=args.prior)
+              score=args.score, levels=args.levels, polish_steps=args.polish_steps, prior=args.prior,
+              min_gain=args.min_gain)
     sections = []
     for model_kind in [m.strip() for m in args.model.split(",") if m.strip()]:
         t0 = time.time()
         if model_kind == "truth":
             models = TruthModels(mol, truth["conformation"].to_numpy())
-            model_note = "ground-truth GMM of each particle's conformation"
+            rows = {}
+            starts = [("perturbed", meta_p, rot_p, org_p), ("true poses", meta, rot_true, org_true)]
+            for label, m, rot0, org0 in starts[:1] if args.skip_true else starts:
+                parts = Particles(ParticleImages(m), rot0, org0, box, apix, ctf=m.ctf_params(), ctf_mode="ctf",
+                                  device=device)
+                t1 = time.time()
+                res = refine.refine_poses(parts, models, **kw)
+                m_ref = m.with_poses(np.stack(matrix_to_euler(res.rotations), 1), res.origins_A)
+                rows[label] = evaluate(m, m_ref, rot_true, org_true, truth_map, device, time.time() - t1,
+                                       res.delta_angle_deg, res.delta_shift_A, apix)
+                print(model_kind, label, summary_line(rows[label]), flush=True)
+            sections.append((model_kind, "ground-truth GMM of each particle's conformation (no training)", rows))
         elif model_kind == "trained":
-            from scipion_gmmhet.engine import cli
-            from scipion_gmmhet.engine.train import load_trained
-            train_dir = os.path.join(args.work, f"train_{args.n}_{args.box}_{args.epochs}")
-            states = sorted(os.listdir(os.path.join(sim_dir, "truth_gmm")))
-            neutral = os.path.join(sim_dir, "truth_gmm", states[len(states) // 2])
-            if not os.path.exists(os.path.join(train_dir, "model.pt")):
-                rc = cli.main(["train", "--particles", star_p, "--gmm", neutral, "--zdim", "4", "--epochs",
-                               str(args.epochs), "--device", device, "--out", train_dir])
-                if rc:
-                    return rc
-            tm = load_trained(train_dir, device)
-            models = refine.LatentModels(tm, tm.latents())
-            model_note = (f"trained network ({args.epochs} epochs on the perturbed particles, neutral GMM = "
-                          f"simulator state {states[len(states) // 2]}); low-resolution limit {tm.config['lowres_A']:g} A as "
-                          "trained")
-            kw_m = dict(kw, lowres_A=tm.config.get("lowres_A"))
+            rows, notes = trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, truth_map,
+                                       device, apix)
+            sections.append((model_kind, notes, rows))
         else:
             raise SystemExit(f"--model {model_kind}: unknown")
         times[f"model_{model_kind}_s"] = time.time() - t0
-        rows = {}
-        starts = [("perturbed", meta_p, rot_p, org_p), ("true poses", meta, rot_true, org_true)]
-        for label, m, rot0, org0 in starts[:1] if args.skip_true else starts:
-            parts = Particles(ParticleImages(m), rot0, org0, box, apix, ctf=m.ctf_params(), ctf_mode="ctf",
-                              device=device)
-            t0 = time.time()
-            res = refine.refine_poses(parts, models, **(kw_m if model_kind == "trained" else kw))
-            dt = time.time() - t0
-            m_ref = m.with_poses(np.stack(matrix_to_euler(res.rotations), 1), res.origins_A)
-            before = pose_errors(rot0, org0, rot_true, org_true, apix)
-            after = pose_errors(m_ref.rotation_matrices(), m_ref.origins_A(), rot_true, org_true, apix)
-            f0, f1 = fsc_vs_truth(m, truth_map, device), fsc_vs_truth(m_ref, truth_map, device)
-            rows[label] = dict(before=before, after=after, fsc_before=f0, fsc_after=f1, seconds=dt,
-                               change_med=float(np.median(res.delta_angle_deg)),
-                               change_shift_med_px=float(np.median(res.delta_shift_A) / apix),
-                               score=(float(res.score_before.mean()), float(res.score_after.mean())))
-            print(model_kind, label,
-                  json.dumps({k: v for k, v in rows[label].items() if k not in ("fsc_before", "fsc_after")}),
-                  "FSC mean %.4f -> %.4f, FSC0.5 %.2f -> %.2f A" % (f0["fsc_mean"], f1["fsc_mean"], f0["res05_A"],
-                                                                    f1["res05_A"]), flush=True)
-        sections.append((model_kind, model_note, rows))
 
     dev_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else (platform.processor() or "CPU")
     lines = [
@@ -190,7 +267,7 @@ def main(argv=None) -> int:
         f"Data: simulated conformational set, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
         f"poses perturbed by {args.perturb_deg:g} deg RMS rotations and {args.perturb_px:g} px RMS shifts. "
         f"Search: max angle {args.max_angle:g} deg, max shift {args.max_shift_px:g} px, score {args.score}, "
-        f"prior {'on' if args.prior else 'off'}. Device: {device} ({dev_name}, {os.cpu_count()} cores). "
+        f"prior {'on' if args.prior else 'off'}, evidence to move {args.min_gain:g} nats. Device: {device} ({dev_name}, {os.cpu_count()} cores). "
         f"Command: `python benchmarks/bench_refine.py {' '.join(sys.argv[1:])}`", ""]
     for model_kind, model_note, rows in sections:
         lines += [f"## Model: {model_note}", "",
@@ -209,9 +286,13 @@ def main(argv=None) -> int:
         red_s = 100 * (1 - p["after"]["sh_med_px"] / p["before"]["sh_med_px"])
         lines += ["", f"Perturbed start: median angular error reduced by {red_a:.0f}% and median shift error by "
                   f"{red_s:.0f}% (negative: increased)."]
+        if p.get("rounds"):
+            lines.append("Median angular error after each refine-retrain round: "
+                         + " -> ".join(f"{v:.2f}" for v in [p["before"]["ang_med"]] + p["rounds"]) + " deg.")
         if t:
             lines.append(f"True-pose start (no harm): median pose change {t['change_med']:.2f} deg and "
-                         f"{t['change_shift_med_px']:.3f} px.")
+                         f"{t['change_shift_med_px']:.3f} px; FSC mean {t['fsc_before']['fsc_mean']:.4f} -> "
+                         f"{t['fsc_after']['fsc_mean']:.4f}.")
         lines.append("")
     lines += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

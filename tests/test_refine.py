@@ -198,18 +198,26 @@ def test_bad_ranges_are_input_errors(sim):
 
 
 # ----------------------------------------------------------------------------- the command
-def test_cli_refine_writes_star_and_changes(sim, tmp_path):
+def _perturbed_star_and_tiny_model(sim, tmp_path, seed: int, id_step: int) -> tuple[str, str]:
+    """A star of the simulated particles with perturbed poses (particle ids ``id_step * (1..n)``)
+    and a one-epoch network trained on it: (star path, training folder)."""
     from scipion_gmmhet.engine import cli
     d = sim["dir"]
-    rot_p, org_p = perturb(sim["rot"], sim["org"], seed=5)
+    rot_p, org_p = perturb(sim["rot"], sim["org"], seed=seed)
     meta_p = sim["meta"].with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p)
-    meta_p.particles["rlnGmmhetParticleId"] = np.arange(1, len(meta_p) + 1) * 10
+    meta_p.particles["rlnGmmhetParticleId"] = np.arange(1, len(meta_p) + 1) * id_step
     star = str(tmp_path / "perturbed.star")
     metadata.write_particles(star, meta_p)
     gmm = os.path.join(d, "truth_gmm", sorted(os.listdir(os.path.join(d, "truth_gmm")))[2])
     train_dir = str(tmp_path / "train")
     assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
                      "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    return star, train_dir
+
+
+def test_cli_refine_writes_star_and_changes(sim, tmp_path):
+    from scipion_gmmhet.engine import cli
+    star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=5, id_step=10)
     out = str(tmp_path / "refine")
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
                      "--polish-steps", "2", "--device", "cpu", "--out", out]) == 0
@@ -236,3 +244,37 @@ def test_cli_refine_writes_star_and_changes(sim, tmp_path):
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--mask", empty, "--out",
                      str(tmp_path / "r2")]) == 2
     assert cli.main(["refine", "--train", str(tmp_path), "--particles", star, "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_cli_refine_rounds_alternate_with_retraining(sim, tmp_path):
+    """--rounds 2: refine, retrain on the refined poses, refine again; per-round folders, the
+    overall changes measured from the INPUT poses, the median change per round in rounds.csv."""
+    from scipion_gmmhet.engine import cli
+    star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=6, id_step=7)
+    out = str(tmp_path / "iter")
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
+                     "--polish-steps", "2", "--rounds", "2", "--retrain-epochs", "1", "--device", "cpu",
+                     "--out", out]) == 0
+    for r in (1, 2):
+        assert os.path.exists(os.path.join(out, f"round_{r}", "particles.star"))
+        assert os.path.exists(os.path.join(out, f"round_{r}", "pose_changes.csv"))
+    assert os.path.exists(os.path.join(out, "round_1", "train", "model.pt"))  # the retrained network
+    assert not os.path.exists(os.path.join(out, "round_2", "train"))  # no training after the last round
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    assert list(rounds["round"]) == [1, 2]
+    for r in (1, 2):
+        per = pd.read_csv(os.path.join(out, f"round_{r}", "pose_changes.csv"))
+        assert rounds["angle_median_deg"][r - 1] == pytest.approx(np.median(per["delta_angle_deg"]), abs=1e-4)
+    old = metadata.read_particles(star)
+    new = metadata.read_particles(os.path.join(out, "particles.star"))
+    last = metadata.read_particles(os.path.join(out, "round_2", "particles.star"))
+    np.testing.assert_allclose(new.euler_deg(), last.euler_deg())
+    for col in old.particles.columns:
+        if col not in {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"}:
+            assert (new.particles[col].astype(str) == old.particles[col].astype(str)).all(), col
+    table = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+    assert list(table["particle_id"]) == list(old.particles["rlnGmmhetParticleId"])
+    np.testing.assert_allclose(table["delta_angle_deg"],
+                               angular_distance_deg(new.rotation_matrices(), old.rotation_matrices()), atol=0.01)
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--rounds", "0",
+                     "--out", str(tmp_path / "bad")]) == 2

@@ -25,6 +25,11 @@ encoder on the same scale while relative sizes within a type are kept.
 Features are either computed once and cached on disk (``features.f16``: float16 memory map,
 ``n_items x n_features``, rows in item order; see :class:`FeatureCache`) or computed on the fly
 for each training batch. Neither path holds more than a batch of gradients in RAM.
+
+Reading a batch has a host half (:meth:`Particles.read`, :meth:`FeatureCache.read`: images and
+cached rows into host memory, pinned when the device is CUDA; no device work, so it may run on
+the prefetch thread of :mod:`prefetch`) and a device half (``to_device``: non-blocking
+transfer, Fourier transform, geometry and CTF). ``Particles.batch`` does both.
 """
 from __future__ import annotations
 
@@ -124,6 +129,29 @@ class Batch:
     ctf: torch.Tensor | None     # (B, D, D//2+1) real, already in the ctf_mode's form
 
 
+@dataclass
+class HostBatch:
+    """One batch of items read into host memory, before the transfer (:meth:`Particles.read`):
+    pinned when the device is CUDA. Slicing (``host[i0:i1]``) keeps rows aligned with ``items``."""
+    items: np.ndarray                      # (B,) int64, expanded item numbers
+    images: torch.Tensor                   # (B, D, D) float32, real space
+    features: torch.Tensor | None = None   # (B, F) float16 rows of the feature cache, when used
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, sel: slice) -> "HostBatch":
+        return HostBatch(self.items[sel], self.images[sel], None if self.features is None else self.features[sel])
+
+
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` in page-locked host memory when it goes to a CUDA device (fast, asynchronous
+    transfer); unchanged otherwise (no pinning without CUDA)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return t.pin_memory()
+    return t
+
+
 class Particles:
     """Per-particle poses and CTF (small arrays, moved to the device once) plus lazily read
     images, with optional symmetry expansion (item ``i * n_ops + s`` = particle row ``i``
@@ -208,7 +236,14 @@ class Particles:
                    ctf=ctf, ctf_mode=ctf_mode, sym_ops=ops if len(ops) > 1 else None, device=device)
 
     def batch(self, items) -> Batch:
-        """Load the images of expanded items (numpy or tensor ints) -> :class:`Batch` on the device."""
+        """Load the images of expanded items (numpy or tensor ints) -> :class:`Batch` on the device
+        (:meth:`read` then :meth:`to_device`)."""
+        return self.to_device(self.read(items))
+
+    def read(self, items) -> HostBatch:
+        """The host-side half of :meth:`batch`: read the images of expanded items into host memory
+        (pinned when the device is CUDA), refusing NaN/Inf pixels. Touches no device, so it may
+        run on a background thread (:mod:`prefetch`)."""
         items_np = np.asarray(items.cpu() if isinstance(items, torch.Tensor) else items, dtype=np.int64)
         rows = items_np // self.n_ops
         uniq, inverse = np.unique(rows, return_inverse=True)
@@ -218,10 +253,14 @@ class Particles:
         img = torch.as_tensor(imgs)
         if len(uniq) != len(rows) or not np.array_equal(uniq, rows):
             img = img[torch.as_tensor(inverse)]
-        if self.device.type == "cuda":
-            img = img.pin_memory().to(self.device, non_blocking=True)
-        items_t = torch.as_tensor(items_np, device=self.device)
-        return self.geometry(items_t, self.crop_fourier(image_to_fourier(img.to(self.device))))
+        return HostBatch(items_np, _pinned(img, self.device))
+
+    def to_device(self, host: HostBatch) -> Batch:
+        """The device half of :meth:`batch`: transfer (non-blocking from pinned memory), Fourier
+        transform and crop the images, and add the items' geometry and CTF."""
+        img = host.images.to(self.device, non_blocking=True)
+        items_t = torch.as_tensor(host.items, device=self.device)
+        return self.geometry(items_t, self.crop_fourier(image_to_fourier(img)))
 
     def image_name(self, row: int) -> str:
         """``'000005@stack.mrcs'`` for particle row ``row`` (0-based) when the images come from
@@ -448,10 +487,22 @@ class FeatureCache:
         out.flush()  # the map is closed when this returns (before the rename)
 
     def get(self, items: np.ndarray, device) -> torch.Tensor:
+        """Features ``(len(items), F)`` float32 on ``device``, rows in the order of ``items``."""
+        return self.to_device(self.read(items, device), device)
+
+    def read(self, items: np.ndarray, device=None) -> torch.Tensor:
+        """The host half of :meth:`get`: float16 rows ``(len(items), F)`` in the order of
+        ``items`` (read in sorted order from the memory map), pinned when ``device`` is CUDA."""
+        items = np.asarray(items, dtype=np.int64)
         order = np.argsort(items, kind="stable")
         rows = np.empty((len(items), self.array.shape[1]), dtype=np.float16)
         rows[order] = self.array[items[order]]
-        return torch.as_tensor(rows, device=device).float()
+        return _pinned(torch.as_tensor(rows), torch.device(device or "cpu"))
+
+    @staticmethod
+    def to_device(rows: torch.Tensor, device) -> torch.Tensor:
+        """Host float16 rows (:meth:`read`) -> float32 on ``device`` (non-blocking copy)."""
+        return rows.to(device, non_blocking=True).float()
 
 
 def _reserve_space(path: str) -> None:

@@ -39,6 +39,29 @@ a training batch is then processed in chunks whose gradients add up to the batch
 batch size, same Adam steps; bit-identical to a run started with that chunk size), and a
 batch of 1 that does not fit is an InputError naming the settings to lower.
 
+GPU path (all optional; the defaults give the float32 results above):
+
+- ``amp`` (``--amp off|bf16|fp16``, default off): the encoder and decoder MLPs (the model's
+  forward) run under ``torch.autocast`` in bfloat16 or float16; their outputs are cast to
+  float32 before the GMM projection, and the projection, the FRC (:class:`fourier.RingBinner`)
+  and the loss stay in float32, so the FRC's ring sums keep their accuracy. The validation loss
+  uses the same precision; ``latent.npy`` is encoded in float32. fp16 uses a
+  ``torch.amp.GradScaler`` (loss scaling; a step whose gradients overflow is skipped) and is
+  refused on the CPU; bf16 needs no scaling (float32's exponent range) and runs on both.
+- ``compile`` (``--compile``): the encoder's and decoder's MLPs go through ``torch.compile``,
+  tried once on a dummy batch (forward and backward) before training; a failure (no C
+  compiler, no Triton, an unsupported torch) is a logged warning and training runs eagerly.
+  Checkpoints and ``model.pt`` hold the plain modules' parameters (no ``_orig_mod.`` names).
+- ``prefetch`` (default on, ``--no-prefetch`` to turn off): the images (and cached features)
+  of the next batches of the epoch's seeded order are read on one background thread, two
+  batches ahead (:mod:`prefetch`), into pinned host memory on CUDA and copied with
+  ``non_blocking=True``; only the reading overlaps the training, so results are bit-identical
+  with or without it.
+- batch size: ``--batch-size`` particles per Adam step; on CUDA the physical chunk starts at
+  the batch size (a whole batch in one forward/backward) and halves on out-of-memory (see
+  Reliability below), so a large ``--batch-size`` (256+) fills the GPU without a separate
+  chunk setting.
+
 Several processes (``torchrun``, :mod:`distributed`): each takes its share of every global
 batch of the same seeded order, the loss is scaled so that DDP's gradient average is the
 global batch's mean, rank 0 writes the files, the latents are gathered in star order.
@@ -66,11 +89,12 @@ import torch
 from . import atomic
 from .distributed import Dist
 from .errors import InputError
-from .features import (AdaptiveBatch, FeatureCache, GradientFeatures, Particles, feature_param_types,
+from .features import (AdaptiveBatch, FeatureCache, GradientFeatures, HostBatch, Particles, feature_param_types,
                        focus_mask_gaussians, is_oom)
 from .fourier import RingBinner
 from .gmm import GMM, project
 from .model import HetModel, parse_changes
+from .prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +127,9 @@ class TrainConfig:
     mask: str | None = None
     n_stats: int = 1000
     keep_checkpoints: int = 2
+    amp: str = "off"
+    compile: bool = False
+    prefetch: bool = True
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -233,18 +260,138 @@ def split_items(n_particles: int, n_ops: int, val_fraction: float, seed: int):
 
 
 class _FeatureSource:
-    """Features for items from the disk cache or on the fly, plus the images' batch."""
+    """Features for items from the disk cache or on the fly, plus the images' batch.
+
+    ``read(items)`` is the host half (images and cached feature rows into host memory; safe on
+    the prefetch thread), ``load(host)`` the device half; calling the source does both."""
 
     def __init__(self, particles: Particles, feats: GradientFeatures, cache: FeatureCache | None, device):
         self.particles, self.feats, self.cache, self.device = particles, feats, cache, device
 
-    def __call__(self, items: np.ndarray):
-        b = self.particles.batch(items)
+    def read(self, items: np.ndarray) -> HostBatch:
+        host = self.particles.read(items)
         if self.cache is not None:
-            x = self.cache.get(items, self.device)
-        else:
-            x = self.feats(b)
+            host.features = self.cache.read(items, self.device)
+        return host
+
+    def load(self, host: HostBatch):
+        b = self.particles.to_device(host)
+        x = FeatureCache.to_device(host.features, self.device) if host.features is not None else self.feats(b)
         return x, b
+
+    def __call__(self, items: np.ndarray):
+        return self.load(self.read(items))
+
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+class _Amp:
+    """Mixed precision of the model's forward (``--amp``, see the module docstring): an autocast
+    context for the MLPs, and loss scaling (``torch.amp.GradScaler``) for fp16."""
+
+    def __init__(self, mode: str, device: torch.device):
+        mode = str(mode or "off").lower()
+        if mode not in AMP_MODES:
+            raise InputError(f"--amp {mode!r}: give one of {', '.join(AMP_MODES)}")
+        device = torch.device(device)
+        if mode == "fp16" and device.type != "cuda":
+            raise InputError(f"--amp fp16: float16 training needs a CUDA device (the device is {device}); "
+                             "use --amp bf16 or --amp off")
+        if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off")
+        self.mode, self.device_type = mode, device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        self.scaler = _grad_scaler() if mode == "fp16" else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self):
+        """Context for the model's forward: autocast to ``dtype``, or nothing when off."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def install(self, model: HetModel) -> None:
+        """Make the encoder's and decoder's MLPs return float32 (a forward hook), so that the
+        latents, the decoder's ``f(z) - f(0)`` and the GMM parameters built from them are float32
+        under autocast. No effect on float32 outputs; parameters and state_dict unchanged."""
+        if self.enabled:
+            for net in (model.encoder.net, model.decoder.net):
+                net.register_forward_hook(_float32_output)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        """Adam step; with loss scaling the gradients are unscaled first and a step whose
+        gradients hold Inf/NaN is skipped (the scale is then lowered)."""
+        if self.scaler is None:
+            opt.step()
+            return
+        self.scaler.step(opt)
+        self.scaler.update()
+
+
+def _grad_scaler():
+    try:
+        return torch.amp.GradScaler("cuda")
+    except (AttributeError, TypeError):  # torch < 2.3
+        return torch.cuda.amp.GradScaler()
+
+
+def _float32_output(module, inputs, output):
+    return output.float()
+
+
+def _autocast(amp: _Amp | None):
+    return amp.autocast() if amp is not None else contextlib.nullcontext()
+
+
+def _compile_mlps(model: HetModel, n_features: int, device: torch.device, amp: _Amp | None) -> bool:
+    """``torch.compile`` the encoder's and decoder's MLPs in place (their ``forward``; module
+    names and state_dict unchanged) and try them once, forward and backward, on a dummy batch of
+    2; on failure restore the eager modules and log a warning. The trial leaves the parameters,
+    buffers, gradients and random number generators as they were. Returns True when compiled."""
+    nets = (model.encoder.net, model.decoder.net)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        for net in nets:
+            net.forward = torch.compile(net.forward, **_compile_options())
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            x = torch.ones((2, n_features), device=device)
+            with _autocast(amp):
+                z, (c, a, s) = model(x)
+            (z.float().sum() + c.float().sum() + a.float().sum() + s.float().sum()).backward()
+        ok = True
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: train eagerly
+        for net in nets:
+            net.__dict__.pop("forward", None)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning("--compile: torch.compile failed (%s: %s); training without it", type(exc).__name__, first)
+        ok = False
+    finally:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+    if ok:
+        log.info("--compile: encoder and decoder MLPs compiled with torch.compile")
+    return ok
+
+
+def _compile_options() -> dict:
+    """Each compiled MLP keeps its own graphs (train/eval, grad/no-grad, the decoder's zero row,
+    static then dynamic batch: ~6 each; both MLPs share one code object, whose default limit of
+    8 graphs would send the later ones back to eager mode)."""
+    import inspect
+    params = inspect.signature(torch.compile).parameters
+    if "isolate_recompiles" in params and "recompile_limit" in params:
+        return {"isolate_recompiles": True, "recompile_limit": 32}
+    cfg = torch._dynamo.config  # older torch: one process-wide limit
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(int(getattr(cfg, name, 8)), 32))
+    return {}
 
 
 def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, noise: float, gen,
@@ -259,41 +406,55 @@ def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, 
 
 
 def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_std: float, noise,
-                latent_reg: float, scale: float):
+                latent_reg: float, scale: float, amp: _Amp | None = None):
     """Forward and backward of one chunk of a training batch: the loss is the chunk's SUM of
     per-particle losses (``-FRC + latent_reg |z|^2``) times ``scale`` (1 / global batch size,
     times the number of processes under DDP), so the gradients of a batch's chunks (and
-    processes) add up to the gradient of the mean over the global batch. Returns the chunk's
-    per-particle FRC (detached)."""
-    z, (c, a, s) = model(x, noise_std, None, noise)
+    processes) add up to the gradient of the mean over the global batch. With ``amp`` the
+    model's forward runs under autocast and everything after it in float32 (loss scaling for
+    fp16). Returns the chunk's per-particle FRC (detached)."""
+    with _autocast(amp):
+        z, (c, a, s) = model(x, noise_std, None, noise)
+    z, c, a, s = z.float(), c.float(), a.float(), s.float()  # no-ops without amp
     F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf)
     frc = binner.mean_frc(F, b.F_img)
     loss = -frc.sum()
     if latent_reg > 0:
         loss = loss + latent_reg * (z * z).sum()
-    (loss * scale).backward()
+    if amp is not None:
+        amp.backward(loss * scale)
+    else:
+        (loss * scale).backward()
     return frc.detach()
 
 
-def _train_batch(model, ddp, binner, source, items: np.ndarray, noise: torch.Tensor, cfg: "TrainConfig", box: int,
-                 apix: float, chunk: AdaptiveBatch, dist: Dist) -> torch.Tensor:
-    """Gradients of one global batch ``items`` (sorted) into the parameters' ``.grad``, in
-    chunks of ``chunk.size`` particles; this process's share under DDP. Returns the summed
+def _share(n: int, dist: Dist) -> tuple[np.ndarray, float]:
+    """This process's positions in a global batch of ``n`` particles and its loss scale
+    (``world_size / n``, see :func:`_chunk_step`); a process without particles (more processes
+    than particles in a last batch) gets a zero-weight dummy of one particle."""
+    pos = dist.shard(n) if dist.enabled else np.arange(n)
+    if len(pos) == 0:
+        return np.arange(1), 0.0
+    return pos, dist.world_size / n
+
+
+def _train_batch(model, ddp, binner, source: _FeatureSource, host: HostBatch, pos: np.ndarray, scale: float,
+                 noise: torch.Tensor | None, cfg: "TrainConfig", box: int, apix: float, chunk: AdaptiveBatch,
+                 amp: _Amp | None = None) -> torch.Tensor:
+    """Gradients of one global batch into the parameters' ``.grad``, in chunks of ``chunk.size``
+    particles: ``host`` holds this process's particles of it (positions ``pos`` in the global
+    batch, loss scale ``scale``: :func:`_share`), read by ``source.read``. Returns the summed
     ``-FRC`` of this process's particles."""
-    pos = dist.shard(len(items)) if dist.enabled else np.arange(len(items))
-    scale = dist.world_size / len(items)
-    if len(pos) == 0:  # more processes than particles in this (last) batch: a zero-weight dummy
-        pos, scale = np.arange(1), 0.0
-    mine, my_noise = items[pos], noise[torch.as_tensor(pos, device=noise.device)] if noise is not None else None
+    my_noise = noise[torch.as_tensor(pos, device=noise.device)] if noise is not None else None
     total = torch.zeros((), device=binner.onehot.device)
-    starts = list(range(0, len(mine), chunk.size))
+    starts = list(range(0, len(host), chunk.size))
     for k, i0 in enumerate(starts):
         sel = slice(i0, i0 + chunk.size)
-        x, b = source(mine[sel])
+        x, b = source.load(host[sel])
         sync = contextlib.nullcontext() if (ddp is None or k == len(starts) - 1) else ddp.no_sync()
         with sync:
             frc = _chunk_step(ddp if ddp is not None else model, binner, x, b, box, apix, cfg.latent_noise,
-                              None if my_noise is None else my_noise[sel], cfg.latent_reg, scale)
+                              None if my_noise is None else my_noise[sel], cfg.latent_reg, scale, amp)
         if scale > 0:
             total = total + (-frc).sum()
     return total
@@ -340,6 +501,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
                          "sampled like the particles")
     if particles.n_particles < 2:
         raise InputError(f"--particles: {particles.n_particles} particle(s); training needs at least 2")
+    amp = _Amp(cfg.amp, device)
+    cfg.amp = amp.mode
     # NaN/Inf pixels: a bounded sample now (every batch is checked again when it is read)
     particles.check_finite_sample(256, name=star_path, seed=cfg.seed)
     cfg.changes = parse_changes(cfg.changes)
@@ -436,12 +599,16 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             ck = torch.load(ckpts[-1], map_location=device, weights_only=False)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
+            if amp.scaler is not None and ck.get("grad_scaler"):
+                amp.scaler.load_state_dict(ck["grad_scaler"])
             history, start_epoch = ck["history"], int(ck["epoch"])
             resumed_chunk = ck.get("chunk_size")
             log.info("resuming from %s (epoch %d done)", ckpts[-1], start_epoch)
         else:
             log.info("--resume: no checkpoint in %s; starting from scratch", out_dir)
     dist.barrier()  # nobody reads a checkpoint that rank 0 is about to replace
+    amp.install(model)
+    compiled = bool(cfg.compile) and _compile_mlps(model, feats.n_features, device, amp)
     ddp = None
     if dist.enabled:
         import inspect
@@ -466,29 +633,32 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
         torch.manual_seed(int(cfg.seed) * 7919 + epoch)  # dropout
         model.train()
         total = torch.zeros((), device=device)
-        for start in range(0, len(order), cfg.batch_size):
-            items = np.sort(order[start:start + cfg.batch_size])
-            if len(items) < 2 and cfg.batchnorm:
-                continue
-            noise = (torch.randn((len(items), cfg.zdim), generator=gen, device=device)
-                     if cfg.latent_noise > 0 else None)
-            while True:
-                try:
-                    opt.zero_grad(set_to_none=True)
-                    step_total = _train_batch(model, ddp, binner, source, items, noise, cfg, particles.fbox,
-                                              particles.fapix, chunk, dist)
-                    break
-                except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-                    if not is_oom(exc):
-                        raise
-                    del exc
-                    opt.zero_grad(set_to_none=True)
-                    chunk.shrink()  # InputError at chunk size 1
-            opt.step()
-            total = total + step_total
+        batches = [np.sort(order[i:i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
+        if cfg.batchnorm:
+            batches = [items for items in batches if len(items) >= 2]
+        shares = [_share(len(items), dist) for items in batches]
+        reads = [items[pos] for items, (pos, _) in zip(batches, shares)]  # this process's particles
+        with Prefetcher(source.read, reads, depth=2, enabled=cfg.prefetch) as loader:
+            for items, (pos, scale), host in zip(batches, shares, loader):
+                noise = (torch.randn((len(items), cfg.zdim), generator=gen, device=device)
+                         if cfg.latent_noise > 0 else None)
+                while True:
+                    try:
+                        opt.zero_grad(set_to_none=True)
+                        step_total = _train_batch(model, ddp, binner, source, host, pos, scale, noise, cfg,
+                                                  particles.fbox, particles.fapix, chunk, amp)
+                        break
+                    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+                        if not is_oom(exc):
+                            raise
+                        del exc
+                        opt.zero_grad(set_to_none=True)
+                        chunk.shrink()  # InputError at chunk size 1
+                amp.step(opt)
+                total = total + step_total
         train_loss = float(dist.all_reduce_sum(total.detach().reshape(1).clone())) / len(order)
         val_loss = evaluate_loss(model, source, binner, val_items, cfg.batch_size, particles.fbox, particles.fapix,
-                                 dist=dist)
+                                 dist=dist, amp=amp)
         dt = time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": dt})
         rate = len(order) / max(dt, 1e-9)
@@ -498,7 +668,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
         if main:
             ck_path = os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1:04d}.pt")
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                          "history": history, "config": cfg.to_dict(), "chunk_size": chunk.size}, ck_path)
+                          "history": history, "config": cfg.to_dict(), "chunk_size": chunk.size,
+                           "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None}, ck_path)
             for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
                 os.remove(old)
             _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
@@ -515,7 +686,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     dist.barrier()
     log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", os.path.join(out_dir, "latent.npy"), z.shape[0],
              z.shape[1], time.time() - t_lat, time.time() - t_train)
-    return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info, "chunk_size": chunk.size}
+    return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info, "chunk_size": chunk.size,
+            "compiled": compiled}
 
 
 def _write_loss_csv(history: list, path: str) -> None:
@@ -542,9 +714,10 @@ def _load_stats(path: str, fingerprint: dict):
 
 @torch.no_grad()
 def evaluate_loss(model: HetModel, source, binner: RingBinner, items: np.ndarray, batch_size: int, box: int,
-                  apix: float, dist: Dist | None = None) -> float:
+                  apix: float, dist: Dist | None = None, amp: _Amp | None = None) -> float:
     """Mean ``-FRC`` over ``items`` with the model in eval mode and no latent noise (nan if none);
-    with ``dist``, each process takes its share and the sums are added."""
+    with ``dist``, each process takes its share and the sums are added. With ``amp`` the model's
+    forward runs under autocast, the projection and FRC in float32 (as in training)."""
     if len(items) == 0:
         return float("nan")
     n = len(items)
@@ -556,7 +729,9 @@ def evaluate_loss(model: HetModel, source, binner: RingBinner, items: np.ndarray
 
     def step(i0, i1):
         x, b = source(items[i0:i1])
-        _, (c, a, s) = model(x)
+        with _autocast(amp):
+            _, (c, a, s) = model(x)
+        c, a, s = c.float(), a.float(), s.float()
         total.add_((-binner.mean_frc(project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf), b.F_img)).sum())
 
     AdaptiveBatch(batch_size, "validation loss", binner.onehot.device).run(len(items), step)
@@ -568,7 +743,8 @@ def evaluate_loss(model: HetModel, source, binner: RingBinner, items: np.ndarray
 
 @torch.no_grad()
 def encode_items(model: HetModel, source, items: np.ndarray, batch_size: int) -> np.ndarray:
-    """Latents ``(len(items), zdim)`` float32 in the order of ``items`` (eval mode, no noise)."""
+    """Latents ``(len(items), zdim)`` float32 in the order of ``items`` (eval mode, no noise,
+    float32 forward: no autocast, whatever the training's ``amp``)."""
     model.eval()
     out = []
 

@@ -85,6 +85,18 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                       help='A mask on one region (same box and sampling as the particles): only '
                            'the Gaussians inside it are scored and the rest of the model is '
                            'subtracted from the particles, so the refined pose is that region\'s.')
+        form.addParam('rounds', params.IntParam, default=1, validators=[params.GE(1)],
+                      label='Refine-retrain rounds',
+                      help='1: refine once against the trained model. N > 1: e2gmm\'s iteration - '
+                           'refine, retrain the network on the refined poses (same settings), refine '
+                           'again, N refinements in all. A network trained on particles with pose '
+                           'errors explains part of them as motions, so each round corrects more; the '
+                           'log and the summary give the median change per round. Use it with a '
+                           'network trained with a focus mask on the moving part (the rest holds the '
+                           'particle\'s frame) and this form\'s focus mask on the rigid part; without '
+                           'one the poses can drift from round to round.')
+        form.addParam('retrainEpochs', params.IntParam, default=-1, condition='rounds > 1',
+                      label='Epochs per retraining', help='-1: as many as the trained run.')
         form.addParam('doReconstruct', params.BooleanParam, default=True,
                       label='Reconstruct before and after?',
                       help='Reconstruct the particles with their input poses and with the refined '
@@ -105,6 +117,12 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                            'each ring whitened by the particle\'s own power (the maximum-likelihood '
                            'score; much less sensitive to noise). FRC: plain mean of the ring '
                            'correlations (e2gmm\'s training loss).')
+        form.addParam('minGain', params.FloatParam, default=5.5, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label='Evidence to move (nats)',
+                      help='How much better (log-likelihood, nats) a new pose must fit than the '
+                           'input pose before the particle moves. 5.5: a 95% likelihood-ratio test '
+                           'for the 5 pose parameters, so particles already at their best pose stay '
+                           'where they are; 0: take any improvement.')
         form.addParam('levels', params.IntParam, default=3, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label='Finer rotation levels',
                       help='Local rotation lattices (step halved each time) after the coarse one.')
@@ -219,6 +237,12 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                            % (s['shift_median_A'], s['shift_p90_A']))
             summary.append('Mean score %.4f -> %.4f; %d of %d particles moved'
                            % (s['score_before_mean'], s['score_after_mean'], s['n_moved'], s['n']))
+            rounds = os.path.join(self.getRefineDir(), 'rounds.csv')
+            if os.path.exists(rounds):
+                import pandas as pd
+                med = pd.read_csv(rounds)['angle_median_deg'].to_numpy()
+                summary.append('Median angular change per round (refine-retrain): %s deg'
+                               % ', '.join('%.2f' % m for m in med))
             res = {w: self.getResolution(w) for w in ('before', 'after')}
             if all(r is not None for r in res.values()):
                 summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'
@@ -300,6 +324,7 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                 '--score %s' % ('wcc' if self.score.get() == 0 else 'frc'),
                 '--levels %d' % self.levels.get(),
                 '--polish-steps %d' % self.polishSteps.get(),
+                '--min-gain %g' % self.minGain.get(),
                 '--batch-size %d' % self.batchSize.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
                 '--out %s' % _q(self.getRefineDir())]
@@ -312,6 +337,10 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         mask = self.mask.get()
         if mask is not None:
             args.append('--mask %s' % _q(convert.cleanFileName(mask.getFileName())))
+        if (self.rounds.get() or 1) > 1:
+            args.append('--rounds %d' % self.rounds.get())
+            if self.retrainEpochs.get() is not None and self.retrainEpochs.get() > 0:
+                args.append('--retrain-epochs %d' % self.retrainEpochs.get())
         return ' '.join(args)
 
     def _inputKey(self) -> str:

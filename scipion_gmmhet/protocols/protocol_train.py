@@ -169,6 +169,18 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                       help='Fixes the initial weights, the particle order, the validation '
                            'subset and the latent noise: the same seed gives the same result on '
                            'the CPU.')
+        form.addParam('mixedPrecision', params.EnumParam, choices=['off', 'bf16', 'fp16'], default=0,
+                      expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_HLIST,
+                      label='Mixed precision (GPU)',
+                      help='Run the encoder and decoder networks in bfloat16 or float16 (the GMM '
+                           'projection and the FRC stay in float32). bf16 needs no loss scaling; '
+                           'fp16 (with loss scaling) needs a CUDA GPU. off: float32 throughout.')
+        form.addParam('compileModel', params.BooleanParam, default=False,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label='Compile the networks (torch.compile)?',
+                      help='Compile the encoder and decoder with torch.compile (faster epochs after '
+                           'a one-off compilation); falls back to plain PyTorch, with a warning in '
+                           'the log, where compilation is not available.')
         form.addParallelSection(threads=4, mpi=0)
 
     # -------------------------- INSERT steps functions -----------------------
@@ -309,6 +321,8 @@ class ProtGmmhetTrain(ProtAnalysis3D):
             parse_symmetry(self.symmetry.get())
         except InputError as exc:
             errors.append(str(exc).replace('--symmetry', 'Symmetry'))
+        if self.mixedPrecision.get() == 2 and not self.usesGpu():
+            errors.append('Mixed precision: fp16 needs a GPU; use bf16 or off, or set Use GPU.')
 
         box, apix = parts.getXDim(), parts.getSamplingRate()
         vol = self.inputGmm.get()
@@ -499,6 +513,11 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                 '--out %s' % _q(self.getTrainDir())]
         if e['mask']:
             args.append('--mask %s' % _q(e['mask']))
+        amp = ['off', 'bf16', 'fp16'][self.mixedPrecision.get() or 0]
+        if amp != 'off':
+            args.append('--amp %s' % amp)
+        if self.compileModel.get():
+            args.append('--compile')
         return ' '.join(args)
 
     def _inputKey(self) -> str:

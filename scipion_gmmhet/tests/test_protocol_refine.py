@@ -164,3 +164,19 @@ class TestProtocolRefine(BaseTest):
         _pngIsNotBlank(self, out['fsc'])
         with open(out['chimerax']) as f:
             self.assertEqual(f.read().count('open '), 2)
+
+    def test_refine_retrain_rounds(self):
+        """Rounds = 2: refine, retrain on the refined poses, refine again, through the protocol;
+        the output poses are still closer to the truth and the summary lists each round."""
+        prot = self.newProtocol(ProtGmmhetRefine, objLabel='refine orientations x2', maxAngle=6.0,
+                                levels=2, polishSteps=4, rounds=2, retrainEpochs=1,
+                                doReconstruct=False, useGpu=False, numberOfThreads=2)
+        prot.inputParticles.set(self.protTrain)
+        prot.inputParticles.setExtended('outputParticles')
+        self.assertEqual(prot.validate(), [])
+        prot = self.launchProtocol(prot)
+        before, after = self._errors(self.protTrain.outputParticles), self._errors(prot.outputParticles)
+        self.assertEqual(sorted(before), sorted(after))
+        self.assertLess(np.median([v[0] for v in after.values()]), 0.5 * np.median([v[0] for v in before.values()]))
+        self.assertTrue(os.path.exists(os.path.join(prot.getRefineDir(), 'round_2', 'particles.star')))
+        self.assertIn('Median angular change per round', '\n'.join(prot.summary()))

@@ -19,6 +19,14 @@ Examples:
   gmmhet refine --train train/ --particles particles.star --max-angle 4 --max-shift 6 \\
       --device cuda --out refine_fine/
   gmmhet refine --train train_arm/ --particles particles.star --mask arm_mask.mrc --out refine_arm/
+  gmmhet refine --train train_armfixed/ --particles particles.star --mask core_mask.mrc --rounds 3 \\
+      --out refine_iter/      # train (arm mobile) -> refine the core's pose -> retrain -> ...
+
+Iteration (--rounds): e2gmm's Extended Data Fig. 1. A network trained on particles with pose
+errors partly explains them as deformations, so one refinement against its decoded models
+corrects only part of the error; retraining on the refined poses gives models that explain less
+of it, and the next refinement corrects more. The log reports the median change per round
+(it falls as the iteration converges).
 """
 from __future__ import annotations
 
@@ -56,6 +64,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prior", dest="prior", action="store_false",
                    help="maximise the score alone (default: MAP with a Gaussian prior of sigma = range/3 on "
                         "the pose change, which stops noise from pushing poses to the edge of the range)")
+    p.add_argument("--min-gain", type=float, default=None, metavar="NATS",
+                   help="evidence a new pose needs over the input pose, in nats of the objective (default 5.5: "
+                        "a 95%% likelihood-ratio test for the 5 pose parameters; 0: take any improvement)")
     p.add_argument("--levels", type=int, default=3, help="finer rotation lattices after the coarse one (default 3)")
     p.add_argument("--polish-steps", type=int, default=10, help="Adam steps on the exact score (default 10)")
     p.add_argument("--latents", default=None, metavar="Z.npy",
@@ -66,6 +77,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="CTF mode of the images (default: the training run's)")
     p.add_argument("--batch-size", type=int, default=64, help="particles per batch (default 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="refine, retrain on the refined poses, refine again... N refinements in all (e2gmm's "
+                        "iteration; default 1: refine once). Round r goes to OUT/round_r/ (particles.star, "
+                        "pose_changes.csv, train/); OUT/particles.star holds the last round's poses, "
+                        "OUT/pose_changes.csv the changes from the input poses, OUT/rounds.csv the median change "
+                        "per round")
+    p.add_argument("--retrain-epochs", type=int, default=None,
+                   help="epochs of each retraining (default: the trained run's)")
 
 
 def _write_csv_atomic(path: str, df) -> None:
@@ -73,19 +92,58 @@ def _write_csv_atomic(path: str, df) -> None:
 
 
 def main(args) -> int:
-    import pandas as pd
-
-    from .. import metadata, refine
-    from ..conventions import matrix_to_euler
-    from ..features import Particles, focus_mask_gaussians
     from ..train import load_trained, resolve_device
 
     if args.max_angle is not None and not args.max_angle >= 0:
         raise InputError(f"--max-angle {args.max_angle}: must be >= 0 degrees; e.g. 6")
     if args.max_shift is not None and not args.max_shift >= 0:
         raise InputError(f"--max-shift {args.max_shift}: must be >= 0 Angstrom; e.g. 2 pixels' worth")
+    if args.rounds < 1:
+        raise InputError(f"--rounds {args.rounds}: give at least 1 (refine once)")
+    if args.retrain_epochs is not None and args.retrain_epochs < 1:
+        raise InputError(f"--retrain-epochs {args.retrain_epochs}: give at least 1")
     device = resolve_device(args.device)
     tm = load_trained(args.train, device)
+    os.makedirs(args.out, exist_ok=True)
+    if args.rounds > 1 and len(np.asarray(tm.mobile)) == len(tm.neutral):
+        log.warning("refine: --rounds %d with a network trained without a focus mask: every Gaussian may move, so "
+                    "nothing holds the particle's frame and the poses can drift from round to round; train with "
+                    "--mask on the moving part and refine the rest (--mask) for the iteration", args.rounds)
+    star, latents_arg, encode = args.particles, args.latents, args.encode
+    meta0 = None
+    history = []
+    for r in range(1, args.rounds + 1):
+        round_dir = args.out if args.rounds == 1 else os.path.join(args.out, f"round_{r}")
+        os.makedirs(round_dir, exist_ok=True)
+        meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir)
+        if meta0 is None:
+            meta0, score0 = meta, res.score_before
+        s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
+        history.append({"round": r, **s})
+        log.info("refine round %d/%d: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)",
+                 r, args.rounds, s["angle_median_deg"], s["shift_median_A"], s["angle_p90_deg"], s["shift_p90_A"])
+        star = os.path.join(round_dir, "particles.star")
+        if r < args.rounds:  # e2gmm's iteration: retrain on the refined poses, refine again
+            tm = _retrain(tm, star, args, device, os.path.join(round_dir, "train"))
+            latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
+    if args.rounds > 1:
+        _write_overall(meta0, out_meta, score0, res.score_after, args.out)
+        _write_csv_atomic(os.path.join(args.out, "rounds.csv"), __import__("pandas").DataFrame(history))
+        log.info("refine: %d rounds; median change per round (deg): %s", args.rounds,
+                 ", ".join(f"{h['angle_median_deg']:.3f}" for h in history))
+    return 0
+
+
+def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str):
+    """One refinement of the particles of ``star`` against ``tm``'s decoded GMMs; writes
+    ``out_dir/particles.star`` and ``out_dir/pose_changes.csv``. Returns (input metadata,
+    output metadata, :class:`refine.RefineResult`)."""
+    import pandas as pd
+
+    from .. import metadata, refine
+    from ..conventions import matrix_to_euler
+    from ..features import Particles, focus_mask_gaussians
+
     cfg = tm.config
     n_ops = 1
     sym = cfg.get("symmetry")
@@ -93,23 +151,23 @@ def main(args) -> int:
         from ..symmetry import symmetry_operators
         n_ops = len(symmetry_operators(sym))
     ctf_mode = args.ctf_mode or cfg.get("ctf_mode", "auto")
-    parts = Particles.from_star(args.particles, ctf_mode=ctf_mode, device=device)
-    meta = metadata.read_particles(args.particles)
+    parts = Particles.from_star(star, ctf_mode=ctf_mode, device=device)
+    meta = metadata.read_particles(star)
     n = len(meta)
     if parts.box != tm.neutral.box or abs(parts.apix - tm.neutral.apix) > 1e-3 * tm.neutral.apix:
-        raise InputError(f"--particles {args.particles}: box {parts.box} at {parts.apix:.4f} A/px but the model is "
+        raise InputError(f"--particles {star}: box {parts.box} at {parts.apix:.4f} A/px but the model is "
                          f"box {tm.neutral.box} at {tm.neutral.apix:.4f} A/px; use the particles the model was trained on")
 
     latents = None
-    if args.latents:
+    if latents_path:
         try:
-            latents = np.load(args.latents)
+            latents = np.load(latents_path)
         except (OSError, ValueError) as exc:
-            raise InputError(f"--latents {args.latents}: not a readable .npy file ({exc}); give an n x K array") from None
+            raise InputError(f"--latents {latents_path}: not a readable .npy file ({exc}); give an n x K array") from None
         if latents.ndim != 2 or latents.shape != (n, tm.zdim):
-            raise InputError(f"--latents {args.latents}: shape {latents.shape}, expected ({n}, {tm.zdim}) "
+            raise InputError(f"--latents {latents_path}: shape {latents.shape}, expected ({n}, {tm.zdim}) "
                              "(one row per particle of --particles, the model's latent dimension)")
-    elif not args.encode:
+    elif not encode:
         z = tm.latents()
         if z.shape[0] == n * n_ops:
             latents = z[::n_ops]  # particle row i, identity operator
@@ -118,26 +176,29 @@ def main(args) -> int:
                             "GMM decoded at its identity-operator latent", sym)
         else:
             log.info("refine: %s has %d particles, the training latents %d rows; encoding the particles",
-                     args.particles, n, z.shape[0])
+                     star, n, z.shape[0])
     if latents is None:
-        latents = tm.encode_particles(args.particles, device=str(device))[::n_ops]
-    models = refine.LatentModels(tm, latents)
+        latents = tm.encode_particles(star, device=str(device))[::n_ops]
+    # a model trained with a focus mask keeps the other Gaussians at the neutral model: they fix
+    # the frame, so no rigid motion is removed from the decoded models
+    all_mobile = len(np.asarray(tm.mobile)) == len(tm.neutral)
+    models = refine.LatentModels(tm, latents, rigid_gauge=all_mobile)
     focus = focus_mask_gaussians(tm.neutral, args.mask) if args.mask else None
     lowres = args.lowres if args.lowres is not None else cfg.get("lowres_A")
     highres = args.highres  # default: the model's own resolution (refine.refine_poses), finer than
     # the training band, which is chosen for the deformations rather than for the pose
 
-    os.makedirs(args.out, exist_ok=True)
     res = refine.refine_poses(parts, models, max_angle_deg=args.max_angle, max_shift_A=args.max_shift,
                               lowres_A=lowres, highres_A=highres, levels=args.levels,
                               polish_steps=args.polish_steps, focus=focus, score=args.score, prior=args.prior,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size,
+                              min_gain=refine.MIN_GAIN_NATS if args.min_gain is None else args.min_gain)
     euler = np.stack(matrix_to_euler(res.rotations), axis=1)
     origins = np.array(res.origins_A, dtype=np.float64)
     same = (res.delta_angle_deg == 0) & (res.delta_shift_A == 0)  # unchanged: keep the exact input values
     euler[same], origins[same] = meta.euler_deg()[same], meta.origins_A()[same]
     out_meta = meta.with_poses(euler, origins)
-    metadata.write_particles(os.path.join(args.out, "particles.star"), out_meta)
+    metadata.write_particles(os.path.join(out_dir, "particles.star"), out_meta)
     table = pd.DataFrame({"row": np.arange(n)})
     if "rlnGmmhetParticleId" in meta.particles.columns:
         table["particle_id"] = meta.particles["rlnGmmhetParticleId"].to_numpy()
@@ -147,15 +208,52 @@ def main(args) -> int:
     table["score_after"] = res.score_after
     table["rot"], table["tilt"], table["psi"] = euler[:, 0], euler[:, 1], euler[:, 2]
     table["origin_x_A"], table["origin_y_A"] = origins[:, 0], origins[:, 1]
-    _write_csv_atomic(os.path.join(args.out, "pose_changes.csv"), table)
+    _write_csv_atomic(os.path.join(out_dir, "pose_changes.csv"), table)
     s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
     log.info("refine: pose changes: angle median %.3f deg, 90th percentile %.3f deg; shift median %.3f A, "
              "90th percentile %.3f A; %d of %d particles moved; mean score %.4f -> %.4f",
              s["angle_median_deg"], s["angle_p90_deg"], s["shift_median_A"], s["shift_p90_A"], s["n_moved"], n,
              s["score_before_mean"], s["score_after_mean"])
-    log.info("refine: wrote %s and %s", os.path.join(args.out, "particles.star"),
-             os.path.join(args.out, "pose_changes.csv"))
-    return 0
+    log.info("refine: wrote %s and %s", os.path.join(out_dir, "particles.star"),
+             os.path.join(out_dir, "pose_changes.csv"))
+    return meta, out_meta, res
+
+
+def _retrain(tm, star: str, args, device, out_dir: str):
+    """Train a new network with the settings of ``tm``'s run (its neutral GMM, band, mask,
+    seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``."""
+    from ..features import Particles
+    from ..train import TrainConfig, load_trained, train
+
+    cfg = TrainConfig.from_dict(tm.config)
+    if args.retrain_epochs is not None:
+        cfg.epochs = int(args.retrain_epochs)
+    log.info("refine: retraining on the refined poses (%d epochs) into %s", cfg.epochs, out_dir)
+    particles = Particles.from_star(star, symmetry=cfg.symmetry, ctf_mode=cfg.ctf_mode, device=device)
+    train(particles, tm.neutral, cfg, out_dir, star_path=star)
+    return load_trained(out_dir, device)
+
+
+def _write_overall(meta0, out_meta, score_before, score_after, out_dir: str) -> None:
+    """``OUT/particles.star`` (the last round's poses) and ``OUT/pose_changes.csv`` with the
+    changes from the INPUT poses over all rounds (score before: the first round's model at the
+    input pose; after: the last round's model at the final pose)."""
+    import pandas as pd
+
+    from .. import metadata
+    from ..conventions import angular_distance_deg
+    metadata.write_particles(os.path.join(out_dir, "particles.star"), out_meta)
+    ang = angular_distance_deg(out_meta.rotation_matrices(), meta0.rotation_matrices())
+    sh = np.linalg.norm(out_meta.origins_A() - meta0.origins_A(), axis=1)
+    table = pd.DataFrame({"row": np.arange(len(meta0))})
+    if "rlnGmmhetParticleId" in meta0.particles.columns:
+        table["particle_id"] = meta0.particles["rlnGmmhetParticleId"].to_numpy()
+    table["delta_angle_deg"], table["delta_shift_A"] = ang, sh
+    table["score_before"], table["score_after"] = score_before, score_after
+    euler = out_meta.euler_deg()
+    table["rot"], table["tilt"], table["psi"] = euler[:, 0], euler[:, 1], euler[:, 2]
+    table["origin_x_A"], table["origin_y_A"] = out_meta.origins_A()[:, 0], out_meta.origins_A()[:, 1]
+    _write_csv_atomic(os.path.join(out_dir, "pose_changes.csv"), table)
 
 
 def summary(delta_angle_deg, delta_shift_A, score_before, score_after) -> dict:

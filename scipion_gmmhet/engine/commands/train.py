@@ -15,9 +15,14 @@ Examples:
   gmmhet train --particles particles.star --gmm build/ --epochs 60 --resume --out train/
   torchrun --nproc_per_node 4 -m scipion_gmmhet.engine train --particles particles.star \\
       --gmm build/ --device cuda --out train/     # one process per GPU (DistributedDataParallel)
+  gmmhet train --particles particles.star --gmm build/ --device cuda --batch-size 512 \\
+      --amp bf16 --compile --out train_fast/     # GPU path: mixed precision + torch.compile
 
 A NaN/Inf pixel is refused before training (a sample of the images, then every batch). On
-CUDA out-of-memory the batch is processed in halved chunks (same result up to rounding).
+CUDA out-of-memory the batch is processed in halved chunks (same result up to rounding): the
+physical chunk starts at --batch-size and halves until it fits, so a large --batch-size fills
+the GPU. The next batches' images are read on a background thread (pinned memory on CUDA);
+--no-prefetch turns that off (results are identical either way).
 """
 from __future__ import annotations
 
@@ -61,6 +66,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-reg", type=float, default=d.latent_reg, help="weight of the latent-norm penalty")
     p.add_argument("--hidden", type=int, default=d.hidden, help="units per hidden layer (default 512)")
     p.add_argument("--layers", type=int, default=d.layers, help="hidden layers per network (default 3)")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=d.amp,
+                   help="mixed precision of the encoder/decoder networks (projection, FRC and loss stay "
+                        "float32): bf16 (CPU or recent GPUs), fp16 (CUDA only, with loss scaling) or off "
+                        "(default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder/decoder networks (falls back to eager mode with a warning "
+                        "when compilation fails)")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="read each batch's images when it is needed instead of on a background thread "
+                        "two batches ahead (same results)")
 
 
 def main(args) -> int:
@@ -76,7 +91,8 @@ def main(args) -> int:
                       changes=parse_changes(args.changes), seed=args.seed, features=args.features,
                       ctf_mode=args.ctf_mode, symmetry=args.symmetry, mask=args.mask, lowres_A=args.lowres,
                       highres_A=args.highres, val_fraction=args.val_fraction, latent_noise=args.latent_noise,
-                      latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers)
+                      latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers,
+                      amp=args.amp, compile=args.compile, prefetch=args.prefetch)
     resolve_device(args.device)  # a clear error before joining a process group
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/distributed.py)
     try:
