@@ -55,15 +55,8 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- writing the data
 def random_rotations_euler(n: int, rng) -> np.ndarray:
     from scipion_gmmhet.engine.conventions import matrix_to_euler
-    q = rng.normal(size=(n, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    w, x, y, z = q.T
-    M = np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], axis=-2)
-    return np.stack(matrix_to_euler(M), axis=1)
+    from scipion_gmmhet.engine.simulate import random_rotations
+    return np.stack(matrix_to_euler(random_rotations(n, rng)), axis=1)
 
 
 def write_star_fast(path: str, n: int, box: int, apix: float, stack_name: str, seed: int = 0,

@@ -39,24 +39,6 @@ from scipion_gmmhet.engine.fourier import fsc_table, resolution_at_threshold  # 
 from scipion_gmmhet.engine.mrc import read_map  # noqa: E402
 
 
-class TruthModels:
-    """Each particle's ground-truth GMM (the simulator's molecule at its conformation)."""
-
-    def __init__(self, mol, conformation: np.ndarray):
-        self.mol = mol
-        self.c = np.asarray(conformation, dtype=np.float64)
-        self.n = mol.n_without_subunit()
-        self.neutral_centers_A = mol.centers_A[:self.n]
-        self.median_sigma_A = float(mol.sigma_A)
-
-    def gaussians(self, rows, device):
-        B = len(rows)
-        cen = torch.as_tensor(self.mol.centers_A[:self.n]).expand(B, self.n, 3).clone()
-        cen[:, self.mol.arm_slice()] = self.mol.arm_centers(torch.as_tensor(self.c[np.asarray(rows)]))
-        return (cen.to(device), torch.full((B, self.n), float(self.mol.amplitude), device=device),
-                torch.full((B, self.n), float(self.mol.sigma_A), device=device))
-
-
 def perturb(rot: np.ndarray, org: np.ndarray, apix: float, deg_rms: float, px_rms: float, seed: int):
     """``R(v) @ A`` with ``v`` isotropic Gaussian of RMS norm ``deg_rms``; origins + Gaussian of RMS
     norm ``px_rms`` pixels."""
@@ -240,7 +222,7 @@ def main(argv=None) -> int:
     for model_kind in [m.strip() for m in args.model.split(",") if m.strip()]:
         t0 = time.time()
         if model_kind == "truth":
-            models = TruthModels(mol, truth["conformation"].to_numpy())
+            models = mol.conformation_models(truth["conformation"].to_numpy())
             rows = {}
             starts = [("perturbed", meta_p, rot_p, org_p), ("true poses", meta, rot_true, org_true)]
             for label, m, rot0, org0 in starts[:1] if args.skip_true else starts:

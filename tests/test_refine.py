@@ -19,22 +19,6 @@ from scipion_gmmhet.engine.gmm import GMM, project
 BOX, APIX = 32, 3.0
 
 
-class TruthModels:
-    """Each particle's ground-truth GMM (the simulator's molecule at its conformation)."""
-
-    def __init__(self, mol, conformation):
-        self.mol, self.c = mol, np.asarray(conformation, float)
-        self.n = mol.n_without_subunit()
-        self.neutral_centers_A = mol.centers_A[:self.n]
-        self.median_sigma_A = float(mol.sigma_A)
-
-    def gaussians(self, rows, device):
-        B = len(rows)
-        cen = torch.as_tensor(self.mol.centers_A[:self.n]).expand(B, self.n, 3).clone()
-        cen[:, self.mol.arm_slice()] = self.mol.arm_centers(torch.as_tensor(self.c[np.asarray(rows)]))
-        return cen, torch.full((B, self.n), float(self.mol.amplitude)), torch.full((B, self.n), float(self.mol.sigma_A))
-
-
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("refine_sim"))
@@ -45,7 +29,7 @@ def sim(tmp_path_factory):
     rot = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
     org = truth[["origin_x_A", "origin_y_A"]].to_numpy()
     return dict(dir=d, truth=truth, meta=meta, mol=mol, rot=rot, org=org,
-                models=TruthModels(mol, truth["conformation"].to_numpy()))
+                models=mol.conformation_models(truth["conformation"].to_numpy()))
 
 
 def perturb(rot, org, deg_rms=3.0, px_rms=1.0, seed=0):
@@ -119,6 +103,33 @@ def test_remove_rigid_motion_keeps_only_the_deformation():
     np.testing.assert_allclose(out[:, :30].numpy(), (c0[:30] + bump).numpy(), atol=0.02)
 
 
+def test_latent_models_remove_rigid_motion_only_for_models_trained_without_a_mask():
+    """Decoded models of a run where every Gaussian was free are rigid-fitted back onto the
+    neutral model; a focus-mask run's fixed Gaussians hold the frame, so its models are kept."""
+    from scipion_gmmhet.engine.gmm import GMM
+    rng = np.random.default_rng(4)
+    c0 = rng.normal(size=(50, 3)) * 15.0
+    neutral = GMM(c0, np.ones(50), np.full(50, 3.0), 32, 3.0, {})
+    shift = torch.tensor([2.0, -1.0, 0.5])
+
+    class Shifted:  # decodes every latent to the neutral model translated by `shift`
+        def __init__(self, mobile):
+            self.neutral, self.mobile = neutral, mobile
+
+        def decode(self, z):
+            B = z.shape[0]
+            c = torch.as_tensor(c0, dtype=torch.float32).expand(B, -1, -1) + shift
+            return c, torch.ones(B, 50), torch.full((B, 50), 3.0)
+
+    free = refine.LatentModels(Shifted(np.arange(50)), np.zeros((2, 2)))
+    masked = refine.LatentModels(Shifted(np.arange(10)), np.zeros((2, 2)))
+    assert free.rigid_gauge and not masked.rigid_gauge
+    c_free = free.gaussians(np.arange(2), "cpu")[0]
+    c_masked = masked.gaussians(np.arange(2), "cpu")[0]
+    np.testing.assert_allclose(c_free[0].numpy(), c0, atol=1e-3)
+    np.testing.assert_allclose(c_masked[0].numpy(), c0 + shift.numpy(), atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- refinement
 def test_refinement_recovers_perturbed_poses(sim):
     rot_p, org_p = perturb(sim["rot"], sim["org"], seed=11)
@@ -170,7 +181,7 @@ def test_focus_mask_refines_the_masked_domain(sim):
     v = rng.normal(size=(n, 3))
     v = 3.0 * v / np.linalg.norm(v, axis=1, keepdims=True)
     rot = sim["rot"][:n]
-    models = TruthModels(mol, np.full(n, 0.5))
+    models = mol.conformation_models(np.full(n, 0.5))
     cen, amp, sig = models.gaussians(np.arange(n), "cpu")
     A = torch.as_tensor(rot, dtype=torch.float32)
     A_arm = refine.rotvec_to_matrix(torch.as_tensor(v, dtype=torch.float32)) @ A

@@ -124,18 +124,23 @@ class LatentModels:
     sigmas_A (B,N)``, ``neutral``). ``latents`` ``(n_particles, K)``: row ``i`` is particle row
     ``i`` of the particles being refined (never paired by position with another list).
 
-    ``rigid_gauge`` (default True): a network trained on particles with pose errors learns to
-    explain them as motions of the whole model (on simulated data the decoded models' mean
-    translation correlates at 0.9 with the origin errors), which would hide exactly what the
-    refinement must find. Each decoded model is therefore brought back onto the neutral one
-    by its robust rigid fit (:func:`remove_rigid_motion`), so that only the deformation is kept
-    and the rigid part is left to the pose search.
+    ``rigid_gauge``: a network trained on particles with pose errors learns to explain them as
+    motions of the whole model (on simulated data the decoded models' mean translation
+    correlates at 0.9 with the origin errors), which would hide exactly what the refinement
+    must find. Each decoded model is therefore brought back onto the neutral one by its robust
+    rigid fit (:func:`remove_rigid_motion`), so that only the deformation is kept and the rigid
+    part is left to the pose search. Default (None): only when every Gaussian was free in
+    training; a model trained with a focus mask keeps the other Gaussians at the neutral model,
+    they hold the frame, and its decoded models are used as they are.
     """
 
-    def __init__(self, model, latents: np.ndarray, rigid_gauge: bool = True):
+    def __init__(self, model, latents: np.ndarray, rigid_gauge: bool | None = None):
         self.model = model
         self.latents = np.asarray(latents, dtype=np.float32)
-        self.rigid_gauge = rigid_gauge
+        if rigid_gauge is None:
+            mobile = getattr(model, "mobile", None)
+            rigid_gauge = mobile is None or len(np.asarray(mobile)) == len(model.neutral)
+        self.rigid_gauge = bool(rigid_gauge)
         self.neutral_centers_A = model.neutral.centers_A
         self.median_sigma_A = float(np.median(model.neutral.sigmas_A))
 

@@ -166,6 +166,10 @@ class Molecule:
         centers[self.arm_slice()] = self.arm_centers(torch.tensor([c]))[0].numpy()
         return centers
 
+    def conformation_models(self, conformation) -> "ConformationModels":
+        """Each particle's ground-truth GMM (no subunit) as a :class:`refine.ParticleModels`."""
+        return ConformationModels(self, conformation)
+
     def state_gmm(self, c: float, with_subunit: bool, info: dict | None = None) -> GMM:
         centers = self.state_centers(c, with_subunit)
         n = len(centers)
@@ -256,18 +260,42 @@ def build_molecule(box: int, apix: float, molecule_seed: int = 0, n_gaussians: i
 
 # ----------------------------------------------------------------------------- per-particle draws
 
-def draw_particles(n: int, kind: str, rng: np.random.Generator, apix: float, max_shift_px: float = 2.0,
-                   subunit_fraction: float = 0.5) -> pd.DataFrame:
-    """Ground truth of ``n`` particles: the ``truth.csv`` columns (without ``image_name``)."""
+class ConformationModels:
+    """The ground-truth GMM of each particle of a conformational set: the molecule without its
+    subunit, the arm at the particle's conformation ``conformation[row]``. Gives refinement
+    (:class:`refine.ParticleModels`) the exact models, the reference for trained ones."""
+
+    def __init__(self, mol: Molecule, conformation):
+        self.mol = mol
+        self.c = np.asarray(conformation, dtype=np.float64)
+        self.n = mol.n_without_subunit()
+        self.neutral_centers_A = mol.centers_A[:self.n]
+        self.median_sigma_A = float(mol.sigma_A)
+
+    def gaussians(self, rows, device):
+        B = len(rows)
+        cen = torch.as_tensor(self.mol.centers_A[:self.n], dtype=torch.float32).expand(B, self.n, 3).clone()
+        cen[:, self.mol.arm_slice()] = self.mol.arm_centers(torch.as_tensor(self.c[np.asarray(rows)]))
+        return (cen.to(device), torch.full((B, self.n), float(self.mol.amplitude), device=device),
+                torch.full((B, self.n), float(self.mol.sigma_A), device=device))
+
+
+def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` rotation matrices ``(n, 3, 3)`` uniform on SO(3) (normalised Gaussian quaternions)."""
     q = rng.normal(size=(n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     w, x, y, z = q.T
-    M = np.stack([
+    return np.stack([
         np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
         np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
         np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
     ], axis=-2)
-    rot, tilt, psi = matrix_to_euler(M)
+
+
+def draw_particles(n: int, kind: str, rng: np.random.Generator, apix: float, max_shift_px: float = 2.0,
+                   subunit_fraction: float = 0.5) -> pd.DataFrame:
+    """Ground truth of ``n`` particles: the ``truth.csv`` columns (without ``image_name``)."""
+    rot, tilt, psi = matrix_to_euler(random_rotations(n, rng))
     origin = rng.uniform(-max_shift_px, max_shift_px, size=(n, 2)) * apix
     du = rng.uniform(*DEFOCUS_RANGE_A, size=n)
     dv = du - rng.uniform(0.0, MAX_ASTIGMATISM_A, size=n)

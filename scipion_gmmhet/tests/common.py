@@ -168,3 +168,17 @@ def assertPosesMatchTruth(test, partSet, truth: pd.DataFrame, apix: float, n: in
     test.assertLess(err['defocus_A'], defocusTol, err)
     test.assertLess(err['defocus_angle_deg'], 1e-3, err)
     return err
+
+
+def assertPngNotBlank(test, path: str) -> None:
+    """``path`` is a PNG of a real plot: over 100 px high, not one flat colour (at least 4
+    colours, none covering 99% of the pixels)."""
+    import matplotlib.image as mpimg
+    test.assertTrue(os.path.isfile(path), path)
+    img = np.asarray(mpimg.imread(path), dtype=np.float64)[..., :3]
+    test.assertGreater(img.shape[0], 100)
+    test.assertGreater(img.std(), 0.01, path)
+    flat = (img * 255).astype(np.uint8).reshape(-1, 3)
+    _, counts = np.unique(flat, axis=0, return_counts=True)
+    test.assertGreater(len(counts), 3, path)
+    test.assertLess(counts.max() / counts.sum(), 0.99, path)

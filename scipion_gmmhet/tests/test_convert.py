@@ -10,7 +10,6 @@ import pickle
 
 import mrcfile
 import numpy as np
-import pandas as pd
 from scipy.spatial.transform import Rotation
 
 import pwem.convert.transformations as tfs

@@ -30,7 +30,7 @@ from scipion_gmmhet.engine.mrc import read_map
 from scipion_gmmhet.engine.star import read_star
 from scipion_gmmhet.protocols.protocol_cluster import ProtGmmhetCluster
 from scipion_gmmhet.protocols.protocol_train import GMM_FILE_ATTR, ProtGmmhetTrain
-from scipion_gmmhet.tests.common import (runImportParticlesStar, runImportVolume,
+from scipion_gmmhet.tests.common import (assertPngNotBlank, runImportParticlesStar, runImportVolume,
                                          simulateDataset, writeRelionImportStar)
 
 N = 240
@@ -41,18 +41,6 @@ EPOCHS = 2
 K = 2
 STEPS = 3
 N_GAUSS = 64
-
-
-def _pngIsNotBlank(test, path):
-    import matplotlib.image as mpimg
-    test.assertTrue(os.path.isfile(path), path)
-    img = np.asarray(mpimg.imread(path), dtype=np.float64)[..., :3]
-    test.assertGreater(img.shape[0], 100)
-    test.assertGreater(img.std(), 0.01, path)
-    flat = (img * 255).astype(np.uint8).reshape(-1, 3)
-    _, counts = np.unique(flat, axis=0, return_counts=True)
-    test.assertGreater(len(counts), 3, path)
-    test.assertLess(counts.max() / counts.sum(), 0.99, path)
 
 
 class TestProtocolCluster(BaseTest):
@@ -211,7 +199,7 @@ class TestProtocolCluster(BaseTest):
         outDir = os.path.abspath(self.proj.getTmpPath('cluster_report'))
         files = writeClusterReport(self.protCluster, outDir)
         for name in ('embedding_pca', 'sizes', 'fsc'):
-            _pngIsNotBlank(self, files[name])
+            assertPngNotBlank(self, files[name])
         cxc = open(files['chimerax']).read()
         self.assertEqual(cxc.count('open '), 2 * K)
         for line in cxc.splitlines():

@@ -26,20 +26,12 @@ from scipion_gmmhet.engine import conventions
 from scipion_gmmhet.engine.star import read_star, write_star
 from scipion_gmmhet.protocols.protocol_refine import ProtGmmhetRefine
 from scipion_gmmhet.protocols.protocol_train import GMM_FILE_ATTR, ProtGmmhetTrain
-from scipion_gmmhet.tests.common import (runImportParticlesStar, runImportVolume, simulateDataset,
+from scipion_gmmhet.tests.common import (assertPngNotBlank, runImportParticlesStar, runImportVolume, simulateDataset,
                                          truthByImage, writeRelionImportStar)
 
 N = 96
 BOX = 32
 APIX = 4.0
-
-
-def _pngIsNotBlank(test, path):
-    import matplotlib.image as mpimg
-    test.assertTrue(os.path.isfile(path), path)
-    img = np.asarray(mpimg.imread(path), dtype=np.float64)[..., :3]
-    test.assertGreater(img.shape[0], 100)
-    test.assertGreater(img.std(), 0.01, path)
 
 
 def _perturbedStar(starFn, outFn, seed=0):
@@ -160,8 +152,8 @@ class TestProtocolRefine(BaseTest):
             self.assertIsNotNone(self.protRefine.getResolution(which))
         from scipion_gmmhet.viewers.viewer_refine import writeRefineReport
         out = writeRefineReport(self.protRefine, self.proj.getPath('refine_report'))
-        _pngIsNotBlank(self, out['changes'])
-        _pngIsNotBlank(self, out['fsc'])
+        assertPngNotBlank(self, out['changes'])
+        assertPngNotBlank(self, out['fsc'])
         with open(out['chimerax']) as f:
             self.assertEqual(f.read().count('open '), 2)
 

@@ -31,7 +31,7 @@ from scipion_gmmhet.engine.star import read_star, write_star
 from scipion_gmmhet.protocols import ProtGmmhetTrain
 from scipion_gmmhet.protocols.protocol_train import (FLEX_PROG_NAME, GMM_FILE_ATTR,
                                                      latentRowsById)
-from scipion_gmmhet.tests.common import (runImportParticlesStar, runImportVolume,
+from scipion_gmmhet.tests.common import (assertPngNotBlank, runImportParticlesStar, runImportVolume,
                                          simulateDataset, writeRelionImportStar)
 
 N = 300
@@ -45,18 +45,6 @@ N_GAUSS = 64
 
 def _hasBuildProtocol():
     return importlib.util.find_spec('scipion_gmmhet.protocols.protocol_build_gmm') is not None
-
-
-def _pngIsNotBlank(test, path):
-    import matplotlib.image as mpimg
-    test.assertTrue(os.path.isfile(path), path)
-    img = np.asarray(mpimg.imread(path), dtype=np.float64)[..., :3]
-    test.assertGreater(img.shape[0], 100)
-    test.assertGreater(img.std(), 0.01, path)
-    flat = (img * 255).astype(np.uint8).reshape(-1, 3)
-    _, counts = np.unique(flat, axis=0, return_counts=True)
-    test.assertGreater(len(counts), 3, path)
-    test.assertLess(counts.max() / counts.sum(), 0.99, path)
 
 
 def _md5(path):
@@ -238,13 +226,13 @@ class TestProtocolTrain(BaseTest):
         latent = self._latentById(self.protTrain)
         np.testing.assert_allclose(z, np.array([latent[i] for i in ids]), atol=1e-6)
         self.protTrain.outputParticles.close()
-        _pngIsNotBlank(self, writeLatentPng(self.protTrain, os.path.join(outDir, 'pca.png'),
+        assertPngNotBlank(self, writeLatentPng(self.protTrain, os.path.join(outDir, 'pca.png'),
                                             method='pca', colorBy='defocus'))
-        _pngIsNotBlank(self, writeLatentPng(self.protTrain, os.path.join(outDir, 'z1.png'),
+        assertPngNotBlank(self, writeLatentPng(self.protTrain, os.path.join(outDir, 'z1.png'),
                                             method='pca', colorBy='z1', kind='scatter'))
-        _pngIsNotBlank(self, writeLatentPng(self.protTrain, os.path.join(outDir, 'hex.png'),
+        assertPngNotBlank(self, writeLatentPng(self.protTrain, os.path.join(outDir, 'hex.png'),
                                             method='pca', kind='hexbin'))
-        _pngIsNotBlank(self, writeLossPng(self.protTrain, os.path.join(outDir, 'loss.png')))
+        assertPngNotBlank(self, writeLossPng(self.protTrain, os.path.join(outDir, 'loss.png')))
         # the viewer object itself (the GUI's code path, Agg backend): it saves its PNGs
         from scipion_gmmhet.viewers.viewer_train import COLOR_LATENT, GmmhetTrainViewer
         viewer = GmmhetTrainViewer(project=self.proj, protocol=self.protTrain)
@@ -253,10 +241,10 @@ class TestProtocolTrain(BaseTest):
         viewer.latentIndex.set(2)
         views = viewer._showLatent()
         self.assertEqual(len(views), 1)
-        _pngIsNotBlank(self, viewer._pngPath('latent_pca'))
+        assertPngNotBlank(self, viewer._pngPath('latent_pca'))
         views[0].close()
         views = viewer._showLoss()
-        _pngIsNotBlank(self, viewer._pngPath('loss'))
+        assertPngNotBlank(self, viewer._pngPath('loss'))
         views[0].close()
         self.protTrain.outputParticles.close()
 

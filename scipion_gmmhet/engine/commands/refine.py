@@ -179,10 +179,7 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
                      star, n, z.shape[0])
     if latents is None:
         latents = tm.encode_particles(star, device=str(device))[::n_ops]
-    # a model trained with a focus mask keeps the other Gaussians at the neutral model: they fix
-    # the frame, so no rigid motion is removed from the decoded models
-    all_mobile = len(np.asarray(tm.mobile)) == len(tm.neutral)
-    models = refine.LatentModels(tm, latents, rigid_gauge=all_mobile)
+    models = refine.LatentModels(tm, latents)
     focus = focus_mask_gaussians(tm.neutral, args.mask) if args.mask else None
     lowres = args.lowres if args.lowres is not None else cfg.get("lowres_A")
     highres = args.highres  # default: the model's own resolution (refine.refine_poses), finer than
