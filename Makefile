@@ -17,6 +17,9 @@ export SCIPION_TESTS_OUTPUT := $(SCIPION_HOME)/data/Tests
 export PATH := $(VENV)/bin:$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
+# Tests, the demo and Scipion's protocol subprocesses import this checkout's code (also from a
+# git worktree that shares the .venv of another checkout).
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 # Scipion-harness test modules shipped inside the package (python -m scipion tests ...).
 HARNESS_TESTS := scipion_gmmhet.tests

@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import common  # noqa: E402
 from bench_latent_quality import dataset, neutral_gmm  # noqa: E402
-from scipion_gmmhet.engine import analysis as an  # noqa: E402
+from scipion_gmmhet.engine.analysis import latent as an  # noqa: E402
 from scipion_gmmhet.engine.cli import main as gmmhet  # noqa: E402
-from scipion_gmmhet.engine.fourier import fsc_table  # noqa: E402
-from scipion_gmmhet.engine.mrc import read_map  # noqa: E402
+from scipion_gmmhet.engine.model.fourier import fsc_table  # noqa: E402
+from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
 
 
 def truth_maps(d: str, kind: str) -> dict[int, str]:

@@ -45,12 +45,12 @@ from sklearn.metrics import adjusted_rand_score
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from scipion_gmmhet.engine.build import build_gmm  # noqa: E402
-from scipion_gmmhet.engine.features import Particles  # noqa: E402
-from scipion_gmmhet.engine.gmm import GMM  # noqa: E402
-from scipion_gmmhet.engine.mrc import read_map  # noqa: E402
-from scipion_gmmhet.engine.simulate import simulate  # noqa: E402
-from scipion_gmmhet.engine.train import TrainConfig, train  # noqa: E402
+from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
+from scipion_gmmhet.engine.training.features import Particles  # noqa: E402
+from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
+from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
+from scipion_gmmhet.engine.simulation.simulate import simulate  # noqa: E402
+from scipion_gmmhet.engine.training.train import TrainConfig, train  # noqa: E402
 
 log = logging.getLogger("bench_latent_quality")
 

@@ -55,7 +55,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- writing the data
 def random_rotations_euler(n: int, rng) -> np.ndarray:
     from scipion_gmmhet.engine.conventions import matrix_to_euler
-    from scipion_gmmhet.engine.simulate import random_rotations
+    from scipion_gmmhet.engine.simulation.simulate import random_rotations
     return np.stack(matrix_to_euler(random_rotations(n, rng)), axis=1)
 
 
@@ -147,7 +147,7 @@ def read_pass(images, rows: np.ndarray, batch: int, seed: int, segments: int = 1
 
 
 def synthetic_gmm(box: int, apix: float, n_gauss: int, seed: int = 0):
-    from scipion_gmmhet.engine.gmm import GMM
+    from scipion_gmmhet.engine.model.gmm import GMM
     rng = np.random.default_rng(seed)
     r = 0.3 * box * apix
     u = rng.normal(size=(n_gauss, 3))
@@ -161,10 +161,10 @@ def train_path(star: str, n_gauss: int, batch: int, n_batches: int, positions: l
     """The training data path (on-the-fly features + one optimiser step per batch, as train.py)
     for ``n_batches`` batches at each of ``positions`` (fractions of the set)."""
     import torch
-    from scipion_gmmhet.engine import train as T
-    from scipion_gmmhet.engine.features import GradientFeatures, Particles, feature_param_types
-    from scipion_gmmhet.engine.fourier import RingBinner
-    from scipion_gmmhet.engine.model import HetModel
+    from scipion_gmmhet.engine.training import train as T
+    from scipion_gmmhet.engine.training.features import GradientFeatures, Particles, feature_param_types
+    from scipion_gmmhet.engine.model.fourier import RingBinner
+    from scipion_gmmhet.engine.model.networks import HetModel
 
     out = {"n_gauss": n_gauss, "batch": batch, "batches_per_position": n_batches}
     with common.PeakMemory() as mem:
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
 
     reuse = False
     if args.reuse and os.path.exists(stack_path) and os.path.exists(star_path):
-        from scipion_gmmhet.engine.mrc import open_stack
+        from scipion_gmmhet.engine.io.mrc import open_stack
         s = open_stack(stack_path)
         reuse = s.shape == (n, args.box, args.box)
         del s
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     res["stack_gb"] = os.path.getsize(stack_path) / 2 ** 30
     res["star_mb"] = os.path.getsize(star_path) / 2 ** 20
 
-    from scipion_gmmhet.engine import data, metadata
+    from scipion_gmmhet.engine.io import data, metadata
     gc.collect()
     with common.PeakMemory() as mem:
         t0 = time.perf_counter()

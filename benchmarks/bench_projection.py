@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scipion_gmmhet.engine import build, conventions, fourier, gmm  # noqa: E402
+from scipion_gmmhet.engine.model import build, fourier, gmm  # noqa: E402
+from scipion_gmmhet.engine import conventions  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -140,8 +141,8 @@ def fidelity_table():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     import test_build as tb
     import tempfile
-    from scipion_gmmhet.engine.mrc import read_map
-    from scipion_gmmhet.engine.simulate import simulate
+    from scipion_gmmhet.engine.io.mrc import read_map
+    from scipion_gmmhet.engine.simulation.simulate import simulate
     with tempfile.TemporaryDirectory() as tmp:
         sim = read_map(simulate(tmp, "conformational", n=16, box=64, apix=2.0, snr=1.0, seed=0)["consensus"])
     maps = {"simulator consensus, conformational (box 64, 2 A/px)": sim,

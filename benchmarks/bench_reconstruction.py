@@ -32,11 +32,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import common  # noqa: E402
-from scipion_gmmhet.engine import reconstruct as rc  # noqa: E402
-from scipion_gmmhet.engine.fourier import fsc_table, resolution_at_threshold  # noqa: E402
-from scipion_gmmhet.engine.metadata import read_particles  # noqa: E402
-from scipion_gmmhet.engine.mrc import read_map  # noqa: E402
-from scipion_gmmhet.engine.simulate import simulate  # noqa: E402
+from scipion_gmmhet.engine.analysis import reconstruct as rc  # noqa: E402
+from scipion_gmmhet.engine.model.fourier import fsc_table, resolution_at_threshold  # noqa: E402
+from scipion_gmmhet.engine.io.metadata import read_particles  # noqa: E402
+from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
+from scipion_gmmhet.engine.simulation.simulate import simulate  # noqa: E402
 
 
 def peak_shift(a: np.ndarray, b: np.ndarray) -> list[int]:

@@ -31,12 +31,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scipion_gmmhet.engine import metadata, refine, simulate  # noqa: E402
+from scipion_gmmhet.engine.io import metadata  # noqa: E402
+from scipion_gmmhet.engine.analysis import refine  # noqa: E402
+from scipion_gmmhet.engine.simulation import simulate  # noqa: E402
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler  # noqa: E402
-from scipion_gmmhet.engine.data import ParticleImages  # noqa: E402
-from scipion_gmmhet.engine.features import Particles  # noqa: E402
-from scipion_gmmhet.engine.fourier import fsc_table, resolution_at_threshold  # noqa: E402
-from scipion_gmmhet.engine.mrc import read_map  # noqa: E402
+from scipion_gmmhet.engine.io.data import ParticleImages  # noqa: E402
+from scipion_gmmhet.engine.training.features import Particles  # noqa: E402
+from scipion_gmmhet.engine.model.fourier import fsc_table, resolution_at_threshold  # noqa: E402
+from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
 
 
 def perturb(rot: np.ndarray, org: np.ndarray, apix: float, deg_rms: float, px_rms: float, seed: int):
@@ -53,7 +55,7 @@ def write_arm_mask(mol, path: str, invert: bool = False) -> str:
     """A binary mask (box^3, the map's pixel size) of the voxels within 1.5 px of the arm's
     Gaussian centres, as a user would draw around the moving domain (``invert``: everything
     else, i.e. the rigid core)."""
-    from scipion_gmmhet.engine.mrc import write_map
+    from scipion_gmmhet.engine.io.mrc import write_map
     box, apix = mol.box, mol.apix
     arm = mol.centers_A[mol.arm_slice()] / apix + box // 2  # voxel coordinates (x, y, z)
     g = np.arange(box)
@@ -73,7 +75,7 @@ def pose_errors(rot, org, rot_true, org_true, apix):
 
 
 def fsc_vs_truth(meta, truth_map, device) -> dict:
-    from scipion_gmmhet.engine.reconstruct import reconstruct_particles
+    from scipion_gmmhet.engine.analysis.reconstruct import reconstruct_particles
     rec = reconstruct_particles(meta, device=device, progress=False)
     t = fsc_table(rec.volume, truth_map, meta.apix)
     nyq = len(t["fsc"])

@@ -89,11 +89,11 @@ import common  # noqa: E402
 
 import torch  # noqa: E402
 
-from scipion_gmmhet.engine import train as T  # noqa: E402
+from scipion_gmmhet.engine.training import train as T  # noqa: E402
 from scipion_gmmhet.engine.conventions import ctf_2d, euler_to_matrix, fourier_to_image, fourier_grid  # noqa: E402
-from scipion_gmmhet.engine.features import ArrayImages, Particles  # noqa: E402
-from scipion_gmmhet.engine.fourier import RingBinner  # noqa: E402
-from scipion_gmmhet.engine.gmm import GMM, project  # noqa: E402
+from scipion_gmmhet.engine.training.features import ArrayImages, Particles  # noqa: E402
+from scipion_gmmhet.engine.model.fourier import RingBinner  # noqa: E402
+from scipion_gmmhet.engine.model.gmm import GMM, project  # noqa: E402
 
 PHYSICAL_BOX_A = 192.0  # box 64 at 3 A/px, box 128 at 1.5 A/px: same molecule, finer sampling
 
@@ -199,7 +199,7 @@ def _train_once(particles, neutral, cfg, device):
     """One run of ``train.train`` in a temporary directory, with the train logger captured:
     (summary, capture, wall seconds, PeakMemory)."""
     cap = _Capture()
-    lg = logging.getLogger("scipion_gmmhet.engine.train")
+    lg = logging.getLogger("scipion_gmmhet.engine.training.train")
     lg.addHandler(cap)
     old_level = lg.level
     lg.setLevel(logging.INFO)

@@ -260,7 +260,7 @@ def simulate(args, work: str) -> dict:
 
 
 def write_subset_star(star: str, rows: np.ndarray, out: str) -> None:
-    from scipion_gmmhet.engine import metadata
+    from scipion_gmmhet.engine.io import metadata
     meta = metadata.read_particles(star)
     metadata.write_particles(out, meta.subset(rows))
 

@@ -8,7 +8,7 @@ canonical RELION 3.1 star (and back) only in :mod:`scipion_gmmhet.convert`.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 _references = ['Chen2021', 'Zhong2021']
 
 

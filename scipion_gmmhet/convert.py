@@ -28,7 +28,7 @@ Conventions
     ``SetOfParticles.isPhaseFlipped()`` / ``isAmplitudeCorrected()``.
 
 External pose sources (for "import poses"): RELION stars and cryoSPARC ``.cs`` are read with
-``engine.metadata.read_particles`` (which documents the cryoSPARC convention); cryoDRGN pose
+``engine.io.metadata.read_particles`` (which documents the cryoSPARC convention); cryoDRGN pose
 pickles are read here: ``(rot, trans)`` with ``rot`` ``(N, 3, 3)`` equal to RELION's ``A``
 (cryoDRGN's ``R_from_relion(rot, tilt, psi)``; its ``parse_pose_csparc`` stores the
 transposed Rodrigues matrix, the same ``A``) and ``trans`` ``(N, 2)`` the RELION origin as a
@@ -252,7 +252,7 @@ def writeSetOfParticles(partSet, starFn: str, outputDir: str | None = None,
     for l, values in extras.items():
         particles[l] = values
 
-    from .engine.metadata import ParticleMetadata, write_particles
+    from .engine.io.metadata import ParticleMetadata, write_particles
     meta = ParticleMetadata(particles, optics, os.path.dirname(os.path.abspath(starFn)), starFn)
     write_particles(starFn, meta)
     return len(ids)
@@ -278,7 +278,7 @@ def readParticleIds(starFn: str, block: str = 'particles') -> np.ndarray:
     """The Scipion particle id of every row of a canonical star (``rlnGmmhetParticleId``), in
     row order: row ``i`` of any engine result (latent.npy, labels.npy) belongs to particle
     ``readParticleIds(star)[i]``."""
-    from .engine.star import read_star
+    from .engine.io.star import read_star
     blocks = read_star(starFn)
     if block not in blocks:
         raise InputError("%s: no data_%s block; give a star written by this plugin" % (starFn, block))
@@ -288,7 +288,7 @@ def readParticleIds(starFn: str, block: str = 'particles') -> np.ndarray:
 def iterStarRowsById(starFn: str, block: str = 'particles'):
     """Yield ``(particleId, row)`` for every row of ``block`` of a star file, with ``row`` a
     dict ``{column: value}`` and ``particleId`` its ``rlnGmmhetParticleId`` (unique)."""
-    from .engine.star import read_star
+    from .engine.io.star import read_star
     blocks = read_star(starFn)
     if block not in blocks:
         raise InputError("%s: no data_%s block; give a particle star file" % (starFn, block))
@@ -308,7 +308,7 @@ def readPosesIntoSet(inputSet, starFn: str, outputSet, extraCallback=None) -> tu
     columns); setting ``particle._appendItem = False`` drops the particle. Particles without a
     row are left out. Returns ``(number written, ids of input particles without a row)``.
     """
-    from .engine.metadata import read_particles
+    from .engine.io.metadata import read_particles
     meta = read_particles(starFn)
     ids = _particleIds(meta.particles, starFn)
     matrices = relionToAlignProj(meta.euler_deg(), meta.origins_A(), inputSet.getSamplingRate())
@@ -360,7 +360,7 @@ class PoseTable:
 def readStarOrCsPoses(fn: str, pixelSize: float) -> PoseTable:
     """Poses of a RELION star (3.0-5) or cryoSPARC ``.cs`` via the engine's reader; shifts in
     pixels of ``pixelSize`` (the target particles' sampling rate)."""
-    from .engine.metadata import read_particles
+    from .engine.io.metadata import read_particles
     meta = read_particles(fn)
     if len(meta) == 0:
         raise InputError("%s: no particles in the file; give a particle star/.cs file" % fn)

@@ -54,7 +54,7 @@ def run(args) -> dict:
     from pwem.protocols import ProtImportParticles, ProtImportVolumes
     from pyworkflow.project import Manager
 
-    from .engine.simulate import simulate
+    from .engine.simulation.simulate import simulate
     from .protocols import (ProtGmmhetBuildGmm, ProtGmmhetCluster, ProtGmmhetRefine,
                             ProtGmmhetTrain)
     from .tests.common import writeRelionImportStar

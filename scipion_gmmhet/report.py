@@ -15,7 +15,7 @@ import pandas as pd
 def _truth_rows_for_star(star_fn: str, truth: pd.DataFrame) -> np.ndarray:
     """For each particle row of a canonical star, the matching row of truth.csv."""
     from .convert import imageKey
-    from .engine.star import read_star
+    from .engine.io.star import read_star
 
     parts = read_star(star_fn)["particles"]
     lookup = {}
@@ -95,7 +95,7 @@ def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=N
         labels = None
         if cluster is not None:
             by_id = cluster.getLabelsById()
-            from .engine.star import read_star
+            from .engine.io.star import read_star
             ids = read_star(train.getParticlesStar())["particles"]["rlnGmmhetParticleId"].to_numpy(int)
             labels = np.array([by_id.get(int(i), -1) for i in ids])
         m = latent_metrics(z, t, labels)

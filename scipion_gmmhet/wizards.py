@@ -9,11 +9,11 @@ from .protocols import ProtGmmhetBuildGmm
 
 def suggestedNumberOfGaussians(protocol) -> int:
     """The number of Gaussians "build Gaussian model" chooses itself for the form's map, mask
-    and target resolution (``engine.build.choose_n_gaussians``: twice the molecular volume
+    and target resolution (``engine.model.build.choose_n_gaussians``: twice the molecular volume
     above the map's density threshold over the resolution cubed, in [32, 16384])."""
-    from .engine.build import choose_n_gaussians
+    from .engine.model.build import choose_n_gaussians
     from .engine.errors import InputError
-    from .engine.mrc import read_map
+    from .engine.io.mrc import read_map
 
     volume = protocol.inputVolume.get()
     if volume is None:

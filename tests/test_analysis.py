@@ -1,4 +1,4 @@
-"""Tests of engine/analysis.py and `gmmhet analyze`.
+"""Tests of engine/analysis/latent.py and `gmmhet analyze`.
 
 A small stand-in for train.TrainedModel (same interface: ``neutral``, ``zdim``, ``decode``,
 ``gmm_at``, ``latents``) has a known linear decoder, so every analysis result has a known
@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-from scipion_gmmhet.engine import analysis as an
+from scipion_gmmhet.engine.analysis import latent as an
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.gmm import GMM
+from scipion_gmmhet.engine.model.gmm import GMM
 
 
 class StandInModel:
@@ -184,7 +184,7 @@ def test_plots_not_blank(tmp_path):
 
 @pytest.fixture(scope="module")
 def compositional(tmp_path_factory):
-    from scipion_gmmhet.engine.simulate import simulate
+    from scipion_gmmhet.engine.simulation.simulate import simulate
     out = tmp_path_factory.mktemp("sim_comp")
     res = simulate(str(out), "compositional", n=400, box=32, apix=6.0, snr=1.0, seed=5)
     return res
@@ -192,10 +192,10 @@ def compositional(tmp_path_factory):
 
 def test_analyze_cli_compositional(compositional, tmp_path, monkeypatch):
     """Latents = truth composition + noise: the classes, their reconstructions and the GMM maps."""
-    from scipion_gmmhet.engine import train as train_mod
+    from scipion_gmmhet.engine.training import train as train_mod
     from scipion_gmmhet.engine.cli import main
-    from scipion_gmmhet.engine.fourier import fsc_table
-    from scipion_gmmhet.engine.mrc import read_map
+    from scipion_gmmhet.engine.model.fourier import fsc_table
+    from scipion_gmmhet.engine.io.mrc import read_map
     truth = pd.read_csv(compositional["truth_csv"])
     comp = truth["composition"].to_numpy()
     rng = np.random.default_rng(6)
@@ -237,7 +237,7 @@ def test_analyze_cli_compositional(compositional, tmp_path, monkeypatch):
     assert np.load(out / "embedding_pca.npy").shape == (comp.size, 2)
     # a star with another number of particles is refused
     other = tmp_path / "other.star"
-    from scipion_gmmhet.engine.metadata import read_particles, write_particles
+    from scipion_gmmhet.engine.io.metadata import read_particles, write_particles
     meta = read_particles(compositional["star"])
     write_particles(str(other), meta.subset(np.arange(10)))
     assert main(["analyze", "--train", str(tmp_path), "--particles", str(other), "--clusters", "2",
@@ -247,9 +247,9 @@ def test_analyze_cli_compositional(compositional, tmp_path, monkeypatch):
 def test_analyze_cli_domain_motion_and_even_odd(tmp_path, monkeypatch):
     """No particles: clusters, GMM maps, PC trajectories, the domain motion from a mask and the
     even/odd report, all from the model and its latents."""
-    from scipion_gmmhet.engine import train as train_mod
+    from scipion_gmmhet.engine.training import train as train_mod
     from scipion_gmmhet.engine.cli import main
-    from scipion_gmmhet.engine.mrc import read_map, write_map
+    from scipion_gmmhet.engine.io.mrc import read_map, write_map
     g = _neutral(n=40, box=24, apix=4.0)
     W = np.zeros((2, len(g), 3))
     W[0, :, 0] = 2.0            # z0 shifts everything
@@ -289,7 +289,7 @@ def test_whitened_clustering_separates_composition_from_a_wider_motion():
     k-means finds the composition; centres stay in latent coordinates."""
     from sklearn.metrics import adjusted_rand_score
 
-    from scipion_gmmhet.engine.analysis import cluster_latents
+    from scipion_gmmhet.engine.analysis.latent import cluster_latents
     rng = np.random.default_rng(0)
     n = 1000
     comp = rng.integers(0, 2, n)

@@ -24,11 +24,11 @@ import pandas as pd
 import pytest
 import torch
 
-from scipion_gmmhet.engine import atomic, star
+from scipion_gmmhet.engine.io import atomic, star
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.gmm import GMM
-from scipion_gmmhet.engine.mrc import open_stack, read_map, write_map, write_stack
-from scipion_gmmhet.engine.star import read_star, write_star
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.io.mrc import open_stack, read_map, write_map, write_stack
+from scipion_gmmhet.engine.io.star import read_star, write_star
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,7 @@ _CHILD = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
     import numpy as np, pandas as pd
-    from scipion_gmmhet.engine import atomic, mrc, star
+    from scipion_gmmhet.engine.io import atomic, mrc, star
     import mrcfile.mrcfile
 
     what, dest, marker = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -185,7 +185,7 @@ _LOOP = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
     import numpy as np, torch
-    from scipion_gmmhet.engine import atomic, mrc
+    from scipion_gmmhet.engine.io import atomic, mrc
     ckpt, stack, ready = sys.argv[1], sys.argv[2], sys.argv[3]
     k = 0
     while True:
@@ -199,7 +199,7 @@ _LOOP = textwrap.dedent("""
 
 
 def test_sigkill_at_random_moments_never_leaves_a_broken_file(tmp_path):
-    """A child rewrites a checkpoint (engine/atomic.py) and a stack (mrc.write_stack) in a loop;
+    """A child rewrites a checkpoint (engine/io/atomic.py) and a stack (mrc.write_stack) in a loop;
     killed at random moments, each file on disk is always one complete version."""
     script = tmp_path / "loop.py"
     script.write_text(_LOOP.format(repo=REPO))
@@ -273,7 +273,7 @@ def test_existing_writers_keep_the_old_file_on_a_failed_write(tmp_path, monkeypa
 
 
 def test_existing_writers_report_disk_full_as_input_error(tmp_path, monkeypatch):
-    """write_star, write_map, write_stack and GMM.save go through engine/atomic.py: a full disk
+    """write_star, write_map, write_stack and GMM.save go through engine/io/atomic.py: a full disk
     is the one-line InputError and no '*.tmp' is left behind."""
     import builtins
     import mrcfile.mrcfile
@@ -374,7 +374,7 @@ def test_real_disk_full_existing_writers_keep_old_files(small_disk):
 def test_real_disk_full_in_the_simulator_is_one_clear_line(small_disk):
     """simulate.py writes its memory-mapped stack through atomic.py after reserving its blocks:
     a full disk is the one-line InputError (not a SIGBUS) and no '*.tmp' is left."""
-    from scipion_gmmhet.engine.simulate import simulate
+    from scipion_gmmhet.engine.simulation.simulate import simulate
 
     out = small_disk / "sim"
     with pytest.raises(InputError) as e:
@@ -386,15 +386,15 @@ def test_real_disk_full_in_the_simulator_is_one_clear_line(small_disk):
 
 def test_reconstruct_and_analysis_writers_report_disk_full_in_one_line(tmp_path, monkeypatch, capsys):
     """`gmmhet reconstruct` (its FSC csv) and the analysis writers (.cmm/.bild, npy, json, csv)
-    go through engine/atomic.py: a full disk is exit status 2 with one line naming the file,
+    go through engine/io/atomic.py: a full disk is exit status 2 with one line naming the file,
     and no '*.tmp' is left."""
     import builtins
 
-    from scipion_gmmhet.engine import analysis
+    from scipion_gmmhet.engine.analysis import latent as analysis
     from scipion_gmmhet.engine.cli import main
     from scipion_gmmhet.engine.commands import analyze
     from scipion_gmmhet.engine.commands import refine as refine_cmd
-    from scipion_gmmhet.engine.simulate import simulate
+    from scipion_gmmhet.engine.simulation.simulate import simulate
 
     sim = tmp_path / "sim"
     simulate(str(sim), "homogeneous", n=64, box=32, snr=10.0, seed=0)

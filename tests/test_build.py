@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from scipion_gmmhet.engine import build, cli, fourier, gmm
+from scipion_gmmhet.engine.model import build, fourier, gmm
+from scipion_gmmhet.engine import cli
 from scipion_gmmhet.engine.errors import InputError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,7 +175,7 @@ def test_bad_input(case):
 
 def test_cli_build(tmp_path, capsys, caplog):
     caplog.set_level("INFO", logger="gmmhet.build")
-    from scipion_gmmhet.engine.mrc import read_map, write_map
+    from scipion_gmmhet.engine.io.mrc import read_map, write_map
     vol, apix = synthetic_map(box=32, apix=3.0), 3.0
     write_map(str(tmp_path / "map.mrc"), vol, apix)
     out = tmp_path / "out"
@@ -219,8 +220,8 @@ def test_same_seed_same_model():
 @pytest.mark.parametrize("resolution_A", [12.0, 8.0])
 def test_fidelity_simulator_consensus(tmp_path, resolution_A):
     """The simulator's consensus map (population mean of a conformational dataset)."""
-    simulate = pytest.importorskip("scipion_gmmhet.engine.simulate").simulate
-    from scipion_gmmhet.engine.mrc import read_map
+    simulate = pytest.importorskip("scipion_gmmhet.engine.simulation.simulate").simulate
+    from scipion_gmmhet.engine.io.mrc import read_map
     vol, apix = read_map(simulate(str(tmp_path), "conformational", n=8, box=40, apix=2.5, snr=1.0,
                                   seed=0)["consensus"])
     res, fsc_lp, fsc_raw, s = fidelity(vol, apix, resolution_A)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from scipion_gmmhet.engine.cli import main
-from scipion_gmmhet.engine.metadata import read_particles
-from scipion_gmmhet.engine.mrc import write_stack
-from scipion_gmmhet.engine.star import read_star
+from scipion_gmmhet.engine.io.metadata import read_particles
+from scipion_gmmhet.engine.io.mrc import write_stack
+from scipion_gmmhet.engine.io.star import read_star
 
 
 def _same(a, b):

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scipion_gmmhet.engine.data import ParticleImages
+from scipion_gmmhet.engine.io.data import ParticleImages
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.metadata import ParticleMetadata, read_particles
-from scipion_gmmhet.engine.mrc import write_stack
+from scipion_gmmhet.engine.io.metadata import ParticleMetadata, read_particles
+from scipion_gmmhet.engine.io.mrc import write_stack
 
 
 def _meta(tmp_path, names, box=8):

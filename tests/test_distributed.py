@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from scipion_gmmhet.engine.distributed import Dist, init_from_env
-from scipion_gmmhet.engine.features import Particles
-from scipion_gmmhet.engine.gmm import GMM
-from scipion_gmmhet.engine.simulate import simulate
-from scipion_gmmhet.engine.train import TrainConfig, train
+from scipion_gmmhet.engine.training.distributed import Dist, init_from_env
+from scipion_gmmhet.engine.training.features import Particles
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.simulation.simulate import simulate
+from scipion_gmmhet.engine.training.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

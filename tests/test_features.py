@@ -7,12 +7,12 @@ import torch
 
 from scipion_gmmhet.engine.conventions import euler_to_matrix
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.features import (ArrayImages, FeatureCache, GradientFeatures, Particles,
+from scipion_gmmhet.engine.training.features import (ArrayImages, FeatureCache, GradientFeatures, Particles,
                                             focus_mask_gaussians)
-from scipion_gmmhet.engine.fourier import RingBinner
-from scipion_gmmhet.engine.gmm import GMM, project
-from scipion_gmmhet.engine.mrc import write_map
-from scipion_gmmhet.engine.symmetry import (expand_rotations, parse_symmetry, symmetrize_points,
+from scipion_gmmhet.engine.model.fourier import RingBinner
+from scipion_gmmhet.engine.model.gmm import GMM, project
+from scipion_gmmhet.engine.io.mrc import write_map
+from scipion_gmmhet.engine.model.symmetry import (expand_rotations, parse_symmetry, symmetrize_points,
                                             symmetry_operators)
 
 BOX, APIX = 32, 4.0

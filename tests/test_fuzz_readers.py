@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.metadata import read_particles
-from scipion_gmmhet.engine.mrc import open_stack, read_map, stack_apix, write_map, write_stack
-from scipion_gmmhet.engine.star import read_star
+from scipion_gmmhet.engine.io.metadata import read_particles
+from scipion_gmmhet.engine.io.mrc import open_stack, read_map, stack_apix, write_map, write_stack
+from scipion_gmmhet.engine.io.star import read_star
 
 # GMMHET_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz_readers.py  runs a longer campaign locally.
 FUZZ = settings(max_examples=int(os.environ.get("GMMHET_FUZZ_EXAMPLES", "150")), deadline=None,
@@ -344,7 +344,7 @@ def test_known_bug_image_locations_of_empty_table(tmp_path):
     meta = read_particles(str(path))
     paths, idx = meta.image_locations()
     assert paths.shape == (0,) and idx.shape == (0,) and idx.dtype == np.int64
-    from scipion_gmmhet.engine.metadata import write_particles
+    from scipion_gmmhet.engine.io.metadata import write_particles
 
     out = tmp_path / "empty_out.star"
     write_particles(str(out), meta.subset(np.zeros(0, dtype=np.int64)))
@@ -455,7 +455,7 @@ def test_cs_real_export_fields_pass_the_checks():
     real = "/work/shared/data/real-metadata/cryosparc_J2_particles_exported.cs"
     if not os.path.exists(real):
         pytest.skip("real cryoSPARC export not available here")
-    from scipion_gmmhet.engine.metadata import _CS_NUMERIC, _cs_field
+    from scipion_gmmhet.engine.io.metadata import _CS_NUMERIC, _cs_field
 
     cs = np.load(real)
     checked = [name for name in _CS_NUMERIC if name in cs.dtype.names]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from scipion_gmmhet.engine import conventions, fourier, gmm
+from scipion_gmmhet.engine import conventions
+from scipion_gmmhet.engine.model import fourier, gmm
 
 
 def _random_gmm(n=40, box=32, apix=3.0, seed=0, sigma=(3.0, 5.0)):

@@ -13,8 +13,8 @@ from scipy.spatial.transform import Rotation
 
 from scipion_gmmhet.engine import conventions
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.metadata import ParticleMetadata, read_particles, write_particles
-from scipion_gmmhet.engine.mrc import write_stack
+from scipion_gmmhet.engine.io.metadata import ParticleMetadata, read_particles, write_particles
+from scipion_gmmhet.engine.io.mrc import write_stack
 
 
 # ------------------------------------------------------------------ helpers

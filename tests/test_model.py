@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.model import Decoder, HetModel, parse_changes
+from scipion_gmmhet.engine.model.networks import Decoder, HetModel, parse_changes
 
 
 def neutral(n=96, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.mrc import open_stack, read_map, stack_apix, write_map, write_stack
+from scipion_gmmhet.engine.io.mrc import open_stack, read_map, stack_apix, write_map, write_stack
 
 # mrcfile itself warns about the bad files these tests write on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -1,4 +1,4 @@
-"""Tests of engine/reconstruct.py: direct Fourier inversion with CTF correction.
+"""Tests of engine/analysis/reconstruct.py: direct Fourier inversion with CTF correction.
 
 The reconstruction is compared with the ground-truth map itself (not only half-map
 self-consistency) and with its mirror image, and its cross-correlation peak is checked to sit
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from scipion_gmmhet.engine import reconstruct as rc
+from scipion_gmmhet.engine.analysis import reconstruct as rc
 from scipion_gmmhet.engine.conventions import ctf_2d, fourier_grid, fourier_to_image
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.fourier import fsc_table
-from scipion_gmmhet.engine.gmm import GMM, project
+from scipion_gmmhet.engine.model.fourier import fsc_table
+from scipion_gmmhet.engine.model.gmm import GMM, project
 
 BOX, APIX = 32, 4.0
 
@@ -114,15 +114,15 @@ def test_regulariser_damps_unsampled_directions():
 
 @pytest.fixture(scope="module")
 def sim_dir(tmp_path_factory):
-    from scipion_gmmhet.engine.simulate import simulate
+    from scipion_gmmhet.engine.simulation.simulate import simulate
     out = tmp_path_factory.mktemp("sim_homog")
     simulate(str(out), "homogeneous", n=400, box=BOX, apix=6.0, snr=10.0, seed=3)
     return str(out)
 
 
 def test_simulated_dataset_reconstructs_to_truth(sim_dir):
-    from scipion_gmmhet.engine.metadata import read_particles
-    from scipion_gmmhet.engine.mrc import read_map
+    from scipion_gmmhet.engine.io.metadata import read_particles
+    from scipion_gmmhet.engine.io.mrc import read_map
     meta = read_particles(os.path.join(sim_dir, "particles.star"))
     rec = rc.reconstruct_particles(meta, batch_size=128, progress=False)
     truth, _ = read_map(os.path.join(sim_dir, "truth_maps", "state.mrc"))
@@ -137,7 +137,7 @@ def test_simulated_dataset_reconstructs_to_truth(sim_dir):
 
 def test_cli_subset_writes_maps_and_fsc(sim_dir, tmp_path):
     from scipion_gmmhet.engine.cli import main
-    from scipion_gmmhet.engine.mrc import read_map
+    from scipion_gmmhet.engine.io.mrc import read_map
     idx = tmp_path / "rows.txt"
     idx.write_text("# first 150 rows\n" + "\n".join(str(i) for i in range(150)) + "\n")
     out = tmp_path / "sub.mrc"
@@ -158,7 +158,7 @@ def test_cli_subset_writes_maps_and_fsc(sim_dir, tmp_path):
 
 
 def test_half_assignment_uses_random_subset(sim_dir):
-    from scipion_gmmhet.engine.metadata import read_particles
+    from scipion_gmmhet.engine.io.metadata import read_particles
     meta = read_particles(os.path.join(sim_dir, "particles.star"))
     h = rc.half_assignment(meta, seed=0)
     assert set(np.unique(h)) == {1, 2} and abs((h == 1).sum() - (h == 2).sum()) <= 1

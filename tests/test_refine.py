@@ -1,4 +1,4 @@
-"""Tests of engine/refine.py and `gmmhet refine` (per-particle pose refinement)."""
+"""Tests of engine/analysis/refine.py and `gmmhet refine` (per-particle pose refinement)."""
 from __future__ import annotations
 
 import math
@@ -9,12 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from scipion_gmmhet.engine import metadata, refine, simulate
+from scipion_gmmhet.engine.io import metadata
+from scipion_gmmhet.engine.analysis import refine
+from scipion_gmmhet.engine.simulation import simulate
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler
-from scipion_gmmhet.engine.data import ParticleImages
+from scipion_gmmhet.engine.io.data import ParticleImages
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.features import ArrayImages, Particles
-from scipion_gmmhet.engine.gmm import GMM, project
+from scipion_gmmhet.engine.training.features import ArrayImages, Particles
+from scipion_gmmhet.engine.model.gmm import GMM, project
 
 BOX, APIX = 32, 3.0
 
@@ -106,7 +108,7 @@ def test_remove_rigid_motion_keeps_only_the_deformation():
 def test_latent_models_remove_rigid_motion_only_for_models_trained_without_a_mask():
     """Decoded models of a run where every Gaussian was free are rigid-fitted back onto the
     neutral model; a focus-mask run's fixed Gaussians hold the frame, so its models are kept."""
-    from scipion_gmmhet.engine.gmm import GMM
+    from scipion_gmmhet.engine.model.gmm import GMM
     rng = np.random.default_rng(4)
     c0 = rng.normal(size=(50, 3)) * 15.0
     neutral = GMM(c0, np.ones(50), np.full(50, 3.0), 32, 3.0, {})
@@ -250,7 +252,7 @@ def test_cli_refine_writes_star_and_changes(sim, tmp_path):
     assert table["delta_angle_deg"].max() <= 4.0 + 0.01
     # bad input: one line, exit status 2
     empty = str(tmp_path / "empty.mrc")
-    from scipion_gmmhet.engine.mrc import write_map
+    from scipion_gmmhet.engine.io.mrc import write_map
     write_map(empty, np.zeros((BOX, BOX, BOX), np.float32), APIX)
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--mask", empty, "--out",
                      str(tmp_path / "r2")]) == 2

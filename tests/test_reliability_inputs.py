@@ -1,5 +1,5 @@
 """Issue 8, bad input: every bad input is refused before any GPU time, with one line naming the
-input and the fix -- through the shared checks (engine/validate.py, metadata, mrc, star) and,
+input and the fix -- through the shared checks (engine/io/validate.py, metadata, mrc, star) and,
 where a command exists, through ``gmmhet`` (exit status 2, one stderr line, no traceback).
 
 The table in docs/reliability.md points at the tests here. Data are tiny (box 16, 6 particles).
@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from scipion_gmmhet.engine import validate
+from scipion_gmmhet.engine.io import validate
 from scipion_gmmhet.engine.cli import main
-from scipion_gmmhet.engine.data import ParticleImages
+from scipion_gmmhet.engine.io.data import ParticleImages
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.gmm import GMM
-from scipion_gmmhet.engine.metadata import read_particles
-from scipion_gmmhet.engine.mrc import open_stack, read_map, write_map, write_stack
-from scipion_gmmhet.engine.star import read_star, write_star
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.io.metadata import read_particles
+from scipion_gmmhet.engine.io.mrc import open_stack, read_map, write_map, write_stack
+from scipion_gmmhet.engine.io.star import read_star, write_star
 
 BOX, APIX, N = 16, 2.0, 6
 

@@ -1,4 +1,4 @@
-"""Tests of the simulator (scipion_gmmhet.engine.simulate and `gmmhet simulate`)."""
+"""Tests of the simulator (scipion_gmmhet.engine.simulation.simulate and `gmmhet simulate`)."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,12 @@ import pytest
 import torch
 from scipy import ndimage, stats
 
-from scipion_gmmhet.engine import cli, mrc, star
+from scipion_gmmhet.engine import cli
+from scipion_gmmhet.engine.io import mrc, star
 from scipion_gmmhet.engine.conventions import euler_to_matrix
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.gmm import GMM
-from scipion_gmmhet.engine.simulate import (DOMAIN_NAMES, build_molecule, draw_particles,
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.simulation.simulate import (DOMAIN_NAMES, build_molecule, draw_particles,
                                             simulate)
 
 TRUTH_COLUMNS = ["particle", "conformation", "composition", "rot", "tilt", "psi", "origin_x_A", "origin_y_A",
@@ -154,7 +155,7 @@ def test_conformational_particles_follow_their_state(clean_pair):
     clean = clean_pair[0]
     truth = pd.read_csv(clean["truth_csv"])
     mol = build_molecule(32, 3.0)
-    from scipion_gmmhet.engine.simulate import project_particles
+    from scipion_gmmhet.engine.simulation.simulate import project_particles
     sel = truth.iloc[np.argsort(np.abs(truth.conformation.to_numpy() - 0.5))[-6:]]  # near the ends
     own = project_particles(mol, sel, "conformational").numpy()
     other = project_particles(mol, sel.assign(conformation=1.0 - sel.conformation), "conformational").numpy()
@@ -166,7 +167,7 @@ def test_conformational_particles_follow_their_state(clean_pair):
 def test_ctf_applied(clean_pair):
     """Images carry the CTF: the transform is the CTF-free projection times RELION's CTF."""
     from scipion_gmmhet.engine.conventions import ctf_2d, fourier_grid, image_to_fourier
-    from scipion_gmmhet.engine.simulate import project_particles
+    from scipion_gmmhet.engine.simulation.simulate import project_particles
     clean = clean_pair[0]
     truth = pd.read_csv(clean["truth_csv"]).iloc[:8]
     mol = build_molecule(32, 3.0)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.star import read_star, write_star
+from scipion_gmmhet.engine.io.star import read_star, write_star
 
 VALID = """
 # version 30001
@@ -189,7 +189,7 @@ def test_fuzz_mutated_valid_star(edits):
 # line-by-line reader (star._read_reference) is the reference: same frames, dtype for dtype and
 # bit for bit, and the same errors. Tests lower star._FAST_MIN_ROWS so small tables take the fast
 # path too, and star._FAST_CHUNK to cross the chunk boundaries of the row analysis.
-from scipion_gmmhet.engine import star as star_mod  # noqa: E402
+from scipion_gmmhet.engine.io import star as star_mod  # noqa: E402
 
 
 @contextlib.contextmanager

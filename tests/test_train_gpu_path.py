@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
-from scipion_gmmhet.engine import features as features_mod
-from scipion_gmmhet.engine import train as train_mod
+from scipion_gmmhet.engine.training import features as features_mod
+from scipion_gmmhet.engine.training import train as train_mod
 from scipion_gmmhet.engine.cli import build_parser, main as cli_main
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.features import ArrayImages, Particles
-from scipion_gmmhet.engine.gmm import GMM
-from scipion_gmmhet.engine.prefetch import Prefetcher
-from scipion_gmmhet.engine.simulate import simulate
-from scipion_gmmhet.engine.train import TrainConfig, load_trained, train
+from scipion_gmmhet.engine.training.features import ArrayImages, Particles
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.training.prefetch import Prefetcher
+from scipion_gmmhet.engine.simulation.simulate import simulate
+from scipion_gmmhet.engine.training.train import TrainConfig, load_trained, train
 
 SMALL = dict(hidden=32, layers=2, batch_size=16, n_stats=64, highres_A=15.0, zdim=2, lr=1e-3, epochs=2, seed=2)
 

@@ -11,8 +11,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from scipion_gmmhet.engine.gmm import GMM
-from scipion_gmmhet.engine.mrc import read_map, write_map
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.io.mrc import read_map, write_map
 
 vc = pytest.importorskip("scipion_gmmhet.viewers.viewer_cluster")
 
@@ -126,7 +126,7 @@ def test_displacement_bad_classes(prot, tmp_path):
 
 
 def test_displacement_loads_the_trained_model(prot, tmp_path, monkeypatch):
-    import scipion_gmmhet.engine.train as train
+    import scipion_gmmhet.engine.training.train as train
     seen = []
 
     def fake_load(train_dir, device='cpu'):

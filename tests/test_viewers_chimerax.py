@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from scipion_gmmhet.engine.gmm import GMM
+from scipion_gmmhet.engine.model.gmm import GMM
 from scipion_gmmhet.viewers import chimerax as cx
 
 

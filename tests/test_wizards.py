@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from scipion_gmmhet.engine.build import choose_n_gaussians
-from scipion_gmmhet.engine.gmm import render_map
-from scipion_gmmhet.engine.mrc import write_map
+from scipion_gmmhet.engine.model.build import choose_n_gaussians
+from scipion_gmmhet.engine.model.gmm import render_map
+from scipion_gmmhet.engine.io.mrc import write_map
 
 wizards = pytest.importorskip("scipion_gmmhet.wizards")
 

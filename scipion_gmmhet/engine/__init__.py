@@ -2,8 +2,14 @@
 
 Scientific-Python dependencies only (torch, numpy, scipy, mrcfile, pandas, scikit-learn,
 umap-learn); it never imports pyworkflow or pwem and runs on its own through ``gmmhet``.
-Modules: ``conventions`` (RELION geometry and CTF, defined once), ``star``/``mrc``/
-``metadata``/``data`` (input), ``gmm``/``fourier`` (model, projection, FRC/FSC), ``build``,
-``model``/``train`` (heterogeneity network), ``analysis``, ``reconstruct``, ``refine``,
-``simulate``, and ``commands/`` (one CLI command per module).
+The packages follow the data flow:
+
+- ``conventions`` (RELION geometry and CTF, defined once) and ``errors``;
+- ``io/``: STAR, MRC, particle metadata and images, atomic writes, input validation;
+- ``model/``: the Gaussian mixture and its Fourier projection, FRC/FSC, the networks,
+  symmetry, building a GMM from a map;
+- ``training/``: gradient features, the training loop, several processes;
+- ``analysis/``: latent embeddings and clustering, reconstruction, orientation refinement;
+- ``simulation/``: datasets with known heterogeneity;
+- ``commands/``: one ``gmmhet`` sub-command per module, dispatched by ``cli``.
 """

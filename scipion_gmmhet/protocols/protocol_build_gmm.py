@@ -11,7 +11,7 @@
 """Protocol "gmmhet - build Gaussian model": a Gaussian mixture matching a consensus map at a
 chosen resolution, the neutral model that "train heterogeneity" deforms.
 
-Runs ``gmmhet build`` (see ``scipion_gmmhet.engine.build``) into ``extra/gmm/``. Output:
+Runs ``gmmhet build`` (see ``scipion_gmmhet.engine.model.build``) into ``extra/gmm/``. Output:
 ``outputVolume``, the model rendered on the input map's grid (same box, sampling and origin),
 with the model file attached as the attribute ``_gmmhet_gmmFile`` (a String holding the path of
 ``gmm.npz``; :func:`scipion_gmmhet.protocols.protocol_train.getGmmFile` reads it).

@@ -286,14 +286,14 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         fn = self.getReconstruction(which)[:-4] + '_fsc.csv'
         if not os.path.exists(fn):
             return None
-        from ..engine.reconstruct import read_fsc_csv
+        from ..engine.analysis.reconstruct import read_fsc_csv
         return read_fsc_csv(fn)
 
     def getResolution(self, which: str) -> float | None:
         t = self.getFsc(which)
         if t is None:
             return None
-        from ..engine.fourier import resolution_at_threshold
+        from ..engine.model.fourier import resolution_at_threshold
         curve = t['fsc_masked'] if 'fsc_masked' in t else t['fsc']
         return resolution_at_threshold(t['freq_invA'], curve, 0.143)
 

@@ -246,7 +246,7 @@ class ProtGmmhetTrain(ProtAnalysis3D):
         outSet.setAlignmentProj()
         ops = None
         if nOps > 1:
-            from ..engine.symmetry import symmetry_operators
+            from ..engine.model.symmetry import symmetry_operators
             ops = symmetry_operators(symmetry)
             if len(ops) != nOps:
                 raise InputError('%s: %d symmetry operators for %s in config.json, expected %d'
@@ -317,7 +317,7 @@ class ProtGmmhetTrain(ProtAnalysis3D):
             errors.append('What may change: choose at least one of positions, amplitudes, '
                           'widths.')
         try:
-            from ..engine.symmetry import parse_symmetry
+            from ..engine.model.symmetry import parse_symmetry
             parse_symmetry(self.symmetry.get())
         except InputError as exc:
             errors.append(str(exc).replace('--symmetry', 'Symmetry'))

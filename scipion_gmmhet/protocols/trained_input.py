@@ -20,7 +20,7 @@ class TrainedParticlesInput:
     def convertInputStep(self, inputKey):
         """The canonical star of the input particles and their latent vectors, row by row
         (latents.npy row i = star row i, matched through the particle ids)."""
-        from ..engine.atomic import save_npy
+        from ..engine.io.atomic import save_npy
         parts = self.inputParticles.get()
         starFn = self.getParticlesStar()
         convert.writeSetOfParticles(parts, starFn, self._getExtraPath())

@@ -22,7 +22,7 @@ from pwem.protocols import ProtImportParticles, ProtImportVolumes
 
 from ..convert import alignProjToProjection, imageKey
 from ..engine import conventions
-from ..engine.star import read_star, write_star
+from ..engine.io.star import read_star, write_star
 
 #: Star columns of the pose (dropped to make particles "without alignment").
 POSE_COLUMNS = ('rlnAngleRot', 'rlnAngleTilt', 'rlnAnglePsi', 'rlnOriginXAngst',
@@ -39,7 +39,7 @@ def simulateDataset(outDir: str, kind: str = 'conformational', n: int = 48, box:
     ``truth_csv``, ``truth_maps``...) plus ``truth`` (the truth.csv DataFrame), ``apix``,
     ``box`` and ``n``.
     """
-    from ..engine.simulate import simulate
+    from ..engine.simulation.simulate import simulate
     outDir = os.path.abspath(outDir)
     truthCsv = os.path.join(outDir, 'truth.csv')
     if os.path.exists(truthCsv):

@@ -23,7 +23,7 @@ from scipion_gmmhet.constants import (GMMHET_AMPLITUDE_CORRECTED, GMMHET_PARTICL
                                       GMMHET_PHASE_FLIPPED)
 from scipion_gmmhet.engine import conventions
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.star import read_star, write_star
+from scipion_gmmhet.engine.io.star import read_star, write_star
 
 # The RELION plugin's golden case (relion/tests/test_convert.py, TestAlignment.test_isInverse):
 # this Scipion ALIGN_PROJ matrix is rot=-20, tilt=0, psi=0, origin (-12.8558, 15.3210) px.

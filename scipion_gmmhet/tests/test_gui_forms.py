@@ -217,7 +217,7 @@ class TestGuiForms(BaseTest):
         """The interactive selection window on synthetic latents: a lasso polygon selects
         exactly the points inside it (ids, not rows), a point pick shows a map."""
         import tkinter as tk
-        from scipion_gmmhet.engine.mrc import write_map
+        from scipion_gmmhet.engine.io.mrc import write_map
         from scipion_gmmhet.viewers.latent_selection import LatentSelectionWindow
 
         rng = np.random.default_rng(0)

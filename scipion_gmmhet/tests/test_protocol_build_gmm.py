@@ -21,9 +21,9 @@ import numpy as np
 from pyworkflow.object import RELATION_SOURCE
 from pyworkflow.tests import BaseTest, setupTestProject
 
-from scipion_gmmhet.engine import fourier
-from scipion_gmmhet.engine.gmm import GMM
-from scipion_gmmhet.engine.mrc import read_map, write_map
+from scipion_gmmhet.engine.model import fourier
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.io.mrc import read_map, write_map
 from scipion_gmmhet.protocols import ProtGmmhetBuildGmm
 from scipion_gmmhet.protocols.protocol_build_gmm import GMM_FILE_ATTR, readFscCsv
 from scipion_gmmhet.tests.common import runImportVolume, simulateDataset

@@ -26,8 +26,8 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfClasses3D, SetOfVolumes
 
 from scipion_gmmhet.constants import GMMHET_PARTICLE_ID
-from scipion_gmmhet.engine.mrc import read_map
-from scipion_gmmhet.engine.star import read_star
+from scipion_gmmhet.engine.io.mrc import read_map
+from scipion_gmmhet.engine.io.star import read_star
 from scipion_gmmhet.protocols.protocol_cluster import ProtGmmhetCluster
 from scipion_gmmhet.protocols.protocol_train import GMM_FILE_ATTR, ProtGmmhetTrain
 from scipion_gmmhet.tests.common import (assertPngNotBlank, runImportParticlesStar, runImportVolume,
@@ -83,7 +83,7 @@ class TestProtocolCluster(BaseTest):
             prot.inputVolume.setExtended('outputVolume')
             cls.launchProtocol(prot)
             return prot, 'outputVolume'
-        from scipion_gmmhet.engine.build import build_gmm
+        from scipion_gmmhet.engine.model.build import build_gmm
         gmmFn = os.path.join(cls.dataDir, 'gmm', 'gmm.npz')
         os.makedirs(os.path.dirname(gmmFn), exist_ok=True)
         vol, _ = read_map(cls.data['consensus'])

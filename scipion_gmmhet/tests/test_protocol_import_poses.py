@@ -22,7 +22,7 @@ from scipion_gmmhet.constants import (MATCH_BY_ID, MATCH_BY_NAME, MATCH_BY_ORDER
                                       POSES_FROM_CRYODRGN, POSES_FROM_CS, POSES_FROM_SET,
                                       POSES_FROM_STAR)
 from scipion_gmmhet.engine import conventions
-from scipion_gmmhet.engine.star import read_star, write_star
+from scipion_gmmhet.engine.io.star import read_star, write_star
 from scipion_gmmhet.protocols import ProtGmmhetImportPoses
 from scipion_gmmhet.protocols.protocol_import_poses import UNMATCHED_FILE
 from scipion_gmmhet.tests.common import (POSE_COLUMNS, assertPosesMatchTruth,
@@ -79,7 +79,7 @@ class TestImportPoses(BaseTest):
         the engine reads back the true poses, origins and defoci, keyed by particle id, and
         every image resolves to its stack."""
         from scipion_gmmhet.convert import imageKey, writeSetOfParticles
-        from scipion_gmmhet.engine.metadata import read_particles
+        from scipion_gmmhet.engine.io.metadata import read_particles
         from scipion_gmmhet.tests.common import standardDefocus, truthByImage
         parts = self.protAligned.outputParticles
         star = os.path.join(self.dataDir, 'canonical', 'particles.star')

@@ -23,7 +23,7 @@ from pyworkflow.tests import BaseTest, setupTestProject
 
 from scipion_gmmhet.convert import alignProjToProjection, imageKey
 from scipion_gmmhet.engine import conventions
-from scipion_gmmhet.engine.star import read_star, write_star
+from scipion_gmmhet.engine.io.star import read_star, write_star
 from scipion_gmmhet.protocols.protocol_refine import ProtGmmhetRefine
 from scipion_gmmhet.protocols.protocol_train import GMM_FILE_ATTR, ProtGmmhetTrain
 from scipion_gmmhet.tests.common import (assertPngNotBlank, runImportParticlesStar, runImportVolume, simulateDataset,

@@ -27,7 +27,7 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfParticlesFlex
 
 from scipion_gmmhet.constants import GMMHET_PARTICLE_ID
-from scipion_gmmhet.engine.star import read_star, write_star
+from scipion_gmmhet.engine.io.star import read_star, write_star
 from scipion_gmmhet.protocols import ProtGmmhetTrain
 from scipion_gmmhet.protocols.protocol_train import (FLEX_PROG_NAME, GMM_FILE_ATTR,
                                                      latentRowsById)
@@ -90,7 +90,7 @@ class TestProtocolTrain(BaseTest):
             return prot, 'outputVolume'
         # fallback: a pre-made gmm.npz attached to the imported consensus map
         import mrcfile
-        from scipion_gmmhet.engine.build import build_gmm
+        from scipion_gmmhet.engine.model.build import build_gmm
         gmmFn = os.path.join(cls.dataDir, 'gmm', 'gmm.npz')
         if not os.path.exists(gmmFn):
             os.makedirs(os.path.dirname(gmmFn), exist_ok=True)
@@ -252,7 +252,7 @@ class TestProtocolTrain(BaseTest):
         """C2 expansion: one output particle per (particle, operator) with new ids
         (pid - 1) * 2 + s + 1, pose A @ S_s, latent row 2 * star_row + s."""
         from scipion_gmmhet import convert
-        from scipion_gmmhet.engine.symmetry import expand_rotations, symmetry_operators
+        from scipion_gmmhet.engine.model.symmetry import expand_rotations, symmetry_operators
         prot = self.newProtocol(ProtGmmhetTrain, objLabel='train C2', zDim=ZDIM,
                                 numberOfEpochs=1, symmetry='C2', seed=1, useGpu=False,
                                 numberOfThreads=2)

@@ -38,8 +38,8 @@ from scipion_gmmhet.constants import (FLEX_PROG_NAME, GMMHET_PARTICLE_ID, MATCH_
                                       POSES_FROM_CS)
 from scipion_gmmhet.convert import alignProjToProjection
 from scipion_gmmhet.engine import conventions
-from scipion_gmmhet.engine.mrc import read_map
-from scipion_gmmhet.engine.star import read_star
+from scipion_gmmhet.engine.io.mrc import read_map
+from scipion_gmmhet.engine.io.star import read_star
 from scipion_gmmhet.protocols import (ProtGmmhetBuildGmm, ProtGmmhetCluster,
                                       ProtGmmhetImportPoses, ProtGmmhetTrain)
 from scipion_gmmhet.tests.common import (POSE_COLUMNS, assertPosesMatchTruth,
@@ -272,7 +272,7 @@ class TestWorkflowRelion(BaseTest):
         dAng = np.abs(dSub[:, 2] - dGot[:, 2]) % 180.0
         self.assertLess(np.minimum(dAng, 180.0 - dAng).max(), 1e-3)
         # the exported stack holds the subset's images (pixel for pixel), row by row with ids
-        from scipion_gmmhet.engine.mrc import open_stack
+        from scipion_gmmhet.engine.io.mrc import open_stack
         star = read_star(starFn)['particles']
         self.assertEqual(len(star), len(ids))
         self.assertEqual(sorted(star['rlnImageId'].astype(int).tolist()), ids)

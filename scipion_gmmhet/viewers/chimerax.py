@@ -6,7 +6,7 @@ which opens a command file in ChimeraX only where it is installed.
 One frame for everything: a map of the model's ``box`` and ``apix`` whose first voxel sits at
 the origin (each ``.cxc`` sets ``volume ... originIndex 0,0,0`` on the maps it opens). A
 Gaussian centre ``c`` (Angstrom from the box centre voxel ``box // 2``, the engine's
-:class:`~scipion_gmmhet.engine.gmm.GMM` convention) is at ``c + (box // 2) * apix`` there.
+:class:`~scipion_gmmhet.engine.model.gmm.GMM` convention) is at ``c + (box // 2) * apix`` there.
 
 Nothing here imports pyworkflow or pwem at module level (plain-pytest testable); every file is
 written atomically (``path + '.tmp'`` then ``os.replace``).

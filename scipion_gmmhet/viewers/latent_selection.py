@@ -187,7 +187,7 @@ _TRAINED_CACHE: dict = {}
 def _trained(trainDir: str):
     """``load_trained(trainDir)`` on the CPU, kept while its model.pt is unchanged (a window
     decodes many points)."""
-    from ..engine.train import load_trained
+    from ..engine.training.train import load_trained
     model = os.path.join(trainDir, 'model.pt')
     key = (os.path.abspath(trainDir), os.path.getmtime(model) if os.path.exists(model) else None)
     if key not in _TRAINED_CACHE:
@@ -203,7 +203,7 @@ def gmmMapAt(trainDir: str, z, outMrc: str, box: int | None = None,
     ``gmmhet eval --train DIR --z z1,...,zK --out MAP.mrc`` does. With ``chimerax``, also
     ``<stem>.cmm`` (the decoded Gaussians' centres) and ``<stem>.cxc`` (opens both; see
     :mod:`.chimerax`). Returns ``outMrc``."""
-    from ..engine.mrc import write_map
+    from ..engine.io.mrc import write_map
     gmm = _trained(trainDir).gmm_at(np.asarray(z, dtype=np.float32).reshape(-1))
     box = int(box or gmm.box)
     apix = float(apix or gmm.apix)
@@ -365,7 +365,7 @@ class LatentSelectionWindow:
         if self.onPointMap is not None:
             try:
                 self.lastMap = self.onPointMap(row)
-                from ..engine.mrc import read_map
+                from ..engine.io.mrc import read_map
                 vol, _ = read_map(self.lastMap)
                 self.mapAx.clear()
                 self.mapAx.imshow(centralSections(np.asarray(vol)), cmap='gray',

@@ -107,7 +107,7 @@ def writeClassSizesPng(prot, outPng: str) -> str:
 
 def fscCurves(prot) -> tuple[np.ndarray, dict]:
     """(frequencies in 1/A, {'class k (R A)': half-map FSC}) of the class reconstructions."""
-    from ..engine.reconstruct import read_fsc_csv
+    from ..engine.analysis.reconstruct import read_fsc_csv
     s = prot.getSummary()
     freq, curves = None, {}
     for c in s['clusters']:
@@ -204,14 +204,14 @@ def writeDisplacementFiles(prot, classA: int, classB: int, outDir: str, model=No
     longer), markers at class A's centres (``.cmm``), a quiver plot (PNG) and a ``.cxc`` opening
     the two maps with the arrows and markers. Returns {'map_a', 'map_b', 'bild', 'cmm', 'png',
     'cxc': path}."""
-    from ..engine.analysis import plot_quiver_png
-    from ..engine.mrc import write_map
+    from ..engine.analysis.latent import plot_quiver_png
+    from ..engine.io.mrc import write_map
     if int(classA) == int(classB):
         raise ValueError('classes %d and %d: choose two different classes' % (classA, classB))
     s = prot.getSummary()
     ca, cb = _clusterByClass(s, classA), _clusterByClass(s, classB)
     if model is None:
-        from ..engine.train import load_trained
+        from ..engine.training.train import load_trained
         trainDir = prot.getTrainDir()
         if not trainDir:
             raise ValueError('no training folder for the input particles; the displacements need '

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from ..atomic import save_npy, write_text
+from ..io.atomic import save_npy, write_text
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.analyze")
@@ -86,10 +86,10 @@ def _xy(emb: np.ndarray) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import analysis as an
-    from ..fourier import fsc_table
-    from ..mrc import read_map, write_map
-    from ..train import load_trained
+    from ..analysis import latent as an
+    from ..model.fourier import fsc_table
+    from ..io.mrc import read_map, write_map
+    from ..training.train import load_trained
 
     t0 = time.time()
     out = os.path.abspath(args.out)
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
 
     meta = None
     if star and (not args.no_reconstruct or args.latents):
-        from ..metadata import read_particles
+        from ..io.metadata import read_particles
         meta = read_particles(star)
         if len(meta) * n_ops != z.shape[0]:
             raise InputError(f"--particles {star}: {len(meta)} particles x {n_ops} symmetry operator(s) but the "
@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
         log.warning("symmetry-expanded training (%d operators): per-cluster reconstructions need the expanded "
                     "poses and are skipped", n_ops)
     elif meta is not None:
-        from ..reconstruct import half_assignment, normalise_ctf_mode, reconstruct_particles
+        from ..analysis.reconstruct import half_assignment, normalise_ctf_mode, reconstruct_particles
         halves = half_assignment(meta, args.seed)
         ctf_mode = normalise_ctf_mode((info.get("train") or {}).get("ctf_mode"))
         for c in range(args.clusters):

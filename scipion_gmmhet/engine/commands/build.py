@@ -3,7 +3,7 @@
 Progressive, as in e2gmm: a few Gaussians fitted at low resolution, then the number is doubled
 (new Gaussians seeded next to existing ones) and the resolution raised, stage by stage, up to
 the target. The fit is to the map's 3D Fourier transform with an FSC loss over the shells up to
-the current resolution (see scipion_gmmhet/engine/build.py for why, and for the rule that picks
+the current resolution (see scipion_gmmhet/engine/model/build.py for why, and for the rule that picks
 the number of Gaussians when --n-gauss is not given). With --mask, the map is fitted inside the
 mask and Gaussians whose centre falls outside it are dropped.
 
@@ -53,7 +53,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def write_fsc_csv(path: str, table: dict) -> None:
     """Write ``fourier.fsc_table`` as CSV (shell, freq_invA, resolution_A, fsc), atomically."""
-    from ..atomic import write_text
+    from ..io.atomic import write_text
 
     rows = [f"{int(s)},{fr:.6g},{r:.6g},{c:.6f}\n"
             for s, fr, r, c in zip(table["shell"], table["freq_invA"], table["resolution_A"], table["fsc"])]
@@ -61,10 +61,10 @@ def write_fsc_csv(path: str, table: dict) -> None:
 
 
 def main(args) -> int:
-    from .. import validate
-    from ..atomic import write_text
-    from ..build import build_gmm
-    from ..mrc import read_map, write_map
+    from ..io import validate
+    from ..io.atomic import write_text
+    from ..model.build import build_gmm
+    from ..io.mrc import read_map, write_map
 
     if args.n_gauss < 0:
         raise InputError(f"--n-gauss {args.n_gauss}: must be 0 (automatic) or positive")

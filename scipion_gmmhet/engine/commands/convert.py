@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from ..metadata import read_particles, write_particles
+from ..io.metadata import read_particles, write_particles
 
 log = logging.getLogger("gmmhet.convert")
 

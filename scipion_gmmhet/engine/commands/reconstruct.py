@@ -28,7 +28,7 @@ log = logging.getLogger("gmmhet.reconstruct")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from ..reconstruct import CTF_MODES, DEFAULT_REG_FRAC
+    from ..analysis.reconstruct import CTF_MODES, DEFAULT_REG_FRAC
     parser.add_argument("--particles", required=True, metavar="STAR", help="particle star file (or cryoSPARC .cs)")
     parser.add_argument("--indices", metavar="FILE",
                         help="0-based star rows to reconstruct (.npy, or text: one integer per line)")
@@ -49,8 +49,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..metadata import read_particles
-    from ..reconstruct import read_indices, reconstruct_particles
+    from ..io.metadata import read_particles
+    from ..analysis.reconstruct import read_indices, reconstruct_particles
 
     out = os.path.abspath(args.out)
     if not out.endswith(".mrc"):
@@ -64,8 +64,8 @@ def main(args: argparse.Namespace) -> int:
     ctf_mode = args.ctf_mode
     meta.validate(require_alignment=True, require_ctf=ctf_mode not in ("none",) and meta.has_ctf(),
                   check_images=True, allow_duplicates=True)
-    from ..data import ParticleImages
-    from ..validate import check_images_finite
+    from ..io.data import ParticleImages
+    from ..io.validate import check_images_finite
     check_images_finite(ParticleImages(meta), sample=256, name=args.particles)
     if ctf_mode is None and not meta.has_ctf():
         log.warning("%s: no CTF parameters; reconstructing WITHOUT CTF correction", args.particles)

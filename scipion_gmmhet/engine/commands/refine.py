@@ -3,7 +3,7 @@
 For every particle of STAR, a local search around its current pose (rotations within
 --max-angle degrees, origin shifts within --max-shift Angstrom) maximises the whitened
 correlation (or FRC) between the particle and the CTF-applied projection of the GMM the trained network
-decodes at the particle's latent point (see scipion_gmmhet.engine.refine). With --mask only
+decodes at the particle's latent point (see scipion_gmmhet.engine.analysis.refine). With --mask only
 the Gaussians inside the mask are scored (the rest is subtracted from the particle): the pose
 of that domain. Writes OUT/particles.star (the input star with new rlnAngleRot/Tilt/Psi and
 rlnOriginX/YAngst; every other column untouched) and OUT/pose_changes.csv (row, particle id
@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..io.atomic import atomic_write
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _write_csv_atomic(path: str, df) -> None:
 
 
 def main(args) -> int:
-    from ..train import load_trained, resolve_device
+    from ..training.train import load_trained, resolve_device
 
     if args.max_angle is not None and not args.max_angle >= 0:
         raise InputError(f"--max-angle {args.max_angle}: must be >= 0 degrees; e.g. 6")
@@ -140,15 +140,16 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     output metadata, :class:`refine.RefineResult`)."""
     import pandas as pd
 
-    from .. import metadata, refine
+    from ..io import metadata
+    from ..analysis import refine
     from ..conventions import matrix_to_euler
-    from ..features import Particles, focus_mask_gaussians
+    from ..training.features import Particles, focus_mask_gaussians
 
     cfg = tm.config
     n_ops = 1
     sym = cfg.get("symmetry")
     if sym and str(sym).upper() not in ("C1", "NONE"):
-        from ..symmetry import symmetry_operators
+        from ..model.symmetry import symmetry_operators
         n_ops = len(symmetry_operators(sym))
     ctf_mode = args.ctf_mode or cfg.get("ctf_mode", "auto")
     parts = Particles.from_star(star, ctf_mode=ctf_mode, device=device)
@@ -219,8 +220,8 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
 def _retrain(tm, star: str, args, device, out_dir: str):
     """Train a new network with the settings of ``tm``'s run (its neutral GMM, band, mask,
     seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``."""
-    from ..features import Particles
-    from ..train import TrainConfig, load_trained, train
+    from ..training.features import Particles
+    from ..training.train import TrainConfig, load_trained, train
 
     cfg = TrainConfig.from_dict(tm.config)
     if args.retrain_epochs is not None:
@@ -237,7 +238,7 @@ def _write_overall(meta0, out_meta, score_before, score_after, out_dir: str) -> 
     input pose; after: the last round's model at the final pose)."""
     import pandas as pd
 
-    from .. import metadata
+    from ..io import metadata
     from ..conventions import angular_distance_deg
     metadata.write_particles(os.path.join(out_dir, "particles.star"), out_meta)
     ang = angular_distance_deg(out_meta.rotation_matrices(), meta0.rotation_matrices())

@@ -4,7 +4,7 @@ Writes DIR/particles.star (RELION 3.1) + particles.mrcs, consensus.mrc (populati
 mean map), truth.csv (per particle: conformation c, composition label, pose, shift, defocus),
 truth_maps/*.mrc and truth_gmm/*.npz (the ground-truth states) and simulation.json. The
 molecule is a five-domain pseudo-atomic model (three core domains, a hinged arm, a subunit of
-~13 % of the mass) scaled to fill ~60-70 % of the box. See scipion_gmmhet.engine.simulate.
+~13 % of the mass) scaled to fill ~60-70 % of the box. See scipion_gmmhet.engine.simulation.simulate.
 
 examples:
   gmmhet simulate --out sim --kind conformational
@@ -18,7 +18,7 @@ import argparse
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from ..simulate import KINDS
+    from ..simulation.simulate import KINDS
 
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     parser.add_argument("--kind", required=True, choices=KINDS, help="kind of heterogeneity")
@@ -41,7 +41,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..simulate import simulate
+    from ..simulation.simulate import simulate
 
     result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix, snr=args.snr, seed=args.seed,
                       n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,

@@ -32,7 +32,7 @@ from ..errors import InputError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from ..train import TrainConfig
+    from ..training.train import TrainConfig
     d = TrainConfig()
     p.add_argument("--particles", required=True, help="RELION particle star file with 3D alignment and CTF")
     p.add_argument("--gmm", required=True, help="neutral GMM: 'gmmhet build' output folder or its gmm.npz")
@@ -79,10 +79,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..distributed import init_from_env
-    from ..features import Particles
-    from ..model import parse_changes
-    from ..train import TrainConfig, load_gmm, resolve_device, train
+    from ..training.distributed import init_from_env
+    from ..training.features import Particles
+    from ..model.networks import parse_changes
+    from ..training.train import TrainConfig, load_gmm, resolve_device, train
     if args.zdim < 1:
         raise InputError(f"--zdim {args.zdim}: the latent dimension must be at least 1")
     if not 0 <= args.val_fraction < 0.5:
@@ -94,7 +94,7 @@ def main(args) -> int:
                       latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers,
                       amp=args.amp, compile=args.compile, prefetch=args.prefetch)
     resolve_device(args.device)  # a clear error before joining a process group
-    dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/distributed.py)
+    dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:
         neutral = load_gmm(args.gmm)
         particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode,

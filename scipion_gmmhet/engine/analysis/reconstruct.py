@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .conventions import ctf_2d, fourier_grid, image_to_fourier, origin_phase
-from .atomic import write_text
-from .errors import InputError
-from .fourier import fsc_table, resolution_at_threshold, shell_index_3d
-from .validate import check_images_finite
+from ..conventions import ctf_2d, fourier_grid, image_to_fourier, origin_phase
+from ..io.atomic import write_text
+from ..errors import InputError
+from ..model.fourier import fsc_table, resolution_at_threshold, shell_index_3d
+from ..io.validate import check_images_finite
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def auto_mask(vol: np.ndarray, apix: float, lowpass_A: float, threshold_frac: fl
     ``dilate_px`` voxels, then a raised-cosine edge ``soft_px`` voxels wide (RELION's
     ``relion_mask_create`` recipe)."""
     from scipy import ndimage
-    from .fourier import lowpass_map
+    from ..model.fourier import lowpass_map
     lp = lowpass_map(np.asarray(vol, np.float32), apix, lowpass_A)
     core = lp > threshold_frac * lp.max()
     lab, n = ndimage.label(core)
@@ -261,7 +261,7 @@ def auto_mask(vol: np.ndarray, apix: float, lowpass_A: float, threshold_frac: fl
 
 
 def _randomise_phases(vol: np.ndarray, from_shell: int, seed: int) -> np.ndarray:
-    from .fourier import shell_index_3d
+    from ..model.fourier import shell_index_3d
     F = np.fft.rfftn(vol.astype(np.float64))
     shells = shell_index_3d(vol.shape[0])
     beyond = shells >= from_shell
@@ -315,7 +315,7 @@ class Reconstruction:
     def write(self, out_path: str) -> dict[str, str]:
         """Write ``MAP.mrc``, ``MAP_half1.mrc``, ``MAP_half2.mrc``, ``MAP_fsc.csv`` (atomically);
         returns the paths by role."""
-        from .mrc import write_map
+        from ..io.mrc import write_map
         root = out_path[:-4] if out_path.endswith(".mrc") else out_path
         paths = {"map": root + ".mrc", "half1": root + "_half1.mrc", "half2": root + "_half2.mrc",
                  "fsc": root + "_fsc.csv"}
@@ -416,7 +416,7 @@ def reconstruct_particles(meta, rows=None, *, images=None, halves: np.ndarray | 
         raise InputError(f"particle subset: {rows.size} particle(s); a reconstruction with half maps needs "
                          "at least 2")
     if images is None:
-        from .data import ParticleImages
+        from ..io.data import ParticleImages
         images = ParticleImages(meta)
     halves = half_assignment(meta, seed) if halves is None else np.asarray(halves)
     h = halves[rows]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .conventions import fourier_grid
+from ..conventions import fourier_grid
 
 GMM_FILE_VERSION = 1
 
@@ -59,7 +59,7 @@ class GMM:
 
     def save(self, path: str) -> None:
         """Write the documented ``gmm.npz`` (atomically)."""
-        from .atomic import atomic_write  # InputError on a full disk; no half-written file or stray .tmp
+        from ..io.atomic import atomic_write  # InputError on a full disk; no half-written file or stray .tmp
 
         atomic_write(path, lambda tmp: np.savez(
             tmp, version=GMM_FILE_VERSION, centers_A=self.centers_A, amplitudes=self.amplitudes,

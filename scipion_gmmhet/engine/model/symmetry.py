@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 _PATTERN = re.compile(r"^\s*([CD])\s*(\d+)\s*$", re.IGNORECASE)
 

@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .conventions import ctf_2d, fourier_grid, image_to_fourier
-from .atomic import atomic_path, write_text
-from .errors import InputError
-from .fourier import RingBinner
-from .gmm import GMM, project
+from ..conventions import ctf_2d, fourier_grid, image_to_fourier
+from ..io.atomic import atomic_path, write_text
+from ..errors import InputError
+from ..model.fourier import RingBinner
+from ..model.gmm import GMM, project
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ class Particles:
     def from_star(cls, star_path: str, symmetry: str | None = None, ctf_mode: str = "auto", device="cpu",
                   check_files: bool = True) -> "Particles":
         """Particles of a RELION star (via :mod:`metadata` and :mod:`data`)."""
-        from . import data, metadata
-        from .symmetry import symmetry_operators
+        from ..io import data, metadata
+        from ..model.symmetry import symmetry_operators
         meta = metadata.read_particles(star_path)
         has_ctf = bool(meta.has_ctf())
         meta.validate(require_alignment=True, require_ctf=has_ctf and ctf_mode != "none", check_images=check_files)
@@ -281,7 +281,7 @@ class Particles:
     def check_finite_sample(self, sample: int = 256, name: str | None = None, seed: int = 0) -> None:
         """Refuse NaN/Inf pixels in a bounded sample of the images (first, last and ``sample``
         seeded random particles; see :func:`validate.check_images_finite`)."""
-        from .validate import check_images_finite
+        from ..io.validate import check_images_finite
         if hasattr(self.images, "get") and hasattr(self.images, "__len__"):
             check_images_finite(self.images, sample=sample, name=name or getattr(self.images, "source", "particles"),
                                 seed=seed)
@@ -456,7 +456,7 @@ class FeatureCache:
 
     @staticmethod
     def _create(path: str, n: int, nf: int) -> None:
-        from .atomic import disk_full_error
+        from ..io.atomic import disk_full_error
         try:
             with open(path, "wb") as f:
                 f.truncate(n * nf * 2)
@@ -530,7 +530,7 @@ def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:
     n = len(neutral)
     if mask_path is None:
         return np.arange(n)
-    from .mrc import read_map
+    from ..io.mrc import read_map
     vol, apix = read_map(mask_path)
     d = vol.shape[0]
     idx = np.rint(neutral.centers_A.astype(np.float64) / apix).astype(np.int64) + d // 2  # (N, 3) xyz

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import conventions
-from .errors import InputError
+from .. import conventions
+from ..errors import InputError
 from .mrc import open_stack
 from .star import read_star, write_star
 

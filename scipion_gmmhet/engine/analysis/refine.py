@@ -75,9 +75,9 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from .errors import InputError
-from .fourier import RingBinner
-from .gmm import GMM, project
+from ..errors import InputError
+from ..model.fourier import RingBinner
+from ..model.gmm import GMM, project
 
 log = logging.getLogger(__name__)
 

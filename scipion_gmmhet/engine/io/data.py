@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from ..errors import InputError
 from .metadata import ParticleMetadata
 from .mrc import open_stack
 

@@ -24,7 +24,7 @@ CHANGES = ("positions", "amplitudes", "widths")
 
 def parse_changes(text) -> tuple[str, ...]:
     """``'positions,amplitudes'`` (or a list) -> ordered tuple of known change names."""
-    from .errors import InputError
+    from ..errors import InputError
     items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     alias = {"position": "positions", "pos": "positions", "p": "positions", "amplitude": "amplitudes",
              "amp": "amplitudes", "a": "amplitudes", "width": "widths", "sigma": "widths", "sigmas": "widths",

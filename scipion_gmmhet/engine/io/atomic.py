@@ -31,7 +31,7 @@ import errno
 import os
 from typing import Callable, Iterator
 
-from .errors import InputError
+from ..errors import InputError
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _DISK_FULL_TEXT = {"no space left on device": "No space left on device",

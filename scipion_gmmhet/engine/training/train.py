@@ -86,14 +86,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import atomic
+from ..io import atomic
 from .distributed import Dist
-from .errors import InputError
+from ..errors import InputError
 from .features import (AdaptiveBatch, FeatureCache, GradientFeatures, HostBatch, Particles, feature_param_types,
                        focus_mask_gaussians, is_oom)
-from .fourier import RingBinner
-from .gmm import GMM, project
-from .model import HetModel, parse_changes
+from ..model.fourier import RingBinner
+from ..model.gmm import GMM, project
+from ..model.networks import HetModel, parse_changes
 from .prefetch import Prefetcher
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .conventions import fourier_grid
+from ..conventions import fourier_grid
 
 
 def shell_index_2d(box: int, rfft: bool = True, device=None) -> torch.Tensor:

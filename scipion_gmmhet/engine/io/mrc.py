@@ -21,7 +21,7 @@ import mrcfile.utils
 import numpy as np
 
 from .atomic import atomic_write
-from .errors import InputError
+from ..errors import InputError
 
 _HEADER_BYTES = 1024
 

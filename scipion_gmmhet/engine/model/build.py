@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .fourier import fsc_table, lowpass_map, resolution_at_threshold, shell_for_resolution
 from .gmm import GMM, projection_weights, render_map
 

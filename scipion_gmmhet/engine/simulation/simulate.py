@@ -74,12 +74,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .conventions import ctf_2d, euler_to_matrix, fourier_grid, fourier_to_image, matrix_to_euler
-from .atomic import atomic_path, atomic_write, write_text
-from .errors import InputError
-from .gmm import GMM, project, render_map
-from .mrc import write_map
-from .star import write_star
+from ..conventions import ctf_2d, euler_to_matrix, fourier_grid, fourier_to_image, matrix_to_euler
+from ..io.atomic import atomic_path, atomic_write, write_text
+from ..errors import InputError
+from ..model.gmm import GMM, project, render_map
+from ..io.mrc import write_map
+from ..io.star import write_star
 
 log = logging.getLogger(__name__)
 

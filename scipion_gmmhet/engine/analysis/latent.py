@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .atomic import atomic_path, write_text
-from .errors import InputError
-from .fourier import fsc_table, resolution_at_threshold
+from ..io.atomic import atomic_path, write_text
+from ..errors import InputError
+from ..model.fourier import fsc_table, resolution_at_threshold
 
 log = logging.getLogger(__name__)
 

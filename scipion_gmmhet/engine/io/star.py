@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path
-from .errors import InputError
+from ..errors import InputError
 
 _TOKEN = re.compile(r"""\s*(?:"([^"]*)"(?=\s|$)|'([^']*)'(?=\s|$)|(\S+))""")
 _LEADING_ZERO = re.compile(r"^[+-]?0\d", re.MULTILINE)

@@ -1,0 +1,1 @@
+"""Analysis: latent embeddings and clustering, reconstruction, orientation refinement."""

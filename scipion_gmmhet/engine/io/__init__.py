@@ -1,0 +1,1 @@
+"""Input and output: STAR and MRC files, particle metadata and images, atomic writes, validation."""

@@ -1,0 +1,1 @@
+"""Simulated datasets with known heterogeneity."""

@@ -1,0 +1,1 @@
+"""Training: gradient features, the training loop, acceleration, several processes."""
