@@ -360,10 +360,6 @@ def _reserve_space(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_text(path: str, text: str) -> None:
-    write_text(path, text)
-
-
 def _star_tables(truth: pd.DataFrame, box: int, apix: float, rng: np.random.Generator) -> dict:
     n = len(truth)
     optics = pd.DataFrame({
@@ -387,6 +383,46 @@ def _star_tables(truth: pd.DataFrame, box: int, apix: float, rng: np.random.Gene
         "rlnRandomSubset": (np.arange(n) % 2 + 1).astype(np.int64),
     })
     return {"optics": optics, "particles": particles}
+
+
+def write_stack(stack_path: str, n: int, box: int, apix: float, snr: float, images, rng_noise: np.random.Generator,
+                batch_size: int) -> tuple[int, float, float]:
+    """Write the ``(n, box, box)`` float32 stack atomically, in batches: ``images(slice)`` gives the
+    noiseless images of those rows; white noise of variance (mean image variance of the first
+    ``n_cal`` images) / ``snr`` is added. Returns ``(n_cal, signal_variance, noise_sigma)``."""
+    n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
+    stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}
+    with atomic_path(stack_path) as tmp:  # InputError on a full disk; no stray .tmp
+        with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
+            _reserve_space(tmp)
+
+            def batches(i0, i1):
+                return np.concatenate([images(slice(j, min(j + batch_size, i1))) for j in range(i0, i1, batch_size)])
+
+            def write(i0, clean, noise_sigma):
+                img = clean
+                if noise_sigma > 0:
+                    img = clean + rng_noise.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_sigma)
+                m.data[i0:i0 + len(img)] = img
+                stats["min"] = min(stats["min"], float(img.min()))
+                stats["max"] = max(stats["max"], float(img.max()))
+                stats["sum"] += float(img.sum(dtype=np.float64))
+                stats["sumsq"] += float(np.square(img, dtype=np.float64).sum())
+
+            cal = batches(0, n_cal)
+            signal_var = float(cal.reshape(len(cal), -1).var(axis=1, dtype=np.float64).mean())
+            noise_sigma = math.sqrt(signal_var / snr) if math.isfinite(snr) else 0.0
+            write(0, cal, noise_sigma)
+            del cal
+            for i0 in range(n_cal, n, batch_size):
+                write(i0, batches(i0, min(n, i0 + batch_size)), noise_sigma)
+            m.set_image_stack()
+            m.voxel_size = apix
+            count = n * box * box
+            mean = stats["sum"] / count
+            m.header.dmin, m.header.dmax, m.header.dmean = stats["min"], stats["max"], mean
+            m.header.rms = math.sqrt(max(0.0, stats["sumsq"] / count - mean * mean))
+    return n_cal, signal_var, noise_sigma
 
 
 # ----------------------------------------------------------------------------- states and maps
@@ -496,41 +532,10 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     n_atoms = len(mol.centers_A) if kind in ("compositional", "mixed") else mol.n_without_subunit()
     if batch_size is None:
         batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box))))
-    n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
     stack_path = os.path.join(out_dir, "particles.mrcs")
-    stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}
-    noise_sigma, signal_var = 0.0, None
-    with atomic_path(stack_path) as tmp:  # InputError on a full disk; no stray .tmp
-        with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
-            _reserve_space(tmp)
-            def images(i0, i1):
-                out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf).numpy()
-                       for j in range(i0, i1, batch_size)]
-                return np.concatenate(out)
-
-            def write(i0, clean):
-                img = clean
-                if noise_sigma > 0:
-                    img = clean + rng_noise.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_sigma)
-                m.data[i0:i0 + len(img)] = img
-                stats["min"] = min(stats["min"], float(img.min()))
-                stats["max"] = max(stats["max"], float(img.max()))
-                stats["sum"] += float(img.sum(dtype=np.float64))
-                stats["sumsq"] += float(np.square(img, dtype=np.float64).sum())
-
-            cal = images(0, n_cal)
-            signal_var = float(cal.reshape(len(cal), -1).var(axis=1, dtype=np.float64).mean())
-            noise_sigma = math.sqrt(signal_var / snr) if math.isfinite(snr) else 0.0
-            write(0, cal)
-            del cal
-            for i0 in range(n_cal, n, batch_size):
-                write(i0, images(i0, min(n, i0 + batch_size)))
-            m.set_image_stack()
-            m.voxel_size = apix
-            count = n * box * box
-            mean = stats["sum"] / count
-            m.header.dmin, m.header.dmax, m.header.dmean = stats["min"], stats["max"], mean
-            m.header.rms = math.sqrt(max(0.0, stats["sumsq"] / count - mean * mean))
+    n_cal, signal_var, noise_sigma = write_stack(
+        stack_path, n, box, apix, snr, lambda rows: project_particles(mol, truth.iloc[rows], kind, ctf).numpy(),
+        rng_noise, batch_size)
     t_stack = time.perf_counter() - t0
 
     star_path = os.path.join(out_dir, "particles.star")
@@ -587,7 +592,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
         "summary": summary,
     }
     json_path = os.path.join(out_dir, "simulation.json")
-    _atomic_text(json_path, json.dumps(params, indent=2) + "\n")
+    write_text(json_path, json.dumps(params, indent=2) + "\n")
     log.info("simulated %d %s particles (box %d, %.3g A/px, SNR %s) in %.1f s -> %s", n, kind, box, apix,
              summary["snr"], summary["seconds_total"], out_dir)
     return {"out_dir": out_dir, "star": star_path, "stack": stack_path, "consensus": consensus_path,
