@@ -12,7 +12,9 @@ Writes to --out: labels.npy (cluster per star row, 0-based), embedding_pca.npy (
 embedding_umap.npy, centers.npy (cluster centres, latent space), cluster_XX_gmm.mrc,
 cluster_XX.mrc + _half1/_half2.mrc + _mask.mrc + _fsc.csv, pcN_SS.mrc, pcN_motion.bild/.cmm/.png
 (Gaussian displacements from the first to the last trajectory point: ChimeraX arrows, markers,
-quiver plot), embedding_*.png and fsc.png, chimerax_clusters.cxc and summary.json (cluster
+quiver plot), trajectory.npy (each row's coordinate in [0, 1] along the data manifold, a
+diffusion-map ordering like cryoDRGN's graph traversal) with traj_SS.mrc maps along it and
+embedding_*_trajectory.png, embedding_*.png and fsc.png, chimerax_clusters.cxc and summary.json (cluster
 sizes, centres, resolutions).
 
 Examples:
@@ -61,6 +63,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="maps per principal-component trajectory (0: none; default 10)")
     parser.add_argument("--pcs", type=int, default=2, metavar="P",
                         help="number of principal components to traverse (default 2)")
+    parser.add_argument("--no-trajectory", action="store_true",
+                        help="skip the 1-D trajectory along the data manifold (diffusion-map coordinate of the "
+                             "latents: trajectory.npy, traj_SS.mrc, embedding_*_trajectory.png)")
     parser.add_argument("--domain-mask", metavar="MASK.mrc",
                         help="mask of a domain: find the latent direction that moves it most and the rest least")
     parser.add_argument("--even-odd", metavar="DIR2",
@@ -83,6 +88,37 @@ def _xy(emb: np.ndarray) -> np.ndarray:
     if emb.shape[1] >= 2:
         return emb[:, :2]
     return np.concatenate([emb, np.zeros_like(emb)], axis=1)
+
+
+def _manifold_trajectory(model, z: np.ndarray, pca, embeddings: dict, args, out: str) -> dict:
+    """The 1-D coordinate along the data manifold (analysis.trajectory): trajectory.npy (per row),
+    maps at equal-count bins along it (traj_SS.mrc), its motion and the embeddings coloured by it."""
+    from ..analysis import latent as an
+    from ..analysis.trajectory import manifold_coordinate, plot_coordinate_png, trajectory_points
+    from ..io.mrc import write_map
+
+    tr = manifold_coordinate(z, seed=args.seed)
+    _write_npy(os.path.join(out, "trajectory.npy"), tr.coordinate)
+    info = tr.summary()
+    steps = max(2, args.traj_steps or 10)
+    pts, t = trajectory_points(z, tr.coordinate, steps)
+    _write_npy(os.path.join(out, "trajectory_points.npy"), pts)
+    names = []
+    if args.traj_steps:
+        box, apix = model.neutral.box, model.neutral.apix
+        for s, vol in enumerate(an.render_at(model, pts, box, apix)):
+            names.append(f"traj_{s:02d}.mrc")
+            write_map(os.path.join(out, names[-1]), vol, apix)
+        c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
+        an.write_bild(os.path.join(out, "traj_motion.bild"), c0, d, box, apix, min_length_A=0.5)
+        info["max_displacement_A"] = float(np.linalg.norm(d, axis=1).max())
+    for name, emb in embeddings.items():
+        path_xy = _xy(pca.transform(pts)) if name == "pca" else None
+        plot_coordinate_png(os.path.join(out, f"embedding_{name}_trajectory.png"), _xy(emb), tr.coordinate,
+                            path_xy, title=f"trajectory coordinate, {name.upper()}")
+    info.update({"maps": names, "coordinates": np.round(t, 4).tolist()})
+    log.info("manifold trajectory: %d maps; rank correlation with PC1 %.3f", len(names), tr.spearman_pc1)
+    return info
 
 
 def main(args: argparse.Namespace) -> int:
@@ -201,6 +237,8 @@ def main(args: argparse.Namespace) -> int:
                                        "max_displacement_A": float(np.linalg.norm(d, axis=1).max())}
         log.info("trajectories: %s", ", ".join(f"{k} ({len(v['maps'])} maps, max Gaussian motion %.1f A)"
                                                 % v["max_displacement_A"] for k, v in trajectories.items()))
+    if not args.no_trajectory and z.shape[0] >= 10:
+        trajectories["manifold"] = _manifold_trajectory(model, z, pca, embeddings, args, out)
     summary["trajectories"] = trajectories
 
     if args.domain_mask:
