@@ -54,8 +54,10 @@ from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
 from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
 from scipion_gmmhet.engine.simulation.atomic import SYSTEMS, domain_atoms_mask, simulate_atomic  # noqa: E402
 from scipion_gmmhet.engine.simulation.simulate import simulate  # noqa: E402
-from scipion_gmmhet.engine.training.features import Particles  # noqa: E402
-from scipion_gmmhet.engine.training.train import TrainConfig, TrainedModel, train  # noqa: E402
+from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
+from scipion_gmmhet.engine.training.config import TrainConfig  # noqa: E402
+from scipion_gmmhet.engine.training.train import train  # noqa: E402
+from scipion_gmmhet.engine.training.trained import TrainedModel  # noqa: E402
 
 log = logging.getLogger("bench_science")
 PDB = os.path.join(common.REPO, "tests", "data", "1ake.pdb")

@@ -40,6 +40,7 @@ from ..model.gmm import GMM, project
 log = logging.getLogger(__name__)
 
 FRC_AUTO_THRESHOLD = 0.5
+PRIORS = ("kl", "l2")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
     amp: str = "off"
     compile: bool = False
     prefetch: bool = True
+    loss: str = "corr"
+    prior: str = "kl"
+    kl_weight: float = 1e-3
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -149,20 +153,35 @@ def auto_highres(particles: Particles, neutral: GMM, cfg: TrainConfig, n_sample:
     curve = (total / len(items)).cpu().numpy()
     lo_ring = max(1, int(np.ceil(particles.box * particles.apix / (cfg.lowres_A or 100.0))))
     peak = float(curve[lo_ring - 1:].max()) if len(curve) >= lo_ring else 0.0
-    threshold = min(FRC_AUTO_THRESHOLD, 0.6 * peak)
+    if cfg.loss == "frc":  # e2gmm's ring average: stop where one particle's rings turn noisy
+        threshold = min(FRC_AUTO_THRESHOLD, 0.6 * peak)
+        rule = f"last ring with per-particle FRC >= {threshold:.2f}"
+    else:  # likelihood: every ring that holds signal; noise rings weigh by their (small) share
+        threshold = 1.0 / np.sqrt(2.0 * np.pi * np.arange(1, len(curve) + 1))
+        rule = "last ring where the per-particle FRC exceeds its noise level 1/sqrt(2 pi k)"
     below = np.nonzero((curve < threshold) & (np.arange(len(curve)) >= lo_ring - 1))[0]
     last_ring = int(below[0]) if below.size else len(curve)  # curve[k] is ring k + 1
     last_ring = max(last_ring, lo_ring + 2)
-    highres = particles.box * particles.apix / last_ring
+    highres = data_limit = particles.box * particles.apix / last_ring
+    model_limit = _gmm_resolution(neutral)
+    reason = f"particles' signal ({rule}) to {data_limit:.1f} A"
+    if model_limit is not None and model_limit > highres:
+        highres = model_limit
+        reason = f"the neutral GMM's resolution {model_limit:.1f} A (the {reason})"
+    log.info("per-particle FRC of the neutral model by ring: %s -> training band up to %.1f A: %s",
+             " ".join(f"{v:.2f}" for v in curve[:max(last_ring + 4, 8)]), highres, reason)
+    cfg.extra = {**(cfg.extra or {}), "band_reason": reason}
+    return float(highres), [round(float(v), 4) for v in curve]
+
+
+def _gmm_resolution(neutral: GMM) -> float | None:
+    """The resolution the neutral GMM was built to (``gmmhet build``'s target), or None."""
     for key in ("target_resolution_A", "resolution_A"):
         try:
-            highres = max(highres, float(neutral.info[key]))
-            break
+            return float(neutral.info[key])
         except (KeyError, TypeError, ValueError):
             continue
-    log.info("per-particle FRC of the neutral model by ring: %s -> training band up to %.1f A (last ring with "
-             "FRC >= %.2f)", " ".join(f"{v:.2f}" for v in curve[:max(last_ring + 4, 8)]), highres, threshold)
-    return float(highres), [round(float(v), 4) for v in curve]
+    return None
 
 
 def split_items(n_particles: int, n_ops: int, val_fraction: float, seed: int):

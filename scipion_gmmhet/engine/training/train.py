@@ -60,15 +60,15 @@ from ..device import AdaptiveBatch, is_oom
 from ..errors import InputError
 from ..io import atomic
 from ..io.data import HostBatch, Particles
-from ..model.fourier import RingBinner
+from ..model.fourier import LOSSES, RingBinner
 from ..model.gmm import GMM, project
 from ..model.networks import HetModel, parse_changes
 from .acceleration import Amp, autocast, compile_mlps
-from .config import TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
+from .config import PRIORS, TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
 from .distributed import Dist
 from .features import FeatureCache, FeatureSource, GradientFeatures, feature_param_types, focus_mask_gaussians
 from .prefetch import Prefetcher
-from .trained import MODEL_FILE_VERSION, encode_items, model_payload
+from .trained import MODEL_FILE_VERSION, effective_dimension, encode_items, model_payload
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, 
               latent_reg: float):
     z, (c, a, s) = model(x, noise, gen)
     F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf)
-    frc = binner.mean_frc(F, b.F_img)
+    frc = binner.score(F, b.F_img)
     loss = -frc.mean()
     if latent_reg > 0:
         loss = loss + latent_reg * (z * z).sum(1).mean()
@@ -97,7 +97,7 @@ def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, 
 
 
 def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_std: float, noise,
-                latent_reg: float, scale: float, amp: Amp | None = None):
+                latent_reg: float, scale: float, amp: Amp | None = None, kl_weight: float = 0.0):
     """Forward and backward of one chunk of a training batch: the loss is the chunk's SUM of
     per-particle losses (``-FRC + latent_reg |z|^2``) times ``scale`` (1 / global batch size,
     times the number of processes under DDP), so the gradients of a batch's chunks (and
@@ -108,9 +108,12 @@ def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_st
         z, (c, a, s) = model(x, noise_std, None, noise)
     z, c, a, s = z.float(), c.float(), a.float(), s.float()  # no-ops without amp
     F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf)
-    frc = binner.mean_frc(F, b.F_img)
+    frc = binner.score(F, b.F_img)
     loss = -frc.sum()
-    if latent_reg > 0:
+    net = getattr(model, "module", model)  # under DDP
+    if net.variational:
+        loss = loss + kl_weight * net.kl_terms.float().sum()
+    elif latent_reg > 0:
         loss = loss + latent_reg * (z * z).sum()
     if amp is not None:
         amp.backward(loss * scale)
@@ -145,7 +148,8 @@ def _train_batch(model, ddp, binner, source: FeatureSource, host: HostBatch, pos
         sync = contextlib.nullcontext() if (ddp is None or k == len(starts) - 1) else ddp.no_sync()
         with sync:
             frc = _chunk_step(ddp if ddp is not None else model, binner, x, b, box, apix, cfg.latent_noise,
-                              None if my_noise is None else my_noise[sel], cfg.latent_reg, scale, amp)
+                              None if my_noise is None else my_noise[sel], cfg.latent_reg, scale, amp,
+                              cfg.kl_weight)
         if scale > 0:
             total = total + (-frc).sum()
     return total
@@ -169,6 +173,33 @@ class _Run:
     opt: torch.optim.Optimizer
     ddp: object = None
     chunk: AdaptiveBatch | None = None
+    best: dict | None = None     # {'epoch', 'val_loss', 'state'}: the model at the best validation loss
+
+
+def _keep_best(run: _Run, history: list) -> None:
+    """Early stopping's memory: a copy of the model's parameters at the lowest validation loss so
+    far (ties: the earlier epoch). Without a validation set (``val_fraction 0``) nothing is kept."""
+    h = history[-1]
+    if not np.isfinite(h["val_loss"]) or (run.best is not None and h["val_loss"] >= run.best["val_loss"]):
+        return
+    run.best = {"epoch": int(h["epoch"]), "val_loss": float(h["val_loss"]),
+                "state": {k: v.detach().clone() for k, v in run.model.state_dict().items()}}
+
+
+def _restore_best(run: _Run, history: list) -> int:
+    """Load the best-validation parameters into the model (the final latents and ``model.pt``
+    come from them); mark that epoch in ``history`` (``best``). Returns the epoch (the last one
+    without a validation set)."""
+    if not history:
+        return 0
+    best = run.best["epoch"] if run.best is not None else int(history[-1]["epoch"])
+    if run.best is not None and best != history[-1]["epoch"]:
+        run.model.load_state_dict(run.best["state"])
+        log.info("early stopping: the model of epoch %d (validation loss %.5f, the lowest) is kept; the last "
+                 "epoch's was %.5f", best, run.best["val_loss"], history[-1]["val_loss"])
+    for h in history:
+        h["best"] = int(h["epoch"] == best)
+    return best
 
 
 def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, resume: bool = False,
@@ -192,7 +223,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     mobile_np = focus_mask_gaussians(neutral, cfg.mask)
     mobile = torch.as_tensor(mobile_np, device=device)
     particles.crop(cfg.highres_A)
-    binner = RingBinner(particles.fbox, particles.fapix, cfg.lowres_A, cfg.highres_A, device=device)
+    binner = RingBinner(particles.fbox, particles.fapix, cfg.lowres_A, cfg.highres_A, device=device, loss=cfg.loss)
     feats = GradientFeatures(neutral, binner, mobile, feature_param_types(cfg.changes), device)
     info = {"train": cfg.to_dict(), "fingerprint": fingerprint, "n_particles": particles.n_particles,
             "n_ops": particles.n_ops, "n_items": len(particles), "n_gaussians": len(neutral),
@@ -231,27 +262,45 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
                                  particles.fapix, dist=dist, amp=amp)
         dt = time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": dt})
+        _keep_best(run, history)
         rate = len(train_items) / max(dt, 1e-9)
         eta = dt * (cfg.epochs - epoch - 1)
         log.info("epoch %d/%d  train loss %.5f  val loss %.5f  %.0f particles/s  ETA %.0f s", epoch + 1, cfg.epochs,
                  train_loss, val_loss, rate, eta)
         if main:
             _save_checkpoint(run, history, epoch, out_dir)
+    info["best_epoch"] = _restore_best(run, history)
 
     t_lat = time.time()
     n_all = len(particles)
     lo, hi = dist.block(n_all)
     z = encode_items(run.model, source, np.arange(lo, hi), max(cfg.batch_size, 256))
     z = dist.gather_rows(z, n_all)
+    summary = _run_summary(cfg, z, history, info)
     if main:
         _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
+        _atomic_text(json.dumps(summary, indent=1, default=float), os.path.join(out_dir, "summary.json"))
         _atomic_npy(z, os.path.join(out_dir, "latent.npy"))
         _atomic_save(model_payload(run.model, cfg, feats, mobile_np, info), os.path.join(out_dir, "model.pt"))
     dist.barrier()
     log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", os.path.join(out_dir, "latent.npy"), z.shape[0],
              z.shape[1], time.time() - t_lat, time.time() - t_train)
     return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info, "chunk_size": run.chunk.size,
-            "compiled": compiled}
+            "compiled": compiled, "summary": summary}
+
+
+def _run_summary(cfg: TrainConfig, z: np.ndarray, history: list, info: dict) -> dict:
+    """``summary.json``: the kept (best-validation) epoch, the effective latent dimension, the
+    similarity, prior and band (with the reason for the band); also merged into ``info``."""
+    eff = effective_dimension(z, cfg.prior)
+    log.info("effective latent dimension %d of %d (principal variances %s; prior %s)", eff["effective_dim"],
+             cfg.zdim, " ".join(f"{v:.3g}" for v in eff["latent_pc_variance"]), cfg.prior)
+    summary = {"best_epoch": info["best_epoch"], "epochs_run": len(history), **eff, "zdim": cfg.zdim,
+               "loss": cfg.loss, "prior": cfg.prior, "band_A": [cfg.lowres_A, cfg.highres_A],
+               "band_reason": (cfg.extra or {}).get("band_reason", "given (--highres)"),
+               "best_val_loss": next((h["val_loss"] for h in history if h.get("best")), None)}
+    info.update(summary)
+    return summary
 
 
 def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_path: str | None):
@@ -274,6 +323,10 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
     particles.check_finite_sample(256, name=star_path, seed=cfg.seed)
     cfg.changes = parse_changes(cfg.changes)
     cfg.ctf_mode = particles.ctf_mode
+    if cfg.loss not in LOSSES:
+        raise InputError(f"--loss {cfg.loss}: give one of {', '.join(LOSSES)}")
+    if cfg.prior not in PRIORS:
+        raise InputError(f"--prior {cfg.prior}: give one of {', '.join(PRIORS)}")
     frc_curve = None
     if cfg.highres_A is None:
         cfg.highres_A, frc_curve = auto_highres(particles, neutral, cfg)
@@ -347,7 +400,7 @@ def _new_model(feats: GradientFeatures, neutral: GMM, mobile: torch.Tensor, cfg:
     torch.manual_seed(int(cfg.seed))
     c0, a0, s0 = neutral.tensors(device)
     model = HetModel(feats.n_features, cfg.zdim, c0, a0, s0, mobile, cfg.changes, cfg.pos_scale_A, cfg.hidden,
-                     cfg.layers, cfg.dropout, cfg.batchnorm).to(device)
+                     cfg.layers, cfg.dropout, cfg.batchnorm, cfg.prior == "kl").to(device)
     try:  # the fused kernel is ~3x faster than the default on CPU (and on GPU); same algorithm
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -368,6 +421,7 @@ def _resume_state(run: _Run, out_dir: str, resume: bool):
             if run.amp.scaler is not None and ck.get("grad_scaler"):
                 run.amp.scaler.load_state_dict(ck["grad_scaler"])
             history, start_epoch = ck["history"], int(ck["epoch"])
+            run.best = ck.get("best")
             resumed_chunk = ck.get("chunk_size")
             log.info("resuming from %s (epoch %d done)", ckpts[-1], start_epoch)
         else:
@@ -430,7 +484,7 @@ def _save_checkpoint(run: _Run, history: list, epoch: int, out_dir: str) -> None
     cfg, amp = run.cfg, run.amp
     ck_path = os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1:04d}.pt")
     _atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch + 1,
-                  "history": history, "config": cfg.to_dict(), "chunk_size": run.chunk.size,
+                  "history": history, "config": cfg.to_dict(), "chunk_size": run.chunk.size, "best": run.best,
                   "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None}, ck_path)
     for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
         os.remove(old)
@@ -438,8 +492,9 @@ def _save_checkpoint(run: _Run, history: list, epoch: int, out_dir: str) -> None
 
 
 def _write_loss_csv(history: list, path: str) -> None:
-    lines = ["epoch,train_loss,val_loss,seconds"]
-    lines += [f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['seconds']:.3f}" for h in history]
+    lines = ["epoch,train_loss,val_loss,seconds,best"]
+    lines += [f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['seconds']:.3f},{int(h.get('best', 0))}"
+              for h in history]
     _atomic_text("\n".join(lines) + "\n", path)
 
 
@@ -479,7 +534,7 @@ def evaluate_loss(model: HetModel, source, binner: RingBinner, items: np.ndarray
         with autocast(amp):
             _, (c, a, s) = model(x)
         c, a, s = c.float(), a.float(), s.float()
-        total.add_((-binner.mean_frc(project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf), b.F_img)).sum())
+        total.add_((-binner.score(project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf), b.F_img)).sum())
 
     AdaptiveBatch(batch_size, "validation loss", binner.onehot.device).run(len(items), step)
     model.train(was)
