@@ -192,9 +192,15 @@ def run_system(system: str, args) -> dict:
     truth = pd.read_csv(os.path.join(d, "truth.csv"))
     m = metrics(system, latent, truth, run_dir, d)
     cfg_used = info.get("train", {})
+    tsum = {}
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            tsum = json.load(f)
     row = {"system": system, "tag": args.tag or "default", "n": args.n, "zdim": args.zdim,
            "n_gauss": len(GMM.load(gmm_path)), "highres_A": cfg_used.get("highres_A"),
-           "epochs": cfg.epochs, **{k: round(v, 4) for k, v in m.items()},
+           "epochs": cfg.epochs, "best_epoch": tsum.get("best_epoch"), "effective_dim": tsum.get("effective_dim"),
+           "loss": cfg_used.get("loss", "frc"), "prior": cfg_used.get("prior", "l2"),
+           **{k: round(v, 4) for k, v in m.items()},
            "seconds_train": round(t_train, 1), "run_dir": os.path.relpath(run_dir, common.REPO)}
     log.info("%s", row)
     return row
