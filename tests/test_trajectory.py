@@ -57,7 +57,7 @@ def test_trajectory_points_are_bin_means():
 def test_analyze_writes_the_trajectory(tmp_path, monkeypatch):
     from scipion_gmmhet.engine.cli import main
     from scipion_gmmhet.engine.io.mrc import read_map
-    from scipion_gmmhet.engine.training import train as train_mod
+    from scipion_gmmhet.engine.training import trained as train_mod
     g = _neutral(n=40, box=24, apix=4.0)
     W = np.zeros((3, len(g), 3))
     W[0, :12, 0] = 3.0
@@ -70,7 +70,7 @@ def test_analyze_writes_the_trajectory(tmp_path, monkeypatch):
                  "--out", str(out)]) == 0
     coord = np.load(out / "trajectory.npy")
     assert coord.shape == (600,) and abs(spearmanr(coord, t).correlation) > 0.98
-    s = json.loads((out / "summary.json").read_text())["trajectories"]["manifold"]
+    s = json.loads((out / "summary.json").read_text())["manifold_trajectory"]
     assert s["maps"] == [f"traj_{i:02d}.mrc" for i in range(4)] and s["max_displacement_A"] > 1.0
     a, b = read_map(out / "traj_00.mrc")[0], read_map(out / "traj_03.mrc")[0]
     assert not np.allclose(a, b)

@@ -237,9 +237,9 @@ def main(args: argparse.Namespace) -> int:
                                        "max_displacement_A": float(np.linalg.norm(d, axis=1).max())}
         log.info("trajectories: %s", ", ".join(f"{k} ({len(v['maps'])} maps, max Gaussian motion %.1f A)"
                                                 % v["max_displacement_A"] for k, v in trajectories.items()))
-    if not args.no_trajectory and z.shape[0] >= 10:
-        trajectories["manifold"] = _manifold_trajectory(model, z, pca, embeddings, args, out)
     summary["trajectories"] = trajectories
+    if not args.no_trajectory and z.shape[0] >= 10:
+        summary["manifold_trajectory"] = _manifold_trajectory(model, z, pca, embeddings, args, out)
 
     if args.domain_mask:
         mask, mask_apix = read_map(args.domain_mask)

@@ -8,16 +8,29 @@ Defaults and why (see :class:`TrainConfig`):
 - ``batch_size 64``: small enough for many Adam steps per epoch on 5k-particle sets, large
   enough that each step is one batched matrix product (the GPU path may use 256+).
 - ``epochs 30``: the validation loss of 5k-particle sets flattens after 20-30 epochs.
-- ``latent_noise 0.05`` (fixed, non-trainable: e2gmm's continuity noise) and
-  ``latent_reg 1e-3`` (keeps latents near the origin, so that noise of fixed size matters).
+- ``loss corr``: one correlation over every Fourier coefficient of the band (the white-noise
+  Gaussian likelihood with the best scale), in the loss and in the encoder's gradient inputs;
+  e2gmm's ring-averaged FRC (``loss frc``) weights a ring of 6 pixels like one of 70, so the
+  noisy outer rings count as much as the signal-rich inner ones (measurements: README,
+  benchmarks/bench_science.py, 1AKE hinge at zdim 4).
+- ``prior kl``, ``kl_weight``: the encoder gives a posterior mean and width per latent
+  dimension; KL(posterior || N(0, I)) in nats, weighted against the (unitless) similarity, lets
+  a dimension that carries no signal collapse onto the prior (means ~0), so the leading latent
+  direction is the motion; summary.json's effective dimension counts the directions that carry
+  signal. ``prior l2``: e2gmm's fixed ``latent_noise 0.05`` and ``latent_reg 1e-3`` |z|^2
+  penalty (used only then).
+- early stopping: the model of the epoch with the lowest validation loss is kept (latent.npy,
+  model.pt; ``best`` in loss.csv): on 6,000 particles with the l2 prior the validation loss
+  rises after ~12 epochs while the training loss keeps falling.
 - band ``lowres_A = 100`` (e2gmm's default minimum resolution; lower rings hold the
-  particle's overall envelope, shared by every state) to ``highres_A`` chosen from the data
-  (:func:`auto_highres`: the last ring where the mean per-particle FRC of the neutral model
-  is >= min(0.5, 0.6 x its peak), never finer than the GMM's resolution). Rings where one
-  particle has no signal only add noise to an equally-weighted ring average: on simulated
-  SNR 0.1 data (2,000 particles) a 30 A band gave |Spearman| 0.92 where the GMM's 12 A gave
-  0.85, and on 5,000 particles a band one ring finer (27 A instead of 32 A) gave 0.89 instead
-  of 0.92. Give ``highres_A`` to override.
+  particle's overall envelope, shared by every state) to ``highres_A`` from the model and the
+  data (:func:`auto_highres`): the neutral GMM's resolution, or coarser where the particles
+  carry no signal (the mean per-particle FRC of the neutral model below its noise level
+  ``1/sqrt(2 pi k)`` at ring k). The likelihood weights rings by their signal, so the band
+  need not stop early; the old rule (last ring with per-particle FRC >= min(0.5, 0.6 x peak),
+  kept for ``loss frc``, where equal ring weights make noisy rings costly) stopped at 19 A on
+  the 1AKE hinge (8 A GMM, 1.5 A/px). Give ``highres_A`` to override; the reason is logged and
+  written to summary.json.
 - ``val_fraction 0.05``: a seeded 5% of particles (all symmetry copies of a particle go to the
   same side) never trains; its loss is logged every epoch to spot over-fitting.
 """
