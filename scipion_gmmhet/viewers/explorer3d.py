@@ -128,12 +128,21 @@ class Explorer3DPanel:
         ax.set_ylabel('y (A)')
         ax.set_zlabel('z (A)')
         c, d = explorer.centersAt(explorer.current)
-        # animated: full redraws (resize, rotation with the mouse) leave the Gaussians out and
-        # _onDraw keeps that background; a pointer update then blits only the Gaussians + label
-        self.scatter = ax.scatter(c[:, 0], c[:, 1], c[:, 2], c=d, cmap='viridis', vmin=0,
-                                  vmax=self.vmax, s=max(2.0, 3000.0 / len(c)), depthshade=False,
-                                  animated=True)
-        self.figure.colorbar(self.scatter, ax=ax, shrink=0.6, label='displacement from neutral (A)')
+        # One marker line per colour band (Agg stamps one cached marker per band: ~10x faster
+        # than a per-point-coloured scatter at 2,048 Gaussians). animated: full redraws (resize,
+        # rotation with the mouse) leave them out and _onDraw keeps that background; a pointer
+        # update then blits only the Gaussians and the label.
+        import matplotlib
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+        cmap = matplotlib.colormaps['viridis']
+        norm = Normalize(0.0, self.vmax)
+        size = max(1.5, min(6.0, 120.0 / np.sqrt(len(c))))
+        self.bands = [ax.plot([], [], [], ls='none', marker='o', ms=size, mew=0, animated=True,
+                              color=cmap((b + 0.5) / self.NBANDS))[0] for b in range(self.NBANDS)]
+        self._setCentres(c, d)
+        self.figure.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.6,
+                             label='displacement from neutral (A)')
         ax.set_title('%d Gaussians under the pointer' % len(c), fontsize='small')
         self.label = ax.text2D(0.02, 0.98, 'neutral model', transform=ax.transAxes, fontsize='small',
                                va='top', animated=True)
@@ -142,6 +151,18 @@ class Explorer3DPanel:
         self.canvas.get_tk_widget().pack(side=tk.TOP, fill=tk.BOTH, expand=True)
         self.canvas.mpl_connect('draw_event', self._onDraw)
         self.canvas.draw()
+
+    NBANDS = 16
+
+    def _setCentres(self, c, d):
+        """Put Gaussian i (centre c[i], displacement d[i] A) in its colour band."""
+        band = np.minimum((d / self.vmax * self.NBANDS).astype(np.int64), self.NBANDS - 1)
+        order = np.argsort(band, kind='stable')
+        edges = np.searchsorted(band[order], np.arange(self.NBANDS + 1))
+        for b, line in enumerate(self.bands):
+            idx = order[edges[b]:edges[b + 1]]
+            line.set_data_3d(c[idx, 0], c[idx, 1], c[idx, 2])
+        self.centres, self.displacements = c, d
 
     def _onDraw(self, event=None):
         """After a full redraw: keep the static background, draw the Gaussians on it."""
@@ -153,7 +174,8 @@ class Explorer3DPanel:
             self.canvas.draw()
             return
         self.canvas.restore_region(self._background)
-        self.ax.draw_artist(self.scatter)
+        for line in self.bands:
+            self.ax.draw_artist(line)
         self.ax.draw_artist(self.label)
         self.canvas.blit(self.figure.bbox)
 
@@ -180,8 +202,7 @@ class Explorer3DPanel:
         z = self.explorer.latentAt(x, y)
         self.explorer.current = z
         c, d = self.explorer.centersAt(z)
-        self.scatter._offsets3d = (c[:, 0], c[:, 1], c[:, 2])
-        self.scatter.set_array(d)
+        self._setCentres(c, d)
         self.label.set_text('z = [%s]\nlargest move %.1f A' % (', '.join('%.2f' % v for v in z), d.max()))
         self._blit()
         self.seconds += time.perf_counter() - t0
