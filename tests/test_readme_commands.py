@@ -100,3 +100,23 @@ def test_missing_stack_message_names_a_command_that_fixes_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not found" in err and "gmmhet convert" in err and "--images-root" in err
     assert sim["star"]
+
+
+def test_real_data_guide_commands_parse_and_numbers_match_the_benchmark():
+    """docs/real_data.md: every gmmhet command line is a valid command, and its time per 100k
+    particles is the benchmark's measured rate (results/training_throughput_1thread.json)."""
+    import json
+    root = README.parent
+    guide = (root / "docs" / "real_data.md").read_text(encoding="utf-8")
+    parser = build_parser()
+    # full command lines (with options), inline or indented
+    lines = [m.strip() for m in re.findall(r"`(gmmhet [^`]+)`", guide) if " -" in m]
+    lines += [ln.strip() for ln in guide.splitlines() if ln.startswith("    gmmhet ")]
+    assert len(lines) >= 2
+    for line in lines:
+        parser.parse_args(normalise_argv(shlex.split(line)[1:]))
+    bench = json.loads((root / "benchmarks" / "results" / "training_throughput_1thread.json").read_text())
+    for row in bench["training"]:
+        per100k_min = 1e5 / row["epoch_rate"] / 60
+        cells = "| %d | %d | %.1f min (" % (row["box"], row["n_gauss"], per100k_min)
+        assert cells in guide, cells
