@@ -51,11 +51,11 @@ class LatentExplorer:
 
         from .latent_selection import _trained, gmmMapAt
         tm = _trained(trainDir)
-        torch.set_grad_enabled(False)
 
         def decode(zz):
-            c, _, _ = tm.decode(torch.as_tensor(np.asarray(zz, dtype=np.float32).reshape(1, -1)))
-            return c[0].numpy()
+            with torch.no_grad():
+                c, _, _ = tm.decode(torch.as_tensor(np.asarray(zz, dtype=np.float32).reshape(1, -1)))
+            return c[0].cpu().numpy()
 
         def saveMap(zz, name):
             folder = saveMapDir or trainDir
