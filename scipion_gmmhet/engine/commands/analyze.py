@@ -204,10 +204,10 @@ def main(args: argparse.Namespace) -> int:
     summary["trajectories"] = trajectories
 
     if args.domain_mask:
+        from ..io.validate import check_mask_matches
         mask, mask_apix = read_map(args.domain_mask)
-        if mask.shape[0] != box or abs(mask_apix - apix) > 1e-3 * apix:
-            raise InputError(f"--domain-mask {args.domain_mask}: box {mask.shape[0]} at {mask_apix:.4f} A/px but "
-                             f"the model is box {box} at {apix:.4f} A/px; resample the mask")
+        check_mask_matches(mask.shape, mask_apix, (box,) * 3, apix, f"--domain-mask {args.domain_mask}",
+                           "the Gaussian model")
         inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
         dm = an.domain_motion(model, z, inside, seed=args.seed)
         pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))

@@ -80,7 +80,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from ..training.distributed import init_from_env
-    from ..training.features import Particles
+    from ..training.features import Particles, focus_mask_gaussians
     from ..model.networks import parse_changes
     from ..training.train import TrainConfig, load_gmm, resolve_device, train
     if args.zdim < 1:
@@ -97,6 +97,8 @@ def main(args) -> int:
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:
         neutral = load_gmm(args.gmm)
+        if args.mask:  # grid and selection checked before the particles are read (engine/io/validate.py)
+            focus_mask_gaussians(neutral, args.mask)
         particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode,
                                         device=dist.device)
         train(particles, neutral, cfg, args.out, resume=args.resume, star_path=args.particles, dist=dist)

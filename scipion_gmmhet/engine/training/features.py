@@ -167,8 +167,8 @@ class Particles:
         if ctf_mode not in CTF_MODES or ctf_mode == "auto":
             raise ValueError(f"ctf_mode must be one of {CTF_MODES[1:]}, got {ctf_mode!r}")
         if ctf_mode != "none" and ctf is None:
-            raise InputError("particles: no CTF parameters in the star file; give --ctf none (the CTF is then "
-                             "ignored) or add rlnDefocusU/V/Angle and the optics columns")
+            from ..io.validate import ctf_missing_message
+            raise InputError(ctf_missing_message("particles"))
         self.ctf_mode = ctf_mode
         ops = np.eye(3)[None] if sym_ops is None else np.asarray(sym_ops)
         self.n_ops = int(ops.shape[0])
@@ -221,15 +221,9 @@ class Particles:
         meta = metadata.read_particles(star_path)
         has_ctf = bool(meta.has_ctf())
         meta.validate(require_alignment=True, require_ctf=has_ctf and ctf_mode != "none", check_images=check_files)
-        if ctf_mode == "auto":
-            if not has_ctf:
-                ctf_mode = "none"
-                log.warning("%s: no CTF parameters; the CTF is ignored (images taken as phase-flipped "
-                            "or CTF-free)", star_path)
-            elif bool(np.any(meta.ctf_premultiplied())):
-                ctf_mode = "premultiplied"
-            else:
-                ctf_mode = "ctf"
+        from ..io.validate import resolve_ctf_mode  # no CTF: refused unless ctf_mode == "none"
+        ctf_mode = resolve_ctf_mode(has_ctf, ctf_mode, star_path,
+                                    premultiplied=has_ctf and bool(np.any(meta.ctf_premultiplied())))
         ctf = meta.ctf_params() if (has_ctf and ctf_mode != "none") else None
         ops = symmetry_operators(symmetry)
         return cls(data.ParticleImages(meta), meta.rotation_matrices(), meta.origins_A(), meta.box, meta.apix,
@@ -531,7 +525,10 @@ def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:
     if mask_path is None:
         return np.arange(n)
     from ..io.mrc import read_map
+    from ..io.validate import check_mask_matches
     vol, apix = read_map(mask_path)
+    check_mask_matches(vol.shape, apix, (neutral.box,) * 3, neutral.apix, f"--mask {mask_path}",
+                       "the Gaussian model")
     d = vol.shape[0]
     idx = np.rint(neutral.centers_A.astype(np.float64) / apix).astype(np.int64) + d // 2  # (N, 3) xyz
     inside = np.all((idx >= 0) & (idx < d), axis=1)
