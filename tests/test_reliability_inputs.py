@@ -465,3 +465,56 @@ def test_focus_mask_selects_no_gaussian(good, capsys):
     write_map(str(d / "corner.mrc"), mask, APIX)
     assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--mask", d / "corner.mrc", "--epochs", 1,
                     "--out", d / "t"], capsys, "corner.mrc", "selects none of the 3 Gaussians")
+
+
+# ============================================================================ output folders (issue 18)
+def test_convert_creates_its_output_folder(good, capsys):
+    """gmmhet convert IN.star --out NEWDIR/sub/out.star creates the folders (was a traceback)."""
+    d, star = good
+    out = d / "new" / "sub" / "out.star"
+    rc, err = run_cli(["convert", star, "--out", out], capsys)
+    assert rc == 0, err
+    assert out.is_file() and len(read_particles(str(out))) == N
+    assert not list((d / "new" / "sub").glob("*.tmp"))
+
+
+def test_commands_say_when_the_output_folder_cannot_be_made(good, capsys):
+    """An output under a regular file: every command refuses in one line, before any work."""
+    d, star = good
+    blocker = d / "a_file"
+    blocker.write_text("not a folder")
+    for argv in (["convert", star, "--out", blocker / "out.star"],
+                 ["reconstruct", "--particles", star, "--out", blocker / "r.mrc", "--no-mask"],
+                 ["build", "--map", d / "map.mrc", "--resolution", 8, "--out", blocker],
+                 ["build", "--map", d / "map.mrc", "--resolution", 8, "--out", blocker / "b"],
+                 ["simulate", "--out", blocker / "sim", "--kind", "homogeneous", "--n", 4, "--box", 16]):
+        assert_refused(argv, capsys, str(blocker), "cannot create the output folder")
+    with pytest.raises(InputError) as e:
+        from scipion_gmmhet.engine.io.atomic import make_output_dir
+        make_output_dir(blocker)
+    one_line(e, "a file of that name exists")
+
+
+def _star_with_subsets(d, subsets, name):
+    parts = particle_table(names())
+    parts["rlnRandomSubset"] = subsets
+    return make_star(d, parts, name=name)
+
+
+@pytest.mark.parametrize("subsets, says", [([1] * N, "every particle in subset 1 (no subset 2"),
+                                           ([2] * N, "every particle in subset 2 (no subset 1"),
+                                           ([1, 2, 3, 1, 2, 3], "other than 1 and 2 (3 in 2 rows)"),
+                                           ([1, 2, 1, 2, 1, 2], None)])
+def test_random_subset_warning_says_what_is_wrong(good, caplog, subsets, says):
+    """analyze --even-odd on one half (only 1s) used to warn 'values other than 1 and 2'."""
+    from scipion_gmmhet.engine.analysis.reconstruct import half_assignment
+    d, _ = good
+    meta = read_particles(_star_with_subsets(d, subsets, "halves.star"))
+    caplog.set_level(logging.WARNING)
+    h = half_assignment(meta, seed=0)
+    assert sorted(set(h.tolist())) == [1, 2]
+    if says is None:
+        assert h.tolist() == subsets and "rlnRandomSubset" not in caplog.text
+    else:
+        assert says in caplog.text and "seeded random split" in caplog.text, caplog.text
+        assert "other than 1 and 2" not in caplog.text or 3 in subsets

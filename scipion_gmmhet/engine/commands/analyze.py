@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from ..io.atomic import save_npy, write_text
+from ..io.atomic import make_output_dir, save_npy, write_text
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.analyze")
@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--clusters {args.clusters}: give at least 1")
     if args.traj_steps < 0 or args.traj_steps == 1:
         raise InputError(f"--traj-steps {args.traj_steps}: give 0 (no trajectories) or at least 2")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     model = load_trained(args.train, args.device)
     info = dict(getattr(model, "info", {}) or {})
     cfg_path = os.path.join(args.train, "config.json")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 
+from ..io.atomic import make_output_dir
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.reconstruct")
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out}: same file as the input; write the map elsewhere")
     if args.pad < 1 or args.reg_frac < 0:
         raise InputError("--pad must be >= 1 and --reg-frac >= 0")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    make_output_dir(os.path.dirname(out))
     meta = read_particles(args.particles, images_root=args.images_root)
     from ..io.validate import resolve_ctf_mode
     if not meta.has_ctf():  # ignoring the CTF is an explicit choice (--ctf-mode none)

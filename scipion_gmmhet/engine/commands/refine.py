@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from ..io.atomic import atomic_write
+from ..io.atomic import atomic_write, make_output_dir
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def main(args) -> int:
         raise InputError(f"--retrain-epochs {args.retrain_epochs}: give at least 1")
     device = resolve_device(args.device)
     tm = load_trained(args.train, device)
-    os.makedirs(args.out, exist_ok=True)
+    make_output_dir(args.out)
     if args.rounds > 1 and len(np.asarray(tm.mobile)) == len(tm.neutral):
         log.warning("refine: --rounds %d with a network trained without a focus mask: every Gaussian may move, so "
                     "nothing holds the particle's frame and the poses can drift from round to round; train with "

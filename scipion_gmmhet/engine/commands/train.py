@@ -80,6 +80,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from ..training.distributed import init_from_env
+    from ..io.atomic import make_output_dir
     from ..training.features import Particles, focus_mask_gaussians
     from ..model.networks import parse_changes
     from ..training.train import TrainConfig, load_gmm, resolve_device, train
@@ -101,6 +102,7 @@ def main(args) -> int:
             focus_mask_gaussians(neutral, args.mask)
         particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode,
                                         device=dist.device)
+        make_output_dir(args.out)
         train(particles, neutral, cfg, args.out, resume=args.resume, star_path=args.particles, dist=dist)
     finally:
         dist.close()
