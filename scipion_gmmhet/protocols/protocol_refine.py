@@ -144,6 +144,12 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- STEPS functions ------------------------------
     def refineStep(self, args):
+        """``gmmhet refine``; with ``--resume`` when this run's folder holds an interrupted
+        refinement (Scipion's Continue after a crash or kill): finished rounds are kept and a
+        retraining goes on from its checkpoint (the engine starts over if the settings changed)."""
+        if os.path.exists(os.path.join(self.getRefineDir(), 'refine_settings.json')):
+            args += ' --resume'
+            self.info('Resuming the refinement in %s' % self.getRefineDir())
         Plugin.runGmmhet(self, 'refine', args,
                          gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
 
