@@ -141,7 +141,7 @@ def test_particles_without_ctf(good, capsys, caplog):
     rc, _ = run_cli(["reconstruct", "--particles", star, "--out", d / "r.mrc", "--no-mask", "--ctf-mode", "none"],
                     capsys)
     assert rc == 0 and (d / "r.mrc").exists()
-    from scipion_gmmhet.engine.training.features import Particles
+    from scipion_gmmhet.engine.io.data import Particles
     assert Particles.from_star(star, ctf_mode="none").ctf is None  # the explicit choice is accepted
 
 

@@ -121,7 +121,7 @@ class TestValidationParity(BaseTest):
         self.assertEqual(prot.validate(), [])
         self.assertIn('--ctf none', prot._getTrainArgs())
         self.assertTrue(any('CTF is ignored' in w for w in prot.warnings()))
-        from scipion_gmmhet.engine.training.features import Particles
+        from scipion_gmmhet.engine.io.data import Particles
         self.assertIsNone(Particles.from_star(star, ctf_mode='none').ctf)
         # particles with CTF: no refusal, no --ctf in the command
         prot = self._train(self.protCtf)

@@ -95,7 +95,8 @@ def _write_csv_atomic(path: str, df) -> None:
 
 
 def main(args) -> int:
-    from ..training.train import load_trained, resolve_device
+    from ..device import resolve_device
+    from ..training.trained import load_trained
 
     if args.max_angle is not None and not args.max_angle >= 0:
         raise InputError(f"--max-angle {args.max_angle}: must be >= 0 degrees; e.g. 6")
@@ -153,7 +154,8 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     from ..io import metadata
     from ..analysis import refine
     from ..conventions import matrix_to_euler
-    from ..training.features import Particles, focus_mask_gaussians
+    from ..io.data import Particles
+    from ..training.features import focus_mask_gaussians
 
     cfg = tm.config
     n_ops = 1
@@ -232,8 +234,10 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
     seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``.
     ``resume``: a finished retraining (model.pt) is loaded, an interrupted one goes on from its
     last checkpoint."""
-    from ..training.features import Particles
-    from ..training.train import TrainConfig, load_trained, train
+    from ..io.data import Particles
+    from ..training.config import TrainConfig
+    from ..training.train import train
+    from ..training.trained import load_trained
     if resume and os.path.exists(os.path.join(out_dir, "model.pt")):
         log.info("refine: retraining in %s finished before the interruption; loading it", out_dir)
         return load_trained(out_dir, device)
