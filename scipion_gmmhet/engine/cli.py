@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stdout)
     try:
         if getattr(args, "device", None) == "auto" and args.command not in ("train", "refine"):
-            from .training.train import resolve_device
+            from .device import resolve_device
             args.device = str(resolve_device("auto"))
         rc = args._main(args)
     except InputError as exc:
