@@ -55,13 +55,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..errors import InputError
+    from ..io.atomic import make_output_dir
     from ..simulation.atomic import SYSTEMS, simulate_atomic
     from ..simulation.simulate import simulate
 
+    if args.kind in SYSTEMS and not args.pdb:
+        raise InputError(f"--kind {args.kind}: needs an atomic structure; pass --pdb FILE "
+                         "(e.g. tests/data/1ake.pdb)")
+    make_output_dir(args.out)
     if args.kind in SYSTEMS:
-        if not args.pdb:
-            raise InputError(f"--kind {args.kind}: needs an atomic structure; pass --pdb FILE "
-                             "(e.g. tests/data/1ake.pdb)")
         result = simulate_atomic(args.out, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix or 1.5,
                                  snr=args.snr, seed=args.seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)
     else:
