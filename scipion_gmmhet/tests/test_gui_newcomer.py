@@ -45,6 +45,22 @@ EXPECTED_VIEWERS = {'ProtGmmhetBuildGmm': 'GmmhetBuildGmmViewer',
                     'ProtGmmhetRefine': 'GmmhetRefineViewer'}
 
 
+def sessionPids(sid: int) -> list[int]:
+    """Pids of the live processes of session ``sid`` (what a command started with
+    ``start_new_session`` left running, detached children included)."""
+    pids = []
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    with open('/proc/%s/stat' % name) as f:
+                        if f.read().split(') ')[-1][:1] != 'Z':
+                            pids.append(int(name))
+            except (OSError, ProcessLookupError):
+                pass
+    return pids
+
+
 def screenStats(display: str) -> dict:
     from PIL import ImageGrab
     img = np.asarray(ImageGrab.grab(xdisplay=display).convert('RGB'))
@@ -128,8 +144,10 @@ class TestNewcomerGui(BaseTest):
             proc = subprocess.Popen(['bash', '-c', self.printed], env=env, stdout=err, stderr=err,
                                     start_new_session=True)
         try:
+            # Scipion's launcher relaunches the GUI as a detached child and returns: follow the
+            # screen and the processes of this session, not the launcher
             deadline, stats = time.time() + 150, before
-            while time.time() < deadline and proc.poll() is None:
+            while time.time() < deadline:
                 time.sleep(2)
                 stats = screenStats(self.xvfb.display)
                 if stats['colours'] > 50 and stats['dominant'] < 0.9:
@@ -137,19 +155,22 @@ class TestNewcomerGui(BaseTest):
             with open(errFile) as f:
                 log = f.read()
             self.assertNotIn('No module named', log)
-            self.assertIsNone(proc.poll(), 'the GUI command ended: %s' % log[-2000:])
+            self.assertTrue(sessionPids(proc.pid), 'no GUI process left: %s' % log[-2000:])
             self.assertGreater(stats['colours'], 50, (before, stats, log[-2000:]))
             from PIL import ImageGrab
             img = ImageGrab.grab(xdisplay=self.xvfb.display)
             img.save(os.path.join(self.outDir, 'project_window.png'))
             print('printed command opened the project window (%d colours on screen)' % stats['colours'])
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            for pid in sessionPids(proc.pid):
                 try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     # ------------------------------------------------------------------ 2-3. Analyze results
     def _analyze(self, mainWindow, prot, check):
