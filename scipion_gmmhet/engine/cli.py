@@ -104,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stdout)
     try:
         if getattr(args, "device", None) == "auto" and args.command not in ("train", "refine"):
-            from .training.train import resolve_device
+            from .device import resolve_device
             args.device = str(resolve_device("auto"))
         rc = args._main(args)
     except InputError as exc:
         print(f"gmmhet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder that cannot be read or written: one line, no traceback
+        if not exc.filename:
+            raise
+        print(f"gmmhet {args.command}: error: {exc.filename}: {exc.strerror or type(exc).__name__}; check the "
+              "path and its permissions", file=sys.stderr)
         return 2
     return int(rc or 0)
 

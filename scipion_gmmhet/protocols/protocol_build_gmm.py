@@ -30,6 +30,7 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..constants import GMM_FILE_ATTR  # the output volume's gmm.npz path; "train" reads it
 from .gpu import cudaAvailable, gpuErrors
+from .validation import maskGridErrors, volumeGrid
 
 #: Extensions the engine reads directly (anything else is converted to MRC first).
 _MRC_EXTENSIONS = ('.mrc', '.map', '.rec')
@@ -158,16 +159,8 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
             errors.append('Input map: non-cubic box %s; pad or crop it to a cube (e.g. with '
                           'xmipp3 - crop/resize volumes).' % 'x'.join(str(d) for d in dims))
         mask = self.inputMask.get()
-        if mask is not None and dims is not None:
-            mdims = mask.getDim()
-            if mdims is not None and tuple(mdims) != tuple(dims):
-                errors.append('Mask: box %s differs from the map\'s %s; resample the mask onto '
-                              'the map\'s grid.' % ('x'.join(str(d) for d in mdims),
-                                                    'x'.join(str(d) for d in dims)))
-            mApix = mask.getSamplingRate()
-            if mApix and apix and abs(mApix - apix) > 1e-3 * apix:
-                errors.append('Mask: %.4f A/px differs from the map\'s %.4f A/px; resample the '
-                              'mask onto the map\'s grid.' % (mApix, apix))
+        if mask is not None and dims is not None:  # the check and text of `gmmhet build --mask`
+            errors += maskGridErrors('Mask', mask, volumeGrid(vol), 'the map')
         res = self.resolution.get()
         if res is not None and apix:
             if res < 2.0 * apix:

@@ -42,6 +42,7 @@ from .. import Plugin, convert
 from ..engine.errors import InputError
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
+from .validation import maskGridErrors
 
 METHOD_KMEANS, METHOD_GMM = 0, 1
 METHOD_CHOICES = ['k-means', 'Gaussian mixture']
@@ -243,15 +244,8 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
             errors.append('Number of clusters: %d is more than the %d particles.'
                           % (k, parts.getSize()))
         mask = self.domainMask.get()
-        if mask is not None:
-            dims = mask.getDim()
-            box = parts.getXDim()
-            if dims is not None and tuple(dims) != (box, box, box):
-                errors.append('Domain mask: box %s but the particles are %d px; resample it.'
-                              % ('x'.join(str(d) for d in dims), box))
-            if abs((mask.getSamplingRate() or 0) - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
-                errors.append('Domain mask: %.4f A/px but the particles are %.4f A/px; resample it.'
-                              % (mask.getSamplingRate() or 0, parts.getSamplingRate()))
+        if mask is not None:  # the check and text of gmmhet analyze --domain-mask
+            errors += maskGridErrors('Domain mask', mask, self._modelGrid(), 'the Gaussian model')
         if self.usesGpu() and not self.getGpuList():
             errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors

@@ -38,6 +38,7 @@ from ..constants import TRAIN_DIR_ATTR
 from ..engine.errors import InputError
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
+from .validation import maskGridErrors
 
 
 class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
@@ -153,6 +154,12 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- STEPS functions ------------------------------
     def refineStep(self, args):
+        """``gmmhet refine``; with ``--resume`` when this run's folder holds an interrupted
+        refinement (Scipion's Continue after a crash or kill): finished rounds are kept and a
+        retraining goes on from its checkpoint (the engine starts over if the settings changed)."""
+        if os.path.exists(os.path.join(self.getRefineDir(), 'refine_settings.json')):
+            args += ' --resume'
+            self.info('Resuming the refinement in %s' % self.getRefineDir())
         Plugin.runGmmhet(self, 'refine', args,
                          gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
 
@@ -218,15 +225,8 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         if shift is not None and shift < 0 and shift != -1:
             errors.append('Shift search range: give 0 or more Angstrom (or -1 for two pixels).')
         mask = self.mask.get()
-        if mask is not None:
-            dims = mask.getDim()
-            box = parts.getXDim()
-            if dims is not None and tuple(dims) != (box, box, box):
-                errors.append('Focus mask: box %s but the particles are %d px; resample it.'
-                              % ('x'.join(str(d) for d in dims), box))
-            if abs((mask.getSamplingRate() or 0) - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
-                errors.append('Focus mask: %.4f A/px but the particles are %.4f A/px; resample it.'
-                              % (mask.getSamplingRate() or 0, parts.getSamplingRate()))
+        if mask is not None:  # the check and text of gmmhet refine --mask
+            errors += maskGridErrors('Focus mask', mask, self._modelGrid(), 'the Gaussian model')
         if self.usesGpu() and not self.getGpuList():
             errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from ..io.atomic import save_npy, write_text
+from ..io.atomic import make_output_dir, save_npy, write_text
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.analyze")
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     from ..analysis import latent as an
     from ..model.fourier import fsc_table
     from ..io.mrc import read_map, write_map
-    from ..training.train import load_trained
+    from ..training.trained import load_trained
 
     t0 = time.time()
     out = os.path.abspath(args.out)
@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--even-odd: give --clusters K too (the clusters are matched between the halves)")
     if args.traj_steps < 0 or args.traj_steps == 1:
         raise InputError(f"--traj-steps {args.traj_steps}: give 0 (no trajectories) or at least 2")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     model = load_trained(args.train, args.device)
     info = dict(getattr(model, "info", {}) or {})
     cfg_path = os.path.join(args.train, "config.json")
@@ -224,10 +224,10 @@ def main(args: argparse.Namespace) -> int:
     summary["trajectories"] = trajectories
 
     if args.domain_mask:
+        from ..io.validate import check_mask_matches
         mask, mask_apix = read_map(args.domain_mask)
-        if mask.shape[0] != box or abs(mask_apix - apix) > 1e-3 * apix:
-            raise InputError(f"--domain-mask {args.domain_mask}: box {mask.shape[0]} at {mask_apix:.4f} A/px but "
-                             f"the model is box {box} at {apix:.4f} A/px; resample the mask")
+        check_mask_matches(mask.shape, mask_apix, (box,) * 3, apix, f"--domain-mask {args.domain_mask}",
+                           "the Gaussian model")
         inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
         dm = an.domain_motion(model, z, inside, seed=args.seed)
         pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))
