@@ -279,7 +279,7 @@ class TestNewcomerGui(BaseTest):
             views = viewer._showSelection()
             views[0].show()
             win = views[0].window
-            win.root.geometry('1400x600+0+0')
+            win.root.geometry('1270x600+0+0')
             panel = win.explorer3d
             self.assertIsNotNone(panel)
             widget = win.canvas.get_tk_widget()

@@ -272,7 +272,8 @@ class LatentSelectionWindow:
         self.status = tk.StringVar(self.root, value='Draw a lasso around particles.')
         tk.Label(self.root, textvariable=self.status, anchor='w').pack(side=tk.BOTTOM, fill=tk.X)
 
-        self.figure = Figure(figsize=(9.5, 4.8), dpi=90)
+        # beside the 3D explorer the latent plot and the map sections share a narrower figure
+        self.figure = Figure(figsize=(7.6 if explorer is not None else 9.5, 4.8), dpi=90)
         self.ax = self.figure.add_subplot(1, 2, 1)
         self.mapAx = self.figure.add_subplot(1, 2, 2)
         plots.draw_scatter(self.ax, self.xy, values=values, value_label=valueLabel,
