@@ -209,6 +209,7 @@ class TestNewcomerGui(BaseTest):
                 continue  # test_3 drives it
             views = show(key)
             self.assertTrue(views, key)
+            kinds = []
             for i, v in enumerate(views):
                 if isinstance(v, EmPlotter):
                     png = os.path.join(self.outDir, 'analyze_%s_%s_%d.png' % (name, key, i))
@@ -216,15 +217,16 @@ class TestNewcomerGui(BaseTest):
                     stats = pngStats(png)
                     self.assertGreater(stats['colours'], 20, (key, stats))
                     self.assertTrue(any(ax.has_data() for ax in v.getFigure().axes), key)
-                    seen[key] = 'plot'
+                    kinds.append('plot')
                 elif isinstance(v, MessageView):
                     self.assertNotIn('Error', v._title or '', (key, v._msg))
                     paths = re.findall(r'(/\S+\.cxc)', v._msg)
                     self.assertTrue(paths and all(os.path.isabs(p) and os.path.exists(p) for p in paths),
                                     (key, v._msg))
-                    seen[key] = 'message'
+                    kinds.append('message')
                 else:
-                    seen[key] = type(v).__name__
+                    kinds.append(type(v).__name__)
+            seen[key] = '+'.join(kinds)
         print('Analyze results of %s: %s' % (name, seen))
         return seen
 
@@ -256,15 +258,19 @@ class TestNewcomerGui(BaseTest):
                   'ProtGmmhetTrain': ('train', {'displayLatent': 'plot', 'displayLoss': 'plot'}),
                   'ProtGmmhetCluster': ('cluster', {'displayEmbedding': 'plot', 'displaySizes': 'plot',
                                                     'displayFsc': 'plot', 'displayMaps': 'message',
-                                                    'displayTrajectory': 'message'}),
+                                                    'displayTrajectory': 'message',
+                                                    'displayDisplacements': 'plot+message'}),
                   'ProtGmmhetRefine': ('refine', {'displayChanges': 'plot', 'displayFsc': 'plot',
                                                   'displayMaps': 'message'})}
         from scipion_gmmhet.viewers.chimerax import chimerax_program
         for className, (name, want) in expect.items():
+            # the run graph titles runs "gmmhet - ...", not "scipion_gmmhet - ..."
+            self.assertTrue(self._prot(className).getRunName().startswith('gmmhet - '),
+                            self._prot(className).getRunName())
             seen = self._analyze(mainWindow, self._prot(className),
                                  lambda viewer, name=name: self._checkViews(viewer, name))
             for key, kind in want.items():
-                if kind == 'message' and chimerax_program():
+                if 'message' in kind and chimerax_program():
                     continue  # ChimeraX installed: it opens instead of the message
                 self.assertEqual(seen.get(key), kind, (name, key, seen))
 
