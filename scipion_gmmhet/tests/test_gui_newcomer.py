@@ -160,6 +160,8 @@ class TestNewcomerGui(BaseTest):
             from PIL import ImageGrab
             img = ImageGrab.grab(xdisplay=self.xvfb.display)
             img.save(os.path.join(self.outDir, 'project_window.png'))
+            if docsScreenshotDir():
+                img.save(os.path.join(docsScreenshotDir(), 'project_window.png'))
             print('printed command opened the project window (%d colours on screen)' % stats['colours'])
         finally:
             for pid in sessionPids(proc.pid):
@@ -202,6 +204,8 @@ class TestNewcomerGui(BaseTest):
         """Every entry of the viewer's form: plots not blank, messages name existing files."""
         from pwem.viewers.plotter import EmPlotter
         from pyworkflow.viewer import MessageView
+        self.assertTrue(viewer.getClassLabel().startswith('gmmhet - viewer'), viewer.getClassLabel())
+        viewer.formWindow.root.geometry('760x560+0+0')   # on screen whole, for the screenshot
         self._shot(viewer.formWindow.root, 'analyze_%s' % name)
         seen = {}
         for key, show in viewer._getVisualizeDict().items():
@@ -264,7 +268,9 @@ class TestNewcomerGui(BaseTest):
                                                   'displayMaps': 'message'})}
         from scipion_gmmhet.viewers.chimerax import chimerax_program
         for className, (name, want) in expect.items():
-            # the run graph titles runs "gmmhet - ...", not "scipion_gmmhet - ..."
+            # the run graph titles runs "gmmhet - ...", not "scipion_gmmhet - ..."; the plugin
+            # itself keeps its package name (queue templates, plugin lookups)
+            self.assertEqual(self._prot(className).getPlugin().getName(), 'scipion_gmmhet')
             self.assertTrue(self._prot(className).getRunName().startswith('gmmhet - '),
                             self._prot(className).getRunName())
             seen = self._analyze(mainWindow, self._prot(className),

@@ -40,6 +40,7 @@ import pyworkflow.viewer as pwviewer
 from pwem.viewers import EmProtocolViewer
 
 from ..constants import TRAIN_DIR_ATTR
+from ..protocols.labels import GmmhetLabel
 from ..protocols.protocol_train import ProtGmmhetTrain
 from . import plots
 
@@ -493,7 +494,7 @@ class LatentSelectionMixin:
                                     explorer=explorer)]
 
 
-class GmmhetLatentSelectionViewer(LatentSelectionMixin, EmProtocolViewer):
+class GmmhetLatentSelectionViewer(GmmhetLabel, LatentSelectionMixin, EmProtocolViewer):
     """The selection window alone (for scripts): in the GUI it is the "Interactive" tab of the
     training run's viewer, :class:`.viewer_train.GmmhetTrainViewer` (one viewer per protocol,
     so "Analyze results" opens the plots and the selection together)."""
