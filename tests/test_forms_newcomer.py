@@ -91,4 +91,3 @@ def test_class_label_reads_gmmhet_not_the_package(name):
     assert cls.getClassLabel().startswith("gmmhet - ")
     assert "scipion_gmmhet" not in cls.getClassLabel()
     assert cls.getClassLabel(prependPackageName=False) == cls._label
-    assert cls.getClassPackageName() == "gmmhet"          # the form's "gmmhet compute" line

@@ -1,8 +1,7 @@
 """How the gmmhet protocols are named in the Scipion GUI: "gmmhet - <label>" in the protocol
 tree, the run graph and new runs' titles (pyworkflow's default prefixes the package name,
-"scipion_gmmhet - ...", which the tree's column cuts to "scipion_gmmh..."), and "gmmhet
-compute" over the form's threads/GPU settings. Display only: pyworkflow finds the plugin through
-the protocol's module, not these names."""
+"scipion_gmmhet - ...", which the tree's column cuts to "scipion_gmmh..."). Display only:
+the package name (getClassPackageName, the plugin's getName) stays "scipion_gmmhet"."""
 
 SHORT_NAME = 'gmmhet'
 
@@ -14,7 +13,3 @@ class GmmhetLabel:
     def getClassLabel(cls, prependPackageName=True):
         label = getattr(cls, '_label', cls.__name__)
         return '%s - %s' % (SHORT_NAME, label) if prependPackageName else label
-
-    @classmethod
-    def getClassPackageName(cls):
-        return SHORT_NAME
