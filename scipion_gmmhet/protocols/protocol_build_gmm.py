@@ -29,6 +29,7 @@ from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
 from ..constants import GMM_FILE_ATTR  # the output volume's gmm.npz path; "train" reads it
+from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors, volumeGrid
 
 #: Extensions the engine reads directly (anything else is converted to MRC first).
@@ -59,7 +60,7 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=cudaAvailable(),
                        label='Use GPU?',
                        help='Fit on a GPU (CUDA). Set to No to fit on the CPU (a 2048-Gaussian '
                             'model of a 128-px map takes a few minutes there).')
@@ -95,7 +96,6 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
                            'for a 1 MDa complex at 10 A). Give a number to override it; a mask '
                            'may leave slightly fewer.')
 
-        form.addSection(label='Advanced')
         form.addParam('steps', params.IntParam, default=300, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Adam steps per stage',
@@ -106,7 +106,7 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
                       label='Random seed',
                       help='Fixes the initial Gaussians and the splits: the same seed gives the '
                            'same model on the CPU.')
-        form.addParallelSection(threads=2, mpi=0)
+        form.addParallelSection(threads=4, mpi=0)
 
     # -------------------------- INSERT steps functions -----------------------
     def _insertAllSteps(self):
@@ -149,7 +149,7 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = []
+        errors = gpuErrors(self)
         vol = self.inputVolume.get()
         if vol is None:
             return ['Input map: select a volume.']

@@ -46,6 +46,7 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..constants import FLEX_PROG_NAME, GMM_FILE_ATTR, TRAIN_DIR_ATTR  # noqa: F401
 from ..engine.errors import InputError
+from .gpu import cudaAvailable, gpuErrors
 from ..engine.io import validate
 from .validation import CTF_CHOICES, CTF_LABELS, ctfErrors, maskGridErrors, volumeGrid
 #: Engine names of what the decoder may change, in the order of the form's booleans.
@@ -80,14 +81,16 @@ class ProtGmmhetTrain(ProtAnalysis3D):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=cudaAvailable(),
                        label='Use GPU?',
                        help='Train on a GPU (CUDA). Set to No to train on the CPU (slow, '
                             'fine for small tests).')
         form.addHidden(params.GPU_LIST, params.StringParam, default=Plugin.getDefaultGpu(),
                        label='Choose GPU IDs',
                        help='GPU ids to use, as in other Scipion plugins (e.g. "0" or "0 1"). '
-                            'This version trains on the first one listed.')
+                            'One training process runs per GPU listed (data parallel: each '
+                            'GPU takes its share of every batch), so two GPUs take about half '
+                            'the time per epoch.')
 
         form.addSection(label='Input')
         form.addParam('doContinue', params.BooleanParam, default=False,
@@ -125,18 +128,6 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                       help='Dimension of the latent space. 4 (e2gmm\'s default) holds several '
                            'independent motions or compositions; use 2 for a quick look, or '
                            'more for very heterogeneous data.')
-        form.addParam('numberOfEpochs', params.IntParam, default=30, validators=[params.GE(1)],
-                      label='Epochs',
-                      help='Passes over the particles. The validation loss of a few thousand '
-                           'particles usually flattens after 20-30 epochs; check the loss '
-                           'curves in the viewer. When continuing, this is the total: training '
-                           'goes on from the last epoch done up to this number.')
-        form.addParam('batchSize', params.IntParam, default=64, condition='not doContinue',
-                      validators=[params.GE(1)], expertLevel=params.LEVEL_ADVANCED,
-                      label='Batch size (particles)',
-                      help='Particles per training step. 64 gives many steps per epoch on '
-                           'small sets; on a large GPU, 256 or more is faster per epoch.')
-
         group = form.addGroup('What may change', condition='not doContinue')
         group.addParam('changePositions', params.BooleanParam, default=True,
                        label='Positions',
@@ -166,6 +157,18 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                             'particle and operator). C1: no expansion.')
 
         form.addSection(label='Training')
+        form.addParam('numberOfEpochs', params.IntParam, default=30, validators=[params.GE(1)],
+                      label='Epochs',
+                      help='Passes over the particles. The validation loss of a few thousand '
+                           'particles usually flattens after 20-30 epochs; check the loss '
+                           'curves in the viewer. When continuing, this is the total: training '
+                           'goes on from the last epoch done up to this number.')
+        form.addParam('batchSize', params.IntParam, default=64, condition='not doContinue',
+                      validators=[params.GE(1)], expertLevel=params.LEVEL_ADVANCED,
+                      label='Batch size (particles)',
+                      help='Particles per training step. 64 gives many steps per epoch on '
+                           'small sets; on a large GPU, 256 or more is faster per epoch.')
+
         form.addParam('learningRate', params.FloatParam, default=1e-4,
                       condition='not doContinue', validators=[params.GT(0)],
                       expertLevel=params.LEVEL_ADVANCED,
@@ -296,7 +299,7 @@ class ProtGmmhetTrain(ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = []
+        errors = gpuErrors(self)
         if self.doContinue:
             prev = self.continueRun.get()
             if prev is None:
