@@ -60,6 +60,7 @@ from ..device import AdaptiveBatch, is_oom
 from ..errors import InputError
 from ..io import atomic
 from ..io.data import HostBatch, Particles
+from ..io.torch_files import json_field, load_torch_file, save_torch_file
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project
 from ..model.networks import HetModel, parse_changes
@@ -74,7 +75,8 @@ log = logging.getLogger(__name__)
 
 
 def _atomic_save(obj, path: str) -> None:
-    atomic.torch_save(obj, path)
+    """A model.pt or checkpoint in format 2 (tensors and plain containers; see io/torch_files.py)."""
+    save_torch_file(obj, path)
 
 
 def _atomic_text(text: str, path: str) -> None:
@@ -362,12 +364,13 @@ def _resume_state(run: _Run, out_dir: str, resume: bool):
     if resume:
         ckpts = _checkpoints(out_dir)
         if ckpts:
-            ck = torch.load(ckpts[-1], map_location=run.device, weights_only=False)
+            ck = load_torch_file(ckpts[-1], "checkpoint", map_location=run.device, require_format=False)
             run.model.load_state_dict(ck["model"])
             run.opt.load_state_dict(ck["optimizer"])
             if run.amp.scaler is not None and ck.get("grad_scaler"):
                 run.amp.scaler.load_state_dict(ck["grad_scaler"])
-            history, start_epoch = ck["history"], int(ck["epoch"])
+            history = json_field(ck, "history_json", ckpts[-1]) if "history_json" in ck else ck["history"]
+            start_epoch = int(ck["epoch"])
             resumed_chunk = ck.get("chunk_size")
             log.info("resuming from %s (epoch %d done)", ckpts[-1], start_epoch)
         else:
@@ -430,7 +433,8 @@ def _save_checkpoint(run: _Run, history: list, epoch: int, out_dir: str) -> None
     cfg, amp = run.cfg, run.amp
     ck_path = os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1:04d}.pt")
     _atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch + 1,
-                  "history": history, "config": cfg.to_dict(), "chunk_size": run.chunk.size,
+                  "history_json": json.dumps(history), "config_json": json.dumps(cfg.to_dict()),
+                  "chunk_size": int(run.chunk.size),
                   "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None}, ck_path)
     for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
         os.remove(old)
