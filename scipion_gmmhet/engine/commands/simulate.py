@@ -38,14 +38,22 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="origin shifts uniform within +- this many pixels (default 2)")
     parser.add_argument("--no-ctf", action="store_true",
                         help="do not apply the CTF to the images (tests; the star still lists defoci)")
+    parser.add_argument("--device", default="cpu", help="torch device projecting the images: cpu or cuda (default cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import InputError
     from ..simulation.simulate import simulate
+
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
 
     result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix, snr=args.snr, seed=args.seed,
                       n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
-                      molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)
+                      molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,
+                      device=args.device)
     s = result["summary"]
     print(f"wrote {s['n']} {s['kind']} particles ({s['box']} px, {s['apix']:g} A/px, SNR {s['snr']}) in "
           f"{s['seconds_total']:.1f} s: {result['star']}")
