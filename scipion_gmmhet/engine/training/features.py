@@ -43,6 +43,7 @@ import torch
 
 from ..conventions import ctf_2d, fourier_grid, image_to_fourier
 from ..io.atomic import atomic_path, write_text
+from ..io.loader import read_rows
 from ..errors import InputError
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project
@@ -247,7 +248,7 @@ class Particles:
         items_np = np.asarray(items.cpu() if isinstance(items, torch.Tensor) else items, dtype=np.int64)
         rows = items_np // self.n_ops
         uniq, inverse = np.unique(rows, return_inverse=True)
-        imgs = np.asarray(self.images.get(uniq), dtype=np.float32)
+        imgs = read_rows(self.images, uniq)  # contiguous runs of each stack: one read per run
         if not np.isfinite(imgs).all():  # cheap (host memory, before the transfer); one NaN spoils every latent
             self._refuse_nonfinite(uniq, imgs)
         img = torch.as_tensor(imgs)
