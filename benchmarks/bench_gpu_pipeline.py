@@ -74,8 +74,9 @@ def breakdown(star: str, train_dir: str, device: str, batch_size: int, max_parti
     from scipion_gmmhet.engine.io import loader
     from scipion_gmmhet.engine.model.fourier import RingBinner
     from scipion_gmmhet.engine.model.gmm import project
-    from scipion_gmmhet.engine.training.features import GradientFeatures, Particles, feature_param_types
-    from scipion_gmmhet.engine.training.train import load_trained
+    from scipion_gmmhet.engine.io.data import Particles
+    from scipion_gmmhet.engine.training.features import GradientFeatures, feature_param_types
+    from scipion_gmmhet.engine.training.trained import load_trained
 
     dev = torch.device(device)
     tm = load_trained(train_dir, device=dev)

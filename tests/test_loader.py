@@ -14,7 +14,7 @@ from scipion_gmmhet.engine.io import loader
 from scipion_gmmhet.engine.io.data import ParticleImages
 from scipion_gmmhet.engine.io.metadata import ParticleMetadata
 from scipion_gmmhet.engine.io.mrc import write_stack
-from scipion_gmmhet.engine.training.features import Particles
+from scipion_gmmhet.engine.io.data import Particles
 
 
 def _two_stack_particles(tmp_path, n_a=37, n_b=29, box=16, n_ops=1, dtype=np.float32):
@@ -92,7 +92,7 @@ def test_loader_raises_a_nan_image_at_its_turn(tmp_path):
     p = _two_stack_particles(tmp_path)
     bad = p.images.get(np.arange(len(p.images)))
     bad[30, 3, 3] = np.nan
-    from scipion_gmmhet.engine.training.features import ArrayImages
+    from scipion_gmmhet.engine.io.data import ArrayImages
     p.images = ArrayImages(bad)
     batches = [np.arange(0, 20), np.arange(20, 40), np.arange(40, 60)]
     got = []

@@ -187,7 +187,7 @@ _TRAINED_CACHE: dict = {}
 def _trained(trainDir: str):
     """``load_trained(trainDir)`` on the CPU, kept while its model.pt is unchanged (a window
     decodes many points)."""
-    from ..engine.training.train import load_trained
+    from ..engine.training.trained import load_trained
     model = os.path.join(trainDir, 'model.pt')
     key = (os.path.abspath(trainDir), os.path.getmtime(model) if os.path.exists(model) else None)
     if key not in _TRAINED_CACHE:

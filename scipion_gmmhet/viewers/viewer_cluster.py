@@ -211,7 +211,7 @@ def writeDisplacementFiles(prot, classA: int, classB: int, outDir: str, model=No
     s = prot.getSummary()
     ca, cb = _clusterByClass(s, classA), _clusterByClass(s, classB)
     if model is None:
-        from ..engine.training.train import load_trained
+        from ..engine.training.trained import load_trained
         trainDir = prot.getTrainDir()
         if not trainDir:
             raise ValueError('no training folder for the input particles; the displacements need '

@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     from ..analysis import latent as an
     from ..model.fourier import fsc_table
     from ..io.mrc import read_map, write_map
-    from ..training.train import load_trained
+    from ..training.trained import load_trained
 
     t0 = time.time()
     out = os.path.abspath(args.out)

@@ -56,7 +56,7 @@ def _points(args, zdim: int) -> np.ndarray:
 
 def main(args) -> int:
     from ..io.mrc import write_map
-    from ..training.train import load_trained
+    from ..training.trained import load_trained
     if args.box is not None and args.box < 2 or args.apix is not None and args.apix <= 0:
         raise InputError("--box must be >= 2 and --apix > 0")
     tm = load_trained(args.train, device=args.device)

@@ -92,7 +92,8 @@ def _write_csv_atomic(path: str, df) -> None:
 
 
 def main(args) -> int:
-    from ..training.train import load_trained, resolve_device
+    from ..device import resolve_device
+    from ..training.trained import load_trained
 
     if args.max_angle is not None and not args.max_angle >= 0:
         raise InputError(f"--max-angle {args.max_angle}: must be >= 0 degrees; e.g. 6")
@@ -143,7 +144,8 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     from ..io import metadata
     from ..analysis import refine
     from ..conventions import matrix_to_euler
-    from ..training.features import Particles, focus_mask_gaussians
+    from ..io.data import Particles
+    from ..training.features import focus_mask_gaussians
 
     cfg = tm.config
     n_ops = 1
@@ -220,8 +222,10 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
 def _retrain(tm, star: str, args, device, out_dir: str):
     """Train a new network with the settings of ``tm``'s run (its neutral GMM, band, mask,
     seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``."""
-    from ..training.features import Particles
-    from ..training.train import TrainConfig, load_trained, train
+    from ..io.data import Particles
+    from ..training.config import TrainConfig
+    from ..training.train import train
+    from ..training.trained import load_trained
 
     cfg = TrainConfig.from_dict(tm.config)
     if args.retrain_epochs is not None:

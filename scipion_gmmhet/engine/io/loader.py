@@ -138,7 +138,7 @@ class BatchLoader:
 
     def _read(self, items: np.ndarray):
         import time
-        from ..training.features import HostBatch
+        from .data import HostBatch
         t0 = time.perf_counter()
         p = self.particles
         rows = items // p.n_ops

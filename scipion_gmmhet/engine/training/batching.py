@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .features import is_oom
+from ..device import is_oom
 
 log = logging.getLogger(__name__)
 
