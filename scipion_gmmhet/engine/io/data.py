@@ -255,7 +255,7 @@ class Particles:
         """The device half of :meth:`batch`: transfer (non-blocking from pinned memory), Fourier
         transform and crop the images, and add the items' geometry and CTF."""
         img = host.images.to(self.device, non_blocking=True)
-        items_t = torch.as_tensor(host.items, device=self.device)
+        items_t = pinned(torch.as_tensor(host.items), self.device).to(self.device, non_blocking=True)  # no host sync
         return self.geometry(items_t, self.crop_fourier(image_to_fourier(img)))
 
     def image_name(self, row: int) -> str:

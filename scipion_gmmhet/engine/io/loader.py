@@ -26,7 +26,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,15 +106,17 @@ def read_rows(images, rows: np.ndarray, out: np.ndarray | None = None) -> np.nda
 class BatchLoader:
     """``for host in BatchLoader(particles, batches): ...`` yields :class:`features.HostBatch`es
     of ``particles`` (a :class:`features.Particles`) for the item arrays ``batches`` in order
-    (see the module docstring). ``threads`` reader threads, ``depth`` batches in flight.
+    (see the module docstring). ``threads`` reader threads, ``depth`` batches in flight;
+    ``features(items)``, when given, fills ``host.features`` on the reader thread too.
     Use as a context manager (or call :meth:`close`) when the consumer may stop early.
 
     ``host.images`` of a CUDA loader lives in a reused pinned buffer: transfer it with
     :meth:`to_device` (which records when the copy is done) before asking for the next batch.
     """
 
-    def __init__(self, particles, batches: Sequence[np.ndarray], threads: int = 4, depth: int = 4):
-        self.particles = particles
+    def __init__(self, particles, batches: Sequence[np.ndarray], threads: int = 4, depth: int = 4,
+                 features: Callable | None = None):
+        self.particles, self.features = particles, features
         self.batches = [np.asarray(b, dtype=np.int64) for b in batches]
         self.threads, self.depth = max(1, int(threads)), max(1, int(depth))
         self.cuda = particles.device.type == "cuda" and torch.cuda.is_available()
@@ -169,7 +171,7 @@ class BatchLoader:
                 img = img.pin_memory()
                 self._free.put(slot)
                 slot = None
-        host = HostBatch(items, img)
+        host = HostBatch(items, img, None if self.features is None else self.features(items))
         host.slot = slot
         with self._lock:
             self.read_seconds += time.perf_counter() - t0
