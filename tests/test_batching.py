@@ -8,10 +8,10 @@ import torch
 from scipion_gmmhet.engine.training import batching
 
 
-def test_scaled_lr_square_root_rule():
+def test_scaled_lr_linear_rule():
     assert batching.scaled_lr(1e-4, 64) == pytest.approx(1e-4)
-    assert batching.scaled_lr(1e-4, 256) == pytest.approx(2e-4)
-    assert batching.scaled_lr(1e-4, 1024, reference_batch=64) == pytest.approx(4e-4)
+    assert batching.scaled_lr(1e-4, 256) == pytest.approx(4e-4)
+    assert batching.scaled_lr(1e-4, 32, reference_batch=64) == pytest.approx(5e-5)
 
 
 def test_probe_keeps_the_reference_on_cpu_without_running_the_trial():

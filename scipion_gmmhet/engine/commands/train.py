@@ -44,7 +44,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="particles per step (default 0 = automatic: 64 on the CPU; on one GPU a short "
-                        "memory/throughput probe, with the learning rate scaled by sqrt(batch / 64))")
+                        "memory/throughput probe, with the learning rate scaled by batch / 64)")
     p.add_argument("--lr", type=float, default=d.lr,
                    help=f"Adam learning rate (default {d.lr:g}; with the automatic batch size, the rate at batch 64)")
     p.add_argument("--changes", default=",".join(d.changes),

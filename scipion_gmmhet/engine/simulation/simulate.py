@@ -497,7 +497,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     # stack, in batches; noise level from the first `n_cal` noiseless images
     n_atoms = len(mol.centers_A) if kind in ("compositional", "mixed") else mol.n_without_subunit()
     if batch_size is None:
-        batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box))))
+        batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box)))) * (8 if str(device).startswith("cuda") else 1)
     n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
     stack_path = os.path.join(out_dir, "particles.mrcs")
     stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}

@@ -8,9 +8,9 @@ Defaults and why (see :class:`TrainConfig`):
 - ``batch_size 0`` (auto): 64 on the CPU (small enough for many Adam steps per epoch on
   5k-particle sets, large enough that each step is one batched matrix product); on one GPU a
   short memory/throughput probe (:func:`batching.probe_batch_size`) doubles it while a step
-  fits and gains >= 10% particles/s, and the learning rate is then scaled by
-  ``sqrt(batch / 64)`` (``lr`` is the rate at batch 64; :func:`batching.scaled_lr`: on 2,000
-  simulated particles, 15 epochs, |Spearman| 0.923 at batch 64, 0.919 at 256 with this rule).
+  fits, gains >= 10% particles/s and leaves >= 32 steps per epoch, and the learning rate is
+  then scaled by ``batch / 64`` (``lr`` is the rate at batch 64; :func:`batching.scaled_lr`: on
+  2,000 simulated particles, 15 epochs, |Spearman| 0.923 at batch 64 and at 256, 0.913 at 512).
   An explicit ``batch_size`` is used as given, with ``lr`` as given.
 - GPU data path (``loader 'auto'``): on CUDA the epoch visits the items in blocks of 64
   consecutive items in random block order (:func:`io.loader.block_shuffled_order`: contiguous

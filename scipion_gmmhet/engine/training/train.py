@@ -28,10 +28,12 @@ Data path:
   batches ahead (:mod:`prefetch`), into pinned host memory on CUDA and copied with
   ``non_blocking=True``; only the reading overlaps the training, so results are bit-identical
   with or without it.
-- batch size: ``--batch-size`` particles per Adam step; on CUDA the physical chunk starts at
-  the batch size (a whole batch in one forward/backward) and halves on out-of-memory (see
-  Reliability above), so a large ``--batch-size`` (256+) fills the GPU without a separate
-  chunk setting.
+- batch size: ``--batch-size`` particles per Adam step (0: automatic, see :mod:`config`); on
+  CUDA the physical chunk starts at the batch size and halves on out-of-memory (Reliability).
+- on CUDA (``loader``): block-shuffled order, ``loader_threads`` reader threads into reused
+  pinned buffers (:mod:`io.loader`), features in batches of 1,024 and held on the GPU when they
+  fit (:func:`batching.resident_rows`); the loss is summed on the device and read back every
+  ``log_every`` steps and per epoch only; a NaN/Inf loss stops the run with one line.
 
 Several processes (``torchrun``, :mod:`distributed`): each takes its share of every global
 batch of the same seeded order, the loss is scaled so that DDP's gradient average is the
@@ -66,7 +68,7 @@ from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project, projection_precision
 from ..model.networks import HetModel, parse_changes
 from .acceleration import Amp, autocast, compile_mlps
-from .batching import REFERENCE_BATCH, probe_batch_size, resident_rows, scaled_lr
+from .batching import MIN_STEPS_PER_EPOCH, REFERENCE_BATCH, probe_batch_size, resident_rows, scaled_lr
 from .config import TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
 from .distributed import Dist
 from .features import FeatureCache, FeatureSource, GradientFeatures, feature_param_types, focus_mask_gaussians
@@ -379,9 +381,9 @@ FEATURE_BATCH_CUDA = 1024  # particles per gradient-feature batch on a GPU (halv
 def _choose_batch(run: _Run, train_items: np.ndarray) -> None:
     """``--batch-size`` 0 (auto): on one CUDA device, :func:`batching.probe_batch_size` times a
     training step (forward + backward, gradients then cleared; the random number generators are
-    restored) at 64, 128, ... particles and the rate at batch 64 is scaled by
-    ``sqrt(batch / 64)`` (:func:`batching.scaled_lr`); on the CPU and with several processes the
-    batch stays 64."""
+    restored) at 64, 128, ... particles (at most 4,096 and at least 32 steps per epoch) and the
+    rate at batch 64 is scaled by ``batch / 64`` (:func:`batching.scaled_lr`); on the CPU and with
+    several processes the batch stays 64."""
     cfg = run.cfg
     if run.device.type != "cuda" or run.dist.enabled:
         return
@@ -398,7 +400,9 @@ def _choose_batch(run: _Run, train_items: np.ndarray) -> None:
         run.model.zero_grad(set_to_none=True)
 
     with torch.random.fork_rng(devices=[run.device]):
-        batch, _ = probe_batch_size(trial, run.device, start=REFERENCE_BATCH, n_items=len(items))
+        cap = max(REFERENCE_BATCH, len(train_items) // MIN_STEPS_PER_EPOCH)
+        batch, _ = probe_batch_size(trial, run.device, start=REFERENCE_BATCH, max_batch=min(4096, cap),
+                                    n_items=len(items))
     loaded.clear()
     if batch != cfg.batch_size:
         cfg.lr = scaled_lr(cfg.lr, batch, REFERENCE_BATCH)
