@@ -164,7 +164,7 @@ class BatchLoader:
             if slot is not None:
                 self._free.put(slot)
             p._refuse_nonfinite(uniq, imgs)
-        img = torch.from_numpy(imgs)
+        img = slot[1][:len(uniq)] if slot is not None else torch.from_numpy(imgs)  # the pinned tensor itself
         if len(uniq) != len(rows) or not np.array_equal(uniq, rows):
             img = img[torch.as_tensor(inverse)]  # symmetry copies: a new tensor, pinned below
             if slot is not None:
