@@ -118,3 +118,33 @@ def test_resident_feature_table_gives_the_cached_features(small_set, tmp_path):
     assert src.read_features(items) is None
     x_dev, b = src(items)
     assert torch.equal(x_host, x_dev) and x_dev.dtype == torch.float32
+
+
+def test_batch_size_probe_runs_real_training_steps_and_scales_the_rate(small_set, tmp_path, monkeypatch):
+    """The probe's trial (a real forward/backward at each size) on the CPU via the test hook, with
+    the size caps lifted and a clock under which bigger batches are faster: batch 128 is chosen
+    and the learning rate doubles (linear rule)."""
+    from scipion_gmmhet.engine.training import batching
+    seen = []
+    real = batching.probe_batch_size
+
+    def probe(trial, device, **kw):
+        kw["max_batch"], kw["n_items"] = 128, 4096  # lift the caps of this 96-particle set
+        b, tried = real(trial, device, **kw, clock=_fake_clock(seen))
+        return b, tried
+    monkeypatch.setattr(train_mod, "probe_batch_size", probe)
+    r = _train(small_set, str(tmp_path / "probe"), batch_size=0, epochs=1, extra={"probe_cpu": True})
+    assert seen and r["config"]["batch_size"] == 128
+    assert r["config"]["lr"] == pytest.approx(SMALL["lr"] * 2)
+    assert np.isfinite(r["latent"]).all()
+
+
+def _fake_clock(seen):
+    """A clock under which every timed span lasts 5 ms whatever the batch size (a GPU with room)."""
+    state = {"t": 0.0}
+
+    def clock():
+        seen.append(state["t"])
+        state["t"] += 0.005
+        return state["t"]
+    return clock

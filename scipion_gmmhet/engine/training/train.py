@@ -384,8 +384,8 @@ def _choose_batch(run: _Run, train_items: np.ndarray) -> None:
     restored) at 64, 128, ... particles (at most 4,096 and at least 32 steps per epoch) and the
     rate at batch 64 is scaled by ``batch / 64`` (:func:`batching.scaled_lr`); on the CPU and with
     several processes the batch stays 64."""
-    cfg = run.cfg
-    if run.device.type != "cuda" or run.dist.enabled:
+    cfg, cuda = run.cfg, run.device.type == "cuda"
+    if (not cuda and not (cfg.extra or {}).get("probe_cpu")) or run.dist.enabled:  # probe_cpu: tests
         return
     items = train_items[:min(len(train_items), 4096)]
     loaded: dict = {}
@@ -399,11 +399,15 @@ def _choose_batch(run: _Run, train_items: np.ndarray) -> None:
                     cfg.latent_reg, 1.0 / b, run.amp)
         run.model.zero_grad(set_to_none=True)
 
-    with torch.random.fork_rng(devices=[run.device]):
+    devices = [run.device.index if run.device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
         cap = max(REFERENCE_BATCH, len(train_items) // MIN_STEPS_PER_EPOCH)
         batch, _ = probe_batch_size(trial, run.device, start=REFERENCE_BATCH, max_batch=min(4096, cap),
-                                    n_items=len(items))
+                                    n_items=len(items), cuda_only=False)
     loaded.clear()
+    run.model.zero_grad(set_to_none=True)  # also after an out-of-memory trial
+    if cuda:
+        torch.cuda.empty_cache()
     if batch != cfg.batch_size:
         cfg.lr = scaled_lr(cfg.lr, batch, REFERENCE_BATCH)
         for group in run.opt.param_groups:
