@@ -38,18 +38,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="origin shifts uniform within +- this many pixels (default 2)")
     parser.add_argument("--no-ctf", action="store_true",
                         help="do not apply the CTF to the images (tests; the star still lists defoci)")
-    parser.add_argument("--device", default="cpu", help="torch device projecting the images: cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="auto", help="torch device projecting the images (default auto)")
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..errors import InputError
+    from ..device import resolve_device
     from ..io.atomic import make_output_dir
     from ..simulation.simulate import simulate
 
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    args.device = str(resolve_device(args.device))  # a one-line error for cuda without a GPU
     make_output_dir(args.out)
     result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix, snr=args.snr, seed=args.seed,
                       n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
