@@ -133,7 +133,7 @@ def test_particles_without_ctf(good, capsys, caplog):
     one_line(e, "noctf.star", "no CTF parameters", "rlnDefocusU", "--ctf none")
     validate.check_particles(meta, need_ctf=False)  # a caller that ignores the CTF
     # the commands: train with an explicit CTF mode refuses; reconstruct goes on and SAYS the CTF is ignored
-    assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--ctf", "ctf", "--out", d / "t"],
+    assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--ctf", "full", "--out", d / "t"],
                    capsys, "no CTF parameters", "--ctf none")
     caplog.set_level(logging.WARNING)
     rc, _ = run_cli(["reconstruct", "--particles", star, "--out", d / "r.mrc", "--no-mask"], capsys)

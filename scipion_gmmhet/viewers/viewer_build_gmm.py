@@ -27,7 +27,7 @@ import pyworkflow.viewer as pwviewer
 from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
-from ..protocols.protocol_build_gmm import ProtGmmhetBuildGmm, readFscCsv
+from ..protocols.protocol_build_gmm import ProtGmmhetBuildGmm
 from . import chimerax as cx, plots
 
 
@@ -41,7 +41,7 @@ def _fscTitle(prot) -> str:
 
 
 def _drawFsc(ax, prot):
-    fsc = readFscCsv(prot.getFscFile())
+    fsc = prot.getFsc()
     if not fsc:
         raise ValueError('%s: no FSC yet; the build has not finished' % prot.getFscFile())
     freq = np.asarray(fsc['freq_invA'])[1:]

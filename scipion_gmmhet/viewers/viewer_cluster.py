@@ -37,6 +37,7 @@ from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
 from ..engine.errors import InputError
+from ..engine.io.outputs import AnalysisFolder, read_fsc_csv
 from ..protocols.protocol_cluster import ProtGmmhetCluster
 from . import chimerax as cx
 from . import plots
@@ -53,7 +54,7 @@ def _clusterData(prot, embedding: str = 'pca'):
     if emb is None:
         raise ValueError('no %s embedding in %s; choose another embedding or re-run with it'
                          % (embedding.upper(), prot.getAnalysisDir()))
-    labels = np.load(os.path.join(prot.getAnalysisDir(), 'labels.npy')) + 1
+    labels = np.load(AnalysisFolder(prot.getAnalysisDir()).labels) + 1
     if emb.shape[1] < 2:
         emb = np.concatenate([emb, np.zeros_like(emb)], axis=1)
     xy = emb[:, :2]
@@ -107,7 +108,6 @@ def writeClassSizesPng(prot, outPng: str) -> str:
 
 def fscCurves(prot) -> tuple[np.ndarray, dict]:
     """(frequencies in 1/A, {'class k (R A)': half-map FSC}) of the class reconstructions."""
-    from ..engine.analysis.reconstruct import read_fsc_csv
     s = prot.getSummary()
     freq, curves = None, {}
     for c in s['clusters']:
@@ -124,18 +124,6 @@ def writeFscPng(prot, outPng: str) -> str:
     if not curves:
         raise ValueError('no class reconstructions (the protocol ran without them)')
     return plots.plot_fsc_curves(freq, curves, outPng, title='Half-map FSC of the class reconstructions')
-
-
-def classMaps(prot) -> list[tuple[str, str]]:
-    """[(label, absolute map path)]: each class's reconstruction, then its GMM map."""
-    s = prot.getSummary()
-    out = []
-    for c in s['clusters']:
-        for key, what in (('map', 'reconstruction'), ('gmm_map', 'GMM')):
-            if c.get(key):
-                out.append(('class %d %s' % (c['label'] + 1, what),
-                            os.path.abspath(os.path.join(prot.getAnalysisDir(), c[key]))))
-    return out
 
 
 def writeChimeraxScript(prot, outCxc: str) -> str:

@@ -25,7 +25,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ import time
 import numpy as np
 
 from ..io.atomic import save_npy, write_text
+from ..io.outputs import write_json
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.analyze")
@@ -75,10 +75,6 @@ def _write_npy(path: str, arr: np.ndarray) -> None:
     save_npy(path, arr)
 
 
-def _write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1, default=float))
-
-
 def _xy(emb: np.ndarray) -> np.ndarray:
     if emb.shape[1] >= 2:
         return emb[:, :2]
@@ -86,10 +82,7 @@ def _xy(emb: np.ndarray) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..analysis import latent as an
-    from ..model.fourier import fsc_table
-    from ..io.mrc import read_map, write_map
-    from ..training.trained import load_trained
+    from ..io.outputs import AnalysisFolder
 
     t0 = time.time()
     out = os.path.abspath(args.out)
@@ -98,12 +91,38 @@ def main(args: argparse.Namespace) -> int:
     if args.traj_steps < 0 or args.traj_steps == 1:
         raise InputError(f"--traj-steps {args.traj_steps}: give 0 (no trajectories) or at least 2")
     os.makedirs(out, exist_ok=True)
+    folder = AnalysisFolder(out)
+    model, info, n_ops, z, star, meta = _inputs(args)
+    box, apix = model.neutral.box, model.neutral.apix
+
+    summary = {"train": os.path.abspath(args.train), "particles": os.path.abspath(star) if star else None,
+               "n_latents": int(z.shape[0]), "zdim": int(z.shape[1]), "n_ops": n_ops, "box": box, "apix": apix,
+               "method": args.method, "k": args.clusters, "seed": args.seed}
+
+    pca, cl, clusters, gmm_maps = _embed_and_cluster(args, model, z, folder, summary)
+    summary["trajectories"] = _trajectories(args, model, pca, z, folder)
+    if args.domain_mask:
+        summary["domain_motion"] = _domain_motion(args, model, z, folder)
+    _reconstructions(args, meta, n_ops, info, cl, clusters, gmm_maps, folder, apix)
+    summary["clusters"] = clusters
+    if args.even_odd:
+        summary["reproducibility"] = _even_odd(args, model, z, folder, box, apix)
+    _chimerax_script(clusters, folder)
+    summary["seconds"] = round(time.time() - t0, 2)
+    write_json(folder.summary, summary)
+    log.info("wrote %s (%.1f s)", folder.summary, summary["seconds"])
+    return 0
+
+
+def _inputs(args):
+    """The trained model, its training info, symmetry operators per star row, the latents to
+    analyse, the particle star and its metadata (None when not needed or not given)."""
+    from ..io.outputs import TrainFolder
+    from ..training.trained import load_trained
+
     model = load_trained(args.train, args.device)
     info = dict(getattr(model, "info", {}) or {})
-    cfg_path = os.path.join(args.train, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            info.update(json.load(f))
+    info.update(TrainFolder(args.train).read_config())
     n_ops = int(info.get("n_ops", 1) or 1)
     if args.latents:
         if not args.particles:
@@ -138,27 +157,34 @@ def main(args: argparse.Namespace) -> int:
     elif not args.no_reconstruct:
         log.warning("no --particles star (and none recorded in the training): skipping reconstructions")
 
-    summary = {"train": os.path.abspath(args.train), "particles": os.path.abspath(star) if star else None,
-               "n_latents": int(z.shape[0]), "zdim": int(z.shape[1]), "n_ops": n_ops, "box": box, "apix": apix,
-               "method": args.method, "k": args.clusters, "seed": args.seed}
+    return model, info, n_ops, z, star, meta
+
+
+def _embed_and_cluster(args, model, z, folder, summary):
+    """PCA (and UMAP) embeddings, clustering in the latent space, the embedding plots and the
+    decoded GMM map at each cluster centre. Returns (pca, clustering, per-cluster info, maps)."""
+    from ..analysis import latent as an
+    from ..analysis.embedding import umap_embedding
+    from ..io.mrc import write_map
+    box, apix = model.neutral.box, model.neutral.apix
 
     # embeddings
     pca = an.fit_pca(z)
     emb_pca = pca.transform(z).astype(np.float32)
-    _write_npy(os.path.join(out, "embedding_pca.npy"), emb_pca)
+    _write_npy(folder.embedding("pca"), emb_pca)
     summary["pca_explained_variance_ratio"] = pca.explained_variance_ratio_.round(4).tolist()
     embeddings = {"pca": emb_pca}
     if args.embedding in ("umap", "both"):
         tu = time.time()
-        emb_umap = an.umap_embedding(z, seed=args.seed)
-        _write_npy(os.path.join(out, "embedding_umap.npy"), emb_umap)
+        emb_umap = umap_embedding(z, seed=args.seed)
+        _write_npy(folder.embedding("umap"), emb_umap)
         embeddings["umap"] = emb_umap
         log.info("UMAP of %d points in %.1f s", z.shape[0], time.time() - tu)
 
     # clustering
     cl = an.cluster_latents(z, args.clusters, args.method, args.seed, whiten=args.whiten)
-    _write_npy(os.path.join(out, "labels.npy"), cl.labels)
-    _write_npy(os.path.join(out, "centers.npy"), cl.centers)
+    _write_npy(folder.labels, cl.labels)
+    _write_npy(folder.centers, cl.centers)
     clusters = []
     for c in range(args.clusters):
         clusters.append({"label": c, "size": int(cl.sizes[c]), "fraction": float(cl.sizes[c] / z.shape[0]),
@@ -171,60 +197,83 @@ def main(args: argparse.Namespace) -> int:
         axes = ((f"PC1 ({100 * pca.explained_variance_ratio_[0]:.0f}%)",
                  f"PC2 ({100 * pca.explained_variance_ratio_[1]:.0f}%)" if z.shape[1] > 1 else "")
                 if name == "pca" else ("UMAP1", "UMAP2"))
-        an.plot_clusters_png(os.path.join(out, f"embedding_{name}.png"), _xy(emb), cl.labels, cxy, axes,
+        an.plot_clusters_png(folder.embedding_png(name), _xy(emb), cl.labels, cxy, axes,
                              f"{args.method} clusters, {name.upper()}")
 
     # maps from the model
     gmm_maps = {}
     if not args.no_gmm_maps:
         for c, vol in enumerate(an.render_at(model, cl.centers, box, apix)):
-            path = os.path.join(out, f"cluster_{c:02d}_gmm.mrc")
+            path = folder.cluster_gmm_map(c)
             write_map(path, vol, apix)
             gmm_maps[c] = vol
             clusters[c]["gmm_map"] = os.path.basename(path)
+    return pca, cl, clusters, gmm_maps
+
+
+def _trajectories(args, model, pca, z, folder) -> dict:
+    """Maps along the first principal components and their Gaussian motions (ChimeraX arrows,
+    markers, quiver plot)."""
+    from ..analysis import latent as an
+    from ..io import chimerax as cx
+    from ..io.mrc import write_map
+    box, apix = model.neutral.box, model.neutral.apix
     trajectories = {}
     if args.traj_steps:
         for pc in range(1, min(args.pcs, z.shape[1]) + 1):
             pts, t = an.pc_trajectory(pca, z, pc, args.traj_steps)
             names = []
             for s, vol in enumerate(an.render_at(model, pts, box, apix)):
-                path = os.path.join(out, f"pc{pc}_{s:02d}.mrc")
+                path = folder.trajectory_map(pc, s)
                 write_map(path, vol, apix)
                 names.append(os.path.basename(path))
             c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
-            an.write_bild(os.path.join(out, f"pc{pc}_motion.bild"), c0, d, box, apix, min_length_A=0.5)
-            an.write_cmm(os.path.join(out, f"pc{pc}_motion.cmm"), c0, d, box, apix, name=f"pc{pc}")
-            an.plot_quiver_png(os.path.join(out, f"pc{pc}_motion.png"), c0, d,
+            cx.displacement_bild(c0, c0 + d, folder.trajectory_motion(pc, "bild"), box, apix, min_length_A=0.5)
+            cx.displacement_cmm(c0, c0 + d, folder.trajectory_motion(pc, "cmm"), box, apix, name=f"pc{pc}")
+            an.plot_quiver_png(folder.trajectory_motion(pc, "png"), c0, d,
                                f"PC{pc}: Gaussian motion, {100 - 2 * 5}% range")
-            _write_npy(os.path.join(out, f"pc{pc}_points.npy"), pts)
+            _write_npy(folder.trajectory_points(pc), pts)
             trajectories[f"pc{pc}"] = {"maps": names, "pc_coordinates": t.round(5).tolist(),
                                        "max_displacement_A": float(np.linalg.norm(d, axis=1).max())}
         log.info("trajectories: %s", ", ".join(f"{k} ({len(v['maps'])} maps, max Gaussian motion %.1f A)"
                                                 % v["max_displacement_A"] for k, v in trajectories.items()))
-    summary["trajectories"] = trajectories
+    return trajectories
 
-    if args.domain_mask:
-        mask, mask_apix = read_map(args.domain_mask)
-        if mask.shape[0] != box or abs(mask_apix - apix) > 1e-3 * apix:
-            raise InputError(f"--domain-mask {args.domain_mask}: box {mask.shape[0]} at {mask_apix:.4f} A/px but "
-                             f"the model is box {box} at {apix:.4f} A/px; resample the mask")
-        inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
-        dm = an.domain_motion(model, z, inside, seed=args.seed)
-        pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))
-        names = []
-        for s, vol in enumerate(an.render_at(model, pts, box, apix)):
-            path = os.path.join(out, f"domain_{s:02d}.mrc")
-            write_map(path, vol, apix)
-            names.append(os.path.basename(path))
-        c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
-        an.write_bild(os.path.join(out, "domain_motion.bild"), c0, d, box, apix, min_length_A=0.5)
-        _write_npy(os.path.join(out, "domain_direction.npy"), dm.direction)
-        summary["domain_motion"] = {"direction": dm.direction.round(5).tolist(), "rayleigh_ratio": dm.ratio,
-                                    "n_gaussians_in_mask": int(inside.sum()), "rms_in_A_per_unit": dm.rms_in_A,
-                                    "rms_out_A_per_unit": dm.rms_out_A, "maps": names}
-        log.info("domain motion: %d Gaussians in the mask, in/out motion ratio %.2f", inside.sum(),
-                 dm.rms_in_A / max(1e-12, dm.rms_out_A))
 
+def _domain_motion(args, model, z, folder) -> dict:
+    """The latent direction that moves the --domain-mask domain most and the rest least."""
+    from ..analysis import latent as an
+    from ..io import chimerax as cx
+    from ..io.mrc import read_map, write_map
+    box, apix = model.neutral.box, model.neutral.apix
+    mask, mask_apix = read_map(args.domain_mask)
+    if mask.shape[0] != box or abs(mask_apix - apix) > 1e-3 * apix:
+        raise InputError(f"--domain-mask {args.domain_mask}: box {mask.shape[0]} at {mask_apix:.4f} A/px but "
+                         f"the model is box {box} at {apix:.4f} A/px; resample the mask")
+    inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
+    dm = an.domain_motion(model, z, inside, seed=args.seed)
+    pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))
+    names = []
+    for s, vol in enumerate(an.render_at(model, pts, box, apix)):
+        path = folder.domain_map(s)
+        write_map(path, vol, apix)
+        names.append(os.path.basename(path))
+    c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
+    cx.displacement_bild(c0, c0 + d, folder.domain_motion, box, apix, min_length_A=0.5)
+    _write_npy(folder.domain_direction, dm.direction)
+    result = {"direction": dm.direction.round(5).tolist(), "rayleigh_ratio": dm.ratio,
+              "n_gaussians_in_mask": int(inside.sum()), "rms_in_A_per_unit": dm.rms_in_A,
+              "rms_out_A_per_unit": dm.rms_out_A, "maps": names}
+    log.info("domain motion: %d Gaussians in the mask, in/out motion ratio %.2f", inside.sum(),
+             dm.rms_in_A / max(1e-12, dm.rms_out_A))
+    return result
+
+
+def _reconstructions(args, meta, n_ops, info, cl, clusters, gmm_maps, folder, apix) -> None:
+    """Each cluster's particles reconstructed from the images (half maps, FSC); fills
+    ``clusters``."""
+    from ..analysis import latent as an
+    from ..model.fourier import fsc_table
     # reconstructions from the particles
     recon_tables = {}
     if args.no_reconstruct:
@@ -243,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
                 continue
             rec = reconstruct_particles(meta, rows, halves=halves, device=args.device, ctf_mode=ctf_mode,
                                         seed=args.seed)
-            paths = rec.write(os.path.join(out, f"cluster_{c:02d}.mrc"))
+            paths = rec.write(folder.cluster_map(c))
             recon_tables[f"cluster {c}"] = rec.fsc
             clusters[c].update({"map": os.path.basename(paths["map"]),
                                 "half1": os.path.basename(paths["half1"]),
@@ -258,21 +307,25 @@ def main(args: argparse.Namespace) -> int:
             log.info("cluster %d: reconstruction from %d particles, FSC 0.143 resolution %.2f A (masked %.2f A) "
                      "(%.1f s)", c, rows.size, rec.resolution_0143_A, rec.resolution_0143_masked_A, rec.seconds)
         if recon_tables:
-            an.plot_fsc_png(os.path.join(out, "fsc.png"), recon_tables, "half-map FSC per cluster")
-    summary["clusters"] = clusters
+            an.plot_fsc_png(folder.fsc_png, recon_tables, "half-map FSC per cluster")
 
-    # even/odd reproducibility
-    if args.even_odd:
-        model_b = load_trained(args.even_odd, args.device)
-        rep = an.even_odd_report(model, z, model_b, np.asarray(model_b.latents()), args.clusters, args.method,
-                                 args.seed, box, apix)
-        _write_json(os.path.join(out, "reproducibility.json"), rep)
-        summary["reproducibility"] = {"max_population_diff": rep["max_population_diff"],
-                                      "min_fsc_area": rep["min_fsc_area"]}
-        log.info("even/odd: matched clusters' FSC area >= %.3f, population difference <= %.1f%%",
-                 rep["min_fsc_area"], 100 * rep["max_population_diff"])
 
-    # ChimeraX command file opening the cluster maps together
+def _even_odd(args, model, z, folder, box, apix) -> dict:
+    """The even/odd reproducibility test against the --even-odd training."""
+    from ..analysis import latent as an
+    from ..training.trained import load_trained
+    model_b = load_trained(args.even_odd, args.device)
+    rep = an.even_odd_report(model, z, model_b, np.asarray(model_b.latents()), args.clusters, args.method,
+                             args.seed, box, apix)
+    write_json(folder.reproducibility, rep)
+    result = {"max_population_diff": rep["max_population_diff"], "min_fsc_area": rep["min_fsc_area"]}
+    log.info("even/odd: matched clusters' FSC area >= %.3f, population difference <= %.1f%%",
+             rep["min_fsc_area"], 100 * rep["max_population_diff"])
+    return result
+
+
+def _chimerax_script(clusters, folder) -> None:
+    """ChimeraX command file opening the cluster maps together."""
     lines = []
     for c, cinfo in enumerate(clusters):
         for key in ("map", "gmm_map"):
@@ -280,8 +333,4 @@ def main(args: argparse.Namespace) -> int:
                 lines.append(f"open {cinfo[key]}")
     if lines:
         lines += ["volume all step 1", "tile"]
-        write_text(os.path.join(out, "chimerax_clusters.cxc"), "\n".join(lines) + "\n")
-    summary["seconds"] = round(time.time() - t0, 2)
-    _write_json(os.path.join(out, "summary.json"), summary)
-    log.info("wrote %s (%.1f s)", os.path.join(out, "summary.json"), summary["seconds"])
-    return 0
+        write_text(folder.chimerax_script, "\n".join(lines) + "\n")

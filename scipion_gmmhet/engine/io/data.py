@@ -6,11 +6,11 @@ poses, origins and CTF (moved to the device once), optional symmetry expansion a
 cropping, and serves batches of items (:class:`HostBatch` in host memory, :class:`Batch` on
 the device).
 
-CTF of the model projection (``ctf_mode``): ``ctf`` multiplies by RELION's CTF (raw images);
-``flipped`` by ``|CTF|`` (phase-flipped images); ``premultiplied`` by ``CTF^2`` (images
-already multiplied by the CTF, ``rlnCtfDataAreCtfPremultiplied``); ``none`` applies none.
-``auto`` picks ``premultiplied`` for stars that say so, ``ctf`` when the star has CTF
-parameters, else ``none``.
+CTF of the model projection (``ctf_mode``, the vocabulary of :mod:`ctf_modes`): ``full``
+multiplies by RELION's CTF (raw images); ``phase_flipped`` by ``|CTF|``; ``premultiplied`` by
+``CTF^2`` (images already multiplied by the CTF, ``rlnCtfDataAreCtfPremultiplied``); ``none``
+applies none. ``auto`` picks ``premultiplied`` for stars that say so, ``full`` when the star
+has CTF parameters, else ``none``.
 
 Reading a batch has a host half (:meth:`Particles.read`: images into host memory, pinned when
 the device is CUDA; no device work, so it may run on the prefetch thread of
@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, fourier_grid, image_to_fourier
+from ..ctf_modes import ctf_mode as parse_ctf_mode
 from ..device import pinned
 from ..errors import InputError
 from .metadata import ParticleMetadata
@@ -34,7 +35,6 @@ from .mrc import open_stack
 
 log = logging.getLogger(__name__)
 
-CTF_MODES = ("auto", "ctf", "flipped", "premultiplied", "none")
 _CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kv", "cs_mm", "amplitude_contrast",
              "phase_shift_deg", "bfactor", "scale")
 
@@ -153,14 +153,15 @@ class Particles:
     with operator ``s``, see :mod:`symmetry`)."""
 
     def __init__(self, images, rotations: np.ndarray, origins_A: np.ndarray, box: int, apix: float,
-                 ctf: dict | None = None, ctf_mode: str = "ctf", sym_ops: np.ndarray | None = None,
+                 ctf: dict | None = None, ctf_mode: str = "full", sym_ops: np.ndarray | None = None,
                  device="cpu"):
         self.images = images
         self.box, self.apix = int(box), float(apix)
         self.n_particles = int(np.asarray(rotations).shape[0])
         self.device = torch.device(device)
-        if ctf_mode not in CTF_MODES or ctf_mode == "auto":
-            raise ValueError(f"ctf_mode must be one of {CTF_MODES[1:]}, got {ctf_mode!r}")
+        ctf_mode = parse_ctf_mode(ctf_mode, "ctf_mode", quiet=True)  # 0.1 spellings of old configs too
+        if ctf_mode == "auto":
+            raise ValueError("ctf_mode: give the images' mode (full, phase_flipped, premultiplied, none), not auto")
         if ctf_mode != "none" and ctf is None:
             raise InputError("particles: no CTF parameters in the star file; give --ctf none (the CTF is then "
                              "ignored) or add rlnDefocusU/V/Angle and the optics columns")
@@ -214,6 +215,7 @@ class Particles:
         from . import metadata
         from ..model.symmetry import symmetry_operators
         meta = metadata.read_particles(star_path)
+        ctf_mode = parse_ctf_mode(ctf_mode, "ctf_mode", quiet=True)
         has_ctf = bool(meta.has_ctf())
         meta.validate(require_alignment=True, require_ctf=has_ctf and ctf_mode != "none", check_images=check_files)
         if ctf_mode == "auto":
@@ -224,7 +226,7 @@ class Particles:
             elif bool(np.any(meta.ctf_premultiplied())):
                 ctf_mode = "premultiplied"
             else:
-                ctf_mode = "ctf"
+                ctf_mode = "full"
         ctf = meta.ctf_params() if (has_ctf and ctf_mode != "none") else None
         ops = symmetry_operators(symmetry)
         return cls(ParticleImages(meta), meta.rotation_matrices(), meta.origins_A(), meta.box, meta.apix,
@@ -290,7 +292,7 @@ class Particles:
         if self.ctf is not None:
             p = {k: v[rows] for k, v in self.ctf.items()}
             ctf = ctf_2d(self.ky, self.kx, **p)
-            if self.ctf_mode == "flipped":
+            if self.ctf_mode == "phase_flipped":
                 ctf = ctf.abs()
             elif self.ctf_mode == "premultiplied":
                 ctf = ctf * ctf

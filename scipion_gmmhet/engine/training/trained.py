@@ -17,6 +17,7 @@ import torch
 from ..device import AdaptiveBatch, resolve_device
 from ..errors import InputError
 from ..io.data import Particles
+from ..io.outputs import TrainFolder
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM
 from ..model.networks import HetModel
@@ -62,7 +63,8 @@ class TrainedModel:
     """
 
     def __init__(self, train_dir: str, device="cpu"):
-        path = os.path.join(train_dir, "model.pt")
+        folder = TrainFolder(train_dir)
+        path = folder.model
         if not os.path.exists(path):
             raise InputError(f"--train {train_dir}: no model.pt; give the output folder of a finished 'gmmhet train'")
         self.train_dir = train_dir
@@ -71,7 +73,7 @@ class TrainedModel:
         self.payload = payload
         self.config = payload["config"]
         self.info = payload.get("info", {})
-        self.neutral = GMM.load(os.path.join(train_dir, "gmm.npz"))
+        self.neutral = GMM.load(folder.gmm)
         self.zdim = int(self.config["zdim"])
         self.mobile = np.asarray(payload["mobile"])
         c0, a0, s0 = self.neutral.tensors(self.device)
@@ -106,7 +108,7 @@ class TrainedModel:
 
     def latents(self) -> np.ndarray:
         """``latent.npy`` ``(n_items, K)`` of the training run."""
-        return np.load(os.path.join(self.train_dir, "latent.npy"))
+        return TrainFolder(self.train_dir).read_latents()
 
     def encode_particles(self, star_path: str, device=None, batch_size: int = 256) -> np.ndarray:
         """Latents of the particles of any star (same box/pixel size as the model), with the
