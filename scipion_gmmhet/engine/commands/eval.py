@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from ..io.atomic import make_output_dir
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def main(args) -> int:
         outs = [f"{stem}_{i:03d}.mrc" for i in range(len(z))]
     for point, path in zip(z, outs):
         d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
+        make_output_dir(d)
         write_map(path, tm.gmm_at(point).render(box, apix), apix)
         log.info("z = [%s] -> %s (box %d, %.4g A/px)", ", ".join(f"{v:.4g}" for v in point), path, box, apix)
     return 0

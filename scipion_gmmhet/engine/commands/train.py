@@ -81,7 +81,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from ..training.distributed import init_from_env
+    from ..io.atomic import make_output_dir
     from ..io.data import Particles
+    from ..training.features import focus_mask_gaussians
     from ..model.networks import parse_changes
     from ..device import resolve_device
     from ..training.config import TrainConfig, load_gmm
@@ -101,8 +103,11 @@ def main(args) -> int:
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:
         neutral = load_gmm(args.gmm)
+        if args.mask:  # grid and selection checked before the particles are read (engine/io/validate.py)
+            focus_mask_gaussians(neutral, args.mask)
         particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode,
                                         device=dist.device)
+        make_output_dir(args.out)
         train(particles, neutral, cfg, args.out, resume=args.resume, star_path=args.particles, dist=dist)
     finally:
         dist.close()

@@ -163,8 +163,8 @@ class Particles:
         if ctf_mode == "auto":
             raise ValueError("ctf_mode: give the images' mode (full, phase_flipped, premultiplied, none), not auto")
         if ctf_mode != "none" and ctf is None:
-            raise InputError("particles: no CTF parameters in the star file; give --ctf none (the CTF is then "
-                             "ignored) or add rlnDefocusU/V/Angle and the optics columns")
+            from .validate import ctf_missing_message
+            raise InputError(ctf_missing_message("particles"))
         self.ctf_mode = ctf_mode
         ops = np.eye(3)[None] if sym_ops is None else np.asarray(sym_ops)
         self.n_ops = int(ops.shape[0])
@@ -218,15 +218,9 @@ class Particles:
         ctf_mode = parse_ctf_mode(ctf_mode, "ctf_mode", quiet=True)
         has_ctf = bool(meta.has_ctf())
         meta.validate(require_alignment=True, require_ctf=has_ctf and ctf_mode != "none", check_images=check_files)
-        if ctf_mode == "auto":
-            if not has_ctf:
-                ctf_mode = "none"
-                log.warning("%s: no CTF parameters; the CTF is ignored (images taken as phase-flipped "
-                            "or CTF-free)", star_path)
-            elif bool(np.any(meta.ctf_premultiplied())):
-                ctf_mode = "premultiplied"
-            else:
-                ctf_mode = "full"
+        from .validate import resolve_ctf_mode  # no CTF: refused unless ctf_mode == "none"
+        ctf_mode = resolve_ctf_mode(has_ctf, ctf_mode, star_path,
+                                    premultiplied=has_ctf and bool(np.any(meta.ctf_premultiplied())))
         ctf = meta.ctf_params() if (has_ctf and ctf_mode != "none") else None
         ops = symmetry_operators(symmetry)
         return cls(ParticleImages(meta), meta.rotation_matrices(), meta.origins_A(), meta.box, meta.apix,

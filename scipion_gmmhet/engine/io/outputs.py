@@ -12,14 +12,15 @@ here only. Writes are atomic (:mod:`atomic`). The layouts (see docs/architecture
     GMM), ``feature_stats.npz``, ``features.f16`` + ``features.json`` (feature cache),
     ``checkpoints/epoch_NNNN.pt``, ``loss.csv``, ``model.pt``, ``latent.npy``.
 ``gmmhet analyze --out DIR`` (:class:`AnalysisFolder`)
-    ``labels.npy``, ``centers.npy``, ``embedding_{pca,umap}.npy`` and ``.png``,
+    ``labels.npy``, ``centers.npy``, ``cluster_XX_rows.txt``, ``embedding_{pca,umap}.npy`` and ``.png``,
     ``cluster_XX_gmm.mrc``, reconstructions ``cluster_XX.mrc`` (:func:`reconstruction_paths`),
     ``pcN_SS.mrc``, ``pcN_points.npy``, ``pcN_motion.{bild,cmm,png}``, ``domain_SS.mrc``,
     ``domain_motion.bild``, ``domain_direction.npy``, ``fsc.png``, ``reproducibility.json``,
     ``chimerax_clusters.cxc``, ``summary.json``.
 ``gmmhet refine --out DIR`` (:class:`RefineFolder`)
-    ``particles.star``, ``pose_changes.csv``; with ``--rounds`` also ``rounds.csv`` and
-    ``round_R/`` (each a refine folder plus ``train/``, a train folder).
+    ``particles.star``, ``pose_changes.csv``, ``refine_result.npz``, ``refine_settings.json``;
+    with ``--rounds`` also ``rounds.csv`` and ``round_R/`` (each a refine folder plus
+    ``train/``, a train folder).
 ``gmmhet reconstruct --out MAP.mrc`` (:func:`reconstruction_paths`)
     ``MAP.mrc``, ``MAP_half1.mrc``, ``MAP_half2.mrc``, ``MAP_mask.mrc``, ``MAP_fsc.csv``.
 """
@@ -328,6 +329,10 @@ class AnalysisFolder(_Folder):
     def embedding_png(self, method: str) -> str:
         return self.path(f"embedding_{method}.png")
 
+    def cluster_rows(self, c: int) -> str:
+        """``cluster_XX_rows.txt``: the 0-based star rows of cluster ``c`` (for ``reconstruct --indices``)."""
+        return self.path(f"cluster_{int(c):02d}_rows.txt")
+
     def cluster_gmm_map(self, c: int) -> str:
         return self.path(f"cluster_{int(c):02d}_gmm.mrc")
 
@@ -394,6 +399,16 @@ class RefineFolder(_Folder):
     @property
     def rounds(self) -> str:
         return self.path("rounds.csv")
+
+    @property
+    def settings(self) -> str:
+        """``refine_settings.json``: the settings ``--resume`` must find unchanged."""
+        return self.path("refine_settings.json")
+
+    @property
+    def round_result(self) -> str:
+        """``refine_result.npz``: a finished round's exact result (written last)."""
+        return self.path("refine_result.npz")
 
     def round(self, r: int) -> "RefineFolder":
         return RefineFolder(self.path(f"round_{int(r)}"))

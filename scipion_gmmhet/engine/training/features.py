@@ -283,7 +283,10 @@ def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:
     if mask_path is None:
         return np.arange(n)
     from ..io.mrc import read_map
+    from ..io.validate import check_mask_matches
     vol, apix = read_map(mask_path)
+    check_mask_matches(vol.shape, apix, (neutral.box,) * 3, neutral.apix, f"--mask {mask_path}",
+                       "the Gaussian model")
     d = vol.shape[0]
     idx = np.rint(neutral.centers_A.astype(np.float64) / apix).astype(np.int64) + d // 2  # (N, 3) xyz
     inside = np.all((idx >= 0) & (idx < d), axis=1)
