@@ -52,10 +52,14 @@ from ..conventions import fourier_to_image
 from ..errors import InputError
 from ..io.validate import check_images_finite
 from ..model.fourier import fsc_table, resolution_at_threshold, shell_index_3d
-from .reconstruct import (CTF_MODES, DEFAULT_REG_FRAC, Reconstruction, auto_mask, ctf_mode_of, half_assignment,
+from .reconstruct import (CTF_MODES, DEFAULT_REG_FRAC, Backprojector, Reconstruction, auto_mask, ctf_mode_of, half_assignment,
                           masked_fsc, normalise_ctf_mode, prepare_batch)
 
 log = logging.getLogger(__name__)
+
+#: ``hybrid`` (default): the plain direct Fourier inversion plus the real-space backprojection of
+#: (deformed - undeformed); ``real_space``: the deformed real-space backprojection alone
+FORMULATIONS = ("hybrid", "real_space")
 
 
 class DisplacementField:
@@ -90,7 +94,8 @@ class DisplacementField:
         wsum = torch.zeros(M, device=self.device).index_add_(0, rows, vals)
         eps = 1e-3 * float(wsum.max()) if wsum.numel() and float(wsum.max()) > 0 else 1.0
         vals = vals / (wsum[rows] + eps)
-        self.weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (M, self.n_gauss)).coalesce()
+        self.weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (M, self.n_gauss),
+                                               check_invariants=False).coalesce()
 
     def nodes_field(self, moves_A: torch.Tensor) -> torch.Tensor:
         """``(B, N, 3)`` moves (Angstrom) -> ``(B, 3, G, G, G)`` field (xyz Angstrom) on the nodes."""
@@ -142,12 +147,19 @@ class DeformedBackprojector:
 
     ``numerator`` and ``weight`` are ``(D, D, D)`` [z, y, x] volumes on ``device``."""
 
-    def __init__(self, box: int, apix: float, device="cpu", oversample: int = 2):
+    def __init__(self, box: int, apix: float, device="cpu", oversample: int = 2, formulation: str = "hybrid",
+                 pad: int = 2):
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
         self.box, self.apix, self.oversample = int(box), float(apix), int(oversample)
+        self.formulation = formulation
         self.device = torch.device(device)
         D = self.box
         self.numerator = torch.zeros(D ** 3, device=self.device)
         self.weight = torch.zeros(D ** 3, device=self.device)
+        hybrid = formulation == "hybrid"
+        self.undeformed = torch.zeros(D ** 3, device=self.device) if hybrid else None
+        self.fourier = Backprojector(box, apix, pad, self.device) if hybrid else None
         self.count = 0
         r = torch.arange(D, device=self.device, dtype=torch.float32) - D // 2
         zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
@@ -188,9 +200,14 @@ class DeformedBackprojector:
         o = self.oversample
         uv = torch.einsum("mk,bik->bim", self._xyz, o * R[:, :2, :]) + o * D // 2  # (B, 2, D^3) undeformed
         self.weight += _sample_periodic(psf, uv[:, 0], uv[:, 1]).sum(0)
+        if self.fourier is not None:  # hybrid: plain insertion + (deformed - undeformed) backprojection
+            self.fourier.insert(X, R, ctf, ctf_mode, premultiplied)
+            if shift_px is not None:
+                self.undeformed += _sample_periodic(img, uv[:, 0], uv[:, 1]).sum(0)
         if shift_px is not None:
             uv = uv + o * shift_px.to(dev)
-        self.numerator += _sample_periodic(img, uv[:, 0], uv[:, 1]).sum(0)
+        if shift_px is not None or self.fourier is None:
+            self.numerator += _sample_periodic(img, uv[:, 0], uv[:, 1]).sum(0)
         self.count += B
 
     def _upsampled(self, Fh: torch.Tensor) -> torch.Tensor:
@@ -211,6 +228,9 @@ class DeformedBackprojector:
         out.__dict__.update(self.__dict__)
         out.numerator = self.numerator + other.numerator
         out.weight = self.weight + other.weight
+        if self.fourier is not None:
+            out.undeformed = self.undeformed + other.undeformed
+            out.fourier = self.fourier.merged(other.fourier)
         out.count = self.count + other.count
         return out
 
@@ -218,7 +238,8 @@ class DeformedBackprojector:
         """The map ``(D, D, D)`` [z, y, x] float32 (module docstring)."""
         D = self.box
         dims = (0, 1, 2)
-        N = torch.fft.rfftn(torch.fft.ifftshift(self.numerator.reshape(D, D, D).double(), dim=dims))
+        num = self.numerator if self.fourier is None else self.numerator - self.undeformed
+        N = torch.fft.rfftn(torch.fft.ifftshift(num.reshape(D, D, D).double(), dim=dims))
         W = torch.fft.rfftn(torch.fft.ifftshift(self.weight.reshape(D, D, D).double(), dim=dims)).real.clamp(min=0)
         shells = torch.as_tensor(shell_index_3d(D).astype(np.int64), device=self.device)
         nmax = int(shells.max()) + 1
@@ -229,8 +250,8 @@ class DeformedBackprojector:
         denom = W + lam
         inside = (shells <= D // 2) & (denom > 0)
         V = torch.where(inside, N / torch.where(inside, denom, torch.ones_like(denom)), torch.zeros_like(N))
-        vol = torch.fft.fftshift(torch.fft.irfftn(V, s=(D, D, D)), dim=dims)
-        return vol.float().cpu().numpy()
+        vol = torch.fft.fftshift(torch.fft.irfftn(V, s=(D, D, D)), dim=dims).float().cpu().numpy()
+        return vol if self.fourier is None else self.fourier.reconstruct(reg_frac) + vol
 
 
 class ModelMoves:
@@ -255,7 +276,8 @@ class ModelMoves:
 def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, halves: np.ndarray | None = None,
                                  seed: int = 0, reg_frac: float = DEFAULT_REG_FRAC, batch_size: int | None = None,
                                  device="cpu", ctf_mode: str | None = None, field_sigma_A: float | None = None,
-                                 progress: bool = True, mask: bool = True) -> Reconstruction:
+                                 formulation: str = "hybrid", progress: bool = True,
+                                 mask: bool = True) -> Reconstruction:
     """Motion-corrected reconstruction of the particles ``rows`` (default all) of ``meta``.
 
     ``moves``: ``{1: M1, 2: M2}``, for each half a callable ``M(star_rows) -> (B, N, 3)``
@@ -263,7 +285,8 @@ def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, h
     ``sigmas_A`` (:class:`ModelMoves`; give the same object twice only when the halves' FSC
     need not be honest). ``halves``, ``ctf_mode``, ``mask`` as
     :func:`reconstruct.reconstruct_particles`; ``field_sigma_A`` the interpolation width of the
-    displacement field (default :func:`default_field_sigma_A`). Returns a
+    displacement field (default :func:`default_field_sigma_A`); ``formulation`` one of
+    :data:`FORMULATIONS` (module docstring). Returns a
     :class:`reconstruct.Reconstruction`."""
     t0 = time.time()
     n_all = len(meta)
@@ -284,9 +307,9 @@ def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, h
     org_all = np.asarray(meta.origins_A(), dtype=np.float32)
     ctf_all = meta.ctf_params() if ctf_mode != "none" else None
     premult_all = np.asarray(meta.ctf_premultiplied(), dtype=bool) if ctf_mode == "full" else None
-    bs = batch_size or max(1, min(64, (1 << 21) // box ** 3 * 8))
+    bs = batch_size or max(1, min(64, (1 << 22) // box ** 3))
     dev = torch.device(device)
-    bps = {1: DeformedBackprojector(box, apix, dev), 2: DeformedBackprojector(box, apix, dev)}
+    bps = {h: DeformedBackprojector(box, apix, dev, formulation=formulation) for h in (1, 2)}
     done, last_log = 0, time.time()
     for half in (1, 2):
         mv = moves[half]
@@ -324,3 +347,91 @@ def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, h
                                                                0.143)
     rec.seconds = time.time() - t0
     return rec
+
+
+# ----------------------------------------------------------------------------- half-set models
+def _training_info(train_dir: str) -> dict:
+    import json
+    import os
+    path = os.path.join(train_dir, "config.json")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(train_dir, "model.pt")):
+        raise InputError(f"{train_dir}: no config.json/model.pt; give the output folder of a finished 'gmmhet train'")
+    with open(path) as f:
+        return json.load(f)
+
+
+def latents_for_rows(meta, train_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(latents (n_star_rows, K), found (n_star_rows,) bool)``: the training run's latent of
+    every row of ``meta`` whose image (stack file + index) was in the run's training star."""
+    import os
+    from ..io.metadata import read_particles
+    info = _training_info(train_dir)
+    if int(info.get("n_ops", 1)) != 1:
+        raise InputError(f"{train_dir}: trained with symmetry expansion; motion-corrected maps need a C1 training")
+    star = info.get("particles")
+    if not star or not os.path.exists(star):
+        raise InputError(f"{train_dir}: its training star {star!r} is gone; restore it or retrain the half model")
+    lat = np.load(os.path.join(train_dir, "latent.npy"))
+    tmeta = read_particles(star)
+    if len(tmeta) != len(lat):
+        raise InputError(f"{train_dir}: latent.npy has {len(lat)} rows but its star {star} has {len(tmeta)}")
+    tp, ti = tmeta.image_locations()
+    index = {(p, int(i)): k for k, (p, i) in enumerate(zip(tp.tolist(), ti.tolist()))}
+    mp, mi = meta.image_locations()
+    pos = np.array([index.get((p, int(i)), -1) for p, i in zip(mp.tolist(), mi.tolist())], dtype=np.int64)
+    found = pos >= 0
+    out = np.zeros((len(meta), lat.shape[1]), np.float32)
+    out[found] = lat[pos[found]]
+    return out, found
+
+
+def half_moves(meta, halves: np.ndarray, half_dirs: dict, device="cpu") -> dict:
+    """``{1: ModelMoves, 2: ModelMoves}`` from two training folders, each trained on its own
+    half set; every particle of a half must be in its model's training star."""
+    from ..training.train import load_trained
+    out = {}
+    for h, d in half_dirs.items():
+        lat, found = latents_for_rows(meta, d)
+        missing = int(((halves == h) & ~found).sum())
+        if missing:
+            raise InputError(f"{d}: {missing} particle(s) of half {h} were not in this model's training star; "
+                             f"train it on the half-{h} particles (rlnRandomSubset = {h})")
+        other = int(((halves != h) & found).sum())
+        if other:
+            raise InputError(f"{d}: trained on {other} particle(s) of the other half; the half maps' FSC would be "
+                             f"inflated. Train it on the half-{h} particles only")
+        out[h] = ModelMoves(load_trained(d, device), lat)
+    return out
+
+
+def train_half_models(meta, halves: np.ndarray, train_dir: str, out_dir: str, device="cpu",
+                      epochs: int | None = None) -> dict:
+    """Train one model per half set with ``train_dir``'s settings and neutral GMM, into
+    ``out_dir/half1`` and ``out_dir/half2`` (half stars ``out_dir/halfN.star``); a finished
+    one is reused, an interrupted one resumed. Returns ``{1: dir, 2: dir}``."""
+    import os
+    from ..io.metadata import write_particles
+    from ..model.gmm import GMM
+    from ..training.features import Particles
+    from ..training.train import TrainConfig, train
+    info = _training_info(train_dir)
+    cfg = TrainConfig.from_dict(info["train"])
+    if epochs:
+        cfg.epochs = int(epochs)
+    if cfg.mask and not os.path.exists(cfg.mask):
+        raise InputError(f"{train_dir}: its focus mask {cfg.mask} is gone; restore it")
+    neutral = GMM.load(os.path.join(train_dir, "gmm.npz"))
+    dirs = {}
+    for h in (1, 2):
+        d = os.path.join(out_dir, f"half{h}")
+        dirs[h] = d
+        if os.path.exists(os.path.join(d, "model.pt")):
+            log.info("half %d: reusing the model in %s", h, d)
+            continue
+        os.makedirs(d, exist_ok=True)
+        star = os.path.join(out_dir, f"half{h}.star")
+        write_particles(star, meta.subset(np.flatnonzero(halves == h)))
+        log.info("half %d: training on %d particles -> %s", h, int((halves == h).sum()), d)
+        particles = Particles.from_star(star, symmetry=cfg.symmetry, ctf_mode=cfg.ctf_mode, device=device)
+        train(particles, neutral, cfg, d, resume=os.path.isdir(os.path.join(d, "checkpoints")), star_path=star)
+    return dirs
