@@ -15,23 +15,33 @@ weight sum, so the field fades to zero in the solvent). The field is evaluated o
 Deformed backprojection (real space). With ``A`` the particle's RELION rotation, the point
 that sits at ``x`` in the neutral frame is at ``x + d(x)`` in this particle, which projects to
 image pixel ``(A (x + d(x)))_{x,y} / apix + D//2`` (the origin shift is undone in Fourier space
-beforehand, as in :func:`reconstruct.prepare_batch`). The numerator volume accumulates, for
-every voxel ``x`` of the neutral frame, the particle's CTF-weighted image ``c X`` (``|c| X``
-phase-flipped, ``X`` premultiplied or without CTF; the Fourier components inside the Nyquist
-circle only) sampled there (bilinear, periodic image). The weight volume accumulates, with the
-undeformed geometry, the backprojection of each particle's ``c^2`` point-spread function
-(the image whose transform is ``c^2``, centred): the response of the normal operator
-``sum A^T c^2 A`` to a point at the centre. Both volumes thus carry the same interpolation
-and box-truncation kernel, so the map is ``V = F^-1[ F(numerator) / (max(F(weight), 0) +
-lambda_s) ]`` with the Wiener regulariser ``lambda_s`` = ``reg_frac`` x the mean weight in the
-shell (as :class:`reconstruct.Backprojector`), zero beyond Nyquist, no gridding correction
-(the shared kernel cancels). The weight ignores the local rotation a deformation causes: for
-the smooth fields of a GMM decoder this is DynaMight's approximation too.
+beforehand, as in :func:`reconstruct.prepare_batch`). The numerator volume ``N_def``
+accumulates, for every voxel ``x`` of the neutral frame, the particle's CTF-weighted image
+``c X`` (``|c| X`` phase-flipped, ``X`` premultiplied or without CTF; the Fourier components
+inside the Nyquist circle, upsampled ``oversample`` = 2 times by Fourier padding) sampled there
+(bilinear, periodic image). The weight volume accumulates, with the undeformed geometry, the
+backprojection of each particle's ``c^2`` point-spread function (the image whose transform is
+``c^2``, centred): the response of the normal operator ``sum A^T c^2 A`` to a point at the
+centre. Both carry the same interpolation and box-truncation kernel, so a volume ``N`` is
+divided as ``RS(N) = F^-1[ F(N) / (max(F(weight), 0) + lambda_s) ]`` with the Wiener regulariser
+``lambda_s`` = ``reg_frac`` x the mean weight in the shell (as
+:class:`reconstruct.Backprojector`), zero beyond Nyquist, no gridding correction (the shared
+kernel cancels). The weight ignores the local rotation a deformation causes: for the smooth
+fields of a GMM decoder this is DynaMight's approximation too.
 
-Why this formulation (measured, see docs/motion_corrected.md): with zero displacement it
-reproduces the direct Fourier inversion of :mod:`reconstruct` (FSC between them >= 0.99 to
-Nyquist/2 on the simulator's data); a Fourier-space formulation cannot express a displacement
-that varies across the particle.
+Formulations (:data:`FORMULATIONS`, chosen by measurement, docs/motion_corrected.md):
+
+- ``real_space``: ``V = RS(N_def)``. Its kernel (box-truncated backprojection) differs from the
+  direct Fourier inversion's, so even with zero displacement it departs from the plain map
+  where the noise dominates (FSC with the plain map 0.92 at Nyquist/2 on 300 particles of
+  SNR 0.1, box 32).
+- ``hybrid`` (default): ``V = V_plain + RS(N_def - N_undef)``, the plain direct Fourier
+  inversion (:class:`reconstruct.Backprojector`, same insertion, gridding and regulariser)
+  plus the real-space backprojection of what the deformation changes (``N_undef``: the same
+  backprojection with ``d = 0``). Zero displacement gives exactly the plain map; where the
+  particle does not move (the static part) the two real-space terms cancel and the plain
+  map's quality is kept; where it moves, the undeformed (blurred) contribution is swapped for
+  the deformed one. Costs one more image sampling per voxel (about 1.5x ``real_space``).
 
 Half maps: the halves' deformations must come from two models trained independently on the two
 half sets (``rlnRandomSubset``; DynaMight's recipe): one model trained on all particles would
@@ -94,6 +104,10 @@ class DisplacementField:
         wsum = torch.zeros(M, device=self.device).index_add_(0, rows, vals)
         eps = 1e-3 * float(wsum.max()) if wsum.numel() and float(wsum.max()) > 0 else 1.0
         vals = vals / (wsum[rows] + eps)
+        # voxels the field can reach: the nodes' weight sums interpolated like the field, > 0
+        reach = F.interpolate(wsum.reshape(1, 1, self.G, self.G, self.G), size=(D, D, D), mode="trilinear",
+                              align_corners=True).reshape(-1)
+        self.support = (reach > 0).nonzero().squeeze(1)
         self.weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (M, self.n_gauss),
                                                check_invariants=False).coalesce()
 
@@ -109,14 +123,21 @@ class DisplacementField:
         D = self.box
         return F.interpolate(self.nodes_field(moves_A), size=(D, D, D), mode="trilinear", align_corners=True)
 
-    def projected_px(self, moves_A: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        """In-plane image shift ``(B, 2, D^3)`` (pixels, x then y) of every voxel: ``(A d(x))_{x,y} / apix``."""
+    def projected_px(self, moves_A: torch.Tensor, rotations: torch.Tensor, voxels: torch.Tensor | None = None,
+                     ) -> torch.Tensor:
+        """In-plane image shift ``(B, 2, M)`` (pixels, x then y) ``(A d(x))_{x,y} / apix`` of the
+        flat voxel indices ``voxels`` (default all ``D^3``; :attr:`support`: where it can be non-zero)."""
         nf = self.nodes_field(moves_A)  # (B, 3, G, G, G)
         B = nf.shape[0]
         R = rotations.to(self.device, torch.float32)[:, :2, :] / self.apix
         p = torch.einsum("bij,bjm->bim", R, nf.reshape(B, 3, -1)).reshape(B, 2, self.G, self.G, self.G)
         D = self.box
-        return F.interpolate(p, size=(D, D, D), mode="trilinear", align_corners=True).reshape(B, 2, -1)
+        if voxels is None:
+            return F.interpolate(p, size=(D, D, D), mode="trilinear", align_corners=True).reshape(B, 2, -1)
+        v = voxels.to(self.device)
+        zyx = torch.stack([v // (D * D), (v // D) % D, v % D], dim=1).float() * (2.0 / (D - 1)) - 1.0
+        grid = zyx.flip(1).reshape(1, 1, 1, -1, 3).expand(B, 1, 1, -1, 3)  # (x, y, z) order
+        return F.grid_sample(p, grid, mode="bilinear", align_corners=True)[:, :, 0, 0, :]
 
 
 def default_field_sigma_A(sigmas_A, apix: float) -> float:
@@ -125,21 +146,21 @@ def default_field_sigma_A(sigmas_A, apix: float) -> float:
     return float(max(2.0 * apix, np.median(s) if s.size else 0.0))
 
 
-def _sample_periodic(img: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of images ``(B, D, D)`` [y, x] at pixel coordinates ``u`` (x), ``v`` (y)
-    ``(B, M)``, the images repeating periodically (as their discrete transforms do)."""
-    B, D = img.shape[0], img.shape[-1]
-    flat = img.reshape(B, D * D)
-    x0, y0 = torch.floor(u), torch.floor(v)
-    fx, fy = u - x0, v - y0
-    x0, y0 = x0.long(), y0.long()
-    out = torch.zeros_like(u)
-    for dy, wy in ((0, 1.0 - fy), (1, fy)):
-        iy = torch.remainder(y0 + dy, D) * D
-        for dx, wx in ((0, 1.0 - fx), (1, fx)):
-            ix = torch.remainder(x0 + dx, D)
-            out += wy * wx * torch.gather(flat, 1, iy + ix)
-    return out
+def _tiled(img: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, C, S, S)`` repeated 3 x 3 (the periodic continuation :func:`_sample` reads)."""
+    return img.repeat(1, 1, 3, 3)
+
+
+def _sample(tiled: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples ``(B, C, M)`` of periodic images at pixel coordinates ``uv`` ``(B, 2, M)``
+    (x then y; pixel ``i`` at ``i``), from their :func:`_tiled` form ``(B, C, 3S, 3S)``;
+    coordinates are valid within ``[-S, 2S)`` (a backprojection reaches ``0.87 S`` from the centre)."""
+    S3 = tiled.shape[-1]
+    S = S3 // 3
+    grid = (uv + S) * (2.0 / (S3 - 1)) - 1.0  # align_corners=True: pixel centres at -1..1
+    out = F.grid_sample(tiled, grid.permute(0, 2, 1).unsqueeze(1), mode="bilinear", padding_mode="border",
+                        align_corners=True)
+    return out[:, :, 0, :]
 
 
 class DeformedBackprojector:
@@ -169,11 +190,13 @@ class DeformedBackprojector:
         self._nyquist = ((kx[None, :] ** 2 + ky[:, None] ** 2) <= (D // 2) ** 2).float()
 
     def insert(self, Fimg: torch.Tensor, rotations: torch.Tensor, ctf: torch.Tensor | None, ctf_mode: str = "full",
-               premultiplied: torch.Tensor | None = None, shift_px: torch.Tensor | None = None) -> None:
+               premultiplied: torch.Tensor | None = None, shift_px: torch.Tensor | None = None,
+               voxels: torch.Tensor | None = None) -> None:
         """Insert a batch: ``Fimg`` ``(B, D, D//2+1)`` transforms with the origin shift undone,
         ``rotations`` ``(B, 3, 3)``, ``ctf`` as :meth:`reconstruct.Backprojector.insert`;
-        ``shift_px`` ``(B, 2, D^3)`` the in-plane image shift of every voxel from the
-        deformation (:meth:`DisplacementField.projected_px`; None: no deformation)."""
+        ``shift_px`` ``(B, 2, M)`` the in-plane image shift from the deformation of the flat voxel
+        indices ``voxels`` ``(M,)`` (default all ``D^3``; elsewhere the shift is zero), from
+        :meth:`DisplacementField.projected_px` (None: no deformation)."""
         if ctf_mode not in CTF_MODES:
             raise ValueError(f"ctf_mode must be one of {CTF_MODES}, got {ctf_mode!r}")
         B = Fimg.shape[0]
@@ -199,15 +222,31 @@ class DeformedBackprojector:
         R = rotations.to(device=dev, dtype=torch.float32)
         o = self.oversample
         uv = torch.einsum("mk,bik->bim", self._xyz, o * R[:, :2, :]) + o * D // 2  # (B, 2, D^3) undeformed
-        self.weight += _sample_periodic(psf, uv[:, 0], uv[:, 1]).sum(0)
-        if self.fourier is not None:  # hybrid: plain insertion + (deformed - undeformed) backprojection
+        hybrid = self.fourier is not None
+        if hybrid:  # plain insertion + (deformed - undeformed) backprojection where the field acts
             self.fourier.insert(X, R, ctf, ctf_mode, premultiplied)
+            self.weight += _sample(_tiled(psf[:, None]), uv)[:, 0].sum(0)
             if shift_px is not None:
-                self.undeformed += _sample_periodic(img, uv[:, 0], uv[:, 1]).sum(0)
-        if shift_px is not None:
-            uv = uv + o * shift_px.to(dev)
-        if shift_px is not None or self.fourier is None:
-            self.numerator += _sample_periodic(img, uv[:, 0], uv[:, 1]).sum(0)
+                vox = torch.arange(D ** 3, device=dev) if voxels is None else voxels.to(dev)
+                uvs = uv[:, :, vox]
+                both = torch.cat([uvs + o * shift_px.to(dev), uvs], dim=2)
+                vals = _sample(_tiled(img[:, None]), both)[:, 0].sum(0)
+                n = vox.numel()
+                self.numerator.index_add_(0, vox, vals[:n])
+                self.undeformed.index_add_(0, vox, vals[n:])
+        else:
+            if shift_px is None:
+                vals = _sample(_tiled(torch.stack([img, psf], 1)), uv).sum(0)
+                self.weight += vals[1]
+                self.numerator += vals[0]
+            else:
+                self.weight += _sample(_tiled(psf[:, None]), uv)[:, 0].sum(0)
+                full = torch.zeros_like(uv)
+                if voxels is None:
+                    full = o * shift_px.to(dev)
+                else:
+                    full[:, :, voxels.to(dev)] = o * shift_px.to(dev)
+                self.numerator += _sample(_tiled(img[:, None]), uv + full)[:, 0].sum(0)
         self.count += B
 
     def _upsampled(self, Fh: torch.Tensor) -> torch.Tensor:
@@ -326,8 +365,8 @@ def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, h
             Fimg, ctf = prepare_batch(imgs, torch.as_tensor(org_all[r], device=dev), ctfp, apix)
             pm = None if premult_all is None else torch.as_tensor(premult_all[r])
             R = torch.as_tensor(rot_all[r], device=dev)
-            shift = field.projected_px(mv(r), R)
-            bps[half].insert(Fimg, R, ctf, ctf_mode, pm, shift)
+            shift = field.projected_px(mv(r), R, field.support)
+            bps[half].insert(Fimg, R, ctf, ctf_mode, pm, shift, field.support)
             done += r.size
             if progress and time.time() - last_log > 10:
                 log.info("motion-corrected reconstruction: %d / %d particles (%.1f /s)", done, rows.size,

@@ -67,6 +67,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-half2", metavar="DIR", help="model trained on the half-2 particles only")
     g.add_argument("--halves-dir", metavar="DIR", help="where the half models are trained (default MAP_halves/)")
     g.add_argument("--half-epochs", type=int, default=None, help="epochs of each half model (default: --train's)")
+    g.add_argument("--formulation", choices=["hybrid", "real_space"], default="hybrid",
+                   help="hybrid (default): plain Fourier inversion + real-space backprojection of what the "
+                        "deformation changes (equals the plain map without motion); real_space: deformed "
+                        "real-space backprojection alone")
     g.add_argument("--field-sigma", type=float, default=None, metavar="A",
                    help="width of the Gaussian interpolation of the moves, Angstrom (default: the neutral "
                         "Gaussians' median width, at least 2 pixels)")
@@ -132,4 +136,5 @@ def _motion_corrected(args, meta, rows, ctf_mode, out):
     moves = mc.half_moves(meta, halves, dirs, device=args.device)
     return mc.reconstruct_motion_corrected(meta, moves, rows, halves=halves, seed=args.seed, reg_frac=args.reg_frac,
                                            batch_size=args.batch_size, device=args.device, ctf_mode=ctf_mode,
-                                           field_sigma_A=args.field_sigma, mask=not args.no_mask)
+                                           field_sigma_A=args.field_sigma, formulation=args.formulation,
+                                           mask=not args.no_mask)
