@@ -62,8 +62,8 @@ from ..conventions import fourier_to_image
 from ..errors import InputError
 from ..io.validate import check_images_finite
 from ..model.fourier import fsc_table, resolution_at_threshold, shell_index_3d
-from .reconstruct import (CTF_MODES, DEFAULT_REG_FRAC, Backprojector, Reconstruction, auto_mask, ctf_mode_of, half_assignment,
-                          masked_fsc, normalise_ctf_mode, prepare_batch)
+from .reconstruct import (CTF_MODES, DEFAULT_REG_FRAC, Backprojector, Reconstruction, auto_mask, ctf_mode_of,
+                          half_assignment, masked_fsc, normalise_ctf_mode, prepare_batch)
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ def latents_for_rows(meta, train_dir: str) -> tuple[np.ndarray, np.ndarray]:
 def half_moves(meta, halves: np.ndarray, half_dirs: dict, device="cpu") -> dict:
     """``{1: ModelMoves, 2: ModelMoves}`` from two training folders, each trained on its own
     half set; every particle of a half must be in its model's training star."""
-    from ..training.train import load_trained
+    from ..training.trained import load_trained
     out = {}
     for h, d in half_dirs.items():
         lat, found = latents_for_rows(meta, d)
@@ -449,10 +449,12 @@ def train_half_models(meta, halves: np.ndarray, train_dir: str, out_dir: str, de
     ``out_dir/half1`` and ``out_dir/half2`` (half stars ``out_dir/halfN.star``); a finished
     one is reused, an interrupted one resumed. Returns ``{1: dir, 2: dir}``."""
     import os
+    from ..io.atomic import make_output_dir
     from ..io.metadata import write_particles
     from ..model.gmm import GMM
-    from ..training.features import Particles
-    from ..training.train import TrainConfig, train
+    from ..io.data import Particles
+    from ..training.config import TrainConfig
+    from ..training.train import train
     info = _training_info(train_dir)
     cfg = TrainConfig.from_dict(info["train"])
     if epochs:
@@ -467,7 +469,7 @@ def train_half_models(meta, halves: np.ndarray, train_dir: str, out_dir: str, de
         if os.path.exists(os.path.join(d, "model.pt")):
             log.info("half %d: reusing the model in %s", h, d)
             continue
-        os.makedirs(d, exist_ok=True)
+        make_output_dir(d, "--halves-dir")
         star = os.path.join(out_dir, f"half{h}.star")
         write_particles(star, meta.subset(np.flatnonzero(halves == h)))
         log.info("half %d: training on %d particles -> %s", h, int((halves == h).sum()), d)
