@@ -63,7 +63,7 @@ class TestProtocolMotionCorrected(BaseTest):
         cls.protParts = runImportParticlesStar(cls, star)
         # the neutral model: a GMM of the middle conformation (the frame the map is made in)
         from scipion_gmmhet.engine.model.build import build_gmm
-        neutral = cls.data['truth_maps']['neutral']
+        neutral = os.path.join(cls.data['out_dir'], 'truth_maps', 'neutral.mrc')
         gmmFn = os.path.join(cls.dataDir, 'gmm', 'gmm.npz')
         os.makedirs(os.path.dirname(gmmFn), exist_ok=True)
         build_gmm(read_map(neutral)[0], APIX, 12.0, n_gauss=N_GAUSS, steps=60, n_start=16).gmm.save(gmmFn)
@@ -122,9 +122,10 @@ class TestProtocolMotionCorrected(BaseTest):
     def test_2_maskedFscImproves(self):
         prot = self.protCluster
         paths = prot.getMotionMaps()
-        truth, _ = read_map(self.data['truth_maps']['neutral'])
-        gmm = GMM.load(self.data['truth_gmm']['neutral'])
-        with open(self.data['json']) as f:
+        sim = self.data['out_dir']  # the simulator's files (reused runs return only the main paths)
+        truth, _ = read_map(os.path.join(sim, 'truth_maps', 'neutral.mrc'))
+        gmm = GMM.load(os.path.join(sim, 'truth_gmm', 'neutral.npz'))
+        with open(os.path.join(sim, 'simulation.json')) as f:
             arm = json.load(f)['domains']['arm']
         masks = {'arm': domainMask(gmm, slice(*arm)), 'static': domainMask(gmm, slice(0, arm[0]))}
         score = {}
