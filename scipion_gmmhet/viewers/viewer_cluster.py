@@ -245,6 +245,8 @@ def motionCorrectedFsc(prot) -> tuple[np.ndarray, dict]:
     reconstruction of the same particles: half-map FSC, and masked (phase-randomisation
     corrected) where computed. Empty when the protocol ran without the motion-corrected map."""
     from ..engine.analysis.reconstruct import read_fsc_csv
+    if not hasattr(prot, 'getMotionMaps'):
+        return None, {}
     paths = prot.getMotionMaps()
     freq, curves = None, {}
     for key, name in (('fsc', 'motion-corrected'), ('plain_fsc', 'plain consensus')):
