@@ -101,8 +101,14 @@ def test_displacement_field_interpolates_moves_and_fades_in_solvent():
 def test_motion_corrected_needs_both_halves_and_rejects_wrong_half_models(tmp_path):
     from scipion_gmmhet.engine.cli import main
     (tmp_path / "p.star").write_text("")  # never read: the arguments are refused first
-    assert main(["reconstruct", "--particles", str(tmp_path / "p.star"), "--motion-corrected",
-                 "--out", str(tmp_path / "m.mrc")]) != 0
+    for extra in (["--motion-corrected"], ["--motion-corrected", "--train-half1", str(tmp_path)],
+                  ["--train", str(tmp_path)]):
+        assert main(["reconstruct", "--particles", str(tmp_path / "p.star"), "--out", str(tmp_path / "m.mrc")]
+                    + extra) != 0
+    with pytest.raises(InputError, match="go together"):
+        from scipion_gmmhet.engine.commands.reconstruct import _check_motion_args
+        import argparse
+        _check_motion_args(argparse.Namespace(train_half1="a", train_half2=None, train=None, motion_corrected=True))
     with pytest.raises(InputError, match="config.json"):
         mc.latents_for_rows(None, str(tmp_path))
 

@@ -88,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out}: same file as the input; write the map elsewhere")
     if args.pad < 1 or args.reg_frac < 0:
         raise InputError("--pad must be >= 1 and --reg-frac >= 0")
+    if args.motion_corrected or args.train or args.train_half1 or args.train_half2:
+        _check_motion_args(args)
     make_output_dir(os.path.dirname(out))
     meta = read_particles(args.particles, images_root=args.images_root)
     from ..io.validate import resolve_ctf_mode
@@ -120,23 +122,33 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _motion_corrected(args, meta, rows, ctf_mode, out):
-    from ..analysis import motion_corrected as mc
-    from ..analysis.reconstruct import half_assignment
+def _check_motion_args(args) -> list:
+    """The half-model folders given (both or none); InputError for an incomplete choice."""
     halves_given = [d for d in (args.train_half1, args.train_half2) if d]
     if len(halves_given) == 1:
         raise InputError("--train-half1 and --train-half2 go together: give both, or only --train")
     if not halves_given and not args.train:
         raise InputError("--motion-corrected needs --train DIR (half models are trained from it) or "
                          "--train-half1 DIR --train-half2 DIR")
+    if not args.motion_corrected and (halves_given or args.train):
+        raise InputError("--train/--train-half1/--train-half2 are for --motion-corrected; add it, or leave them out")
+    return halves_given
+
+
+def _motion_corrected(args, meta, rows, ctf_mode, out):
+    from ..analysis import motion_corrected as mc
+    from ..analysis.reconstruct import half_assignment
+    halves_given = _check_motion_args(args)
+    from ..device import resolve_device
+    dev = resolve_device(args.device)
     halves = half_assignment(meta, args.seed)
     if halves_given:
         dirs = {1: args.train_half1, 2: args.train_half2}
     else:
         hdir = args.halves_dir or out[:-4] + "_halves"
-        dirs = mc.train_half_models(meta, halves, args.train, hdir, device=args.device, epochs=args.half_epochs)
-    moves = mc.half_moves(meta, halves, dirs, device=args.device)
+        dirs = mc.train_half_models(meta, halves, args.train, hdir, device=dev, epochs=args.half_epochs)
+    moves = mc.half_moves(meta, halves, dirs, device=dev)
     return mc.reconstruct_motion_corrected(meta, moves, rows, halves=halves, seed=args.seed, reg_frac=args.reg_frac,
-                                           batch_size=args.batch_size, device=args.device, ctf_mode=ctf_mode,
+                                           batch_size=args.batch_size, device=dev, ctf_mode=ctf_mode,
                                            field_sigma_A=args.field_sigma, formulation=args.formulation,
                                            mask=not args.no_mask)
