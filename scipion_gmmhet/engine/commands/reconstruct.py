@@ -67,7 +67,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-half1", metavar="DIR", help="model trained on the half-1 particles only")
     g.add_argument("--train-half2", metavar="DIR", help="model trained on the half-2 particles only")
     g.add_argument("--halves-dir", metavar="DIR", help="where the half models are trained (default MAP_halves/)")
-    g.add_argument("--half-epochs", type=int, default=None, help="epochs of each half model (default: --train's)")
+    g.add_argument("--half-epochs", type=int, default=None, metavar="E", help="epochs of each half model (default: --train's)")
     g.add_argument("--formulation", choices=["hybrid", "real_space"], default="hybrid",
                    help="hybrid (default): plain Fourier inversion + real-space backprojection of what the "
                         "deformation changes (equals the plain map without motion); real_space: deformed "
