@@ -279,7 +279,9 @@ def test_analyze_cli_domain_motion_and_even_odd(tmp_path, monkeypatch):
     assert rep["max_population_diff"] == 0 and rep["min_fsc_area"] > 0.999
     assert s["reproducibility"]["min_fsc_area"] > 0.999
     # bad input: one line, exit 2
-    assert main(["analyze", "--train", str(tmp_path), "--clusters", "0", "--out", str(out)]) == 2
+    assert main(["analyze", "--train", str(tmp_path), "--clusters", "-1", "--out", str(out)]) == 2
+    assert main(["analyze", "--train", str(tmp_path), "--clusters", "0", "--even-odd", str(tmp_path),
+                 "--out", str(out)]) == 2
     assert main(["analyze", "--train", str(tmp_path), "--clusters", "2", "--latents", str(tmp_path / "no.npy"),
                  "--particles", "x.star", "--out", str(out)]) == 2
 
