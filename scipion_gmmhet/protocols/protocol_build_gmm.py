@@ -31,12 +31,13 @@ from .. import Plugin, convert
 from ..constants import GMM_FILE_ATTR  # the output volume's gmm.npz path; "train" reads it
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors, volumeGrid
+from .labels import GmmhetLabel
 
 #: Extensions the engine reads directly (anything else is converted to MRC first).
 _MRC_EXTENSIONS = ('.mrc', '.map', '.rec')
 
 
-class ProtGmmhetBuildGmm(ProtAnalysis3D):
+class ProtGmmhetBuildGmm(GmmhetLabel, ProtAnalysis3D):
     """Build a Gaussian mixture model (GMM) of a map: Gaussians whose sum matches the map up to
     a target resolution (e2gmm's model-building, Chen & Ludtke, Nat Methods 2021).
 

@@ -43,6 +43,7 @@ from ..engine.errors import InputError
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
+from .labels import GmmhetLabel
 
 METHOD_KMEANS, METHOD_GMM = 0, 1
 METHOD_CHOICES = ['k-means', 'Gaussian mixture']
@@ -52,7 +53,7 @@ EMB_CHOICES = ['PCA', 'UMAP', 'PCA and UMAP']
 EMB_NAMES = ['pca', 'umap', 'both']
 
 
-class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
+class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     """Cluster the latent space of a trained Gaussian-mixture model and reconstruct each
     cluster from its particles.
 

@@ -39,9 +39,10 @@ from ..engine.errors import InputError
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
+from .labels import GmmhetLabel
 
 
-class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
+class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     """Refine particle orientations against each particle's own Gaussian model.
 
     A consensus refinement aligns every particle to one average map, which a moving domain

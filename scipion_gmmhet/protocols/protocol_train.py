@@ -49,6 +49,7 @@ from ..engine.errors import InputError
 from .gpu import cudaAvailable, gpuErrors
 from ..engine.io import validate
 from .validation import CTF_CHOICES, CTF_LABELS, ctfErrors, maskGridErrors, volumeGrid
+from .labels import GmmhetLabel
 #: Engine names of what the decoder may change, in the order of the form's booleans.
 CHANGE_NAMES = ('positions', 'amplitudes', 'widths')
 #: Files of a training folder copied when continuing a previous run (the feature cache is
@@ -57,7 +58,7 @@ _STATE_FILES = ('config.json', 'gmm.npz', 'feature_stats.npz', 'loss.csv')
 _CACHE_FILES = ('features.f16', 'features.json')
 
 
-class ProtGmmhetTrain(ProtAnalysis3D):
+class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
     """Map every particle to a point of a small latent space whose decoded Gaussian model
     explains it (e2gmm's method, Chen & Ludtke, Nat Methods 2021).
 

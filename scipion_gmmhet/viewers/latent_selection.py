@@ -40,6 +40,7 @@ import pyworkflow.viewer as pwviewer
 from pwem.viewers import EmProtocolViewer
 
 from ..constants import TRAIN_DIR_ATTR
+from ..protocols.labels import GmmhetLabel
 from ..protocols.protocol_train import ProtGmmhetTrain
 from . import plots
 
@@ -272,7 +273,8 @@ class LatentSelectionWindow:
         self.status = tk.StringVar(self.root, value='Draw a lasso around particles.')
         tk.Label(self.root, textvariable=self.status, anchor='w').pack(side=tk.BOTTOM, fill=tk.X)
 
-        self.figure = Figure(figsize=(9.5, 4.8), dpi=90)
+        # beside the 3D explorer the latent plot and the map sections share a narrower figure
+        self.figure = Figure(figsize=(7.6 if explorer is not None else 9.5, 4.8), dpi=90)
         self.ax = self.figure.add_subplot(1, 2, 1)
         self.mapAx = self.figure.add_subplot(1, 2, 2)
         plots.draw_scatter(self.ax, self.xy, values=values, value_label=valueLabel,
@@ -492,7 +494,7 @@ class LatentSelectionMixin:
                                     explorer=explorer)]
 
 
-class GmmhetLatentSelectionViewer(LatentSelectionMixin, EmProtocolViewer):
+class GmmhetLatentSelectionViewer(GmmhetLabel, LatentSelectionMixin, EmProtocolViewer):
     """The selection window alone (for scripts): in the GUI it is the "Interactive" tab of the
     training run's viewer, :class:`.viewer_train.GmmhetTrainViewer` (one viewer per protocol,
     so "Analyze results" opens the plots and the selection together)."""

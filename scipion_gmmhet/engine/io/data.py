@@ -29,6 +29,7 @@ import torch
 from ..conventions import ctf_2d, fourier_grid, image_to_fourier
 from ..device import pinned
 from ..errors import InputError
+from .loader import read_rows
 from .metadata import ParticleMetadata
 from .mrc import open_stack
 
@@ -236,7 +237,7 @@ class Particles:
         items_np = np.asarray(items.cpu() if isinstance(items, torch.Tensor) else items, dtype=np.int64)
         rows = items_np // self.n_ops
         uniq, inverse = np.unique(rows, return_inverse=True)
-        imgs = np.asarray(self.images.get(uniq), dtype=np.float32)
+        imgs = read_rows(self.images, uniq)  # contiguous runs of each stack: one read per run
         if not np.isfinite(imgs).all():  # cheap (host memory, before the transfer); one NaN spoils every latent
             self._refuse_nonfinite(uniq, imgs)
         img = torch.as_tensor(imgs)
@@ -248,7 +249,7 @@ class Particles:
         """The device half of :meth:`batch`: transfer (non-blocking from pinned memory), Fourier
         transform and crop the images, and add the items' geometry and CTF."""
         img = host.images.to(self.device, non_blocking=True)
-        items_t = torch.as_tensor(host.items, device=self.device)
+        items_t = pinned(torch.as_tensor(host.items), self.device).to(self.device, non_blocking=True)  # no host sync
         return self.geometry(items_t, self.crop_fourier(image_to_fourier(img)))
 
     def image_name(self, row: int) -> str:

@@ -314,10 +314,10 @@ def draw_particles(n: int, kind: str, rng: np.random.Generator, apix: float, max
     })
 
 
-def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool = True) -> torch.Tensor:
-    """Noiseless images ``(B, D, D)`` float32 of the particles in ``truth`` (rows of
-    :func:`draw_particles`): :func:`gmm.project` of each particle's
-    state at its pose, origin shift and (if ``ctf``) CTF."""
+def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool = True, device="cpu") -> torch.Tensor:
+    """Noiseless images ``(B, D, D)`` float32 (on ``device``) of the particles in ``truth`` (rows
+    of :func:`draw_particles`): :func:`gmm.project` of each particle's state at its pose, origin
+    shift and (if ``ctf``) CTF."""
     box, apix = mol.box, mol.apix
     B = len(truth)
     col = {k: np.array(truth[k].to_numpy(), dtype=np.float64) for k in (
@@ -337,11 +337,12 @@ def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool =
         sub = torch.as_tensor(mol.domain[:n] == DOMAIN_NAMES.index("subunit"))
         amplitudes[:, sub] *= torch.as_tensor(col["composition"], dtype=torch.float32)[:, None]
     sigmas = torch.full((n,), mol.sigma_A, dtype=torch.float32)
-    F = project(centers, amplitudes, sigmas, A, box, apix, origins_A=origins)
+    dev = torch.device(device)
+    F = project(centers.to(dev), amplitudes.to(dev), sigmas.to(dev), A.to(dev), box, apix, origins_A=origins.to(dev))
     if ctf:
-        ky, kx = fourier_grid(box, apix)
-        F = F * ctf_2d(ky, kx, torch.as_tensor(col["defocus_u_A"]), torch.as_tensor(col["defocus_v_A"]),
-                       torch.as_tensor(col["defocus_angle_deg"]), VOLTAGE_KV, CS_MM, AMPLITUDE_CONTRAST)
+        ky, kx = fourier_grid(box, apix, device=dev)
+        F = F * ctf_2d(ky, kx, *(torch.as_tensor(col[k], device=dev) for k in ("defocus_u_A", "defocus_v_A",
+                       "defocus_angle_deg")), VOLTAGE_KV, CS_MM, AMPLITUDE_CONTRAST)
     return fourier_to_image(F, box).float()
 
 
@@ -473,14 +474,15 @@ def _check(kind, n, box, apix, snr, n_states_maps, subunit_fraction, max_shift_p
 def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float = 3.0, snr: float = 0.1,
              seed: int = 0, n_states_maps: int = 5, subunit_fraction: float = 0.5, molecule_seed: int = 0,
              max_shift_px: float = 2.0, ctf: bool = True, n_gaussians: int = 1600,
-             batch_size: int | None = None) -> dict:
+             batch_size: int | None = None, device="cpu") -> dict:
     """Simulate a dataset into ``out_dir`` (see the module docstring for the files).
 
     ``kind`` one of :data:`KINDS`; ``n`` particles of ``box`` pixels of ``apix`` Angstrom;
     white noise at ``snr`` (``math.inf``: none); ``seed`` fixes the particles, noise and
     micrograph coordinates, ``molecule_seed`` the molecule. Returns ``{'out_dir', 'star',
     'stack', 'consensus', 'truth_csv', 'json', 'truth_maps': {state: path}, 'truth_gmm':
-    {state: path}, 'summary': {...}}`` with absolute paths.
+    {state: path}, 'summary': {...}}`` with absolute paths. ``device``: where the images are
+    projected (e.g. ``cuda``; the noise is drawn on the host, so the stack is the same up to rounding).
     """
     _check(kind, n, box, apix, snr, n_states_maps, subunit_fraction, max_shift_px)
     n, box, apix, snr = int(n), int(box), float(apix), float(snr)
@@ -498,7 +500,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     # stack, in batches; noise level from the first `n_cal` noiseless images
     n_atoms = len(mol.centers_A) if kind in ("compositional", "mixed") else mol.n_without_subunit()
     if batch_size is None:
-        batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box))))
+        batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box)))) * (8 if str(device).startswith("cuda") else 1)
     n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
     stack_path = os.path.join(out_dir, "particles.mrcs")
     stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}
@@ -507,7 +509,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
         with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
             _reserve_space(tmp)
             def images(i0, i1):
-                out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf).numpy()
+                out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf, device).cpu().numpy()
                        for j in range(i0, i1, batch_size)]
                 return np.concatenate(out)
 

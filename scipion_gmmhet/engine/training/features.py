@@ -257,16 +257,27 @@ class FeatureSource:
 
     def __init__(self, particles: Particles, feats: GradientFeatures, cache: FeatureCache | None, device):
         self.particles, self.feats, self.cache, self.device = particles, feats, cache, device
+        self.resident = None  # the whole feature table on the device (batching.resident_rows), or None
+
+    def read_features(self, items: np.ndarray):
+        """Host float16 feature rows of ``items`` (None without a cache or with a resident table)."""
+        if self.cache is None or self.resident is not None:
+            return None
+        return self.cache.read(items, self.device)
 
     def read(self, items: np.ndarray) -> HostBatch:
         host = self.particles.read(items)
-        if self.cache is not None:
-            host.features = self.cache.read(items, self.device)
+        host.features = self.read_features(items)
         return host
 
     def load(self, host: HostBatch):
         b = self.particles.to_device(host)
-        x = FeatureCache.to_device(host.features, self.device) if host.features is not None else self.feats(b)
+        if self.resident is not None:
+            x = self.resident.index_select(0, b.items).float()
+        elif host.features is not None:
+            x = FeatureCache.to_device(host.features, self.device)
+        else:
+            x = self.feats(b)
         return x, b
 
     def __call__(self, items: np.ndarray):
