@@ -156,3 +156,24 @@ def test_cli_motion_corrected_with_half_models(trained_halves, tmp_path):
         mc.half_moves(meta, halves, {1: dirs[2], 2: dirs[1]})
     lat, found = mc.latents_for_rows(meta, dirs[1])
     assert np.array_equal(found, halves == 1) and lat.shape == (len(meta), 2)
+
+
+def test_cli_motion_corrected_trains_the_half_models(trained_halves, tmp_path):
+    """--train only: the two half models are trained with that run's settings (here one epoch),
+    each on its own half star, then reused by a second call."""
+    from scipion_gmmhet.engine.cli import main
+    from scipion_gmmhet.engine.io.metadata import read_particles
+    r, dirs = trained_halves
+    out = str(tmp_path / "mc.mrc")
+    args = ["reconstruct", "--particles", r["star"], "--motion-corrected", "--train", dirs[1], "--half-epochs", "1",
+            "--no-mask", "--out", out]
+    assert main(args) == 0
+    halves = str(tmp_path / "mc_halves")
+    meta = read_particles(r["star"])
+    h = rc.half_assignment(meta)
+    for half in (1, 2):
+        lat, found = mc.latents_for_rows(meta, os.path.join(halves, f"half{half}"))
+        assert np.array_equal(found, h == half)
+    stamp = os.path.getmtime(os.path.join(halves, "half1", "model.pt"))
+    assert main(args) == 0
+    assert os.path.getmtime(os.path.join(halves, "half1", "model.pt")) == stamp  # reused, not retrained
