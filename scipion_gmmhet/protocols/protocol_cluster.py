@@ -67,7 +67,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     """
     _label = 'cluster and reconstruct'
     _possibleOutputs = {'outputClasses': SetOfClasses3D, 'outputGmmVolumes': SetOfVolumes,
-                        'outputTrajectories': SetOfVolumes}
+                        'outputTrajectories': SetOfVolumes, 'outputMotionCorrected': Volume}
 
     def __init__(self, **kwargs):
         ProtAnalysis3D.__init__(self, **kwargs)
@@ -138,6 +138,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       help='A mask on one domain: finds the latent direction along which that '
                            'domain moves most while the rest moves least, and renders maps '
                            'along it (domain_XX.mrc in the extra folder).')
+        self._defineMotionCorrectedParams(form)
         form.addParam('seed', params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
                       label='Random seed', help='Seed of the clustering, UMAP and half-map split.')
         form.addParallelSection(threads=4, mpi=0)
@@ -146,6 +147,8 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep, self._inputKey())
         self._insertFunctionStep(self.analyzeStep, self._getAnalyzeArgs())
+        if self.doMotionCorrected:
+            self._insertFunctionStep(self.motionCorrectedStep, self._getMotionCorrectedArgs())
         self._insertFunctionStep(self.createOutputStep)
 
     # -------------------------- STEPS functions ------------------------------
@@ -219,9 +222,66 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                     trajVols.append(vol)
             outputs['outputTrajectories'] = trajVols
 
+        if self.doMotionCorrected:
+            outputs['outputMotionCorrected'] = self._motionCorrectedVolume(apix)
+
         self._defineOutputs(**outputs)
         for out in outputs.values():
             self._defineSourceRelation(self.inputParticles, out)
+
+    # -------------------------- motion-corrected map ------------------------
+    def _defineMotionCorrectedParams(self, form):
+        form.addParam('doMotionCorrected', params.BooleanParam, default=False,
+                      label='Motion-corrected consensus map?',
+                      help='One map from all the input particles, each inserted with its own '
+                           'deformation (decoded Gaussian moves) undone, so moving domains '
+                           'sharpen. Two models are trained first, one per half set, with the '
+                           'training\'s settings (the half maps stay independent, their FSC '
+                           'honest): about the training\'s time again. The plain consensus '
+                           'reconstruction of the same particles is made too, for comparison.')
+        form.addParam('motionHalfEpochs', params.IntParam, default=0, condition='doMotionCorrected',
+                      validators=[params.GE(0)], expertLevel=params.LEVEL_ADVANCED,
+                      label='Epochs of each half model',
+                      help='0: as many as the training had.')
+
+    def getMotionDir(self) -> str:
+        return self._getExtraPath('motion_corrected')
+
+    def getMotionMaps(self) -> dict:
+        """Paths of the motion-corrected map (``map``, ``half1``, ``half2``, ``fsc``) and of the
+        plain consensus reconstruction of the same particles (``plain``, ``plain_fsc``)."""
+        d = self.getMotionDir()
+        return {'map': os.path.join(d, 'motion_corrected.mrc'),
+                'half1': os.path.join(d, 'motion_corrected_half1.mrc'),
+                'half2': os.path.join(d, 'motion_corrected_half2.mrc'),
+                'fsc': os.path.join(d, 'motion_corrected_fsc.csv'),
+                'plain': os.path.join(d, 'consensus.mrc'),
+                'plain_fsc': os.path.join(d, 'consensus_fsc.csv')}
+
+    def _getMotionCorrectedArgs(self) -> list:
+        common = ['--particles %s' % _q(self.getParticlesStar()), '--seed %d' % self.seed.get(),
+                  '--device %s' % ('cuda' if self.usesGpu() else 'cpu')]
+        paths = self.getMotionMaps()
+        mc = common + ['--motion-corrected', '--train %s' % _q(self.getTrainDir() or ''),
+                       '--out %s' % _q(paths['map'])]
+        if self.motionHalfEpochs.get():
+            mc.append('--half-epochs %d' % self.motionHalfEpochs.get())
+        return [' '.join(common + ['--out %s' % _q(paths['plain'])]), ' '.join(mc)]
+
+    def motionCorrectedStep(self, args):
+        os.makedirs(self.getMotionDir(), exist_ok=True)
+        gpus = self.getGpuList()[:1] if self.usesGpu() else []
+        for a in args:  # the plain consensus, then the motion-corrected map
+            Plugin.runGmmhet(self, 'reconstruct', a, gpuList=gpus)
+
+    def _motionCorrectedVolume(self, apix):
+        paths = self.getMotionMaps()
+        vol = Volume(location=paths['map'])
+        vol.setSamplingRate(apix)
+        vol.setHalfMaps([paths['half1'], paths['half2']])
+        vol.setObjLabel('motion-corrected consensus')
+        vol._gmmhetPlainConsensus = String(paths['plain'])
+        return vol
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):

@@ -55,6 +55,9 @@ Output files in ``out_dir`` (all written atomically)
                          ``conf_000`` ... (``n_states_maps`` evenly spaced c from 0 to 1);
                          ``with_subunit``, ``without_subunit``; for mixed
                          ``conf_000_with_subunit`` ... (the product set)
+                         ``neutral``: the conformation a neutral model represents (the arm at
+                         c = 0.5, the subunit when most particles carry it), to score
+                         motion-corrected maps
     ``truth_gmm/*.npz``  the same states as :class:`gmm.GMM` files
     ``simulation.json``  every parameter, the states (name, c, composition, files), the
                          Gaussian index ranges of the domains, noise level and timings
@@ -544,6 +547,12 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     maps, gmms, states = _write_states(mol, renderer, kind, n_states_maps, out_dir, apix)
     consensus_path = os.path.join(out_dir, "consensus.mrc")
     write_map(consensus_path, renderer.consensus(truth, kind), apix)
+    # the conformation a neutral model represents: the arm mid-path, the subunit as most particles have it
+    neutral_sub = bool(truth["composition"].mean() > 0.5)
+    maps["neutral"] = os.path.join(out_dir, "truth_maps", "neutral.mrc")
+    write_map(maps["neutral"], renderer.state(0.5, neutral_sub), apix)
+    gmms["neutral"] = os.path.join(out_dir, "truth_gmm", "neutral.npz")
+    mol.state_gmm(0.5, neutral_sub, {"kind": kind, "state": "neutral"}).save(gmms["neutral"])
 
     dom = mol.domain
     arm = mol.arm_centers(torch.tensor([0.0, 1.0])).numpy()
