@@ -77,7 +77,7 @@ import torch
 
 from ..errors import InputError
 from ..model.fourier import RingBinner
-from ..model.gmm import GMM, project
+from ..model.gmm import project
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +102,6 @@ class ParticleModels(Protocol):
 
     def gaussians(self, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``centers_A (B, N, 3)``, ``amplitudes (B, N)``, ``sigmas_A (B, N)`` float32 tensors."""
-
-
-class NeutralModels:
-    """The same GMM for every particle (refinement against the consensus model)."""
-
-    def __init__(self, gmm: GMM):
-        self.gmm = gmm
-        self.neutral_centers_A = gmm.centers_A
-        self.median_sigma_A = float(np.median(gmm.sigmas_A))
-
-    def gaussians(self, rows, device):
-        c, a, s = self.gmm.tensors(device)
-        B = len(rows)
-        return c.expand(B, -1, -1), a.expand(B, -1), s.expand(B, -1)
 
 
 class LatentModels:
@@ -178,29 +164,6 @@ def remove_rigid_motion(centers_A: torch.Tensor, neutral_A: torch.Tensor, weight
         r0 = r.median(dim=1, keepdim=True).values.clamp_min(0.5)
         w = weights.abs().expand(B, -1) / (1.0 + (r / r0) ** 2)
     return torch.einsum("bji,bnj->bni", R, centers_A - m) + m0
-
-
-class StateModels:
-    """One of a few GMMs per particle (e.g. the simulator's ground-truth states):
-    ``state_of_row`` ``(n_particles,)`` indexes ``gmms``. GMMs with fewer Gaussians are padded
-    with zero-amplitude ones."""
-
-    def __init__(self, gmms: list[GMM], state_of_row: np.ndarray):
-        n = max(len(g) for g in gmms)
-
-        def pad(x, fill):
-            return np.concatenate([x, np.full((n - len(x),) + x.shape[1:], fill, x.dtype)])
-
-        self.centers = torch.as_tensor(np.stack([pad(g.centers_A, 0.0) for g in gmms]))
-        self.amps = torch.as_tensor(np.stack([pad(g.amplitudes, 0.0) for g in gmms]))
-        self.sigmas = torch.as_tensor(np.stack([pad(g.sigmas_A, 1.0) for g in gmms]))
-        self.state_of_row = np.asarray(state_of_row, dtype=np.int64)
-        self.neutral_centers_A = self.centers[0].numpy()
-        self.median_sigma_A = float(np.median(gmms[0].sigmas_A))
-
-    def gaussians(self, rows, device):
-        k = torch.as_tensor(self.state_of_row[np.asarray(rows)])
-        return self.centers[k].to(device), self.amps[k].to(device), self.sigmas[k].to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +395,49 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
                         np.linalg.norm(out_org - org_all, axis=1), s_before, s_after)
 
 
+def _subtract_outside_focus(Fimg, cen, amp, sig, focus, A0, o0, C, box: int, apix: float, binner):
+    """Subtract the projection of the Gaussians outside ``focus`` from the images, scaled to each
+    image by least squares; returns the images and the focused Gaussians' parameters."""
+    full = project(cen, amp, sig, A0, box, apix, o0, C)
+    rest = project(cen[:, ~focus], amp[:, ~focus], sig[:, ~focus], A0, box, apix, o0, C)
+    a, f = binner.gather(Fimg), binner.gather(full)
+    scale = (a * f.conj()).real.sum(1) / (f.real ** 2 + f.imag ** 2).sum(1).clamp_min(1e-20)
+    Fimg = Fimg - scale[:, None, None] * rest
+    return Fimg, cen[:, focus], amp[:, focus], sig[:, focus]
+
+
+def _polish(exact, objective, best_v, best_s, best_sc, best_ob, polish_steps: int, max_angle: float,
+            max_shift_px: float):
+    """Adam steps on each particle's rotation vector (degrees) and shift (px) from the lattice
+    optimum, keeping each particle's best objective. ``exact(v, s_px)`` scores, ``objective(v,
+    s_px, score)`` is the MAP objective. Returns (rotation vectors, shifts, scores, objectives)."""
+    keep_v, keep_s, keep_sc, keep_ob = best_v.clone(), best_s.clone(), best_sc.clone(), best_ob.clone()
+    if polish_steps > 0:
+        v = best_v.clone().requires_grad_(max_angle > 0)
+        s_px = best_s.clone().requires_grad_(True)
+        opt = torch.optim.Adam([v, s_px] if max_angle > 0 else [s_px], lr=POLISH_LR)
+        for it in range(polish_steps + 1):
+            sc = exact(v, s_px)
+            ob = objective(v, s_px, sc)
+            with torch.no_grad():
+                better = ob > keep_ob
+                keep_v = torch.where(better[:, None], v, keep_v)
+                keep_s = torch.where(better[:, None], s_px, keep_s)
+                keep_sc = torch.where(better, sc, keep_sc)
+                keep_ob = torch.where(better, ob, keep_ob)
+            if it == polish_steps:
+                break
+            opt.zero_grad()
+            (-ob.sum()).backward()
+            opt.step()
+            with torch.no_grad():
+                if max_angle > 0:
+                    v.copy_(_clamp_norm(v, max_angle))
+                s_px.copy_(_clamp_norm(s_px, max_shift_px))
+        keep_v, keep_s, keep_sc = keep_v.detach(), keep_s.detach(), keep_sc.detach()
+    return keep_v, keep_s, keep_sc, keep_ob
+
+
 def _refine_batch(particles, rows, models, scorer, max_angle, levels, polish_steps, focus, max_elements,
                   prior_deg, prior_px, min_gain: float = MIN_GAIN_NATS):
     device, box, apix = particles.device, particles.box, particles.apix
@@ -440,14 +446,7 @@ def _refine_batch(particles, rows, models, scorer, max_angle, levels, polish_ste
     B = len(rows)
     cen, amp, sig = (t.float() for t in models.gaussians(rows, device))
     if focus is not None:
-        # subtract the unmasked Gaussians' projection, scaled to the image by least squares
-        full = project(cen, amp, sig, A0, box, apix, o0, C)
-        rest = project(cen[:, ~focus], amp[:, ~focus], sig[:, ~focus], A0, box, apix, o0, C)
-        g = scorer.binner
-        a, f = g.gather(Fimg), g.gather(full)
-        scale = (a * f.conj()).real.sum(1) / (f.real ** 2 + f.imag ** 2).sum(1).clamp_min(1e-20)
-        Fimg = Fimg - scale[:, None, None] * rest
-        cen, amp, sig = cen[:, focus], amp[:, focus], sig[:, focus]
+        Fimg, cen, amp, sig = _subtract_outside_focus(Fimg, cen, amp, sig, focus, A0, o0, C, box, apix, scorer.binner)
     y = torch.einsum("bij,bnj->bni", A0, cen)  # Gaussians in the current view frame (B, N, 3)
     N = y.shape[1]
     chunk = max(1, max_elements // max(1, N * (2 * box + 1) + box * box))  # projections per call
@@ -545,30 +544,8 @@ def _refine_batch(particles, rows, models, scorer, max_angle, levels, polish_ste
         zv, zs = torch.zeros(B, 3, device=device), torch.zeros(B, 2, device=device)
         score0 = exact(zv, zs)
         ob0 = objective(zv, zs, score0)
-    keep_v, keep_s, keep_sc, keep_ob = best_v.clone(), best_s.clone(), best_sc.clone(), best_ob.clone()
-    if polish_steps > 0:
-        v = best_v.clone().requires_grad_(max_angle > 0)
-        s_px = best_s.clone().requires_grad_(True)
-        opt = torch.optim.Adam([v, s_px] if max_angle > 0 else [s_px], lr=POLISH_LR)
-        for it in range(polish_steps + 1):
-            sc = exact(v, s_px)
-            ob = objective(v, s_px, sc)
-            with torch.no_grad():
-                better = ob > keep_ob
-                keep_v = torch.where(better[:, None], v, keep_v)
-                keep_s = torch.where(better[:, None], s_px, keep_s)
-                keep_sc = torch.where(better, sc, keep_sc)
-                keep_ob = torch.where(better, ob, keep_ob)
-            if it == polish_steps:
-                break
-            opt.zero_grad()
-            (-ob.sum()).backward()
-            opt.step()
-            with torch.no_grad():
-                if max_angle > 0:
-                    v.copy_(_clamp_norm(v, max_angle))
-                s_px.copy_(_clamp_norm(s_px, scorer.max_shift_px))
-        keep_v, keep_s, keep_sc = keep_v.detach(), keep_s.detach(), keep_sc.detach()
+    keep_v, keep_s, keep_sc, keep_ob = _polish(exact, objective, best_v, best_s, best_sc, best_ob, polish_steps,
+                                               max_angle, scorer.max_shift_px)
     # never worse than the input pose: the objective must improve (with the prior, that implies
     # a higher score) and so must the score itself
     keep = (keep_ob > ob0 + min_gain) & (keep_sc > score0)

@@ -51,9 +51,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="origin shifts uniform within +- this many pixels (default 2)")
     parser.add_argument("--no-ctf", action="store_true",
                         help="do not apply the CTF to the images (tests; the star still lists defoci)")
+    parser.add_argument("--device", default="auto", help="torch device projecting the images (default auto)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..device import resolve_device
     from ..errors import InputError
     from ..io.atomic import make_output_dir
     from ..simulation.atomic import SYSTEMS, simulate_atomic
@@ -62,14 +64,16 @@ def main(args: argparse.Namespace) -> int:
     if args.kind in SYSTEMS and not args.pdb:
         raise InputError(f"--kind {args.kind}: needs an atomic structure; pass --pdb FILE "
                          "(e.g. tests/data/1ake.pdb)")
+    args.device = str(resolve_device(args.device))  # a one-line error for cuda without a GPU
     make_output_dir(args.out)
-    if args.kind in SYSTEMS:
+    if args.kind in SYSTEMS:  # small atomic models: projected on the CPU
         result = simulate_atomic(args.out, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix or 1.5,
                                  snr=args.snr, seed=args.seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)
     else:
         result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix or 3.0, snr=args.snr,
                           seed=args.seed, n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
-                          molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)
+                          molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,
+                          device=args.device)
     s = result["summary"]
     print(f"wrote {s['n']} {s['kind']} particles ({s['box']} px, {s['apix']:g} A/px, SNR {s['snr']}) in "
           f"{s['seconds_total']:.1f} s: {result['star']}")
