@@ -347,10 +347,6 @@ def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool =
 
 # ----------------------------------------------------------------------------- writers
 
-def _atomic_text(path: str, text: str) -> None:
-    write_text(path, text)
-
-
 def _star_tables(truth: pd.DataFrame, box: int, apix: float, rng: np.random.Generator) -> dict:
     n = len(truth)
     optics = pd.DataFrame({
@@ -471,6 +467,17 @@ def _write_states(mol, renderer, kind: str, n_states_maps: int, out_dir: str, ap
     return maps, gmms, states
 
 
+def _write_neutral(mol, renderer, truth, kind: str, out_dir: str, apix: float) -> tuple[str, str]:
+    """The truth map and GMM of the conformation a neutral model represents (the arm mid-path,
+    the subunit as most particles have it): ``truth_maps/neutral.mrc``, ``truth_gmm/neutral.npz``."""
+    neutral_sub = bool(truth["composition"].mean() > 0.5)
+    map_path = os.path.join(out_dir, "truth_maps", "neutral.mrc")
+    write_map(map_path, renderer.state(0.5, neutral_sub), apix)
+    gmm_path = os.path.join(out_dir, "truth_gmm", "neutral.npz")
+    mol.state_gmm(0.5, neutral_sub, {"kind": kind, "state": "neutral"}).save(gmm_path)
+    return map_path, gmm_path
+
+
 def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float = 3.0, snr: float = 0.1,
              seed: int = 0, n_states_maps: int = 5, subunit_fraction: float = 0.5, molecule_seed: int = 0,
              max_shift_px: float = 2.0, ctf: bool = True, n_gaussians: int = 1600,
@@ -547,12 +554,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     maps, gmms, states = _write_states(mol, renderer, kind, n_states_maps, out_dir, apix)
     consensus_path = os.path.join(out_dir, "consensus.mrc")
     write_map(consensus_path, renderer.consensus(truth, kind), apix)
-    # the conformation a neutral model represents: the arm mid-path, the subunit as most particles have it
-    neutral_sub = bool(truth["composition"].mean() > 0.5)
-    maps["neutral"] = os.path.join(out_dir, "truth_maps", "neutral.mrc")
-    write_map(maps["neutral"], renderer.state(0.5, neutral_sub), apix)
-    gmms["neutral"] = os.path.join(out_dir, "truth_gmm", "neutral.npz")
-    mol.state_gmm(0.5, neutral_sub, {"kind": kind, "state": "neutral"}).save(gmms["neutral"])
+    maps["neutral"], gmms["neutral"] = _write_neutral(mol, renderer, truth, kind, out_dir, apix)
 
     dom = mol.domain
     arm = mol.arm_centers(torch.tensor([0.0, 1.0])).numpy()
@@ -588,7 +590,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
         "summary": summary,
     }
     json_path = os.path.join(out_dir, "simulation.json")
-    _atomic_text(json_path, json.dumps(params, indent=2) + "\n")
+    write_text(json_path, json.dumps(params, indent=2) + "\n")
     log.info("simulated %d %s particles (box %d, %.3g A/px, SNR %s) in %.1f s -> %s", n, kind, box, apix,
              summary["snr"], summary["seconds_total"], out_dir)
     return {"out_dir": out_dir, "star": star_path, "stack": stack_path, "consensus": consensus_path,
