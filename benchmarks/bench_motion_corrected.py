@@ -48,7 +48,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import common  # noqa: E402
-from scipion_gmmhet.engine.analysis.reconstruct import read_fsc_csv  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import TrainFolder, read_fsc_csv, reconstruction_paths  # noqa: E402
 from scipion_gmmhet.engine.cli import main as gmmhet  # noqa: E402
 from scipion_gmmhet.engine.io.metadata import read_particles, write_particles  # noqa: E402
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
@@ -131,7 +131,7 @@ def train_halves(d, gmm_path, epochs, args, tag):
     for half in (1, 2):
         out = os.path.join(d, f"{tag}_half{half}_e{epochs}")
         dirs[half] = out
-        if os.path.exists(os.path.join(out, "model.pt")):
+        if TrainFolder(out).is_finished():
             continue
         star = os.path.join(d, f"half{half}.star")
         write_particles(star, meta.subset(np.flatnonzero(h == half)))
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         r["static_change"] = r["static_mc_A"] / r["static_plain_A"] - 1.0
         r["arm_improvement_rs"] = 1.0 - r["arm_mc_rs_A"] / r["arm_plain_A"]
         r["static_change_rs"] = r["static_mc_rs_A"] / r["static_plain_A"] - 1.0
-        half = read_fsc_csv(rec["mc"][0][:-4] + "_fsc.csv")
+        half = read_fsc_csv(reconstruction_paths(rec["mc"][0])["fsc"])
         fh = np.clip(half["fsc"], 0, 1)
         pred = np.sqrt(2 * fh / (1 + fh))
         _, tt = res05(maps["mc"], truth, apix)
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         counts = np.bincount(shell_index_3d(args.box).reshape(-1))
         res["noise"] = {}
         for name, label in (("plain", "plain"), ("mc", "motion-corrected"), ("mc_rs", "real_space")):
-            fsc = read_fsc_csv(rec[name][0][:-4] + "_fsc.csv")["fsc"]
+            fsc = read_fsc_csv(reconstruction_paths(rec[name][0])["fsc"])["fsc"]
             chance = 3.0 / np.sqrt(np.maximum(1, counts[:len(fsc)] / 2.0))
             within = np.abs(fsc) <= chance
             res["noise"][label] = {"fsc_half": fsc.tolist(), "chance_3sigma": chance.tolist(),

@@ -109,7 +109,7 @@ def test_motion_corrected_needs_both_halves_and_rejects_wrong_half_models(tmp_pa
         from scipion_gmmhet.engine.commands.reconstruct import _check_motion_args
         import argparse
         _check_motion_args(argparse.Namespace(train_half1="a", train_half2=None, train=None, motion_corrected=True))
-    with pytest.raises(InputError, match="config.json"):
+    with pytest.raises(InputError, match="no finished training"):
         mc.latents_for_rows(None, str(tmp_path))
 
 

@@ -40,7 +40,7 @@ from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
 from ..engine.errors import InputError
-from ..engine.io.outputs import AnalysisFolder
+from ..engine.io.outputs import AnalysisFolder, reconstruction_paths
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
@@ -256,22 +256,20 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         """Paths of the motion-corrected map (``map``, ``half1``, ``half2``, ``fsc``) and of the
         plain consensus reconstruction of the same particles (``plain``, ``plain_fsc``)."""
         d = self.getMotionDir()
-        return {'map': os.path.join(d, 'motion_corrected.mrc'),
-                'half1': os.path.join(d, 'motion_corrected_half1.mrc'),
-                'half2': os.path.join(d, 'motion_corrected_half2.mrc'),
-                'fsc': os.path.join(d, 'motion_corrected_fsc.csv'),
-                'plain': os.path.join(d, 'consensus.mrc'),
-                'plain_fsc': os.path.join(d, 'consensus_fsc.csv')}
+        paths = reconstruction_paths(os.path.join(d, 'motion_corrected.mrc'), mask=False)
+        plain = reconstruction_paths(os.path.join(d, 'consensus.mrc'), mask=False)
+        paths.update(plain=plain['map'], plain_fsc=plain['fsc'])
+        return paths
 
     def _getMotionCorrectedArgs(self) -> list:
-        common = ['--particles %s' % _q(self.getParticlesStar()), '--seed %d' % self.seed.get(),
+        common = ['--particles %s' % shlex.quote(self.getParticlesStar()), '--seed %d' % self.seed.get(),
                   '--device %s' % ('cuda' if self.usesGpu() else 'cpu')]
         paths = self.getMotionMaps()
-        mc = common + ['--motion-corrected', '--train %s' % _q(self.getTrainDir() or ''),
-                       '--out %s' % _q(paths['map'])]
+        mc = common + ['--motion-corrected', '--train %s' % shlex.quote(self.getTrainDir() or ''),
+                       '--out %s' % shlex.quote(paths['map'])]
         if self.motionHalfEpochs.get():
             mc.append('--half-epochs %d' % self.motionHalfEpochs.get())
-        return [' '.join(common + ['--out %s' % _q(paths['plain'])]), ' '.join(mc)]
+        return [' '.join(common + ['--out %s' % shlex.quote(paths['plain'])]), ' '.join(mc)]
 
     def motionCorrectedStep(self, args):
         os.makedirs(self.getMotionDir(), exist_ok=True)

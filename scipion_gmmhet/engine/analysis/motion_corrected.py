@@ -390,13 +390,12 @@ def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, h
 
 # ----------------------------------------------------------------------------- half-set models
 def _training_info(train_dir: str) -> dict:
-    import json
-    import os
-    path = os.path.join(train_dir, "config.json")
-    if not os.path.exists(path) or not os.path.exists(os.path.join(train_dir, "model.pt")):
-        raise InputError(f"{train_dir}: no config.json/model.pt; give the output folder of a finished 'gmmhet train'")
-    with open(path) as f:
-        return json.load(f)
+    from ..io.outputs import TrainFolder
+    folder = TrainFolder(train_dir)
+    if not folder.is_finished():
+        raise InputError(f"{train_dir}: no finished training there; give the output folder of a finished "
+                         "'gmmhet train'")
+    return folder.read_config()
 
 
 def latents_for_rows(meta, train_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -410,7 +409,8 @@ def latents_for_rows(meta, train_dir: str) -> tuple[np.ndarray, np.ndarray]:
     star = info.get("particles")
     if not star or not os.path.exists(star):
         raise InputError(f"{train_dir}: its training star {star!r} is gone; restore it or retrain the half model")
-    lat = np.load(os.path.join(train_dir, "latent.npy"))
+    from ..io.outputs import TrainFolder
+    lat = TrainFolder(train_dir).read_latents()
     tmeta = read_particles(star)
     if len(tmeta) != len(lat):
         raise InputError(f"{train_dir}: latent.npy has {len(lat)} rows but its star {star} has {len(tmeta)}")
@@ -461,12 +461,13 @@ def train_half_models(meta, halves: np.ndarray, train_dir: str, out_dir: str, de
         cfg.epochs = int(epochs)
     if cfg.mask and not os.path.exists(cfg.mask):
         raise InputError(f"{train_dir}: its focus mask {cfg.mask} is gone; restore it")
-    neutral = GMM.load(os.path.join(train_dir, "gmm.npz"))
+    from ..io.outputs import TrainFolder
+    neutral = GMM.load(TrainFolder(train_dir).gmm)
     dirs = {}
     for h in (1, 2):
         d = os.path.join(out_dir, f"half{h}")
         dirs[h] = d
-        if os.path.exists(os.path.join(d, "model.pt")):
+        if TrainFolder(d).is_finished():
             log.info("half %d: reusing the model in %s", h, d)
             continue
         make_output_dir(d, "--halves-dir")

@@ -46,7 +46,8 @@ from ..errors import InputError
 from ..io.atomic import atomic_write, write_text
 from ..io.mrc import write_map
 from ..model.gmm import GMM, project, render_map
-from .simulate import AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, _star_tables, draw_particles, write_stack
+from .simulate import AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, _star_tables, draw_particles
+from .stack import write_stack
 
 log = logging.getLogger(__name__)
 

@@ -71,17 +71,17 @@ import os
 import time
 from dataclasses import dataclass
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, euler_to_matrix, fourier_grid, fourier_to_image, matrix_to_euler
-from ..io.atomic import atomic_path, atomic_write, reserve_space, write_text
+from ..io.atomic import atomic_write, write_text
 from ..errors import InputError
 from ..model.gmm import GMM, project, render_map
 from ..io.mrc import write_map
 from ..io.star import write_star
+from .stack import write_stack
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ MAX_ASTIGMATISM_A = 400.0
 HINGE_ANGLE_DEG = 60.0
 ARM_SLIDE_L = 0.08           # arm translation end to end, in units of the box length
 CONSENSUS_BINS = 20
-CALIBRATION_PARTICLES = 512
 PARTICLES_PER_MICROGRAPH = 50
 MICROGRAPH_SIZE_PX = 4096
 DOMAIN_NAMES = ("core0", "core1", "core2", "arm", "subunit")
@@ -347,8 +346,6 @@ def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool =
 
 # ----------------------------------------------------------------------------- writers
 
-
-
 def _star_tables(truth: pd.DataFrame, box: int, apix: float, rng: np.random.Generator) -> dict:
     n = len(truth)
     optics = pd.DataFrame({
@@ -372,44 +369,6 @@ def _star_tables(truth: pd.DataFrame, box: int, apix: float, rng: np.random.Gene
         "rlnRandomSubset": (np.arange(n) % 2 + 1).astype(np.int64),
     })
     return {"optics": optics, "particles": particles}
-
-
-def write_stack(stack_path: str, n: int, box: int, apix: float, snr: float, images, rng_noise: np.random.Generator,
-                batch_size: int) -> tuple[int, float, float]:
-    """Write the ``(n, box, box)`` float32 stack atomically, in batches: ``images(slice)`` gives the
-    noiseless images of those rows; white noise of variance (mean image variance of the first
-    ``n_cal`` images) / ``snr`` is added. Returns ``(n_cal, signal_variance, noise_sigma)``."""
-    n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
-    stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}
-    with atomic_path(stack_path) as tmp:  # InputError on a full disk; no stray .tmp
-        with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
-            reserve_space(tmp)
-            def batches(i0, i1):
-                return np.concatenate([images(slice(j, min(j + batch_size, i1))) for j in range(i0, i1, batch_size)])
-            def write(i0, clean, noise_sigma):
-                img = clean
-                if noise_sigma > 0:
-                    img = clean + rng_noise.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_sigma)
-                m.data[i0:i0 + len(img)] = img
-                stats["min"] = min(stats["min"], float(img.min()))
-                stats["max"] = max(stats["max"], float(img.max()))
-                stats["sum"] += float(img.sum(dtype=np.float64))
-                stats["sumsq"] += float(np.square(img, dtype=np.float64).sum())
-
-            cal = batches(0, n_cal)
-            signal_var = float(cal.reshape(len(cal), -1).var(axis=1, dtype=np.float64).mean())
-            noise_sigma = math.sqrt(signal_var / snr) if math.isfinite(snr) else 0.0
-            write(0, cal, noise_sigma)
-            del cal
-            for i0 in range(n_cal, n, batch_size):
-                write(i0, batches(i0, min(n, i0 + batch_size)), noise_sigma)
-            m.set_image_stack()
-            m.voxel_size = apix
-            count = n * box * box
-            mean = stats["sum"] / count
-            m.header.dmin, m.header.dmax, m.header.dmean = stats["min"], stats["max"], mean
-            m.header.rms = math.sqrt(max(0.0, stats["sumsq"] / count - mean * mean))
-    return n_cal, signal_var, noise_sigma
 
 
 # ----------------------------------------------------------------------------- states and maps
@@ -507,6 +466,17 @@ def _write_states(mol, renderer, kind: str, n_states_maps: int, out_dir: str, ap
     return maps, gmms, states
 
 
+def _write_neutral(mol, renderer, truth, kind: str, out_dir: str, apix: float) -> tuple[str, str]:
+    """The truth map and GMM of the conformation a neutral model represents (the arm mid-path,
+    the subunit as most particles have it): ``truth_maps/neutral.mrc``, ``truth_gmm/neutral.npz``."""
+    neutral_sub = bool(truth["composition"].mean() > 0.5)
+    map_path = os.path.join(out_dir, "truth_maps", "neutral.mrc")
+    write_map(map_path, renderer.state(0.5, neutral_sub), apix)
+    gmm_path = os.path.join(out_dir, "truth_gmm", "neutral.npz")
+    mol.state_gmm(0.5, neutral_sub, {"kind": kind, "state": "neutral"}).save(gmm_path)
+    return map_path, gmm_path
+
+
 def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float = 3.0, snr: float = 0.1,
              seed: int = 0, n_states_maps: int = 5, subunit_fraction: float = 0.5, molecule_seed: int = 0,
              max_shift_px: float = 2.0, ctf: bool = True, n_gaussians: int = 1600,
@@ -552,12 +522,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     maps, gmms, states = _write_states(mol, renderer, kind, n_states_maps, out_dir, apix)
     consensus_path = os.path.join(out_dir, "consensus.mrc")
     write_map(consensus_path, renderer.consensus(truth, kind), apix)
-    # the conformation a neutral model represents: the arm mid-path, the subunit as most particles have it
-    neutral_sub = bool(truth["composition"].mean() > 0.5)
-    maps["neutral"] = os.path.join(out_dir, "truth_maps", "neutral.mrc")
-    write_map(maps["neutral"], renderer.state(0.5, neutral_sub), apix)
-    gmms["neutral"] = os.path.join(out_dir, "truth_gmm", "neutral.npz")
-    mol.state_gmm(0.5, neutral_sub, {"kind": kind, "state": "neutral"}).save(gmms["neutral"])
+    maps["neutral"], gmms["neutral"] = _write_neutral(mol, renderer, truth, kind, out_dir, apix)
 
     dom = mol.domain
     arm = mol.arm_centers(torch.tensor([0.0, 1.0])).numpy()
