@@ -27,6 +27,7 @@ protocol's folder) and training resumes up to the new number of epochs.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
