@@ -252,7 +252,6 @@ def motionCorrectedFsc(prot) -> tuple[np.ndarray, dict]:
     """(frequencies in 1/A, {label: FSC}) of the motion-corrected map and of the plain consensus
     reconstruction of the same particles: half-map FSC, and masked (phase-randomisation
     corrected) where computed. Empty when the protocol ran without the motion-corrected map."""
-    from ..engine.analysis.reconstruct import read_fsc_csv
     if not hasattr(prot, 'getMotionMaps'):
         return None, {}
     paths = prot.getMotionMaps()
