@@ -126,8 +126,10 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         form.addParam('levels', params.IntParam, default=3, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label='Finer rotation levels',
                       help='Local rotation lattices (step halved each time) after the coarse one.')
-        form.addParam('polishSteps', params.IntParam, default=10, validators=[params.GE(0)],
-                      expertLevel=params.LEVEL_ADVANCED, label='Gradient polishing steps')
+        form.addParam('polishSteps', params.IntParam, default=0, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label='Gradient polishing steps',
+                      help='Adam steps on the exact score after the lattice search (0: none; the '
+                           'search and its sub-pixel shift polish suffice).')
         form.addParam('batchSize', params.IntParam, default=64, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED, label='Particles per batch')
         form.addParallelSection(threads=2, mpi=0)

@@ -68,7 +68,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="evidence a new pose needs over the input pose, in nats of the objective (default 5.5: "
                         "a 95%% likelihood-ratio test for the 5 pose parameters; 0: take any improvement)")
     p.add_argument("--levels", type=int, default=3, help="finer rotation lattices after the coarse one (default 3)")
-    p.add_argument("--polish-steps", type=int, default=10, help="Adam steps on the exact score (default 10)")
+    p.add_argument("--polish-steps", type=int, default=0,
+                   help="Adam steps on the exact score after the search (default 0: the lattice search and shift polish suffice)")
     p.add_argument("--latents", default=None, metavar="Z.npy",
                    help="latent vectors (n_particles x K .npy, row i = particle row i of STAR); default: the "
                         "training latents when STAR is the training star, else the particles are encoded")
