@@ -211,19 +211,20 @@ def test_bad_ranges_are_input_errors(sim):
 
 
 # ----------------------------------------------------------------------------- the command
-def _perturbed_star_and_tiny_model(sim, tmp_path, seed: int, id_step: int) -> tuple[str, str]:
+def _perturbed_star_and_tiny_model(sim, tmp_path, seed: int, id_step: int, deg_rms: float = 3.0,
+                                   px_rms: float = 1.0, epochs: int = 1) -> tuple[str, str]:
     """A star of the simulated particles with perturbed poses (particle ids ``id_step * (1..n)``)
-    and a one-epoch network trained on it: (star path, training folder)."""
+    and a network trained on it for ``epochs``: (star path, training folder)."""
     from scipion_gmmhet.engine import cli
     d = sim["dir"]
-    rot_p, org_p = perturb(sim["rot"], sim["org"], seed=seed)
+    rot_p, org_p = perturb(sim["rot"], sim["org"], deg_rms=deg_rms, px_rms=px_rms, seed=seed)
     meta_p = sim["meta"].with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p)
     meta_p.particles["rlnGmmhetParticleId"] = np.arange(1, len(meta_p) + 1) * id_step
     star = str(tmp_path / "perturbed.star")
     metadata.write_particles(star, meta_p)
     gmm = os.path.join(d, "truth_gmm", sorted(os.listdir(os.path.join(d, "truth_gmm")))[2])
     train_dir = str(tmp_path / "train")
-    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", str(epochs), "--hidden", "32",
                      "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
     return star, train_dir
 
@@ -233,7 +234,8 @@ def test_cli_refine_writes_star_and_changes(sim, tmp_path):
     star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=5, id_step=10)
     out = str(tmp_path / "refine")
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
-                     "--polish-steps", "2", "--device", "cpu", "--out", out]) == 0
+                     "--polish-steps", "2", "--rounds", "1", "--device", "cpu", "--out", out]) == 0
+    assert not os.path.exists(os.path.join(out, "rounds.csv"))  # one round: written straight into OUT
     new = metadata.read_particles(os.path.join(out, "particles.star"))
     old = metadata.read_particles(star)
     assert len(new) == len(old)
@@ -291,3 +293,24 @@ def test_cli_refine_rounds_alternate_with_retraining(sim, tmp_path):
                                angular_distance_deg(new.rotation_matrices(), old.rotation_matrices()), atol=0.01)
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--rounds", "0",
                      "--out", str(tmp_path / "bad")]) == 2
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--rounds", "many",
+                     "--out", str(tmp_path / "bad2")]) == 2
+
+
+def test_cli_refine_auto_rounds_stop_at_exact_poses(sim, tmp_path):
+    """Default --rounds auto on particles at their exact poses: the first round moves (almost)
+    nobody, its median change is below the angular precision, so it stops without retraining;
+    the overall outputs and rounds.csv are written."""
+    from scipion_gmmhet.engine import cli
+    from scipion_gmmhet.engine.commands.refine import angular_precision
+    star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=8, id_step=1, deg_rms=0.0, px_rms=0.0)
+    out = str(tmp_path / "auto")
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
+                     "--device", "cpu", "--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    assert list(rounds["round"]) == [1] and bool(rounds["converged"][0])
+    assert rounds["angle_median_deg"][0] < angular_precision(4.0, 1) == 1.0
+    assert not os.path.exists(os.path.join(out, "round_1", "train"))  # converged: no retraining
+    table = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+    assert np.median(table["delta_angle_deg"]) == 0.0
+    assert np.mean((table["delta_angle_deg"] == 0) & (table["delta_shift_A"] == 0)) >= 0.95
