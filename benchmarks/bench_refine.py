@@ -147,11 +147,13 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         ch = pd.read_csv(os.path.join(out, "pose_changes.csv"))
         rows[label] = evaluate(m, m_out, rot_true, org_true, truth_map, device, dt, ch["delta_angle_deg"].to_numpy(),
                                ch["delta_shift_A"].to_numpy(), apix)
-        if args.rounds > 1:  # the angular error after each round
-            rows[label]["rounds"] = [pose_errors(metadata.read_particles(os.path.join(out, f"round_{r}", "particles.star"))
-                                                 .rotation_matrices(), metadata.read_particles(
-                os.path.join(out, f"round_{r}", "particles.star")).origins_A(), rot_true, org_true, apix)["ang_med"]
-                for r in range(1, args.rounds + 1)]
+        if os.path.exists(os.path.join(out, "rounds.csv")):  # the angular error after each round
+            n_done = len(pd.read_csv(os.path.join(out, "rounds.csv")))
+            rows[label]["rounds"] = []
+            for r in range(1, n_done + 1):
+                m_r = metadata.read_particles(os.path.join(out, f"round_{r}", "particles.star"))
+                rows[label]["rounds"].append(pose_errors(m_r.rotation_matrices(), m_r.origins_A(), rot_true, org_true,
+                                                         apix)["ang_med"])
         print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
     note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = simulator "
             f"state {states[len(states) // 2]}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--highres", type=float, default=None)
     ap.add_argument("--score", default="wcc", choices=refine.SCORES)
     ap.add_argument("--levels", type=int, default=3)
-    ap.add_argument("--polish-steps", type=int, default=10)
+    ap.add_argument("--polish-steps", type=int, default=0)
     ap.add_argument("--no-prior", dest="prior", action="store_false")
     ap.add_argument("--min-gain", type=float, default=refine.MIN_GAIN_NATS,
                     help="evidence (nats) a new pose needs (gmmhet refine --min-gain)")
@@ -255,7 +257,8 @@ def main(argv=None) -> int:
     ap.add_argument("--changes", default="positions", help="what the network may change (gmmhet train --changes)")
     ap.add_argument("--refine-mask", default="core", choices=("core", "none"),
                     help="core: refine the core's pose with the arm's decoded projection subtracted; none: whole model")
-    ap.add_argument("--rounds", type=int, default=3, help="gmmhet refine --rounds (refine-retrain iterations)")
+    ap.add_argument("--rounds", default="3", help="gmmhet refine --rounds (refine-retrain iterations; auto: the "
+                                                  "command's default)")
     ap.add_argument("--train-mask", default="arm", choices=("arm", "none"),
                     help="arm: train with a focus mask on the moving arm (the core stays the neutral model's, "
                          "so the network cannot explain pose errors as motions of the whole particle); "
