@@ -480,6 +480,7 @@ def _refine_batch(particles, rows, models, scorer, scorer_lo, max_angle, levels,
     vec, shift_px, sb, sa = search_batch(Fimg, y, amp, sig, o0.float(), C, scorer, scorer_lo, max_angle=max_angle,
                                          levels=levels, polish_steps=polish_steps, max_elements=max_elements,
                                          prior_deg=prior_deg, prior_px=prior_px, min_gain=min_gain,
-                                         rotvec_to_matrix=rotvec_to_matrix, coarse_grid=grid)
+                                         rotvec_to_matrix=rotvec_to_matrix, coarse_grid=grid,
+                                         repeat_first=focus is not None)
     return (vec.double().cpu().numpy(), (shift_px * apix).double().cpu().numpy(), sb.double().cpu().numpy(),
             sa.double().cpu().numpy())
