@@ -24,7 +24,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Scipion-harness test modules shipped inside the package (python -m scipion tests ...).
 HARNESS_TESTS := scipion_gmmhet.tests
 
-.PHONY: demo test test-engine test-scipion bootstrap bench clean
+.PHONY: demo gui test test-engine test-scipion bootstrap bench clean
 
 bootstrap: $(STAMP)
 
@@ -55,6 +55,12 @@ test-scipion: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m scipion_gmmhet.demo --out $(CURDIR)/demo-output
+
+# Open a Scipion project in the GUI (default: the demo's). Scipion relaunches itself with the first
+# python3 on PATH, so the .venv's bin goes first (exported above): `make gui PROJECT=name`.
+PROJECT ?= gmmhet_demo
+gui: $(STAMP)
+	$(PY) -m scipion project $(PROJECT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_projection.py

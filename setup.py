@@ -10,6 +10,9 @@ with open(os.path.join(here, "scipion_gmmhet", "__init__.py")) as f:
 with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
 
+# the Scipion plugin's own requirements (the engine needs neither)
+SCIPION_REQUIRES = ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"]
+
 setup(
     name="scipion-em-gmmhet",
     version=version,
@@ -22,9 +25,11 @@ setup(
     packages=find_packages(include=["scipion_gmmhet", "scipion_gmmhet.*"]),
     include_package_data=True,
     package_data={"scipion_gmmhet": ["protocols.conf", "*.png"]},
+    # A plain `pip install scipion-em-gmmhet` gives the standalone `gmmhet` engine, no Scipion.
+    # `scipion3 installp -p scipion-em-gmmhet` installs it into Scipion's environment, where
+    # scipion-pyworkflow and scipion-em already are; `pip install "scipion-em-gmmhet[scipion]"`
+    # adds them to any other environment (see SCIPION_REQUIRES).
     install_requires=[
-        "scipion-pyworkflow>=3.0",
-        "scipion-em>=3.0",
         "torch>=2.1",
         "numpy>=1.21",
         "scipy>=1.7",
@@ -34,7 +39,7 @@ setup(
         "scikit-learn",
         "umap-learn",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"scipion": SCIPION_REQUIRES, "test": ["pytest", "hypothesis"]},
     entry_points={
         # pyworkflow imports each entry point by its *name*, so the name must be the package.
         "pyworkflow.plugin": ["scipion_gmmhet = scipion_gmmhet"],

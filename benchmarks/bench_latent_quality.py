@@ -46,11 +46,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
-from scipion_gmmhet.engine.training.features import Particles  # noqa: E402
+from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
 from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
 from scipion_gmmhet.engine.simulation.simulate import simulate  # noqa: E402
-from scipion_gmmhet.engine.training.train import TrainConfig, train  # noqa: E402
+from scipion_gmmhet.engine.training.config import TrainConfig  # noqa: E402
+from scipion_gmmhet.engine.training.train import train  # noqa: E402
 
 log = logging.getLogger("bench_latent_quality")
 

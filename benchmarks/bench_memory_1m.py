@@ -16,7 +16,7 @@ Plain Python; prints a table and writes ``benchmarks/results/memory_1m.md`` and 
    subset and per tenth of the full pass (the rate must not fall with dataset size or position),
    and the peak memory: total RSS (includes pages of the memory-mapped stack, which are page
    cache the kernel reclaims at will) and anonymous RSS (the program's own arrays).
-4. The training data path (``features.Particles.from_star`` on the whole star, Fourier crop,
+4. The training data path (``data.Particles.from_star`` on the whole star, Fourier crop,
    ``GradientFeatures`` on the fly, one ``HetModel`` step as ``train.py`` takes it: forward,
    FRC loss, backward, Adam) for ``--train-batches`` batches at the start, the middle and the end
    of the set (round robin, median batch time, so load swings on a shared machine hit all
@@ -161,8 +161,9 @@ def train_path(star: str, n_gauss: int, batch: int, n_batches: int, positions: l
     """The training data path (on-the-fly features + one optimiser step per batch, as train.py)
     for ``n_batches`` batches at each of ``positions`` (fractions of the set)."""
     import torch
-    from scipion_gmmhet.engine.training import train as T
-    from scipion_gmmhet.engine.training.features import GradientFeatures, Particles, feature_param_types
+    from scipion_gmmhet.engine.io.data import Particles
+    from scipion_gmmhet.engine.training import config as C, train as T
+    from scipion_gmmhet.engine.training.features import GradientFeatures, feature_param_types
     from scipion_gmmhet.engine.model.fourier import RingBinner
     from scipion_gmmhet.engine.model.networks import HetModel
 
@@ -173,8 +174,8 @@ def train_path(star: str, n_gauss: int, batch: int, n_batches: int, positions: l
         out["from_star_s"] = time.perf_counter() - t0
     out["from_star_peak_rss_mb"], out["from_star_peak_anon_mb"] = mem.peak_mb, mem.peak_anon_mb
     neutral = synthetic_gmm(particles.box, particles.apix, n_gauss, seed)
-    cfg = T.TrainConfig()
-    lo, hi = T.default_band(neutral, particles.apix, particles.box, cfg.lowres_A, None)
+    cfg = C.TrainConfig()
+    lo, hi = C.default_band(neutral, particles.apix, particles.box, cfg.lowres_A, None)
     if hasattr(particles, "crop"):
         particles.crop(hi)
     fbox, fapix = getattr(particles, "fbox", particles.box), getattr(particles, "fapix", particles.apix)
@@ -253,7 +254,7 @@ def report(res: dict) -> str:
                          anon=r["peak_anon_mb"]))
     tp = res.get("train_path")
     if tp:
-        rows.append(dict(step="features.Particles.from_star (all)", seconds=tp["from_star_s"],
+        rows.append(dict(step="data.Particles.from_star (all)", seconds=tp["from_star_s"],
                          peak=tp["from_star_peak_rss_mb"], anon=tp["from_star_peak_anon_mb"]))
         for r in tp["positions"]:
             rows.append(dict(step=f"train path at {r['position']}", seconds=r["load_s"] + r["features_s"] + r["step_s"],

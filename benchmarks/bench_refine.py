@@ -41,7 +41,10 @@ from scipion_gmmhet.engine.analysis import refine  # noqa: E402
 from scipion_gmmhet.engine.simulation import simulate  # noqa: E402
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler  # noqa: E402
 from scipion_gmmhet.engine.io.data import ParticleImages  # noqa: E402
-from scipion_gmmhet.engine.training.features import Particles  # noqa: E402
+try:
+    from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
+except ImportError:  # an engine from before the training split (--speed-baseline)
+    from scipion_gmmhet.engine.training.features import Particles  # noqa: E402
 from scipion_gmmhet.engine.model.fourier import fsc_table, resolution_at_threshold  # noqa: E402
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
 

@@ -77,10 +77,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from scipion_gmmhet.engine.training.features import Particles
+    from scipion_gmmhet.engine.io.data import Particles
     from scipion_gmmhet.engine.model.gmm import GMM
     from scipion_gmmhet.engine.simulation.simulate import simulate
-    from scipion_gmmhet.engine.training.train import TrainConfig, train
+    from scipion_gmmhet.engine.training.config import TrainConfig
+    from scipion_gmmhet.engine.training.train import train
 
     torch.set_num_threads(args.threads)
     os.makedirs(common.SCRATCH, exist_ok=True)

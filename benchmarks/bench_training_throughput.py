@@ -4,7 +4,7 @@ Plain Python; prints a table and writes ``benchmarks/results/training_throughput
 
 For each configuration (box, number of Gaussians) the script makes a synthetic GMM (Gaussians
 spread through a sphere of 0.3 box edges, widths 1.5 px) and ``--n`` particles in memory
-(``features.ArrayImages``: projections of that GMM at random poses with a RELION CTF, plus noise,
+(``data.ArrayImages``: projections of that GMM at random poses with a RELION CTF, plus noise,
 SNR ~0.1), then runs the engine's own training loop, ``train.train`` with default settings
 (batch 64, zdim 4, 3 x 512 hidden layers, default band and Fourier crop) for ``--epochs`` epochs
 with cached features, and reads its timings:
@@ -89,9 +89,10 @@ import common  # noqa: E402
 
 import torch  # noqa: E402
 
-from scipion_gmmhet.engine.training import train as T  # noqa: E402
+from scipion_gmmhet.engine import device as dev_mod  # noqa: E402
+from scipion_gmmhet.engine.training import config as C, train as T  # noqa: E402
 from scipion_gmmhet.engine.conventions import ctf_2d, euler_to_matrix, fourier_to_image, fourier_grid  # noqa: E402
-from scipion_gmmhet.engine.training.features import ArrayImages, Particles  # noqa: E402
+from scipion_gmmhet.engine.io.data import ArrayImages, Particles  # noqa: E402
 from scipion_gmmhet.engine.model.fourier import RingBinner  # noqa: E402
 from scipion_gmmhet.engine.model.gmm import GMM, project  # noqa: E402
 
@@ -255,13 +256,13 @@ def bench_training(box, n_gauss, n, epochs, device, seed, highres, modes=("fp32"
     t0 = time.perf_counter()
     particles = synthetic_particles(neutral, n, device, seed)
     t_data = time.perf_counter() - t0
-    n_train = len(T.split_items(n, 1, T.TrainConfig().val_fraction, seed)[0])
+    n_train = len(C.split_items(n, 1, C.TrainConfig().val_fraction, seed)[0])
     if len(modes) > 1:
         # untimed warm-up (one fp32 epoch on a few batches): otherwise whichever mode runs first also pays
         # for the process's first training (allocator growth, kernel selection, lazy initialisation)
         t0 = time.perf_counter()
         warm = synthetic_particles(neutral, min(n, 256), device, seed + 17)
-        _train_once(warm, neutral, T.TrainConfig(epochs=1, seed=seed, highres_A=highres, features="cache"), device)
+        _train_once(warm, neutral, C.TrainConfig(epochs=1, seed=seed, highres_A=highres, features="cache"), device)
         del warm
         log(f"  warm-up training (untimed): {time.perf_counter() - t0:.1f} s")
     r, rows = None, []
@@ -272,7 +273,7 @@ def bench_training(box, n_gauss, n, epochs, device, seed, highres, modes=("fp32"
                          "settings": MODES[mode][1]})
             log(f"  mode {mode}: CUDA only, skipped on {device}")
             continue
-        cfg = T.TrainConfig(epochs=epochs, seed=seed, highres_A=highres, features="cache", **fields)
+        cfg = C.TrainConfig(epochs=epochs, seed=seed, highres_A=highres, features="cache", **fields)
         if fields.get("compile"):
             torch._dynamo.reset()  # each compile mode builds its own graphs (and pays for them)
         try:
@@ -340,7 +341,7 @@ def gpu_extras(particles: Particles, neutral: GMM, device, B: int = 256) -> dict
     """CUDA only: autocast (bf16, fp16) vs fp32 FRC accuracy and time; torch.compile on/off."""
     out = {}
     box, apix = getattr(particles, "fbox", particles.box), getattr(particles, "fapix", particles.apix)
-    lo, hi = T.default_band(neutral, particles.apix, particles.box, 100.0, None)
+    lo, hi = C.default_band(neutral, particles.apix, particles.box, 100.0, None)
     binner = RingBinner(box, apix, lo, hi, device=device)
     b = particles.batch(np.resize(np.arange(len(particles)), B))
     c, a, s = neutral.tensors(device)
@@ -451,7 +452,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = T.resolve_device(args.device)
+    device = dev_mod.resolve_device(args.device)
     n = args.n or (128 if args.quick else 512)
     configs = [(64, 1024)] if args.quick else [(int(b), int(g)) for b in args.boxes.split(",") for g in
                                                 args.gaussians.split(",")]

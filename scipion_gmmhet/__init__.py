@@ -16,7 +16,15 @@ def __getattr__(name):
     """Define :class:`Plugin` on first use (PEP 562), so that ``import scipion_gmmhet.engine``
     (the standalone ``gmmhet`` command) never imports pyworkflow or pwem."""
     if name == 'Plugin':
-        plugin = _definePlugin()
+        try:
+            plugin = _definePlugin()
+        except ImportError as exc:
+            if getattr(exc, 'name', None) not in ('pwem', 'pyworkflow'):
+                raise
+            raise ImportError("scipion_gmmhet.Plugin needs Scipion (scipion-pyworkflow and "
+                              "scipion-em): install it with 'scipion3 installp -p scipion-em-gmmhet' "
+                              "or pip install 'scipion-em-gmmhet[scipion]'. The standalone engine "
+                              "(the gmmhet command) needs neither.", name=exc.name) from exc
         globals()['Plugin'] = plugin
         return plugin
     raise AttributeError("module %r has no attribute %r" % (__name__, name))

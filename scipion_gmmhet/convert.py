@@ -29,7 +29,8 @@ Conventions
 
 External pose sources (for "import poses"): RELION stars and cryoSPARC ``.cs`` are read with
 ``engine.io.metadata.read_particles`` (which documents the cryoSPARC convention); cryoDRGN pose
-pickles are read here: ``(rot, trans)`` with ``rot`` ``(N, 3, 3)`` equal to RELION's ``A``
+pickles by ``engine.io.safe_pickle`` (which runs no code from them): ``(rot, trans)`` with ``rot``
+``(N, 3, 3)`` equal to RELION's ``A``
 (cryoDRGN's ``R_from_relion(rot, tilt, psi)``; its ``parse_pose_csparc`` stores the
 transposed Rodrigues matrix, the same ``A``) and ``trans`` ``(N, 2)`` the RELION origin as a
 fraction of the box (``parse_pose_star`` divides ``rlnOriginX/Y`` in pixels by ``D``;
@@ -38,7 +39,6 @@ fraction of the box (``parse_pose_star`` divides ``rlnOriginX/Y`` in pixels by `
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from dataclasses import dataclass
 
@@ -379,35 +379,8 @@ def readCryoDrgnPoses(fn: str, boxSize: int, pixelSize: float | None = None) -> 
     """Poses of a cryoDRGN ``poses.pkl`` (``(rot, trans)`` or only ``rot``; module docstring).
     ``boxSize``: the box (pixels) of the particles the poses belong to (translations are
     fractions of it). cryoDRGN stores no image names or ids: match by order."""
-    try:
-        with open(fn, 'rb') as f:
-            data = pickle.load(f)
-    except FileNotFoundError:
-        raise InputError("%s: no such file; check the path" % fn) from None
-    except Exception as exc:
-        raise InputError("%s: not a cryoDRGN pose pickle (%s); give the poses .pkl written by "
-                         "cryodrgn parse_pose_star/parse_pose_csparc or train_vae"
-                         % (fn, type(exc).__name__)) from None
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        rot, trans = np.asarray(data[0], dtype=np.float64), np.asarray(data[1], dtype=np.float64)
-    elif isinstance(data, (tuple, list)) and len(data) == 1 or isinstance(data, np.ndarray):
-        rot = np.asarray(data[0] if isinstance(data, (tuple, list)) else data, dtype=np.float64)
-        trans = np.zeros((len(rot), 2))
-    else:
-        raise InputError("%s: expected (rotations, translations) in the pickle; give a cryoDRGN "
-                         "poses .pkl" % fn)
-    if rot.ndim != 3 or rot.shape[1:] != (3, 3):
-        raise InputError("%s: rotations have shape %s, expected (N, 3, 3); give a cryoDRGN poses "
-                         ".pkl" % (fn, rot.shape))
-    if trans.shape != (len(rot), 2):
-        raise InputError("%s: translations have shape %s, expected (%d, 2); give a cryoDRGN poses "
-                         ".pkl" % (fn, trans.shape, len(rot)))
-    if not (np.isfinite(rot).all() and np.isfinite(trans).all()):
-        raise InputError("%s: poses contain NaN or Inf; give a valid poses .pkl" % fn)
-    dev = np.abs(np.einsum('nij,nkj->nik', rot, rot) - np.eye(3)).max() if len(rot) else 0.0
-    if dev > 1e-3:
-        raise InputError("%s: rotations are not orthonormal (error %.2g); give a cryoDRGN poses "
-                         ".pkl" % (fn, dev))
+    from .engine.io.safe_pickle import read_cryodrgn_poses  # restricted unpickler: runs no code
+    rot, trans = read_cryodrgn_poses(fn)
     matrices = projectionToAlignProj(rot, trans * float(boxSize))
     return PoseTable(matrices, None, None, None, fn)
 

@@ -111,6 +111,19 @@ def run(args) -> dict:
     return {"project": args.project, "project_path": project.getPath(), **report}
 
 
+def guiCommand(project: str = "gmmhet_demo") -> str:
+    """A shell command that opens ``project`` in the Scipion GUI as printed: Scipion relaunches
+    itself with the first ``python3`` on PATH, so this interpreter's folder goes first."""
+    import shlex
+    home = os.environ.get("SCIPION_HOME", "")
+    env = f"SCIPION_HOME={shlex.quote(home)} " if home else ""
+    data = os.environ.get("SCIPION_USER_DATA", "")
+    env += f"SCIPION_USER_DATA={shlex.quote(data)} " if data else ""
+    bindir = os.path.dirname(sys.executable)
+    return (f"{env}PATH={shlex.quote(bindir)}:\"$PATH\" {shlex.quote(sys.executable)} "
+            f"-m scipion project {shlex.quote(project)}")
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -141,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Report:   {result['report']}")
     print(f"  Figures:  {os.path.dirname(result['report'])}/*.png")
     print(f"  Project:  {result['project_path']}")
-    print(f"  Open it in the Scipion GUI:  SCIPION_HOME={os.environ.get('SCIPION_HOME', '<scipion home>')} "
-          f"{sys.executable} -m scipion project {result['project']}")
+    print(f"  Open it in the Scipion GUI:  make gui   (from the repository), or\n"
+          f"    {guiCommand(result['project'])}")
     with open(os.path.join(os.path.abspath(args.out), "demo.json"), "w") as f:
         json.dump({k: v for k, v in result.items() if isinstance(v, (str, int, float, dict, list))}, f, indent=2)
     return 0

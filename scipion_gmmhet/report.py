@@ -103,17 +103,23 @@ def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=N
         lines += ["## Train heterogeneity", "",
                   f"- Latent dimension {z.shape[1]}, {len(z)} particles, epochs {train.getEpochs()}."]
         for k, v in m.items():
-            lines.append(f"- {k}: {v if isinstance(v, list) else _fmt(v)}")
+            lines.append(f"- {METRIC_NAMES.get(k, k)}: {_fmt(v)}")
         lines.append("")
-        from sklearn.decomposition import PCA
-        pc = PCA(n_components=2).fit_transform(z)
+        pc, axes = plots.embed_latents(z, "pca")
+        if labels is not None and (labels >= 0).any():
+            # classes numbered from 1, as in the Scipion GUI
+            figures.append(plots.plot_scatter(pc, os.path.join(fig_dir, "latent_pca_classes.png"),
+                                              labels=np.where(labels >= 0, labels + 1, 0),
+                                              value_label="class", axis_labels=axes,
+                                              title="Latent PCA, coloured by class"))
         if "conformation" in t and np.nanstd(t["conformation"].to_numpy(float)) > 0:
             figures.append(plots.plot_scatter(pc, os.path.join(fig_dir, "latent_pca_conformation.png"),
-                                              values=t["conformation"].to_numpy(float),
+                                              values=t["conformation"].to_numpy(float), axis_labels=axes,
                                               value_label="true conformation", title="Latent PCA"))
         if "composition" in t and t["composition"].nunique() > 1:
             figures.append(plots.plot_scatter(pc, os.path.join(fig_dir, "latent_pca_composition.png"),
-                                              labels=t["composition"].to_numpy(int),
+                                              labels=t["composition"].to_numpy(int) + 1, axis_labels=axes,
+                                              value_label="true composition",
                                               title="Latent PCA, true composition"))
         if os.path.exists(train.getLossFile()):
             figures.append(plots.plot_loss_curves(train.getLossFile(), os.path.join(fig_dir, "training_loss.png")))
@@ -123,12 +129,13 @@ def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=N
         lines += ["## Cluster and reconstruct", "",
                   "| class | particles | fraction | half-map FSC 0.143 (A) | masked (A) |", "|---|---|---|---|---|"]
         for c in summary.get("clusters", []):
-            lines.append(f"| {c['label']} | {c['size']} | {c['fraction']:.3f} | "
+            lines.append(f"| {c['label'] + 1} | {c['size']} | {c['fraction']:.3f} | "
                          f"{_fmt(c.get('resolution_0143_A'))} | {_fmt(c.get('resolution_0143_masked_A'))} |")
         for pc, traj in (summary.get("trajectories") or {}).items():
             lines.append(f"\n- {pc} trajectory: {len(traj.get('maps', []))} maps, largest Gaussian displacement "
                          f"{_fmt(traj.get('max_displacement_A'))} A")
         lines.append("")
+        figures += _cluster_figures(cluster, fig_dir)
         metrics["cluster"] = {"clusters": [{k: c.get(k) for k in ("label", "size", "fraction", "resolution_0143_A")}
                                            for c in summary.get("clusters", [])]}
 
@@ -139,6 +146,9 @@ def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=N
                   f"(90th percentile {_fmt(ch.get('angle_p90_deg'))}), shift change median "
                   f"{_fmt(ch.get('shift_median_A'))} A (90th percentile {_fmt(ch.get('shift_p90_A'))})", ""]
         metrics["refine"] = ch
+        if ch:
+            from .viewers.viewer_refine import writeRefineReport
+            figures += [p for p in writeRefineReport(refine, fig_dir).values() if p.endswith(".png")]
 
     lines += ["## Figures", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
     report = os.path.join(out_dir, "report.md")
@@ -148,6 +158,51 @@ def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=N
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=str)
     return {"report": report, "figures": figures, "metrics": metrics}
+
+
+#: readable names of latent_metrics' keys
+METRIC_NAMES = {
+    "spearman_pc1_conformation": "|Spearman| of latent PC1 with the true conformation",
+    "spearman_pc1_conformation_within_composition":
+        "|Spearman| of PC1 with the true conformation, within each composition",
+    "ari_kmeans2_composition": "adjusted Rand index, k-means (k=2) vs the true composition",
+    "ari_kmeans2_whitened_composition":
+        "adjusted Rand index, k-means (k=2) on whitened latents vs the true composition",
+    "ari_clusters_composition": "adjusted Rand index, the cluster protocol's classes vs the true composition",
+}
+
+
+def _cluster_figures(cluster, fig_dir: str) -> list[str]:
+    """The cluster viewer's figures (latent space by class, class sizes, per-class FSC) and the
+    central sections of each class map, classes numbered from 1 as in the GUI."""
+    from .viewers.viewer_cluster import classMaps, writeClusterReport
+    figures = [p for p in writeClusterReport(cluster, fig_dir).values() if p.endswith(".png")]
+    maps = [(label, path) for label, path in classMaps(cluster)
+            if label.endswith("reconstruction") and os.path.exists(path)]
+    if maps:
+        figures.append(_map_sections_png(maps, os.path.join(fig_dir, "class_maps.png")))
+    return figures
+
+
+def _map_sections_png(maps, out_png: str) -> str:
+    """One row per map: its three central sections (z, y, x), titled with the map's label."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .engine.io.mrc import read_map
+    from .viewers.latent_selection import centralSections
+    fig, axes = plt.subplots(len(maps), 1, figsize=(7.5, 2.6 * len(maps)), squeeze=False)
+    for ax, (label, path) in zip(axes[:, 0], maps):
+        vol, _ = read_map(path)
+        ax.imshow(centralSections(np.asarray(vol)), cmap="gray", origin="lower")
+        ax.set_title(f"{label}: central sections z, y, x", fontsize="small")
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out_png + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(out_png + ".tmp.png", out_png)
+    return out_png
 
 
 def _sim_kind(sim: dict) -> str:
@@ -163,4 +218,6 @@ def _read_json(path: str) -> dict:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
     return f"{v:.3f}" if isinstance(v, float) else str(v)

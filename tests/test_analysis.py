@@ -1,6 +1,6 @@
 """Tests of engine/analysis/latent.py and `gmmhet analyze`.
 
-A small stand-in for train.TrainedModel (same interface: ``neutral``, ``zdim``, ``decode``,
+A small stand-in for training.trained.TrainedModel (same interface: ``neutral``, ``zdim``, ``decode``,
 ``gmm_at``, ``latents``) has a known linear decoder, so every analysis result has a known
 answer. The end-to-end test runs `gmmhet analyze` on a simulated compositional dataset with
 latents made from the truth plus noise (the clustering/reconstruction logic, independent of
@@ -192,7 +192,7 @@ def compositional(tmp_path_factory):
 
 def test_analyze_cli_compositional(compositional, tmp_path, monkeypatch):
     """Latents = truth composition + noise: the classes, their reconstructions and the GMM maps."""
-    from scipion_gmmhet.engine.training import train as train_mod
+    from scipion_gmmhet.engine.training import trained as train_mod
     from scipion_gmmhet.engine.cli import main
     from scipion_gmmhet.engine.model.fourier import fsc_table
     from scipion_gmmhet.engine.io.mrc import read_map
@@ -247,7 +247,7 @@ def test_analyze_cli_compositional(compositional, tmp_path, monkeypatch):
 def test_analyze_cli_domain_motion_and_even_odd(tmp_path, monkeypatch):
     """No particles: clusters, GMM maps, PC trajectories, the domain motion from a mask and the
     even/odd report, all from the model and its latents."""
-    from scipion_gmmhet.engine.training import train as train_mod
+    from scipion_gmmhet.engine.training import trained as train_mod
     from scipion_gmmhet.engine.cli import main
     from scipion_gmmhet.engine.io.mrc import read_map, write_map
     g = _neutral(n=40, box=24, apix=4.0)
@@ -279,7 +279,9 @@ def test_analyze_cli_domain_motion_and_even_odd(tmp_path, monkeypatch):
     assert rep["max_population_diff"] == 0 and rep["min_fsc_area"] > 0.999
     assert s["reproducibility"]["min_fsc_area"] > 0.999
     # bad input: one line, exit 2
-    assert main(["analyze", "--train", str(tmp_path), "--clusters", "0", "--out", str(out)]) == 2
+    assert main(["analyze", "--train", str(tmp_path), "--clusters", "-1", "--out", str(out)]) == 2
+    assert main(["analyze", "--train", str(tmp_path), "--clusters", "0", "--even-odd", str(tmp_path),
+                 "--out", str(out)]) == 2
     assert main(["analyze", "--train", str(tmp_path), "--clusters", "2", "--latents", str(tmp_path / "no.npy"),
                  "--particles", "x.star", "--out", str(out)]) == 2
 

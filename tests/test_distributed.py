@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from scipion_gmmhet.engine.training.distributed import Dist, init_from_env
-from scipion_gmmhet.engine.training.features import Particles
+from scipion_gmmhet.engine.io.data import Particles
 from scipion_gmmhet.engine.model.gmm import GMM
 from scipion_gmmhet.engine.simulation.simulate import simulate
-from scipion_gmmhet.engine.training.train import TrainConfig, train
+from scipion_gmmhet.engine.training.config import TrainConfig
+from scipion_gmmhet.engine.training.train import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -7,8 +7,8 @@ import torch
 
 from scipion_gmmhet.engine.conventions import euler_to_matrix
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.training.features import (ArrayImages, FeatureCache, GradientFeatures, Particles,
-                                            focus_mask_gaussians)
+from scipion_gmmhet.engine.io.data import ArrayImages, Particles
+from scipion_gmmhet.engine.training.features import FeatureCache, GradientFeatures, focus_mask_gaussians
 from scipion_gmmhet.engine.model.fourier import RingBinner
 from scipion_gmmhet.engine.model.gmm import GMM, project
 from scipion_gmmhet.engine.io.mrc import write_map

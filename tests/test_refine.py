@@ -15,7 +15,7 @@ from scipion_gmmhet.engine.simulation import simulate
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from scipion_gmmhet.engine.io.data import ParticleImages
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.training.features import ArrayImages, Particles
+from scipion_gmmhet.engine.io.data import ArrayImages, Particles
 from scipion_gmmhet.engine.model.gmm import GMM, project
 
 BOX, APIX = 32, 3.0

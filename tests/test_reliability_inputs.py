@@ -132,12 +132,29 @@ def test_particles_without_ctf(good, capsys, caplog):
         validate.check_particles(meta, need_ctf=True)
     one_line(e, "noctf.star", "no CTF parameters", "rlnDefocusU", "--ctf none")
     validate.check_particles(meta, need_ctf=False)  # a caller that ignores the CTF
-    # the commands: train with an explicit CTF mode refuses; reconstruct goes on and SAYS the CTF is ignored
-    assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--ctf", "ctf", "--out", d / "t"],
-                   capsys, "no CTF parameters", "--ctf none")
-    caplog.set_level(logging.WARNING)
-    rc, _ = run_cli(["reconstruct", "--particles", star, "--out", d / "r.mrc", "--no-mask"], capsys)
-    assert rc == 0 and "WITHOUT CTF correction" in caplog.text
+    # issue 18: every command refuses unless the user says --ctf none; "auto" never ignores the CTF silently
+    for ctf in ([], ["--ctf", "auto"], ["--ctf", "ctf"]):
+        assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", *ctf, "--out", d / "t"],
+                       capsys, "noctf.star: no CTF parameters", "--ctf none")
+    assert_refused(["reconstruct", "--particles", star, "--out", d / "r.mrc", "--no-mask"], capsys,
+                   "noctf.star: no CTF parameters", "--ctf-mode none")
+    rc, _ = run_cli(["reconstruct", "--particles", star, "--out", d / "r.mrc", "--no-mask", "--ctf-mode", "none"],
+                    capsys)
+    assert rc == 0 and (d / "r.mrc").exists()
+    from scipion_gmmhet.engine.io.data import Particles
+    assert Particles.from_star(star, ctf_mode="none").ctf is None  # the explicit choice is accepted
+
+
+def test_ctf_choice_resolution():
+    """resolve_ctf_mode: auto picks ctf/premultiplied with CTF; without CTF only 'none' passes."""
+    assert validate.resolve_ctf_mode(True, "auto", "p") == "ctf"
+    assert validate.resolve_ctf_mode(True, None, "p", premultiplied=True) == "premultiplied"
+    assert validate.resolve_ctf_mode(True, "flipped", "p") == "flipped"
+    assert validate.resolve_ctf_mode(False, "none", "p") == "none"
+    for mode in ("auto", None, "ctf", "flipped", "premultiplied"):
+        with pytest.raises(InputError) as e:
+            validate.resolve_ctf_mode(False, mode, "p.star")
+        one_line(e, "p.star: no CTF parameters", "--ctf none", "CTF = none")
 
 
 def test_empty_particle_set(good, capsys):
@@ -321,7 +338,7 @@ def test_map_other_shapes_and_pixel_size():
 
 @pytest.mark.parametrize("kind", ["box", "apix"])
 def test_mask_of_another_box_or_sampling(good, capsys, kind):
-    d, _ = good
+    d, star = good
     mask_box, mask_apix = (24, APIX) if kind == "box" else (BOX, 1.5)
     with pytest.raises(InputError) as e:
         validate.check_mask_matches((mask_box,) * 3, mask_apix, (BOX,) * 3, APIX, "mask.mrc")
@@ -330,6 +347,15 @@ def test_mask_of_another_box_or_sampling(good, capsys, kind):
     write_map(str(d / "mask.mrc"), (blob_map(mask_box) > 0.1).astype(np.float32), mask_apix)
     assert_refused(["build", "--map", d / "map.mrc", "--resolution", 8, "--mask", d / "mask.mrc", "--out", d / "b"],
                    capsys, "mask.mrc", "resample the mask")
+    # issue 18: train (focus mask), refine (focus mask) and analyze (domain mask) refuse it too, same text
+    gmm_msg = validate.mask_grid_message("x", (mask_box,) * 3, mask_apix, (BOX,) * 3, APIX, "the Gaussian model")
+    err = assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--mask", d / "mask.mrc",
+                          "--epochs", 1, "--out", d / "t"], capsys, f"--mask {d / 'mask.mrc'}: ")
+    assert err.strip().endswith(gmm_msg.split(": ", 1)[1]), (err, gmm_msg)
+    from scipion_gmmhet.engine.training.features import focus_mask_gaussians
+    with pytest.raises(InputError) as e:
+        focus_mask_gaussians(GMM.load(str(d / "gmm.npz")), str(d / "mask.mrc"))
+    assert str(e.value).split(": ", 1)[1] == gmm_msg.split(": ", 1)[1]
     validate.check_mask_matches((BOX,) * 3, APIX * (1 + 1e-5), (BOX,) * 3, APIX)  # header rounding is fine
     validate.check_mask_matches((BOX,) * 3, None, (BOX,) * 3, APIX)  # no pixel size in the mask: box only
 
@@ -439,3 +465,56 @@ def test_focus_mask_selects_no_gaussian(good, capsys):
     write_map(str(d / "corner.mrc"), mask, APIX)
     assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--mask", d / "corner.mrc", "--epochs", 1,
                     "--out", d / "t"], capsys, "corner.mrc", "selects none of the 3 Gaussians")
+
+
+# ============================================================================ output folders (issue 18)
+def test_convert_creates_its_output_folder(good, capsys):
+    """gmmhet convert IN.star --out NEWDIR/sub/out.star creates the folders (was a traceback)."""
+    d, star = good
+    out = d / "new" / "sub" / "out.star"
+    rc, err = run_cli(["convert", star, "--out", out], capsys)
+    assert rc == 0, err
+    assert out.is_file() and len(read_particles(str(out))) == N
+    assert not list((d / "new" / "sub").glob("*.tmp"))
+
+
+def test_commands_say_when_the_output_folder_cannot_be_made(good, capsys):
+    """An output under a regular file: every command refuses in one line, before any work."""
+    d, star = good
+    blocker = d / "a_file"
+    blocker.write_text("not a folder")
+    for argv in (["convert", star, "--out", blocker / "out.star"],
+                 ["reconstruct", "--particles", star, "--out", blocker / "r.mrc", "--no-mask"],
+                 ["build", "--map", d / "map.mrc", "--resolution", 8, "--out", blocker],
+                 ["build", "--map", d / "map.mrc", "--resolution", 8, "--out", blocker / "b"],
+                 ["simulate", "--out", blocker / "sim", "--kind", "homogeneous", "--n", 4, "--box", 16]):
+        assert_refused(argv, capsys, str(blocker), "cannot create the output folder")
+    with pytest.raises(InputError) as e:
+        from scipion_gmmhet.engine.io.atomic import make_output_dir
+        make_output_dir(blocker)
+    one_line(e, "a file of that name exists")
+
+
+def _star_with_subsets(d, subsets, name):
+    parts = particle_table(names())
+    parts["rlnRandomSubset"] = subsets
+    return make_star(d, parts, name=name)
+
+
+@pytest.mark.parametrize("subsets, says", [([1] * N, "every particle in subset 1 (no subset 2"),
+                                           ([2] * N, "every particle in subset 2 (no subset 1"),
+                                           ([1, 2, 3, 1, 2, 3], "other than 1 and 2 (3 in 2 rows)"),
+                                           ([1, 2, 1, 2, 1, 2], None)])
+def test_random_subset_warning_says_what_is_wrong(good, caplog, subsets, says):
+    """analyze --even-odd on one half (only 1s) used to warn 'values other than 1 and 2'."""
+    from scipion_gmmhet.engine.analysis.reconstruct import half_assignment
+    d, _ = good
+    meta = read_particles(_star_with_subsets(d, subsets, "halves.star"))
+    caplog.set_level(logging.WARNING)
+    h = half_assignment(meta, seed=0)
+    assert sorted(set(h.tolist())) == [1, 2]
+    if says is None:
+        assert h.tolist() == subsets and "rlnRandomSubset" not in caplog.text
+    else:
+        assert says in caplog.text and "seeded random split" in caplog.text, caplog.text
+        assert "other than 1 and 2" not in caplog.text or 3 in subsets

@@ -12,11 +12,13 @@ from scipy.stats import spearmanr
 
 from scipion_gmmhet.engine.cli import main as cli_main
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.training.features import Particles
+from scipion_gmmhet.engine.io.data import Particles
 from scipion_gmmhet.engine.model.gmm import GMM, project
 from scipion_gmmhet.engine.io.mrc import read_map, write_map
 from scipion_gmmhet.engine.simulation.simulate import simulate
-from scipion_gmmhet.engine.training.train import TrainConfig, load_trained, train
+from scipion_gmmhet.engine.training.config import TrainConfig
+from scipion_gmmhet.engine.training.train import train
+from scipion_gmmhet.engine.training.trained import load_trained
 
 SMALL = dict(hidden=64, layers=2, batch_size=32, n_stats=200)
 
@@ -132,7 +134,7 @@ def test_symmetry_expansion_with_focus_mask_sees_each_subunit(tmp_path):
     """C2 dimer whose two flaps are present or absent independently: with symmetry expansion and a
     mask on one asymmetric unit, latent row i*2+s tells whether flap s of particle i is present."""
     from scipion_gmmhet.engine.conventions import euler_to_matrix, fourier_to_image
-    from scipion_gmmhet.engine.training.features import ArrayImages
+    from scipion_gmmhet.engine.io.data import ArrayImages
     from scipion_gmmhet.engine.model.symmetry import symmetry_operators
     torch.set_num_threads(1)
     box, apix, n = 32, 5.0, 240

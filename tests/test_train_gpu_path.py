@@ -14,15 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from scipion_gmmhet.engine.training import features as features_mod
+from scipion_gmmhet.engine.io import data as data_mod
+from scipion_gmmhet.engine.training import acceleration
 from scipion_gmmhet.engine.training import train as train_mod
 from scipion_gmmhet.engine.cli import build_parser, main as cli_main
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.training.features import ArrayImages, Particles
+from scipion_gmmhet.engine.io.data import ArrayImages, Particles
 from scipion_gmmhet.engine.model.gmm import GMM
 from scipion_gmmhet.engine.training.prefetch import Prefetcher
 from scipion_gmmhet.engine.simulation.simulate import simulate
-from scipion_gmmhet.engine.training.train import TrainConfig, load_trained, train
+from scipion_gmmhet.engine.training.config import TrainConfig
+from scipion_gmmhet.engine.training.train import train
+from scipion_gmmhet.engine.training.trained import load_trained
 
 SMALL = dict(hidden=32, layers=2, batch_size=16, n_stats=64, highres_A=15.0, zdim=2, lr=1e-3, epochs=2, seed=2)
 
@@ -89,7 +92,7 @@ def test_loss_scaling_with_chunks_and_out_of_memory_retries(gpu_set, tmp_path, m
     """fp16's GradScaler path, run on the CPU with bf16: a power-of-two loss scale is exact, so
     scaled chunked gradients (with an out-of-memory retry) give the unscaled run bit for bit."""
     plain = _train(gpu_set, str(tmp_path / "plain"), amp="bf16", extra={"max_chunk": 4})
-    real_init, real_step = train_mod._Amp.__init__, train_mod._chunk_step
+    real_init, real_step = acceleration.Amp.__init__, train_mod._chunk_step
     sizes = []
 
     def init(self, mode, device):
@@ -102,7 +105,7 @@ def test_loss_scaling_with_chunks_and_out_of_memory_retries(gpu_set, tmp_path, m
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_step(model, binner, x, b, *args, **kw)
 
-    monkeypatch.setattr(train_mod._Amp, "__init__", init)
+    monkeypatch.setattr(acceleration.Amp, "__init__", init)
     monkeypatch.setattr(train_mod, "_chunk_step", step)
     out = str(tmp_path / "scaled")
     r = _train(gpu_set, out, amp="bf16")
@@ -183,7 +186,7 @@ def test_nan_image_read_on_the_prefetch_thread_reaches_the_caller():
 
 
 def test_an_error_in_the_training_prefetch_thread_reaches_train(gpu_set, tmp_path, monkeypatch):
-    real = features_mod.Particles.read
+    real = data_mod.Particles.read
     threads = []
 
     def read(self, items):
@@ -194,7 +197,7 @@ def test_an_error_in_the_training_prefetch_thread_reaches_train(gpu_set, tmp_pat
                 raise InputError("particles.mrcs: cannot read image (injected)")
         return real(self, items)
 
-    monkeypatch.setattr(features_mod.Particles, "read", read)
+    monkeypatch.setattr(data_mod.Particles, "read", read)
     with pytest.raises(InputError, match="injected"):
         _train(gpu_set, str(tmp_path / "t"), epochs=1)
     assert len(threads) == 3

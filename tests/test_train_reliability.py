@@ -20,10 +20,12 @@ from scipion_gmmhet.engine.training import features as features_mod
 from scipion_gmmhet.engine.training import train as train_mod
 from scipion_gmmhet.engine.cli import main as cli_main
 from scipion_gmmhet.engine.errors import InputError
-from scipion_gmmhet.engine.training.features import AdaptiveBatch, Particles, is_oom
+from scipion_gmmhet.engine.device import AdaptiveBatch, is_oom
+from scipion_gmmhet.engine.io.data import Particles
 from scipion_gmmhet.engine.model.gmm import GMM
 from scipion_gmmhet.engine.simulation.simulate import simulate
-from scipion_gmmhet.engine.training.train import TrainConfig, train
+from scipion_gmmhet.engine.training.config import TrainConfig
+from scipion_gmmhet.engine.training.train import train
 
 SMALL = dict(hidden=32, layers=2, batch_size=32, n_stats=100, highres_A=15.0, zdim=2, lr=1e-3)
 

@@ -126,7 +126,7 @@ def test_displacement_bad_classes(prot, tmp_path):
 
 
 def test_displacement_loads_the_trained_model(prot, tmp_path, monkeypatch):
-    import scipion_gmmhet.engine.training.train as train
+    import scipion_gmmhet.engine.training.trained as train
     seen = []
 
     def fake_load(train_dir, device='cpu'):

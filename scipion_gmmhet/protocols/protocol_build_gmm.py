@@ -29,6 +29,8 @@ from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
 from ..constants import GMM_FILE_ATTR  # the output volume's gmm.npz path; "train" reads it
+from .gpu import cudaAvailable, gpuErrors
+from .validation import maskGridErrors, volumeGrid
 
 #: Extensions the engine reads directly (anything else is converted to MRC first).
 _MRC_EXTENSIONS = ('.mrc', '.map', '.rec')
@@ -58,7 +60,7 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=cudaAvailable(),
                        label='Use GPU?',
                        help='Fit on a GPU (CUDA). Set to No to fit on the CPU (a 2048-Gaussian '
                             'model of a 128-px map takes a few minutes there).')
@@ -94,7 +96,6 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
                            'for a 1 MDa complex at 10 A). Give a number to override it; a mask '
                            'may leave slightly fewer.')
 
-        form.addSection(label='Advanced')
         form.addParam('steps', params.IntParam, default=300, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Adam steps per stage',
@@ -105,7 +106,7 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
                       label='Random seed',
                       help='Fixes the initial Gaussians and the splits: the same seed gives the '
                            'same model on the CPU.')
-        form.addParallelSection(threads=2, mpi=0)
+        form.addParallelSection(threads=4, mpi=0)
 
     # -------------------------- INSERT steps functions -----------------------
     def _insertAllSteps(self):
@@ -148,7 +149,7 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = []
+        errors = gpuErrors(self)
         vol = self.inputVolume.get()
         if vol is None:
             return ['Input map: select a volume.']
@@ -158,16 +159,8 @@ class ProtGmmhetBuildGmm(ProtAnalysis3D):
             errors.append('Input map: non-cubic box %s; pad or crop it to a cube (e.g. with '
                           'xmipp3 - crop/resize volumes).' % 'x'.join(str(d) for d in dims))
         mask = self.inputMask.get()
-        if mask is not None and dims is not None:
-            mdims = mask.getDim()
-            if mdims is not None and tuple(mdims) != tuple(dims):
-                errors.append('Mask: box %s differs from the map\'s %s; resample the mask onto '
-                              'the map\'s grid.' % ('x'.join(str(d) for d in mdims),
-                                                    'x'.join(str(d) for d in dims)))
-            mApix = mask.getSamplingRate()
-            if mApix and apix and abs(mApix - apix) > 1e-3 * apix:
-                errors.append('Mask: %.4f A/px differs from the map\'s %.4f A/px; resample the '
-                              'mask onto the map\'s grid.' % (mApix, apix))
+        if mask is not None and dims is not None:  # the check and text of `gmmhet build --mask`
+            errors += maskGridErrors('Mask', mask, volumeGrid(vol), 'the map')
         res = self.resolution.get()
         if res is not None and apix:
             if res < 2.0 * apix:

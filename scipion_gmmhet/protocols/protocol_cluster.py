@@ -41,6 +41,8 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..engine.errors import InputError
 from .trained_input import TrainedParticlesInput
+from .gpu import cudaAvailable, gpuErrors
+from .validation import maskGridErrors
 
 METHOD_KMEANS, METHOD_GMM = 0, 1
 METHOD_CHOICES = ['k-means', 'Gaussian mixture']
@@ -70,7 +72,7 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=cudaAvailable(),
                        label='Use GPU?',
                        help='Decode and reconstruct on a GPU (CUDA). No: on the CPU (fine for '
                             'small sets; reconstructions of 100k+ particles are faster on a GPU).')
@@ -122,7 +124,9 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
                            'latent space, between its 5th and 95th percentiles (cryoDRGN\'s '
                            'PC traversal): how the molecule moves.')
         form.addParam('trajectorySteps', params.IntParam, default=10, condition='doTrajectories',
-                      validators=[params.GE(2)], label='Maps per trajectory')
+                      validators=[params.GE(2)], label='Maps per trajectory',
+                      help='Number of maps rendered along each principal component, evenly '
+                           'spaced from its 5th to its 95th percentile (10: a smooth movie).')
         form.addParam('numberOfPcs', params.IntParam, default=2, condition='doTrajectories',
                       validators=[params.GE(1)], label='Principal components to traverse',
                       help='PC1, PC2, ... (at most the latent dimension).')
@@ -134,7 +138,7 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
                            'along it (domain_XX.mrc in the extra folder).')
         form.addParam('seed', params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
                       label='Random seed', help='Seed of the clustering, UMAP and half-map split.')
-        form.addParallelSection(threads=2, mpi=0)
+        form.addParallelSection(threads=4, mpi=0)
 
     # -------------------------- INSERT steps functions -----------------------
     def _insertAllSteps(self):
@@ -219,7 +223,7 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = []
+        errors = gpuErrors(self)
         parts = self.inputParticles.get()
         if parts is None:
             return ['Input particles: select the output of "gmmhet - train heterogeneity".']
@@ -240,15 +244,8 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
             errors.append('Number of clusters: %d is more than the %d particles.'
                           % (k, parts.getSize()))
         mask = self.domainMask.get()
-        if mask is not None:
-            dims = mask.getDim()
-            box = parts.getXDim()
-            if dims is not None and tuple(dims) != (box, box, box):
-                errors.append('Domain mask: box %s but the particles are %d px; resample it.'
-                              % ('x'.join(str(d) for d in dims), box))
-            if abs((mask.getSamplingRate() or 0) - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
-                errors.append('Domain mask: %.4f A/px but the particles are %.4f A/px; resample it.'
-                              % (mask.getSamplingRate() or 0, parts.getSamplingRate()))
+        if mask is not None:  # the check and text of gmmhet analyze --domain-mask
+            errors += maskGridErrors('Domain mask', mask, self._modelGrid(), 'the Gaussian model')
         if self.usesGpu() and not self.getGpuList():
             errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors

@@ -37,6 +37,8 @@ from .. import Plugin, convert
 from ..constants import TRAIN_DIR_ATTR
 from ..engine.errors import InputError
 from .trained_input import TrainedParticlesInput
+from .gpu import cudaAvailable, gpuErrors
+from .validation import maskGridErrors
 
 
 class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
@@ -57,7 +59,7 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=cudaAvailable(),
                        label='Use GPU?',
                        help='Refine on a GPU (CUDA). No: on the CPU (fine for a few thousand '
                             'small particles).')
@@ -79,7 +81,8 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                            'shifts only.')
         form.addParam('maxShift', params.FloatParam, default=-1.0,
                       label='Shift search range (A)',
-                      help='Largest change of the particle origin, in Angstrom. -1: two pixels.')
+                      help='Largest change of the particle origin, in Angstrom. -1 (default): '
+                           'automatic, two pixels of the particles.')
         form.addParam('mask', params.PointerParam, pointerClass='VolumeMask, Volume', allowsNull=True,
                       label='Focus mask (optional)',
                       help='A mask on one region (same box and sampling as the particles): only '
@@ -98,20 +101,24 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         form.addParam('maxRounds', params.IntParam, default=3, validators=[params.GE(1)], condition='rounds == 0',
                       label='Most rounds', help='Largest number of refinements in the automatic iteration.')
         form.addParam('retrainEpochs', params.IntParam, default=-1, condition='rounds != 1',
-                      label='Epochs per retraining', help='-1: as many as the trained run.')
+                      label='Epochs per retraining',
+                      help='Epochs of each retraining. -1 (default): automatic, as many as the '
+                           'trained run had.')
         form.addParam('doReconstruct', params.BooleanParam, default=True,
                       label='Reconstruct before and after?',
                       help='Reconstruct the particles with their input poses and with the refined '
                            'poses (direct Fourier inversion with CTF correction, half maps and '
                            'FSC), to see what the refinement gained.')
 
-        form.addSection(label='Advanced')
         form.addParam('highRes', params.FloatParam, default=-1.0, expertLevel=params.LEVEL_ADVANCED,
                       label='High-resolution limit (A)',
-                      help='Finest detail compared. -1: the Gaussian model\'s own resolution '
+                      help='Finest detail compared. -1 (default): automatic, the Gaussian '
+                           'model\'s own resolution '
                            '(where its median Gaussian fades to 1%, at least Nyquist).')
         form.addParam('lowRes', params.FloatParam, default=-1.0, expertLevel=params.LEVEL_ADVANCED,
-                      label='Low-resolution limit (A)', help='-1: the training\'s limit.')
+                      label='Low-resolution limit (A)',
+                      help='Coarsest detail compared. -1 (default): automatic, the low-'
+                           'resolution limit the network was trained with.')
         form.addParam('score', params.EnumParam, choices=['whitened correlation', 'FRC'], default=0,
                       expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_HLIST,
                       label='Score',
@@ -133,8 +140,10 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                       help='Adam steps on the exact score after the lattice search (0: none; the '
                            'search and its sub-pixel shift polish suffice).')
         form.addParam('batchSize', params.IntParam, default=64, validators=[params.GE(1)],
-                      expertLevel=params.LEVEL_ADVANCED, label='Particles per batch')
-        form.addParallelSection(threads=2, mpi=0)
+                      expertLevel=params.LEVEL_ADVANCED, label='Particles per batch',
+                      help='Particles scored together. Larger is faster on a GPU and needs more '
+                           'memory; lower it if the run ends with "CUDA out of memory".')
+        form.addParallelSection(threads=4, mpi=0)
 
     # -------------------------- INSERT steps functions -----------------------
     def _insertAllSteps(self):
@@ -147,6 +156,12 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- STEPS functions ------------------------------
     def refineStep(self, args):
+        """``gmmhet refine``; with ``--resume`` when this run's folder holds an interrupted
+        refinement (Scipion's Continue after a crash or kill): finished rounds are kept and a
+        retraining goes on from its checkpoint (the engine starts over if the settings changed)."""
+        if os.path.exists(os.path.join(self.getRefineDir(), 'refine_settings.json')):
+            args += ' --resume'
+            self.info('Resuming the refinement in %s' % self.getRefineDir())
         Plugin.runGmmhet(self, 'refine', args,
                          gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
 
@@ -192,7 +207,7 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = []
+        errors = gpuErrors(self)
         parts = self.inputParticles.get()
         if parts is None:
             return ['Input particles: select the output of "gmmhet - train heterogeneity".']
@@ -212,15 +227,8 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         if shift is not None and shift < 0 and shift != -1:
             errors.append('Shift search range: give 0 or more Angstrom (or -1 for two pixels).')
         mask = self.mask.get()
-        if mask is not None:
-            dims = mask.getDim()
-            box = parts.getXDim()
-            if dims is not None and tuple(dims) != (box, box, box):
-                errors.append('Focus mask: box %s but the particles are %d px; resample it.'
-                              % ('x'.join(str(d) for d in dims), box))
-            if abs((mask.getSamplingRate() or 0) - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
-                errors.append('Focus mask: %.4f A/px but the particles are %.4f A/px; resample it.'
-                              % (mask.getSamplingRate() or 0, parts.getSamplingRate()))
+        if mask is not None:  # the check and text of gmmhet refine --mask
+            errors += maskGridErrors('Focus mask', mask, self._modelGrid(), 'the Gaussian model')
         if self.usesGpu() and not self.getGpuList():
             errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors

@@ -46,6 +46,9 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..constants import FLEX_PROG_NAME, GMM_FILE_ATTR, TRAIN_DIR_ATTR  # noqa: F401
 from ..engine.errors import InputError
+from .gpu import cudaAvailable, gpuErrors
+from ..engine.io import validate
+from .validation import CTF_CHOICES, CTF_LABELS, ctfErrors, maskGridErrors, volumeGrid
 #: Engine names of what the decoder may change, in the order of the form's booleans.
 CHANGE_NAMES = ('positions', 'amplitudes', 'widths')
 #: Files of a training folder copied when continuing a previous run (the feature cache is
@@ -78,14 +81,16 @@ class ProtGmmhetTrain(ProtAnalysis3D):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=cudaAvailable(),
                        label='Use GPU?',
                        help='Train on a GPU (CUDA). Set to No to train on the CPU (slow, '
                             'fine for small tests).')
         form.addHidden(params.GPU_LIST, params.StringParam, default=Plugin.getDefaultGpu(),
                        label='Choose GPU IDs',
                        help='GPU ids to use, as in other Scipion plugins (e.g. "0" or "0 1"). '
-                            'This version trains on the first one listed.')
+                            'One training process runs per GPU listed (data parallel: each '
+                            'GPU takes its share of every batch), so two GPUs take about half '
+                            'the time per epoch.')
 
         form.addSection(label='Input')
         form.addParam('doContinue', params.BooleanParam, default=False,
@@ -105,6 +110,13 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                       help='Particles with 3D alignment (projection poses, e.g. from a '
                            'consensus 3D refinement or "gmmhet - import poses") and CTF, at '
                            'the box size and pixel size of the Gaussian model.')
+        form.addParam('ctfChoice', params.EnumParam, choices=CTF_LABELS, default=0,
+                      condition='not doContinue', display=params.EnumParam.DISPLAY_COMBO,
+                      label='CTF',
+                      help='Use the particles\' CTF (raw, phase-flipped or CTF-premultiplied '
+                           'images, as the particles say), or None for images that carry no CTF '
+                           'parameters (phase-flipped or CTF-free): the CTF is then ignored. '
+                           'Particles without CTF are refused unless None is chosen.')
         form.addParam('inputGmm', params.PointerParam, pointerClass='Volume',
                       condition='not doContinue', allowsNull=True, important=True,
                       label='Gaussian model',
@@ -116,18 +128,6 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                       help='Dimension of the latent space. 4 (e2gmm\'s default) holds several '
                            'independent motions or compositions; use 2 for a quick look, or '
                            'more for very heterogeneous data.')
-        form.addParam('numberOfEpochs', params.IntParam, default=30, validators=[params.GE(1)],
-                      label='Epochs',
-                      help='Passes over the particles. The validation loss of a few thousand '
-                           'particles usually flattens after 20-30 epochs; check the loss '
-                           'curves in the viewer. When continuing, this is the total: training '
-                           'goes on from the last epoch done up to this number.')
-        form.addParam('batchSize', params.IntParam, default=64, condition='not doContinue',
-                      validators=[params.GE(1)], expertLevel=params.LEVEL_ADVANCED,
-                      label='Batch size (particles)',
-                      help='Particles per training step. 64 gives many steps per epoch on '
-                           'small sets; on a large GPU, 256 or more is faster per epoch.')
-
         group = form.addGroup('What may change', condition='not doContinue')
         group.addParam('changePositions', params.BooleanParam, default=True,
                        label='Positions',
@@ -157,6 +157,18 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                             'particle and operator). C1: no expansion.')
 
         form.addSection(label='Training')
+        form.addParam('numberOfEpochs', params.IntParam, default=30, validators=[params.GE(1)],
+                      label='Epochs',
+                      help='Passes over the particles. The validation loss of a few thousand '
+                           'particles usually flattens after 20-30 epochs; check the loss '
+                           'curves in the viewer. When continuing, this is the total: training '
+                           'goes on from the last epoch done up to this number.')
+        form.addParam('batchSize', params.IntParam, default=64, condition='not doContinue',
+                      validators=[params.GE(1)], expertLevel=params.LEVEL_ADVANCED,
+                      label='Batch size (particles)',
+                      help='Particles per training step. 64 gives many steps per epoch on '
+                           'small sets; on a large GPU, 256 or more is faster per epoch.')
+
         form.addParam('learningRate', params.FloatParam, default=1e-4,
                       condition='not doContinue', validators=[params.GT(0)],
                       expertLevel=params.LEVEL_ADVANCED,
@@ -287,7 +299,7 @@ class ProtGmmhetTrain(ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = []
+        errors = gpuErrors(self)
         if self.doContinue:
             prev = self.continueRun.get()
             if prev is None:
@@ -308,9 +320,7 @@ class ProtGmmhetTrain(ProtAnalysis3D):
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment (projection poses); run a 3D '
                           'refinement or "gmmhet - import poses" first.')
-        if not parts.hasCTF() and not parts.isPhaseFlipped():
-            errors.append('Input particles: no CTF and not phase-flipped; estimate or import '
-                          'the CTF (or import phase-flipped particles as such).')
+        errors += ctfErrors('Input particles', parts.hasCTF(), self._ctfMode())
         if self.zDim.get() is None or self.zDim.get() < 1:
             errors.append('Latent dimension: must be at least 1.')
         if not self._changes():
@@ -339,8 +349,10 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                               'protocol.' % gmmFile)
             errors += _samplingErrors('Gaussian model', vol, box, apix)
         mask = self.focusMask.get()
-        if mask is not None:
-            errors += _samplingErrors('Focus mask', mask, box, apix)
+        if mask is not None:  # on the Gaussian model's grid (gmm.npz; else the volume's), as `gmmhet train`
+            grid = validate.model_grid(getGmmFile(vol)) if vol is not None and getGmmFile(vol) else None
+            errors += maskGridErrors('Focus mask', mask, grid or volumeGrid(vol) or (box, apix),
+                                     'the Gaussian model')
         if self.usesGpu() and not self.getGpuList():
             errors.append('GPU IDs: give at least one GPU id (e.g. 0), or set Use GPU to No.')
         return errors
@@ -349,9 +361,9 @@ class ProtGmmhetTrain(ProtAnalysis3D):
         warnings = []
         if not self.doContinue and self.inputParticles.get() is not None:
             parts = self.inputParticles.get()
-            if parts.isPhaseFlipped() and not parts.hasCTF():
-                warnings.append('Input particles are phase-flipped and have no CTF: the CTF is '
-                                'ignored in training.')
+            if self._ctfMode() == 'none':
+                warnings.append('CTF: None - the CTF is ignored in training (images taken as '
+                                'phase-flipped or CTF-free).')
             if (self.symmetry.get() or 'C1').strip().upper() != 'C1' and \
                     self.focusMask.get() is None:
                 warnings.append('Symmetry expansion without a focus mask: every copy sees the '
@@ -490,6 +502,10 @@ class ProtGmmhetTrain(ProtAnalysis3D):
             return src
         return self._getExtraPath('focus_mask.mrc')
 
+    def _ctfMode(self) -> str:
+        """The engine's ``--ctf`` for the form's CTF choice ('auto' or 'none')."""
+        return CTF_CHOICES[self.ctfChoice.get() or 0]
+
     def _engineInputs(self) -> dict:
         """What the engine trains on, from this form or, when continuing, from the previous
         run (``gmmhet train --resume`` needs the same inputs and settings)."""
@@ -499,6 +515,7 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                 'zdim': int(self.zDim.get()), 'changes': self._changes(),
                 'mask': self._maskFile(),
                 'symmetry': (self.symmetry.get() or 'C1').strip().upper(),
+                'ctf': self._ctfMode(),
                 'batch_size': int(self.batchSize.get()), 'lr': float(self.learningRate.get()),
                 'seed': int(self.seed.get())}
 
@@ -513,6 +530,8 @@ class ProtGmmhetTrain(ProtAnalysis3D):
                 '--out %s' % _q(self.getTrainDir())]
         if e['mask']:
             args.append('--mask %s' % _q(e['mask']))
+        if e.get('ctf', 'auto') != 'auto':
+            args.append('--ctf %s' % e['ctf'])
         amp = ['off', 'bf16', 'fp16'][self.mixedPrecision.get() or 0]
         if amp != 'off':
             args.append('--amp %s' % amp)

@@ -62,6 +62,16 @@ class TrainedParticlesInput:
             return prot.getTrainDir()
         return None
 
+    def _modelGrid(self) -> tuple[int, float] | None:
+        """``(box, apix)`` of the trained Gaussian model (the training folder's gmm.npz), else
+        of the input particles (training requires the two to agree)."""
+        from ..engine.io.validate import model_grid
+        grid = model_grid(self.getTrainDir() or '')
+        parts = self.inputParticles.get()
+        if grid is None and parts is not None and parts.getXDim():
+            grid = (int(parts.getXDim()), float(parts.getSamplingRate()))
+        return grid
+
     def _trainStar(self) -> str | None:
         parts = self.inputParticles.get()
         if hasattr(parts, 'getFlexInfo'):

@@ -51,6 +51,16 @@ def randomPoses(n, seed, maxShift=5.0):
     return np.stack([rot, tilt, psi], 1), shifts
 
 
+class _SystemCall:
+    """Unpickled by the standard unpickler, this runs ``os.system(command)``."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 class TestConvertBase(BaseTest):
     APIX = 2.5
     BOX = 16
@@ -322,8 +332,20 @@ class TestPoseSources(TestConvertBase):
             convert.readCryoDrgnPoses(pkl, self.BOX)
         with open(pkl, 'wb') as f:
             f.write(b'not a pickle')
-        with self.assertRaisesRegex(InputError, 'not a cryoDRGN pose pickle'):
+        with self.assertRaisesRegex(InputError, 'not a readable pickle.*cryoDRGN poses'):
             convert.readCryoDrgnPoses(pkl, self.BOX)
+
+    def test_cryoDrgnPickleRunsNoCode(self):
+        """A poses.pkl whose __reduce__ calls os.system: nothing runs, one-line InputError."""
+        marker = self.getOutputPath('marker')
+        pkl = self.getOutputPath('evil.pkl')
+        with open(pkl, 'wb') as f:
+            pickle.dump(_SystemCall('touch %s' % marker), f)
+        with self.assertRaisesRegex(InputError, 'refused') as ctx:
+            convert.readCryoDrgnPoses(pkl, self.BOX)
+        self.assertNotIn('\n', str(ctx.exception))
+        self.assertIn(pkl, str(ctx.exception))
+        self.assertFalse(os.path.exists(marker))
 
     def test_poseTableFromSetRescalesShifts(self):
         partSet, truth = self.makeSet('posesource', n=5)

@@ -187,7 +187,7 @@ _TRAINED_CACHE: dict = {}
 def _trained(trainDir: str):
     """``load_trained(trainDir)`` on the CPU, kept while its model.pt is unchanged (a window
     decodes many points)."""
-    from ..engine.training.train import load_trained
+    from ..engine.training.trained import load_trained
     model = os.path.join(trainDir, 'model.pt')
     key = (os.path.abspath(trainDir), os.path.getmtime(model) if os.path.exists(model) else None)
     if key not in _TRAINED_CACHE:
@@ -240,7 +240,8 @@ class LatentSelectionWindow:
     """
 
     def __init__(self, master, ids, xy, axisLabels=('x', 'y'), title='Latent space',
-                 onCreateSubset=None, onPointMap=None, values=None, valueLabel=''):
+                 onCreateSubset=None, onPointMap=None, values=None, valueLabel='',
+                 explorer=None):
         import tkinter as tk
         from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg
         from matplotlib.figure import Figure
@@ -281,8 +282,16 @@ class LatentSelectionWindow:
         self.marker, = self.ax.plot([], [], marker='x', color='black', ms=10, ls='none')
         self.mapAx.set_axis_off()
         self.mapAx.set_title('map at point: click a particle', fontsize='small')
-        self.canvas = FigureCanvasTkAgg(self.figure, master=self.root)
-        self.canvas.get_tk_widget().pack(side=tk.TOP, fill=tk.BOTH, expand=True)
+        body = tk.Frame(self.root)
+        body.pack(side=tk.TOP, fill=tk.BOTH, expand=True)
+        self.canvas = FigureCanvasTkAgg(self.figure, master=body)
+        self.canvas.get_tk_widget().pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
+        self.explorer3d = None
+        if explorer is not None:  # live 3D view of the decoded Gaussians under the pointer
+            from .explorer3d import Explorer3DPanel
+            self.explorer3d = Explorer3DPanel(body, explorer, status=self.status.set)
+            self.explorer3d.frame.pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
+            self.canvas.mpl_connect('motion_notify_event', self._onMotion)
         self._selector = None
         self._clickId = None
         self._setMode()
@@ -310,6 +319,10 @@ class LatentSelectionWindow:
         else:
             self._clickId = self.canvas.mpl_connect('button_press_event', self._onClick)
             self.status.set('Click a particle: its latent vector is decoded into a map.')
+
+    def _onMotion(self, event):
+        if event.inaxes is self.ax and event.xdata is not None:
+            self.explorer3d.request(event.xdata, event.ydata)
 
     def _onClick(self, event):
         if event.inaxes is self.ax and event.xdata is not None:
@@ -399,47 +412,52 @@ class LatentSelectionView(pwviewer.View):
 
 
 # ---------------------------------------------------------------------------- viewer
-class GmmhetLatentSelectionViewer(EmProtocolViewer):
-    """Select particles on the latent space (lasso or rectangle) into a new subset, or decode
-    the Gaussian model at a clicked particle's latent point."""
-    _label = 'interactive latent selection'
-    _targets = [ProtGmmhetTrain]
-    _environments = [pwviewer.DESKTOP_TKINTER]
+class LatentSelectionMixin:
+    """The interactive selection and live 3D explorer of a training run, for a protocol viewer
+    (the train viewer's "Interactive" tab): :meth:`_defineSelectionParams` adds the form
+    entries, :meth:`_showSelection` opens the window."""
 
-    def _defineParams(self, form):
-        form.addSection(label='Selection')
-        form.addParam('embedding', params.EnumParam, choices=EMBEDDINGS, default=0,
-                      display=params.EnumParam.DISPLAY_HLIST, label='Embedding',
-                      help='Plot on which you draw: PCA (linear, fast) or UMAP (separates '
-                           'clusters better). Selection works on either; the map at a clicked '
-                           'point uses that particle\'s own latent vector.')
-        form.addParam('colorByDefocus', params.BooleanParam, default=False,
-                      label='Colour by defocus?',
-                      help='Colour the points by their mean defocus (A), to check that a '
-                           'region is not a defocus artefact.')
+    def _defineSelectionParams(self, form, embedding: bool = True):
+        if embedding:
+            form.addParam('embedding', params.EnumParam, choices=EMBEDDINGS, default=0,
+                          display=params.EnumParam.DISPLAY_HLIST, label='Embedding',
+                          help='Plot on which you draw: PCA (linear, fast) or UMAP (separates '
+                               'clusters better). Selection works on either; the map at a '
+                               'clicked point uses that particle\'s own latent vector.')
+            form.addParam('colorByDefocus', params.BooleanParam, default=False,
+                          label='Colour by defocus?',
+                          help='Colour the points by their mean defocus (A), to check that a '
+                               'region is not a defocus artefact.')
+        form.addParam('live3d', params.BooleanParam, default=True,
+                      label='Live 3D view under the pointer?',
+                      help='Moving the pointer over the latent plot decodes the latent point '
+                           'under it and shows the Gaussians in 3D, coloured by how far each '
+                           'moved from the neutral model (A). On a PCA plot the point is the '
+                           'exact latent vector there; on UMAP, the nearest particle\'s. Buttons '
+                           'save the map at the current point and open it in ChimeraX.')
         form.addParam('openChimerax', params.BooleanParam, default=True,
                       label='Open maps at clicked points in ChimeraX?',
                       help='Where ChimeraX is installed, each map at a clicked point opens there '
                            'with the Gaussian centres as markers (a .cxc file next to the map). '
                            'The map\'s central sections are always shown in the window.')
         form.addParam('displaySelection', params.LabelParam,
-                      label='Open the interactive selection window')
+                      label='Open the interactive selection and 3D explorer')
 
-    def _getVisualizeDict(self):
-        return {'displaySelection': self._showSelection}
+    def _selectionColorBy(self):
+        return 'defocus' if self.colorByDefocus.get() else None
 
-    def _outPath(self, name: str) -> str:
-        folder = self._getPath()
+    def _selectionOutPath(self, name: str) -> str:
+        folder = os.path.abspath(self._getPath())
         os.makedirs(folder, exist_ok=True)
         return os.path.join(folder, name)
 
     def _showSelection(self, paramName=None):
-        from .viewer_train import latentTable
+        from .viewer_train import colorLabel, latentTable
         prot = self.protocol
         if not prot.hasAttribute('outputParticles'):
             return [self.errorMessage('The training has no output particles yet.',
                                       title='No latent space')]
-        colorBy = 'defocus' if self.colorByDefocus.get() else None
+        colorBy = self._selectionColorBy()
         ids, z, values = latentTable(prot.outputParticles, colorBy)
         method = EMBEDDINGS[self.embedding.get()].lower()
         xy, axes = plots.embed_latents(z, method)
@@ -453,16 +471,38 @@ class GmmhetLatentSelectionViewer(EmProtocolViewer):
 
         def onPointMap(row):
             from . import chimerax as cx
-            out = gmmMapAt(trainDir, z[row], self._outPath('gmmhet_z_particle%d.mrc' % ids[row]),
-                           chimerax=True)
+            out = gmmMapAt(trainDir, z[row],
+                           self._selectionOutPath('gmmhet_z_particle%d.mrc' % ids[row]), chimerax=True)
             program = cx.chimerax_program() if openChimerax else None
             if program:
                 import subprocess
                 subprocess.Popen([program, os.path.splitext(out)[0] + '.cxc'])
             return out
 
+        explorer = None
+        if self.live3d.get():
+            from .explorer3d import LatentExplorer
+            explorer = LatentExplorer.fromTrainDir(trainDir, z, xy, method,
+                                                   saveMapDir=self._selectionOutPath(''))
         return [LatentSelectionView(self.getTkRoot(), ids=ids, xy=xy, axisLabels=axes,
                                     title='%s of the latent space: %s'
                                     % (method.upper(), prot.getRunName()),
                                     onCreateSubset=onCreateSubset, onPointMap=onPointMap,
-                                    values=values, valueLabel='defocus (A)' if colorBy else '')]
+                                    values=values, valueLabel=colorLabel(colorBy),
+                                    explorer=explorer)]
+
+
+class GmmhetLatentSelectionViewer(LatentSelectionMixin, EmProtocolViewer):
+    """The selection window alone (for scripts): in the GUI it is the "Interactive" tab of the
+    training run's viewer, :class:`.viewer_train.GmmhetTrainViewer` (one viewer per protocol,
+    so "Analyze results" opens the plots and the selection together)."""
+    _label = 'interactive latent selection'
+    _targets = []
+    _environments = [pwviewer.DESKTOP_TKINTER]
+
+    def _defineParams(self, form):
+        form.addSection(label='Selection')
+        self._defineSelectionParams(form)
+
+    def _getVisualizeDict(self):
+        return {'displaySelection': self._showSelection}

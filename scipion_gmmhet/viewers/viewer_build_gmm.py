@@ -23,12 +23,11 @@ import os
 import numpy as np
 
 import pyworkflow.protocol.params as params
-import pyworkflow.viewer as pwviewer
-from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
 from ..protocols.protocol_build_gmm import ProtGmmhetBuildGmm, readFscCsv
-from . import chimerax as cx, plots
+from . import plots
+from .base import GmmhetViewer
 
 
 # ---------------------------------------------------------------------------- headless API
@@ -118,11 +117,13 @@ def writeBuildReport(prot, outDir: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- viewer
-class GmmhetBuildGmmViewer(EmProtocolViewer):
+class GmmhetBuildGmmViewer(GmmhetViewer):
     """FSC and Gaussian centres of "gmmhet - build Gaussian model"."""
     _label = 'viewer build Gaussian model'
     _targets = [ProtGmmhetBuildGmm]
-    _environments = [pwviewer.DESKTOP_TKINTER, pwviewer.WEB_DJANGO]
+    _fileTag = 'build'
+    _notReady = ('The build has not finished: no FSC yet.', 'Gaussian model')
+    _mapsWhat = 'the model'
 
     def _defineParams(self, form):
         form.addSection(label='Gaussian model')
@@ -132,17 +133,13 @@ class GmmhetBuildGmmViewer(EmProtocolViewer):
                       label='Gaussian centres over the map in ChimeraX')
 
     def _getVisualizeDict(self):
-        return {'displayFsc': self._showFsc, 'displayChimera': self._showChimera}
+        return {'displayFsc': self._showFsc, 'displayChimera': self._showMaps}
 
-    def _outPath(self, name: str) -> str:
-        folder = self._getPath()
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, 'gmmhet_build_%s_%s' % (self.protocol.getObjId(), name))
+    def _isReady(self) -> bool:
+        return os.path.exists(self.protocol.getFscFile())
 
-    def _ready(self):
-        if not os.path.exists(self.protocol.getFscFile()):
-            return [self.errorMessage('The build has not finished: no FSC yet.', title='Gaussian model')]
-        return None
+    def _writeMapsScript(self, outCxc: str) -> str:
+        return writeChimeraxScript(self.protocol, outCxc)
 
     def _showFsc(self, paramName=None):
         err = self._ready()
@@ -150,12 +147,5 @@ class GmmhetBuildGmmViewer(EmProtocolViewer):
             return err
         plotter = EmPlotter(x=1, y=1, figsize=(7, 4.5), windowTitle='FSC model vs map')
         _drawFsc(plotter.createSubPlot('', '', ''), self.protocol)
-        plotter.savefig(self._outPath('fsc.png'))
+        plotter.savefig(self._pngPath('fsc.png'))
         return [plotter]
-
-    def _showChimera(self, paramName=None):
-        err = self._ready()
-        if err:
-            return err
-        cxc = writeChimeraxScript(self.protocol, self._outPath('model.cxc'))
-        return cx.chimeraxViews(cxc, self, what='the model')

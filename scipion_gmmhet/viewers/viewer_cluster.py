@@ -32,13 +32,12 @@ import os
 import numpy as np
 
 import pyworkflow.protocol.params as params
-import pyworkflow.viewer as pwviewer
-from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
 from ..engine.errors import InputError
 from ..protocols.protocol_cluster import ProtGmmhetCluster
 from . import chimerax as cx
+from .base import GmmhetViewer
 from . import plots
 
 EMBEDDINGS = ['PCA', 'UMAP']
@@ -211,7 +210,7 @@ def writeDisplacementFiles(prot, classA: int, classB: int, outDir: str, model=No
     s = prot.getSummary()
     ca, cb = _clusterByClass(s, classA), _clusterByClass(s, classB)
     if model is None:
-        from ..engine.training.train import load_trained
+        from ..engine.training.trained import load_trained
         trainDir = prot.getTrainDir()
         if not trainDir:
             raise ValueError('no training folder for the input particles; the displacements need '
@@ -258,11 +257,15 @@ def writeClusterReport(prot, outDir: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- viewer
-class GmmhetClusterViewer(EmProtocolViewer):
+class GmmhetClusterViewer(GmmhetViewer):
     """Classes of "gmmhet - cluster and reconstruct": embedding, sizes, FSC, maps."""
     _label = 'viewer cluster and reconstruct'
     _targets = [ProtGmmhetCluster]
-    _environments = [pwviewer.DESKTOP_TKINTER, pwviewer.WEB_DJANGO]
+    _fileTag = 'cluster'
+    _notReady = ('The analysis has not finished yet.', 'No classes')
+    _fscTitle = 'Half-map FSC of the class reconstructions'
+    _fscMissing = 'The protocol ran without class reconstructions.'
+    _mapsWhat = 'the class maps'
 
     def _defineParams(self, form):
         form.addSection(label='Classes')
@@ -296,15 +299,14 @@ class GmmhetClusterViewer(EmProtocolViewer):
                 'displayTrajectory': self._showTrajectory,
                 'displayDisplacements': self._showDisplacements}
 
-    def _pngPath(self, name: str) -> str:
-        folder = self._getPath()
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, 'gmmhet_cluster_%s_%s' % (self.protocol.getObjId(), name))
+    def _isReady(self) -> bool:
+        return self.protocol.getSummary(missingOk=True) is not None
 
-    def _ready(self):
-        if self.protocol.getSummary(missingOk=True) is None:
-            return [self.errorMessage('The analysis has not finished yet.', title='No classes')]
-        return None
+    def _fscCurves(self):
+        return fscCurves(self.protocol)
+
+    def _writeMapsScript(self, outCxc: str) -> str:
+        return writeChimeraxScript(self.protocol, outCxc)
 
     def _showEmbedding(self, paramName=None):
         err = self._ready()
@@ -327,25 +329,6 @@ class GmmhetClusterViewer(EmProtocolViewer):
         drawClassSizes(plotter.createSubPlot('', '', ''), self.protocol)
         return [plotter]
 
-    def _showFsc(self, paramName=None):
-        err = self._ready()
-        if err:
-            return err
-        freq, curves = fscCurves(self.protocol)
-        if not curves:
-            return [self.errorMessage('The protocol ran without class reconstructions.', title='FSC')]
-        plotter = EmPlotter(x=1, y=1, figsize=(7, 4.5), windowTitle='Half-map FSC')
-        plots.draw_fsc(plotter.createSubPlot('', '', ''), freq, curves,
-                       title='Half-map FSC of the class reconstructions')
-        return [plotter]
-
-    def _showMaps(self, paramName=None):
-        err = self._ready()
-        if err:
-            return err
-        cxc = writeChimeraxScript(self.protocol, self._pngPath('maps.cxc'))
-        return cx.chimeraxViews(cxc, self, what='the class maps')
-
     def _showTrajectory(self, paramName=None):
         err = self._ready()
         if err:
@@ -355,16 +338,8 @@ class GmmhetClusterViewer(EmProtocolViewer):
             cxc = writeTrajectoryChimerax(self.protocol, pc, self._pngPath('trajectories'))
         except ValueError as e:
             return [self.errorMessage(str(e), title='PC trajectory')]
-        if cx.chimerax_program():
-            return cx.chimeraxViews(cxc, self, what='the PC%d trajectory' % pc)
-        # no ChimeraX: Scipion's own viewer of the trajectory maps (labels 'PC<pc> step <s>')
-        trajSet = getattr(self.protocol, 'outputTrajectories', None)
-        if trajSet is not None:
-            from pwem.viewers import ObjectView
-            return [ObjectView(self._project, trajSet.strId(), trajSet.getFileName())]
-        from pwem.viewers import DataView
-        maps = trajectoryMaps(self.protocol, pc)
-        return [DataView(m) for m in (maps[0], maps[-1])[:len(maps)]]   # the two ends
+        # without ChimeraX: the same message as the class maps, naming the command file
+        return cx.chimeraxViews(os.path.abspath(cxc), self, what='the PC%d trajectory' % pc)
 
     def _showDisplacements(self, paramName=None):
         err = self._ready()

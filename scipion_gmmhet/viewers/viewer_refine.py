@@ -23,12 +23,11 @@ import os
 import numpy as np
 
 import pyworkflow.protocol.params as params
-import pyworkflow.viewer as pwviewer
-from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
 from ..protocols.protocol_refine import ProtGmmhetRefine
-from . import chimerax as cx, plots
+from . import plots
+from .base import GmmhetViewer
 
 
 # ---------------------------------------------------------------------------- headless API
@@ -117,11 +116,13 @@ def writeRefineReport(prot, outDir: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- viewer
-class GmmhetRefineViewer(EmProtocolViewer):
+class GmmhetRefineViewer(GmmhetViewer):
     """Pose changes and reconstructions of "gmmhet - refine orientations"."""
     _label = 'viewer refine orientations'
     _targets = [ProtGmmhetRefine]
-    _environments = [pwviewer.DESKTOP_TKINTER, pwviewer.WEB_DJANGO]
+    _fileTag = 'refine'
+    _notReady = ('The refinement has not finished yet.', 'No results')
+    _fscTitle = 'Half-map FSC before / after refinement'
 
     def _defineParams(self, form):
         form.addSection(label='Refinement')
@@ -133,15 +134,14 @@ class GmmhetRefineViewer(EmProtocolViewer):
         return {'displayChanges': self._showChanges, 'displayFsc': self._showFsc,
                 'displayMaps': self._showMaps}
 
-    def _pngPath(self, name: str) -> str:
-        folder = self._getPath()
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, 'gmmhet_refine_%s_%s' % (self.protocol.getObjId(), name))
+    def _isReady(self) -> bool:
+        return self.protocol.getChangeSummary() is not None
 
-    def _ready(self):
-        if self.protocol.getChangeSummary() is None:
-            return [self.errorMessage('The refinement has not finished yet.', title='No results')]
-        return None
+    def _fscCurves(self):
+        return fscCurves(self.protocol)
+
+    def _writeMapsScript(self, outCxc: str) -> str:
+        return writeChimeraxScript(self.protocol, outCxc)
 
     def _showChanges(self, paramName=None):
         err = self._ready()
@@ -151,22 +151,3 @@ class GmmhetRefineViewer(EmProtocolViewer):
         axes = [plotter.createSubPlot('', '', '') for _ in range(3)]
         drawChanges(axes, self.protocol)
         return [plotter]
-
-    def _showFsc(self, paramName=None):
-        err = self._ready()
-        if err:
-            return err
-        freq, curves = fscCurves(self.protocol)
-        if not curves:
-            return [self.errorMessage('The protocol ran without reconstructions.', title='FSC')]
-        plotter = EmPlotter(x=1, y=1, figsize=(7, 4.5), windowTitle='Half-map FSC')
-        plots.draw_fsc(plotter.createSubPlot('', '', ''), freq, curves,
-                       title='Half-map FSC before / after refinement')
-        return [plotter]
-
-    def _showMaps(self, paramName=None):
-        err = self._ready()
-        if err:
-            return err
-        cxc = writeChimeraxScript(self.protocol, self._pngPath('maps.cxc'))
-        return cx.chimeraxViews(cxc, self, what='the maps')

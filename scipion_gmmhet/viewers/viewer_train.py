@@ -23,12 +23,12 @@ import os
 import numpy as np
 
 import pyworkflow.protocol.params as params
-import pyworkflow.viewer as pwviewer
-from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
 from ..protocols.protocol_train import ProtGmmhetTrain
 from . import plots
+from .base import GmmhetViewer
+from .latent_selection import LatentSelectionMixin
 
 EMBEDDINGS = ['PCA', 'UMAP']
 PLOT_TYPES = ['scatter', 'density (hexbin)', 'scatter and density']
@@ -122,11 +122,12 @@ def writeTrainReport(prot, outDir: str, methods=('pca',), colorBy: str | None = 
 
 
 # ---------------------------------------------------------------------------- viewer
-class GmmhetTrainViewer(EmProtocolViewer):
-    """Latent space and training curves of "gmmhet - train heterogeneity"."""
+class GmmhetTrainViewer(LatentSelectionMixin, GmmhetViewer):
+    """Latent space, training curves, interactive selection and the live 3D explorer of
+    "gmmhet - train heterogeneity" (the one viewer "Analyze results" opens)."""
     _label = 'viewer train heterogeneity'
     _targets = [ProtGmmhetTrain]
-    _environments = [pwviewer.DESKTOP_TKINTER, pwviewer.WEB_DJANGO]
+    _fileTag = 'train'
 
     def _defineParams(self, form):
         form.addSection(label='Latent space')
@@ -149,12 +150,20 @@ class GmmhetTrainViewer(EmProtocolViewer):
                       help='Attribute path on the particle, e.g. _rlnRandomSubset or '
                            '_ctfModel._defocusU.')
         form.addParam('displayLatent', params.LabelParam, label='Show the latent space')
-        form.addSection(label='Training')
         form.addParam('displayLoss', params.LabelParam,
-                      label='Show training and validation loss')
+                      label='Show training and validation loss',
+                      help='Loss per epoch on the training and the validation particles: look '
+                           'at it first; a validation loss that rises while the training loss '
+                           'falls means over-fitting (fewer epochs).')
+        form.addSection(label='Interactive')
+        self._defineSelectionParams(form, embedding=False)
 
     def _getVisualizeDict(self):
-        return {'displayLatent': self._showLatent, 'displayLoss': self._showLoss}
+        return {'displayLatent': self._showLatent, 'displayLoss': self._showLoss,
+                'displaySelection': self._showSelection}
+
+    def _selectionColorBy(self):
+        return self._colorBy()
 
     def _colorBy(self) -> str | None:
         choice = self.colorBy.get()
@@ -165,11 +174,6 @@ class GmmhetTrainViewer(EmProtocolViewer):
         if choice == COLOR_ATTRIBUTE:
             return (self.attributeName.get() or '').strip() or None
         return None
-
-    def _pngPath(self, name: str) -> str:
-        folder = self._getPath()
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, 'gmmhet_train_%s_%s.png' % (self.protocol.getObjId(), name))
 
     def _showLatent(self, paramName=None):
         prot = self.protocol
@@ -196,7 +200,7 @@ class GmmhetTrainViewer(EmProtocolViewer):
             plots.draw_hexbin(plotter.createSubPlot('', axes[0], axes[1]), xy,
                               values=values if kind == 'hexbin' else None,
                               value_label=label, axis_labels=axes)
-        plotter.savefig(self._pngPath('latent_%s' % method))
+        plotter.savefig(self._pngPath('latent_%s.png' % method))
         return [plotter]
 
     def _showLoss(self, paramName=None):
@@ -207,5 +211,5 @@ class GmmhetTrainViewer(EmProtocolViewer):
         plotter = EmPlotter(x=1, y=1, figsize=(6.5, 4.5), windowTitle='Training curves')
         plots.draw_loss(plotter.createSubPlot('', 'epoch', 'loss'), prot.getLossFile(),
                         title='Training and validation loss')
-        plotter.savefig(self._pngPath('loss'))
+        plotter.savefig(self._pngPath('loss.png'))
         return [plotter]

@@ -3,7 +3,7 @@
 Everything is keyed by particle row: ``latents[i]`` is the latent vector of star row ``i``
 (``train_dir/latent.npy``), ``labels[i]`` its cluster, ``embedding[i]`` its 2-D point.
 
-The model is any object with the interface of :class:`train.TrainedModel`: ``zdim``,
+The model is any object with the interface of :class:`training.trained.TrainedModel`: ``zdim``,
 ``neutral`` (:class:`gmm.GMM`), ``decode(z (B, K) tensor) -> (centers_A (B, N, 3),
 amplitudes (B, N), sigmas_A (B, N))`` and ``gmm_at(z (K,)) -> GMM``.
 

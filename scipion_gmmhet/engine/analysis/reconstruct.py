@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, fourier_grid, image_to_fourier, origin_phase
@@ -358,15 +359,35 @@ def half_assignment(meta, seed: int = 0) -> np.ndarray:
     consistent split)."""
     n = len(meta)
     parts = getattr(meta, "particles", None)
-    if parts is not None and "rlnRandomSubset" in parts.columns:
-        h = np.asarray(parts["rlnRandomSubset"]).astype(np.int64)
-        if set(np.unique(h).tolist()) == {1, 2}:
+    if parts is not None and "rlnRandomSubset" in parts.columns and n:
+        h, problem = _random_subset_problem(parts["rlnRandomSubset"])
+        if problem is None:
             return h
-        log.warning("rlnRandomSubset holds values other than 1 and 2; using a random split instead")
+        log.warning("rlnRandomSubset %s; the half maps use a seeded random split of these %d particles instead",
+                    problem, n)
     rng = np.random.default_rng(seed)
     h = np.ones(n, dtype=np.int64)
     h[rng.permutation(n)[n // 2:]] = 2
     return h
+
+
+def _random_subset_problem(column) -> tuple[np.ndarray | None, str | None]:
+    """``(halves, None)`` when ``rlnRandomSubset`` holds 1s and 2s only, both present; else
+    ``(None, what is wrong)`` in words (only one subset, other values, not whole numbers)."""
+    values = pd.to_numeric(pd.Series(np.asarray(column)), errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        return None, f"holds {int(bad.sum())} value(s) that are not whole numbers (e.g. {np.asarray(column)[bad][0]!r})"
+    h = values.astype(np.int64)
+    present = sorted(set(np.unique(h).tolist()))
+    other = [v for v in present if v not in (1, 2)]
+    if other:
+        return None, (f"holds values other than 1 and 2 ({', '.join(str(v) for v in other[:3])}"
+                      f"{', ...' if len(other) > 3 else ''} in {int(np.isin(h, other).sum())} rows)")
+    if len(present) == 1:
+        return None, (f"puts every particle in subset {present[0]} (no subset {3 - present[0]}: the star holds one "
+                      "half of a data set, e.g. one half of an --even-odd pair)")
+    return h, None
 
 
 def auto_batch_size(box: int, budget_samples: int = 1 << 22) -> int:

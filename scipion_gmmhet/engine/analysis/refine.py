@@ -126,7 +126,7 @@ class NeutralModels:
 
 class LatentModels:
     """Each particle's GMM decoded from its latent vector by a trained network
-    (:class:`train.TrainedModel`: ``decode(z (B, K)) -> centers_A (B,N,3), amplitudes (B,N),
+    (:class:`training.trained.TrainedModel`: ``decode(z (B, K)) -> centers_A (B,N,3), amplitudes (B,N),
     sigmas_A (B,N)``, ``neutral``). ``latents`` ``(n_particles, K)``: row ``i`` is particle row
     ``i`` of the particles being refined (never paired by position with another list).
 
@@ -373,7 +373,7 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
                  progress: Callable[[int, int], None] | None = None) -> RefineResult:
     """Refine every particle's pose locally (see the module docstring).
 
-    ``particles``: :class:`features.Particles` without symmetry expansion (images, current
+    ``particles``: :class:`io.data.Particles` without symmetry expansion (images, current
     RELION rotations and origins, CTF in its ``ctf_mode``; its device is used);
     ``models.gaussians(rows)`` the particle-specific GMMs. ``max_angle_deg``: radius of the
     rotation search (degrees); ``max_shift_A``: radius of the shift search (Angstrom, default

@@ -8,7 +8,8 @@ inversion with CTF correction, two half maps, FSC) to check that each state is i
 Optional: the motion of a masked domain (--domain-mask) and the even/odd reproducibility test
 against a second training on the other half of the particles (--even-odd).
 
-Writes to --out: labels.npy (cluster per star row, 0-based), embedding_pca.npy (all PCs),
+Writes to --out: labels.npy (cluster per star row, 0-based), cluster_XX_rows.txt (the 0-based
+star rows of cluster XX, one per line: `gmmhet reconstruct --indices`), embedding_pca.npy (all PCs),
 embedding_umap.npy, centers.npy (cluster centres, latent space), cluster_XX_gmm.mrc,
 cluster_XX.mrc + _half1/_half2.mrc + _mask.mrc + _fsc.csv, pcN_SS.mrc, pcN_motion.bild/.cmm/.png
 (Gaussian displacements from the first to the last trajectory point: ChimeraX arrows, markers,
@@ -18,6 +19,8 @@ sizes, centres, resolutions).
 Examples:
 
     gmmhet analyze --train train/ --particles particles.star --clusters 4 --out analysis/
+    gmmhet reconstruct --particles particles.star --indices analysis/cluster_00_rows.txt --out cl00.mrc
+    gmmhet analyze --train train/ --clusters 0 --no-reconstruct --out embedding_only/
     gmmhet analyze --train train/ --particles particles.star --clusters 2 --method gmm --embedding both --out an2/
     gmmhet analyze --train train/ --particles particles.star --clusters 6 --no-reconstruct --traj-steps 20 --out an3/
     gmmhet analyze --train even/ --even-odd odd/ --particles even.star --clusters 3 --domain-mask arm.mrc --out an4/
@@ -32,7 +35,7 @@ import time
 
 import numpy as np
 
-from ..io.atomic import save_npy, write_text
+from ..io.atomic import make_output_dir, save_npy, write_text
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.analyze")
@@ -46,7 +49,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latents", metavar="FILE.npy",
                         help="latent vectors to analyse instead of DIR/latent.npy: (N, K) float, row i = row i "
                              "of --particles (e.g. a subset of the trained particles); needs --particles")
-    parser.add_argument("--clusters", type=int, required=True, metavar="K", help="number of clusters")
+    parser.add_argument("--clusters", type=int, default=0, metavar="K",
+                        help="number of clusters (default 0: embeddings and trajectories only)")
     parser.add_argument("--method", choices=["kmeans", "gmm"], default="kmeans",
                         help="clustering: k-means or Gaussian mixture (default kmeans)")
     parser.add_argument("--whiten", action="store_true",
@@ -79,6 +83,18 @@ def _write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1, default=float))
 
 
+def _write_cluster_rows(out: str, labels: np.ndarray, k: int, n_ops: int) -> None:
+    """cluster_XX_rows.txt: the 0-based star rows of each cluster, one per line (the input of
+    ``gmmhet reconstruct --indices``). A symmetry-expanded training has n_ops latent rows per
+    star row; a star row then goes to the cluster most of its copies fall in."""
+    labels = np.asarray(labels).reshape(-1, n_ops) if n_ops > 1 else np.asarray(labels)[:, None]
+    votes = np.stack([(labels == c).sum(1) for c in range(k)], axis=1)
+    per_row = votes.argmax(1)
+    for c in range(k):
+        rows = np.nonzero(per_row == c)[0]
+        write_text(os.path.join(out, f"cluster_{c:02d}_rows.txt"), "".join(f"{r}\n" for r in rows))
+
+
 def _xy(emb: np.ndarray) -> np.ndarray:
     if emb.shape[1] >= 2:
         return emb[:, :2]
@@ -89,15 +105,17 @@ def main(args: argparse.Namespace) -> int:
     from ..analysis import latent as an
     from ..model.fourier import fsc_table
     from ..io.mrc import read_map, write_map
-    from ..training.train import load_trained
+    from ..training.trained import load_trained
 
     t0 = time.time()
     out = os.path.abspath(args.out)
-    if args.clusters < 1:
-        raise InputError(f"--clusters {args.clusters}: give at least 1")
+    if args.clusters < 0:
+        raise InputError(f"--clusters {args.clusters}: give 0 (no clustering) or a number of clusters")
+    if args.even_odd and args.clusters < 1:
+        raise InputError("--even-odd: give --clusters K too (the clusters are matched between the halves)")
     if args.traj_steps < 0 or args.traj_steps == 1:
         raise InputError(f"--traj-steps {args.traj_steps}: give 0 (no trajectories) or at least 2")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     model = load_trained(args.train, args.device)
     info = dict(getattr(model, "info", {}) or {})
     cfg_path = os.path.join(args.train, "config.json")
@@ -156,16 +174,18 @@ def main(args: argparse.Namespace) -> int:
         log.info("UMAP of %d points in %.1f s", z.shape[0], time.time() - tu)
 
     # clustering
-    cl = an.cluster_latents(z, args.clusters, args.method, args.seed, whiten=args.whiten)
-    _write_npy(os.path.join(out, "labels.npy"), cl.labels)
-    _write_npy(os.path.join(out, "centers.npy"), cl.centers)
+    cl = an.cluster_latents(z, args.clusters, args.method, args.seed, whiten=args.whiten) if args.clusters else None
+    if cl is not None:
+        _write_npy(os.path.join(out, "labels.npy"), cl.labels)
+        _write_npy(os.path.join(out, "centers.npy"), cl.centers)
+        _write_cluster_rows(out, cl.labels, args.clusters, n_ops)
     clusters = []
     for c in range(args.clusters):
         clusters.append({"label": c, "size": int(cl.sizes[c]), "fraction": float(cl.sizes[c] / z.shape[0]),
                          "center": cl.centers[c].round(5).tolist(), "nearest_row": int(cl.nearest_rows[c]),
                          "nearest_latent": z[cl.nearest_rows[c]].round(5).tolist()})
         log.info("cluster %d: %d particles (%.1f%%)", c, cl.sizes[c], 100 * cl.sizes[c] / z.shape[0])
-    for name, emb in embeddings.items():
+    for name, emb in (embeddings.items() if cl is not None else ()):
         cxy = (pca.transform(cl.centers)[:, :2] if name == "pca" else emb[cl.nearest_rows])
         cxy = _xy(cxy)
         axes = ((f"PC1 ({100 * pca.explained_variance_ratio_[0]:.0f}%)",
@@ -176,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
 
     # maps from the model
     gmm_maps = {}
-    if not args.no_gmm_maps:
+    if not args.no_gmm_maps and cl is not None:
         for c, vol in enumerate(an.render_at(model, cl.centers, box, apix)):
             path = os.path.join(out, f"cluster_{c:02d}_gmm.mrc")
             write_map(path, vol, apix)
@@ -204,10 +224,10 @@ def main(args: argparse.Namespace) -> int:
     summary["trajectories"] = trajectories
 
     if args.domain_mask:
+        from ..io.validate import check_mask_matches
         mask, mask_apix = read_map(args.domain_mask)
-        if mask.shape[0] != box or abs(mask_apix - apix) > 1e-3 * apix:
-            raise InputError(f"--domain-mask {args.domain_mask}: box {mask.shape[0]} at {mask_apix:.4f} A/px but "
-                             f"the model is box {box} at {apix:.4f} A/px; resample the mask")
+        check_mask_matches(mask.shape, mask_apix, (box,) * 3, apix, f"--domain-mask {args.domain_mask}",
+                           "the Gaussian model")
         inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
         dm = an.domain_motion(model, z, inside, seed=args.seed)
         pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 
+from ..io.atomic import make_output_dir
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.build")
@@ -76,7 +77,7 @@ def main(args) -> int:
     if args.mask:
         mask, mask_apix = read_map(args.mask, apix=args.apix)
         validate.check_mask_matches(mask.shape, mask_apix, vol.shape, apix, args.mask)
-    os.makedirs(args.out, exist_ok=True)
+    make_output_dir(args.out)
     res = build_gmm(vol, apix, args.resolution, mask=mask, n_gauss=args.n_gauss or None, device=args.device,
                     seed=args.seed, steps=args.steps)
     gmm = res.gmm

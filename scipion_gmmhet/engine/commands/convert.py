@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from ..io.atomic import make_output_dir
 from ..errors import InputError
 from ..io.metadata import read_particles, write_particles
 
@@ -45,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out}: same file as the input; write the canonical star elsewhere")
     if not out.endswith(".star"):
         raise InputError(f"{args.out}: output must be a .star file")
+    make_output_dir(os.path.dirname(out))
     meta = read_particles(args.input, images_root=args.images_root, apix=args.apix)
     meta.validate(require_alignment=False, require_ctf=False,
                   check_images=not args.skip_image_check, allow_duplicates=True)

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from ..io.atomic import make_output_dir
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _points(args, zdim: int) -> np.ndarray:
 
 def main(args) -> int:
     from ..io.mrc import write_map
-    from ..training.train import load_trained
+    from ..training.trained import load_trained
     if args.box is not None and args.box < 2 or args.apix is not None and args.apix <= 0:
         raise InputError("--box must be >= 2 and --apix > 0")
     tm = load_trained(args.train, device=args.device)
@@ -70,7 +71,7 @@ def main(args) -> int:
         outs = [f"{stem}_{i:03d}.mrc" for i in range(len(z))]
     for point, path in zip(z, outs):
         d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
+        make_output_dir(d)
         write_map(path, tm.gmm_at(point).render(box, apix), apix)
         log.info("z = [%s] -> %s (box %d, %.4g A/px)", ", ".join(f"{v:.4g}" for v in point), path, box, apix)
     return 0

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 
+from ..io.atomic import make_output_dir
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.reconstruct")
@@ -42,7 +43,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_REG_FRAC})")
     parser.add_argument("--ctf-mode", choices=list(CTF_MODES), default=None,
                         help="how the images carry the CTF (default: 'full', or 'premultiplied' per "
-                             "optics group as flagged by rlnCtfDataAreCtfPremultiplied; 'none' without CTF)")
+                             "optics group as flagged by rlnCtfDataAreCtfPremultiplied); particles without CTF need 'none'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half split (default 0)")
     parser.add_argument("--images-root", metavar="DIR", help="directory the image names are relative to")
     parser.add_argument("--no-mask", action="store_true", help="skip the automatic mask and the masked FSC")
@@ -59,16 +60,17 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out}: same file as the input; write the map elsewhere")
     if args.pad < 1 or args.reg_frac < 0:
         raise InputError("--pad must be >= 1 and --reg-frac >= 0")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    make_output_dir(os.path.dirname(out))
     meta = read_particles(args.particles, images_root=args.images_root)
+    from ..io.validate import resolve_ctf_mode
+    if not meta.has_ctf():  # ignoring the CTF is an explicit choice (--ctf-mode none)
+        resolve_ctf_mode(False, args.ctf_mode, args.particles, option="--ctf-mode none")
     ctf_mode = args.ctf_mode
     meta.validate(require_alignment=True, require_ctf=ctf_mode not in ("none",) and meta.has_ctf(),
                   check_images=True, allow_duplicates=True)
     from ..io.data import ParticleImages
     from ..io.validate import check_images_finite
     check_images_finite(ParticleImages(meta), sample=256, name=args.particles)
-    if ctf_mode is None and not meta.has_ctf():
-        log.warning("%s: no CTF parameters; reconstructing WITHOUT CTF correction", args.particles)
     rows = read_indices(args.indices, len(meta)) if args.indices else None
     n = len(meta) if rows is None else rows.size
     log.info("reconstructing %d of %d particles (box %d px, %.4g A/px) on %s", n, len(meta), meta.box,

@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from ..io.atomic import atomic_write
+from ..io.atomic import atomic_write, make_output_dir
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rounds", type=int, default=3, help="most refinements with --rounds auto (default 3)")
     p.add_argument("--retrain-epochs", type=int, default=None,
                    help="epochs of each retraining (default: the trained run's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out with the same settings: keep its finished "
+                        "rounds (round_r/refine_result.npz) and resume a retraining from its last checkpoint")
 
 
 def _write_csv_atomic(path: str, df) -> None:
@@ -97,7 +100,8 @@ def _write_csv_atomic(path: str, df) -> None:
 
 
 def main(args) -> int:
-    from ..training.train import load_trained, resolve_device
+    from ..device import resolve_device
+    from ..training.trained import load_trained
 
     if args.max_angle is not None and not args.max_angle >= 0:
         raise InputError(f"--max-angle {args.max_angle}: must be >= 0 degrees; e.g. 6")
@@ -108,15 +112,22 @@ def main(args) -> int:
         raise InputError(f"--retrain-epochs {args.retrain_epochs}: give at least 1")
     device = resolve_device(args.device)
     tm = load_trained(args.train, device)
-    os.makedirs(args.out, exist_ok=True)
+    make_output_dir(args.out)
     precision = angular_precision(args.max_angle, args.levels)
+    resume = _resumable(args)
     star, latents_arg, encode = args.particles, args.latents, args.encode
     meta0 = None
     history = []
     for r in range(1, n_rounds + 1):
         round_dir = args.out if n_rounds == 1 else os.path.join(args.out, f"round_{r}")
         os.makedirs(round_dir, exist_ok=True)
-        meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir)
+        kept = _load_round(star, round_dir) if resume else None
+        if kept is not None:
+            meta, out_meta, res = kept
+            log.info("refine round %d: finished before the interruption; kept %s", r, round_dir)
+        else:
+            meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir)
+            _save_round(res, round_dir)
         if meta0 is None:
             meta0, score0 = meta, res.score_before
         s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
@@ -130,7 +141,7 @@ def main(args) -> int:
         if r == n_rounds or (auto and converged):
             break
         # e2gmm's iteration: retrain on the refined poses, refine again
-        tm = _retrain(tm, star, args, device, os.path.join(round_dir, "train"))
+        tm = _retrain(tm, star, args, device, os.path.join(round_dir, "train"), resume)
         latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
     if n_rounds > 1:
         _write_overall(meta0, out_meta, score0, res.score_after, args.out)
@@ -171,7 +182,8 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     from ..io import metadata
     from ..analysis import refine
     from ..conventions import matrix_to_euler
-    from ..training.features import Particles, focus_mask_gaussians
+    from ..io.data import Particles
+    from ..training.features import focus_mask_gaussians
 
     cfg = tm.config
     n_ops = 1
@@ -245,19 +257,78 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     return meta, out_meta, res
 
 
-def _retrain(tm, star: str, args, device, out_dir: str):
+def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
     """Train a new network with the settings of ``tm``'s run (its neutral GMM, band, mask,
-    seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``."""
-    from ..training.features import Particles
-    from ..training.train import TrainConfig, load_trained, train
+    seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``.
+    ``resume``: a finished retraining (model.pt) is loaded, an interrupted one goes on from its
+    last checkpoint."""
+    from ..io.data import Particles
+    from ..training.config import TrainConfig
+    from ..training.train import train
+    from ..training.trained import load_trained
+    if resume and os.path.exists(os.path.join(out_dir, "model.pt")):
+        log.info("refine: retraining in %s finished before the interruption; loading it", out_dir)
+        return load_trained(out_dir, device)
 
     cfg = TrainConfig.from_dict(tm.config)
     if args.retrain_epochs is not None:
         cfg.epochs = int(args.retrain_epochs)
     log.info("refine: retraining on the refined poses (%d epochs) into %s", cfg.epochs, out_dir)
     particles = Particles.from_star(star, symmetry=cfg.symmetry, ctf_mode=cfg.ctf_mode, device=device)
-    train(particles, tm.neutral, cfg, out_dir, star_path=star)
+    train(particles, tm.neutral, cfg, out_dir, resume=resume, star_path=star)
     return load_trained(out_dir, device)
+
+
+#: Settings that must not change for --resume to keep earlier rounds (the rest: device, batch size).
+_RESUME_KEYS = ("train", "particles", "latents", "encode", "mask", "max_angle", "max_shift", "lowres", "highres",
+                "levels", "polish_steps", "score", "prior", "min_gain", "ctf_mode", "rounds", "max_rounds",
+                "retrain_epochs")
+
+
+def _resumable(args) -> bool:
+    """Record the settings in OUT/refine_settings.json; True when ``--resume`` finds the same
+    settings recorded by the interrupted run (else it starts from the first round and says so)."""
+    import json
+
+    from ..io.atomic import write_text
+    path = os.path.join(args.out, "refine_settings.json")
+    now = {k: getattr(args, k, None) for k in _RESUME_KEYS}
+    now = json.loads(json.dumps(now, default=str))
+    same = False
+    if args.resume:
+        try:
+            with open(path) as f:
+                same = json.load(f) == now
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.warning("refine --resume: %s holds no interrupted run with these settings; starting from the "
+                        "first round", args.out)
+    write_text(path, json.dumps(now, indent=1))
+    return same
+
+
+_ROUND_FILE = "refine_result.npz"
+
+
+def _save_round(res, round_dir: str) -> None:
+    """The round's exact result (written last: its presence marks a finished round)."""
+    from dataclasses import asdict
+    atomic_write(os.path.join(round_dir, _ROUND_FILE), lambda tmp: np.savez(tmp, **asdict(res)), suffix=".tmp.npz")
+
+
+def _load_round(star: str, round_dir: str):
+    """(input metadata, output metadata, RefineResult) of a finished round, or None."""
+    from ..analysis.refine import RefineResult
+    from ..io import metadata
+    path = os.path.join(round_dir, _ROUND_FILE)
+    if not (os.path.exists(path) and os.path.exists(os.path.join(round_dir, "particles.star"))):
+        return None
+    with open(path, "rb") as f:
+        with np.load(f, allow_pickle=False) as z:
+            res = RefineResult(**{k: z[k] for k in z.files})
+    return (metadata.read_particles(star), metadata.read_particles(os.path.join(round_dir, "particles.star")),
+            res)
 
 
 def _write_overall(meta0, out_meta, score_before, score_after, out_dir: str) -> None:

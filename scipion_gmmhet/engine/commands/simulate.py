@@ -41,8 +41,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..io.atomic import make_output_dir
     from ..simulation.simulate import simulate
 
+    make_output_dir(args.out)
     result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix, snr=args.snr, seed=args.seed,
                       n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
                       molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)

@@ -32,7 +32,7 @@ from ..errors import InputError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from ..training.train import TrainConfig
+    from ..training.config import TrainConfig
     d = TrainConfig()
     p.add_argument("--particles", required=True, help="RELION particle star file with 3D alignment and CTF")
     p.add_argument("--gmm", required=True, help="neutral GMM: 'gmmhet build' output folder or its gmm.npz")
@@ -80,9 +80,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from ..training.distributed import init_from_env
-    from ..training.features import Particles
+    from ..io.atomic import make_output_dir
+    from ..io.data import Particles
+    from ..training.features import focus_mask_gaussians
     from ..model.networks import parse_changes
-    from ..training.train import TrainConfig, load_gmm, resolve_device, train
+    from ..device import resolve_device
+    from ..training.config import TrainConfig, load_gmm
+    from ..training.train import train
     if args.zdim < 1:
         raise InputError(f"--zdim {args.zdim}: the latent dimension must be at least 1")
     if not 0 <= args.val_fraction < 0.5:
@@ -97,8 +101,11 @@ def main(args) -> int:
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:
         neutral = load_gmm(args.gmm)
+        if args.mask:  # grid and selection checked before the particles are read (engine/io/validate.py)
+            focus_mask_gaussians(neutral, args.mask)
         particles = Particles.from_star(args.particles, symmetry=args.symmetry, ctf_mode=args.ctf_mode,
                                         device=dist.device)
+        make_output_dir(args.out)
         train(particles, neutral, cfg, args.out, resume=args.resume, star_path=args.particles, dist=dist)
     finally:
         dist.close()

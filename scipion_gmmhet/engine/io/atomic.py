@@ -81,6 +81,27 @@ def disk_full_error(path: str, exc: BaseException) -> InputError | None:
     return InputError(f"{path}: disk full while writing ({why}); free space or choose another output folder")
 
 
+def make_output_dir(folder, what: str = "--out") -> str:
+    """Create the output folder ``folder`` (and its parents) when missing; returns its absolute
+    path. InputError (one line) when it cannot: a file of that name, no permission, a full disk."""
+    folder = os.path.abspath(os.fspath(folder) or ".")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{what} {folder}: cannot create the output folder, a file of that name exists; "
+                         "choose another output path") from None
+    except NotADirectoryError:
+        raise InputError(f"{what} {folder}: cannot create the output folder, a parent of it is a file; "
+                         "choose another output path") from None
+    except OSError as exc:
+        raise InputError(f"{what} {folder}: cannot create the output folder "
+                         f"({exc.strerror or type(exc).__name__}); choose a writable output path") from None
+    if not os.path.isdir(folder):
+        raise InputError(f"{what} {folder}: cannot create the output folder, a file of that name exists; "
+                         "choose another output path")
+    return folder
+
+
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -276,7 +276,8 @@ class ParticleMetadata:
         for path, g in table.groupby("p", sort=False):
             if not os.path.exists(path):
                 raise InputError(f"{src}: image stack {path} not found ({len(g)} particles use it); "
-                                 "give the directory the image names are relative to (--images-root)")
+                                 f"write a star whose image names resolve: gmmhet convert {src} "
+                                 "--images-root DIR_OF_THE_STACKS --out fixed.star, then give fixed.star")
             stack = open_stack(path)
             n, d = stack.shape[0], stack.shape[1]
             del stack

@@ -16,15 +16,24 @@ Particles and map with a different box or pixel size (:func:`check_particles_vs_
     accepted when the particle box covers the model, with a note to log saying so; when it
     does not, it is refused. A mismatch is never silent.
 
-CTF (:func:`check_particles`)
-    ``need_ctf=True`` refuses particles without CTF parameters and says how to proceed
-    (give CTF estimates, or declare the images phase-flipped/CTF-free so that the CTF is
-    ignored). A caller that ignores the CTF passes ``need_ctf=False`` and logs that it does.
+CTF (:func:`resolve_ctf_mode`, :func:`check_particles`)
+    Particles without CTF parameters are refused unless the user chose "no CTF" explicitly
+    (``--ctf none`` on the command line, CTF = none in the Scipion form): the same function and
+    the same message for both. ``auto`` never turns into "ignore the CTF" silently.
+
+Masks (:func:`check_mask_matches`)
+    A mask on another box or pixel size than the map it belongs to (the consensus map for
+    ``build``, the Gaussian model's grid for ``train``/``refine``/``analyze``) is refused, by
+    every command and every protocol, with one message.
+
+The protocols call these same functions in ``_validate`` (with the form field as the input's
+name), so the command line and the GUI refuse the same input with the same text after the name.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Sequence
 
 import numpy as np
@@ -61,17 +70,38 @@ def check_particles(meta, need_ctf: bool = True, min_particles: int = 2, need_al
     n = len(meta)
     if n == 0:
         raise InputError(f"{src}: no particles; give a particle set with at least {max(1, min_particles)} particles")
-    if need_ctf and "rlnImageName" in meta.particles.columns and not meta.has_ctf():
-        missing = [c for c in ["rlnDefocusU"] if c not in meta.particles.columns]
-        missing += [c for c in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
-                    if c not in meta.optics.columns]
-        raise InputError(f"{src}: no CTF parameters (missing {', '.join(missing)}); give particles with CTF "
-                         "estimates, or declare the images phase-flipped/CTF-free (--ctf none) so the CTF is ignored")
+    if need_ctf and "rlnImageName" in meta.particles.columns:
+        resolve_ctf_mode(meta.has_ctf(), "auto", src)
     meta.validate(require_alignment=need_alignment, require_ctf=need_ctf, check_images=check_images,
                   allow_duplicates=allow_duplicates)
     if n < min_particles:
         raise InputError(f"{src}: {n} particle(s) but {purpose} needs at least {min_particles}; "
                          "give a larger particle set")
+
+
+CTF_OPTION = "--ctf none"
+
+
+def ctf_missing_message(name: str, option: str = CTF_OPTION) -> str:
+    """The one refusal for particles without CTF parameters (command line and GUI)."""
+    return (f"{name}: no CTF parameters (rlnDefocusU/V/Angle, rlnVoltage, rlnSphericalAberration, "
+            f"rlnAmplitudeContrast); give particles with CTF estimates, or choose CTF none ({option}; in Scipion: "
+            "CTF = none) when the images are phase-flipped or CTF-free")
+
+
+def resolve_ctf_mode(has_ctf: bool, ctf_mode: str | None, name: str, premultiplied: bool = False,
+                     option: str = CTF_OPTION) -> str:
+    """The CTF mode to use: ``auto``/``None`` -> ``premultiplied`` or ``ctf`` when the particles have
+    CTF parameters; ``none`` stays ``none``; any mode but ``none`` on particles without CTF
+    parameters is refused (:func:`ctf_missing_message`): ignoring the CTF is an explicit choice."""
+    mode = "auto" if ctf_mode is None else str(ctf_mode)
+    if mode == "none":
+        return "none"
+    if not has_ctf:
+        raise InputError(ctf_missing_message(name, option))
+    if mode == "auto":
+        return "premultiplied" if premultiplied else "ctf"
+    return mode
 
 
 def check_images_finite(images, sample: int | None = 256, name: str = "particles", rows=None,
@@ -173,6 +203,32 @@ def check_mask_matches(mask_shape, mask_apix: float | None, map_shape, map_apix:
         raise InputError(f"{name}: pixel size {float(mask_apix):.4g} A differs from {map_name}'s "
                          f"{float(map_apix):.4g} A; "
                          "resample the mask onto the map's grid (e.g. relion_image_handler --rescale_angpix)")
+
+
+def mask_grid_message(name: str, mask_shape, mask_apix: float | None, map_shape, map_apix: float,
+                      map_name: str) -> str | None:
+    """The refusal text of :func:`check_mask_matches` (None when the grids agree), for callers
+    that collect errors (the protocols' ``_validate``)."""
+    try:
+        check_mask_matches(mask_shape, mask_apix, map_shape, map_apix, name, map_name)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def model_grid(train_or_gmm: str) -> tuple[int, float] | None:
+    """``(box, apix)`` of the Gaussian model in a training folder, a build folder or a gmm.npz
+    (read without torch, for the GUI); None when there is none or it cannot be read."""
+    path = train_or_gmm
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "gmm.npz")
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return int(z["box"]), float(z["apix"])
+    except Exception:  # unreadable: the command that loads it says so in one line
+        return None
 
 
 def check_particles_vs_map(meta, map_box: int, map_apix: float, allow_resample: bool = False,

@@ -1,1 +1,3 @@
-"""Training: gradient features, the training loop, acceleration, several processes."""
+"""Training: settings and band (``config``), gradient features, the loop (``train``), mixed
+precision and compile (``acceleration``), prefetching, several processes (``distributed``), and
+loading a trained model (``trained``)."""

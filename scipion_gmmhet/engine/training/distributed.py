@@ -121,7 +121,7 @@ def init_from_env(device: str | None = None) -> Dist:
     or return a one-process :class:`Dist`. ``device``: ``cpu``/``cuda``/``auto`` as for
     ``--device``; with CUDA each process takes ``cuda:LOCAL_RANK`` (of the GPUs in
     ``CUDA_VISIBLE_DEVICES``)."""
-    from .train import resolve_device
+    from ..device import resolve_device
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Dist(device=resolve_device(device))

@@ -10,11 +10,7 @@ Batched: the neutral parameters are expanded into a ``(B, N, ...)`` leaf, one pe
 the per-particle losses are summed and ONE backward pass gives every particle's gradient
 (particle ``b``'s loss depends only on row ``b`` of the leaf).
 
-CTF of the model projection (``ctf_mode``): ``ctf`` multiplies by RELION's CTF (raw images);
-``flipped`` by ``|CTF|`` (phase-flipped images); ``premultiplied`` by ``CTF^2`` (images
-already multiplied by the CTF, ``rlnCtfDataAreCtfPremultiplied``); ``none`` applies none.
-``auto`` picks ``premultiplied`` for stars that say so, ``ctf`` when the star has CTF
-parameters, else ``none``.
+The CTF of the projection follows the particles' ``ctf_mode`` (:mod:`io.data`).
 
 Normalisation (documented, stored with the model so new particles are encoded the same way):
 from a seeded sample of up to ``n_stats`` particles, each feature's mean is subtracted and each
@@ -26,280 +22,28 @@ Features are either computed once and cached on disk (``features.f16``: float16 
 ``n_items x n_features``, rows in item order; see :class:`FeatureCache`) or computed on the fly
 for each training batch. Neither path holds more than a batch of gradients in RAM.
 
-Reading a batch has a host half (:meth:`Particles.read`, :meth:`FeatureCache.read`: images and
-cached rows into host memory, pinned when the device is CUDA; no device work, so it may run on
-the prefetch thread of :mod:`prefetch`) and a device half (``to_device``: non-blocking
-transfer, Fourier transform, geometry and CTF). ``Particles.batch`` does both.
+Reading a training batch (:class:`FeatureSource`) has a host half (images and cached rows into
+host memory; safe on the prefetch thread of :mod:`prefetch`) and a device half.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..conventions import ctf_2d, fourier_grid, image_to_fourier
-from ..io.atomic import atomic_path, write_text
+from ..device import AdaptiveBatch, pinned
 from ..errors import InputError
+from ..io.atomic import atomic_path, write_text
+from ..io.data import Batch, HostBatch, Particles
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project
 
 log = logging.getLogger(__name__)
 
-CTF_MODES = ("auto", "ctf", "flipped", "premultiplied", "none")
 PARAM_TYPES = ("centers", "amplitudes", "sigmas")
-OOM_HINT = ("lower --n-gauss / use a smaller box (Fourier crop via --highres) or use --device cpu")
-_CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kv", "cs_mm", "amplitude_contrast",
-             "phase_shift_deg", "bfactor", "scale")
-
-
-class ArrayImages:
-    """Images held in an array ``(N, D, D)`` (tests, small sets); same ``get`` as data.ParticleImages."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def get(self, rows) -> np.ndarray:
-        return np.asarray(self.images[np.asarray(rows)], dtype=np.float32)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for a device out-of-memory error (``torch.cuda.OutOfMemoryError``, or a RuntimeError
-    saying 'out of memory', as some backends and older torch versions raise)."""
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-class AdaptiveBatch:
-    """A batch size that halves on device out-of-memory (CUDA OOM).
-
-    ``shrink()`` empties the device cache, halves ``size`` and logs it; when ``size`` is
-    already 1 it raises :class:`InputError` naming the settings to lower. :meth:`run` walks
-    ``[0, n)`` in chunks of the current size, retrying a chunk that ran out of memory with the
-    halved size (``fn(start, stop)`` must have no effect when it raises).
-    """
-
-    def __init__(self, size: int, what: str, device=None):
-        self.size, self.what, self.device = max(1, int(size)), what, device
-        self.halvings = 0
-
-    def shrink(self) -> None:
-        if self.device is None or torch.device(self.device).type == "cuda":
-            try:
-                torch.cuda.empty_cache()
-            except Exception:  # noqa: BLE001 - no CUDA here (CPU tests inject the error)
-                pass
-        if self.size <= 1:
-            raise InputError(f"{self.what}: does not fit in GPU memory even with batch size 1; {OOM_HINT}")
-        old, self.size = self.size, max(1, self.size // 2)
-        self.halvings += 1
-        log.warning("%s: out of GPU memory with batch size %d; emptied the cache and carrying on with batch "
-                    "size %d", self.what, old, self.size)
-
-    def run(self, n: int, fn) -> None:
-        start = 0
-        while start < n:
-            stop = min(n, start + self.size)
-            try:
-                fn(start, stop)
-            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not is_oom(exc):
-                    raise
-                del exc
-                self.shrink()
-                continue
-            start = stop
-
-
-@dataclass
-class Batch:
-    """One batch of items on the device: image transforms and the geometry/CTF to model them."""
-    items: torch.Tensor          # (B,) long, expanded item numbers
-    F_img: torch.Tensor          # (B, D, D//2+1) complex
-    rotations: torch.Tensor      # (B, 3, 3) RELION matrices (symmetry-expanded)
-    origins_A: torch.Tensor      # (B, 2)
-    ctf: torch.Tensor | None     # (B, D, D//2+1) real, already in the ctf_mode's form
-
-
-@dataclass
-class HostBatch:
-    """One batch of items read into host memory, before the transfer (:meth:`Particles.read`):
-    pinned when the device is CUDA. Slicing (``host[i0:i1]``) keeps rows aligned with ``items``."""
-    items: np.ndarray                      # (B,) int64, expanded item numbers
-    images: torch.Tensor                   # (B, D, D) float32, real space
-    features: torch.Tensor | None = None   # (B, F) float16 rows of the feature cache, when used
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, sel: slice) -> "HostBatch":
-        return HostBatch(self.items[sel], self.images[sel], None if self.features is None else self.features[sel])
-
-
-def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` in page-locked host memory when it goes to a CUDA device (fast, asynchronous
-    transfer); unchanged otherwise (no pinning without CUDA)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return t.pin_memory()
-    return t
-
-
-class Particles:
-    """Per-particle poses and CTF (small arrays, moved to the device once) plus lazily read
-    images, with optional symmetry expansion (item ``i * n_ops + s`` = particle row ``i``
-    with operator ``s``, see :mod:`symmetry`)."""
-
-    def __init__(self, images, rotations: np.ndarray, origins_A: np.ndarray, box: int, apix: float,
-                 ctf: dict | None = None, ctf_mode: str = "ctf", sym_ops: np.ndarray | None = None,
-                 device="cpu"):
-        self.images = images
-        self.box, self.apix = int(box), float(apix)
-        self.n_particles = int(np.asarray(rotations).shape[0])
-        self.device = torch.device(device)
-        if ctf_mode not in CTF_MODES or ctf_mode == "auto":
-            raise ValueError(f"ctf_mode must be one of {CTF_MODES[1:]}, got {ctf_mode!r}")
-        if ctf_mode != "none" and ctf is None:
-            raise InputError("particles: no CTF parameters in the star file; give --ctf none (the CTF is then "
-                             "ignored) or add rlnDefocusU/V/Angle and the optics columns")
-        self.ctf_mode = ctf_mode
-        ops = np.eye(3)[None] if sym_ops is None else np.asarray(sym_ops)
-        self.n_ops = int(ops.shape[0])
-        f32 = dict(dtype=torch.float32, device=self.device)
-        self.rotations = torch.as_tensor(np.asarray(rotations, dtype=np.float32), **f32)
-        self.origins_A = torch.as_tensor(np.asarray(origins_A, dtype=np.float32).reshape(-1, 2), **f32)
-        self.sym_ops = torch.as_tensor(ops.astype(np.float32), **f32)
-        self.ctf = None
-        if ctf is not None and ctf_mode != "none":
-            self.ctf = {k: torch.as_tensor(np.asarray(ctf[k], dtype=np.float32), **f32) for k in _CTF_KEYS if k in ctf}
-            if "bfactor" in self.ctf and not bool((self.ctf["bfactor"] != 0).any()):
-                del self.ctf["bfactor"]  # skips a per-batch host sync inside ctf_2d
-        self.crop(None)
-
-    def crop(self, highres_A: float | None) -> None:
-        """Work on the Fourier coefficients up to ``highres_A`` only (Fourier cropping).
-
-        The frequencies ``m / (D apix)`` with ``|m| < D'/2`` of a ``D``-px image are exactly
-        those of a ``D'``-px image of pixel size ``D apix / D'``, so images are cropped in
-        Fourier space to ``D' = 2 (ring(highres_A) + 1)`` (even, at most ``D``) and models
-        projected at (``fbox``, ``fapix``) = (``D'``, ``D apix / D'``): the FRC over the band
-        is unchanged, the cost falls by about ``(D / D')^2``. ``None``: no cropping.
-        """
-        if highres_A is None:
-            fbox = self.box
-        else:
-            ring = int(np.floor(self.box * self.apix / float(highres_A)))
-            fbox = min(self.box, 2 * (ring + 1))
-        self.fbox = int(fbox)
-        self.fapix = self.box * self.apix / self.fbox
-        self.ky, self.kx = fourier_grid(self.fbox, self.fapix, rfft=True, device=self.device)
-        half = self.fbox // 2
-        self._crop_rows = torch.cat([torch.arange(half), torch.arange(self.box - half, self.box)]).to(self.device)
-
-    def crop_fourier(self, F: torch.Tensor) -> torch.Tensor:
-        """``(B, D, D//2+1)`` transforms -> ``(B, D', D'//2+1)`` (see :meth:`crop`)."""
-        if self.fbox == self.box:
-            return F
-        return F.index_select(-2, self._crop_rows)[..., :self.fbox // 2 + 1]
-
-    def __len__(self) -> int:
-        return self.n_particles * self.n_ops
-
-    @classmethod
-    def from_star(cls, star_path: str, symmetry: str | None = None, ctf_mode: str = "auto", device="cpu",
-                  check_files: bool = True) -> "Particles":
-        """Particles of a RELION star (via :mod:`metadata` and :mod:`data`)."""
-        from ..io import data, metadata
-        from ..model.symmetry import symmetry_operators
-        meta = metadata.read_particles(star_path)
-        has_ctf = bool(meta.has_ctf())
-        meta.validate(require_alignment=True, require_ctf=has_ctf and ctf_mode != "none", check_images=check_files)
-        if ctf_mode == "auto":
-            if not has_ctf:
-                ctf_mode = "none"
-                log.warning("%s: no CTF parameters; the CTF is ignored (images taken as phase-flipped "
-                            "or CTF-free)", star_path)
-            elif bool(np.any(meta.ctf_premultiplied())):
-                ctf_mode = "premultiplied"
-            else:
-                ctf_mode = "ctf"
-        ctf = meta.ctf_params() if (has_ctf and ctf_mode != "none") else None
-        ops = symmetry_operators(symmetry)
-        return cls(data.ParticleImages(meta), meta.rotation_matrices(), meta.origins_A(), meta.box, meta.apix,
-                   ctf=ctf, ctf_mode=ctf_mode, sym_ops=ops if len(ops) > 1 else None, device=device)
-
-    def batch(self, items) -> Batch:
-        """Load the images of expanded items (numpy or tensor ints) -> :class:`Batch` on the device
-        (:meth:`read` then :meth:`to_device`)."""
-        return self.to_device(self.read(items))
-
-    def read(self, items) -> HostBatch:
-        """The host-side half of :meth:`batch`: read the images of expanded items into host memory
-        (pinned when the device is CUDA), refusing NaN/Inf pixels. Touches no device, so it may
-        run on a background thread (:mod:`prefetch`)."""
-        items_np = np.asarray(items.cpu() if isinstance(items, torch.Tensor) else items, dtype=np.int64)
-        rows = items_np // self.n_ops
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        imgs = np.asarray(self.images.get(uniq), dtype=np.float32)
-        if not np.isfinite(imgs).all():  # cheap (host memory, before the transfer); one NaN spoils every latent
-            self._refuse_nonfinite(uniq, imgs)
-        img = torch.as_tensor(imgs)
-        if len(uniq) != len(rows) or not np.array_equal(uniq, rows):
-            img = img[torch.as_tensor(inverse)]
-        return HostBatch(items_np, _pinned(img, self.device))
-
-    def to_device(self, host: HostBatch) -> Batch:
-        """The device half of :meth:`batch`: transfer (non-blocking from pinned memory), Fourier
-        transform and crop the images, and add the items' geometry and CTF."""
-        img = host.images.to(self.device, non_blocking=True)
-        items_t = torch.as_tensor(host.items, device=self.device)
-        return self.geometry(items_t, self.crop_fourier(image_to_fourier(img)))
-
-    def image_name(self, row: int) -> str:
-        """``'000005@stack.mrcs'`` for particle row ``row`` (0-based) when the images come from
-        stacks (:class:`data.ParticleImages`), else ``'particle row N'`` (1-based)."""
-        im = self.images
-        if hasattr(im, "stack_paths") and hasattr(im, "index"):
-            return f"{int(im.index[row]) + 1:06d}@{im.stack_paths[int(im.stack_code[row])]}"
-        return f"particle row {int(row) + 1}"
-
-    def _refuse_nonfinite(self, rows: np.ndarray, imgs: np.ndarray) -> None:
-        bad = np.flatnonzero(~np.isfinite(imgs.reshape(len(imgs), -1)).all(axis=1))
-        row = int(rows[bad[0]])
-        source = getattr(self.images, "source", "particles")
-        raise InputError(f"{source}: NaN or Inf pixel values in image {self.image_name(row)} (particle row {row + 1}"
-                         f"{f' and {bad.size - 1} more in this batch' if bad.size > 1 else ''}); re-extract or "
-                         "re-normalise the particles, or remove those rows")
-
-    def check_finite_sample(self, sample: int = 256, name: str | None = None, seed: int = 0) -> None:
-        """Refuse NaN/Inf pixels in a bounded sample of the images (first, last and ``sample``
-        seeded random particles; see :func:`validate.check_images_finite`)."""
-        from ..io.validate import check_images_finite
-        if hasattr(self.images, "get") and hasattr(self.images, "__len__"):
-            check_images_finite(self.images, sample=sample, name=name or getattr(self.images, "source", "particles"),
-                                seed=seed)
-
-    def geometry(self, items: torch.Tensor, F_img: torch.Tensor | None = None) -> Batch:
-        rows = torch.div(items, self.n_ops, rounding_mode="floor")
-        rot = self.rotations[rows]
-        if self.n_ops > 1:
-            rot = rot @ self.sym_ops[items % self.n_ops]
-        ctf = None
-        if self.ctf is not None:
-            p = {k: v[rows] for k, v in self.ctf.items()}
-            ctf = ctf_2d(self.ky, self.kx, **p)
-            if self.ctf_mode == "flipped":
-                ctf = ctf.abs()
-            elif self.ctf_mode == "premultiplied":
-                ctf = ctf * ctf
-        return Batch(items, F_img, rot, self.origins_A[rows], ctf)
 
 
 def feature_param_types(changes) -> tuple[str, ...]:
@@ -497,12 +241,36 @@ class FeatureCache:
         order = np.argsort(items, kind="stable")
         rows = np.empty((len(items), self.array.shape[1]), dtype=np.float16)
         rows[order] = self.array[items[order]]
-        return _pinned(torch.as_tensor(rows), torch.device(device or "cpu"))
+        return pinned(torch.as_tensor(rows), torch.device(device or "cpu"))
 
     @staticmethod
     def to_device(rows: torch.Tensor, device) -> torch.Tensor:
         """Host float16 rows (:meth:`read`) -> float32 on ``device`` (non-blocking copy)."""
         return rows.to(device, non_blocking=True).float()
+
+
+class FeatureSource:
+    """Features for items from the disk cache or on the fly, plus the images' batch.
+
+    ``read(items)`` is the host half (images and cached feature rows into host memory; safe on
+    the prefetch thread), ``load(host)`` the device half; calling the source does both."""
+
+    def __init__(self, particles: Particles, feats: GradientFeatures, cache: FeatureCache | None, device):
+        self.particles, self.feats, self.cache, self.device = particles, feats, cache, device
+
+    def read(self, items: np.ndarray) -> HostBatch:
+        host = self.particles.read(items)
+        if self.cache is not None:
+            host.features = self.cache.read(items, self.device)
+        return host
+
+    def load(self, host: HostBatch):
+        b = self.particles.to_device(host)
+        x = FeatureCache.to_device(host.features, self.device) if host.features is not None else self.feats(b)
+        return x, b
+
+    def __call__(self, items: np.ndarray):
+        return self.load(self.read(items))
 
 
 def _reserve_space(path: str) -> None:
@@ -531,7 +299,10 @@ def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:
     if mask_path is None:
         return np.arange(n)
     from ..io.mrc import read_map
+    from ..io.validate import check_mask_matches
     vol, apix = read_map(mask_path)
+    check_mask_matches(vol.shape, apix, (neutral.box,) * 3, neutral.apix, f"--mask {mask_path}",
+                       "the Gaussian model")
     d = vol.shape[0]
     idx = np.rint(neutral.centers_A.astype(np.float64) / apix).astype(np.int64) + d // 2  # (N, 3) xyz
     inside = np.all((idx >= 0) & (idx < d), axis=1)

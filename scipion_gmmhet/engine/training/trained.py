@@ -1,0 +1,134 @@
+"""Loading a trained model (:class:`TrainedModel`, :func:`load_trained`): the API that the
+analysis, the refinement and the viewers use, and the ``model.pt`` it reads.
+
+``model.pt`` (written by :func:`train.train` through :func:`model_payload`): ``version``
+(:data:`MODEL_FILE_VERSION`), ``config`` (the :class:`config.TrainConfig` as a dict), ``info``,
+``state_dict`` (the :class:`networks.HetModel`'s, on the CPU), ``n_features``, ``mobile`` (indices
+of the Gaussians that may change) and ``feature_stats`` (the features' normalisation). The
+neutral GMM is the training folder's ``gmm.npz``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..device import AdaptiveBatch, resolve_device
+from ..errors import InputError
+from ..io.data import Particles
+from ..model.fourier import RingBinner
+from ..model.gmm import GMM
+from ..model.networks import HetModel
+from .config import TrainConfig
+from .features import FeatureSource, GradientFeatures, feature_param_types
+
+MODEL_FILE_VERSION = 1
+
+
+@torch.no_grad()
+def encode_items(model: HetModel, source, items: np.ndarray, batch_size: int) -> np.ndarray:
+    """Latents ``(len(items), zdim)`` float32 in the order of ``items`` (eval mode, no noise,
+    float32 forward: no autocast, whatever the training's ``amp``)."""
+    model.eval()
+    out = []
+
+    def step(i0, i1):
+        sel = items[i0:i1]
+        if source.cache is not None:
+            x = source.cache.get(sel, source.device)
+        else:
+            x = source.feats(source.particles.batch(sel))
+        out.append(model.encoder(x).float().cpu())
+
+    AdaptiveBatch(batch_size, "encoding latents", source.device).run(len(items), step)
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.decoder.zdim), np.float32)
+
+
+def model_payload(model: HetModel, cfg: TrainConfig, feats: GradientFeatures, mobile: np.ndarray, info: dict) -> dict:
+    return {"version": MODEL_FILE_VERSION, "config": cfg.to_dict(), "info": info,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "n_features": feats.n_features, "mobile": np.asarray(mobile),
+            "feature_stats": {"mean": np.asarray(feats.stats["mean"]), "scale": dict(feats.stats["scale"]),
+                              "n_sample": int(feats.stats.get("n_sample", 0))}}
+
+
+class TrainedModel:
+    """A trained network and its neutral GMM, loaded from a training directory.
+
+    ``neutral``: the neutral :class:`GMM`; ``zdim``; ``config`` (the training settings);
+    ``train_dir``. ``decode`` maps latents to GMM parameters, ``gmm_at`` gives one GMM,
+    ``latents`` the training latents (``latent.npy``), ``encode_particles`` latents of any star.
+    """
+
+    def __init__(self, train_dir: str, device="cpu"):
+        path = os.path.join(train_dir, "model.pt")
+        if not os.path.exists(path):
+            raise InputError(f"--train {train_dir}: no model.pt; give the output folder of a finished 'gmmhet train'")
+        self.train_dir = train_dir
+        self.device = resolve_device(device)
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        self.payload = payload
+        self.config = payload["config"]
+        self.info = payload.get("info", {})
+        self.neutral = GMM.load(os.path.join(train_dir, "gmm.npz"))
+        self.zdim = int(self.config["zdim"])
+        self.mobile = np.asarray(payload["mobile"])
+        c0, a0, s0 = self.neutral.tensors(self.device)
+        self.model = HetModel(int(payload["n_features"]), self.zdim, c0, a0, s0,
+                              torch.as_tensor(self.mobile, device=self.device), tuple(self.config["changes"]),
+                              float(self.config["pos_scale_A"]), int(self.config["hidden"]), int(self.config["layers"]),
+                              float(self.config.get("dropout", 0.0)), bool(self.config.get("batchnorm", False)))
+        self.model.load_state_dict(payload["state_dict"])
+        self.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+
+    def decode(self, z: torch.Tensor, grad: bool = False):
+        """Latents ``(B, K)`` -> ``centers_A (B, N, 3)``, ``amplitudes (B, N)``, ``sigmas_A (B, N)``
+        (on ``self.device``). ``grad=True`` keeps the graph (e.g. to optimise ``z``); the
+        network's weights are frozen either way."""
+        z = torch.as_tensor(z, dtype=torch.float32, device=self.device)
+        if z.dim() == 1:
+            z = z[None]
+        if z.shape[-1] != self.zdim:
+            raise InputError(f"latent point of dimension {z.shape[-1]}; this model's latent space has {self.zdim}")
+        with torch.set_grad_enabled(grad):
+            return self.model.decoder(z)
+
+    def gmm_at(self, z: np.ndarray) -> GMM:
+        """The decoded GMM at one latent point ``(K,)``."""
+        if isinstance(z, torch.Tensor):
+            z = z.detach().cpu().numpy()
+        z = np.asarray(z, dtype=np.float32).reshape(1, -1)
+        c, a, s = self.decode(torch.as_tensor(z))
+        return GMM(c[0].cpu().numpy(), a[0].cpu().numpy(), s[0].cpu().numpy(), self.neutral.box, self.neutral.apix,
+                   {"latent": " ".join(f"{v:.6g}" for v in z.reshape(-1))})
+
+    def latents(self) -> np.ndarray:
+        """``latent.npy`` ``(n_items, K)`` of the training run."""
+        return np.load(os.path.join(self.train_dir, "latent.npy"))
+
+    def encode_particles(self, star_path: str, device=None, batch_size: int = 256) -> np.ndarray:
+        """Latents of the particles of any star (same box/pixel size as the model), with the
+        training run's symmetry expansion and CTF mode; features computed on the fly."""
+        dev = self.device if device is None else resolve_device(device)
+        if dev != self.device:
+            self.model.to(dev)
+            self.device = dev
+        particles = Particles.from_star(star_path, symmetry=self.config.get("symmetry"),
+                                        ctf_mode=self.config.get("ctf_mode", "auto"), device=dev)
+        if particles.box != self.neutral.box or abs(particles.apix - self.neutral.apix) > 1e-3 * self.neutral.apix:
+            raise InputError(f"{star_path}: particles are box {particles.box} at {particles.apix:.4f} A/px but the "
+                             f"model is box {self.neutral.box} at {self.neutral.apix:.4f} A/px; use matching particles")
+        particles.crop(self.config["highres_A"])
+        binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
+                            device=dev)
+        feats = GradientFeatures(self.neutral, binner, torch.as_tensor(self.mobile),
+                                 feature_param_types(self.config["changes"]), dev, stats=self.payload["feature_stats"])
+        source = FeatureSource(particles, feats, None, dev)
+        return encode_items(self.model, source, np.arange(len(particles)), batch_size)
+
+
+def load_trained(train_dir: str, device="cpu") -> TrainedModel:
+    """Load the output of ``gmmhet train`` (see :class:`TrainedModel`)."""
+    return TrainedModel(train_dir, device)
