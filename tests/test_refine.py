@@ -309,15 +309,41 @@ def test_rounds_argument_and_angular_precision():
     assert angular_precision(6.0, 3) == pytest.approx(0.375) and angular_precision(4.0, 1) == 1.0
 
 
+def _arm_mask(mol, path: str) -> str:
+    """A binary mask of the voxels within 1.5 px of the simulated arm's Gaussians."""
+    from scipion_gmmhet.engine.io.mrc import write_map
+    arm = mol.centers_A[mol.arm_slice()] / APIX + BOX // 2
+    g = np.arange(BOX)
+    zz, yy, xx = np.meshgrid(g, g, g, indexing="ij")
+    vol = np.zeros((BOX, BOX, BOX), np.float32)
+    for x, y, z in arm:
+        vol[(xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2 <= 1.5 ** 2] = 1.0
+    write_map(path, vol, APIX)
+    return path
+
+
 def test_cli_refine_auto_rounds_stop_rule(sim, tmp_path):
-    """Default --rounds auto: refine, retrain, refine... until a round's median change is below
-    the angular precision or --max-rounds is reached; rounds.csv says which, a retraining follows
-    every round but the last, and the overall outputs are written."""
+    """Default --rounds auto. A network trained without a focus mask is refined once (its rounds
+    drift; rounds.csv says why). One trained with a mask on the moving arm iterates: refine,
+    retrain, refine... until a round's median change is below the angular precision or
+    --max-rounds is reached; rounds.csv says which, and a retraining follows every round but the last."""
     from scipion_gmmhet.engine import cli
     from scipion_gmmhet.engine.commands.refine import angular_precision
     star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=8, id_step=1)
-    out = str(tmp_path / "auto")
+    out = str(tmp_path / "auto_free")
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
+                     "--device", "cpu", "--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    assert list(rounds["round"]) == [1] and "without a focus mask" in rounds["stop"].iloc[-1]
+    assert not os.path.exists(os.path.join(out, "round_1")) and os.path.exists(os.path.join(out, "particles.star"))
+
+    masked = str(tmp_path / "train_arm")
+    gmm = os.path.join(sim["dir"], "truth_gmm", sorted(os.listdir(os.path.join(sim["dir"], "truth_gmm")))[2])
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+                     "--layers", "1", "--mask", _arm_mask(sim["mol"], str(tmp_path / "arm.mrc")), "--device", "cpu",
+                     "--out", masked]) == 0
+    out = str(tmp_path / "auto")
+    assert cli.main(["refine", "--train", masked, "--particles", star, "--max-angle", "4", "--levels", "1",
                      "--max-rounds", "2", "--retrain-epochs", "1", "--device", "cpu", "--out", out]) == 0
     rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
     n = len(rounds)
@@ -325,6 +351,7 @@ def test_cli_refine_auto_rounds_stop_rule(sim, tmp_path):
     below = rounds["angle_median_deg"] < angular_precision(4.0, 1)
     assert list(rounds["converged"]) == list(below)
     assert not below[:-1].any()  # it stopped at the first round below the precision (or at the cap)
+    assert rounds["stop"].iloc[-1] == ("converged" if below.iloc[-1] else "round limit")
     assert n == 2 or bool(below.iloc[-1])
     for r in range(1, n + 1):
         assert os.path.exists(os.path.join(out, f"round_{r}", "train", "model.pt")) == (r < n)

@@ -95,7 +95,9 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                            'angular change falls below the search\'s angular precision (the finest '
                            'rotation step, 0.375 deg at the defaults), at most "Most rounds" '
                            'refinements; particles already at their best poses stop after one round, '
-                           'without retraining. N >= 1: exactly N refinements. A network trained on '
+                           'without retraining; a network trained without a focus mask (every Gaussian '
+                           'free) is refined once, because its rounds drift. N >= 1: exactly N '
+                           'refinements. A network trained on '
                            'particles with pose errors explains part of them as motions, so each round '
                            'corrects more; the summary and the viewer give the median change per round.')
         form.addParam('maxRounds', params.IntParam, default=3, validators=[params.GE(1)], condition='rounds == 0',
@@ -252,10 +254,11 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
             rounds = self.getRounds()
             if rounds is not None:
                 med = rounds['angle_median_deg']
-                conv = bool(rounds['converged'][-1]) if 'converged' in rounds else False
-                summary.append('Refine-retrain rounds: %d (%s); median angular change per round: %s deg'
-                               % (len(med), 'converged: last change below the angular precision' if conv
-                                  else 'stopped at the round limit', ', '.join('%.2f' % m for m in med)))
+                stop = str(rounds['stop'][-1]) if 'stop' in rounds else ''
+                stop = {'converged': 'converged: last change below the angular precision'}.get(stop, stop)
+                summary.append('Refine-retrain rounds: %d%s; median angular change per round: %s deg'
+                               % (len(med), ' (%s)' % stop if stop and stop != 'nan' else '',
+                                  ', '.join('%.2f' % m for m in med)))
             res = {w: self.getResolution(w) for w in ('before', 'after')}
             if all(r is not None for r in res.values()):
                 summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'
