@@ -356,3 +356,54 @@ def test_cli_refine_auto_rounds_stop_rule(sim, tmp_path):
     for r in range(1, n + 1):
         assert os.path.exists(os.path.join(out, f"round_{r}", "train", "model.pt")) == (r < n)
     assert os.path.exists(os.path.join(out, "particles.star")) and os.path.exists(os.path.join(out, "pose_changes.csv"))
+
+
+def test_pose_projector_equals_gmm_project():
+    """The batched candidate projector gives gmm.project's transforms (full layout, and the band
+    coefficients with max_ring), for per-particle Gaussians, shifts and CTFs."""
+    from scipion_gmmhet.engine.analysis.pose_projector import PoseProjector
+    from scipion_gmmhet.engine.model.fourier import RingBinner
+    g = torch.Generator().manual_seed(0)
+    B, C, N = 3, 4, 50
+    y = torch.randn(B, N, 3, generator=g) * 15
+    amp, sig = torch.rand(B, N, generator=g), 3 + torch.rand(B, N, generator=g)
+    org, ctf = torch.randn(B, 2, generator=g), torch.randn(B, BOX, BOX // 2 + 1, generator=g)
+    R = refine.rotvec_to_matrix(torch.randn(B, C, 3, generator=g) * 2)
+    sh = torch.randn(B, C, 2, generator=g)
+    j = torch.arange(B).repeat_interleave(C)
+    ref = project(y[j], amp[j], sig[j], R.reshape(-1, 3, 3), BOX, APIX, org[j] + sh.reshape(-1, 2) * APIX, ctf[j])
+    F = PoseProjector(y, amp, sig, BOX, APIX, org, ctf).project(0, B, R, sh)
+    torch.testing.assert_close(F, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    band = RingBinner(BOX, APIX, None, 12.0)
+    Fb = PoseProjector(y, amp, sig, BOX, APIX, org, ctf, max_ring=band.hi, band_index=band.flat_index).project(1, B, R[1:], sh[1:])
+    torch.testing.assert_close(Fb, band.gather(ref[C:]), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_rigid_core_finds_the_moving_domain(sim):
+    """Decoded models whose arm moves across the latent space (and whose whole body is
+    rotated/sheared at random, as a network mimicking pose errors): the automatic core is the
+    body, and the anchored models hold the core at the neutral positions."""
+    from scipion_gmmhet.engine.analysis.rigid_core import AnchoredCoreModels, rigid_core
+    mol = sim["mol"]
+    c0 = mol.centers_A[: mol.n_without_subunit()].astype(np.float32)
+    arm = np.zeros(len(c0), bool)
+    arm[mol.arm_slice()] = True
+    rng = np.random.default_rng(0)
+
+    class Models:
+        neutral_centers_A, median_sigma_A, latents = c0, 4.0, np.zeros((64, 1))
+
+        def gaussians(self, rows, device):
+            rows = np.asarray(rows)
+            c = np.repeat(c0[None], len(rows), 0)
+            c[:, arm] += rng.normal(size=(len(rows), 1, 3)) * 6.0  # the arm moves
+            A = np.eye(3) + rng.normal(size=(len(rows), 3, 3)) * 0.02  # global linear "pose" bends
+            c = np.einsum("bij,bnj->bni", A, c)
+            n = torch.as_tensor(c, dtype=torch.float32)
+            return n, torch.ones(n.shape[:2]), torch.full(n.shape[:2], 4.0)
+
+    core = rigid_core(Models())
+    assert not (core & arm).any() and core[~arm].mean() > 0.9
+    anchored = AnchoredCoreModels(Models(), core)
+    c, _, _ = anchored.gaussians(np.arange(5), "cpu")
+    np.testing.assert_allclose(c[:, core].numpy(), np.repeat(c0[None, core], 5, 0))
