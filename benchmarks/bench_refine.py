@@ -154,7 +154,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
             n_done = len(pd.read_csv(os.path.join(out, "rounds.csv")))
             rows[label]["rounds"] = []
             for r in range(1, n_done + 1):
-                m_r = metadata.read_particles(os.path.join(out, f"round_{r}", "particles.star"))
+                r_star = os.path.join(out, f"round_{r}", "particles.star")
+                m_r = metadata.read_particles(r_star if os.path.exists(r_star) else os.path.join(out, "particles.star"))
                 rows[label]["rounds"].append(pose_errors(m_r.rotation_matrices(), m_r.origins_A(), rot_true, org_true,
                                                          apix)["ang_med"])
         print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
