@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             os.environ["DISPLAY"] = xvfb.start()
         import matplotlib
         matplotlib.use("TkAgg")
-        from scipion_gmmhet.engine.training.train import load_trained
+        from scipion_gmmhet.engine.training.trained import load_trained
         from scipion_gmmhet.viewers import plots
         from scipion_gmmhet.viewers.explorer3d import LatentExplorer
         from scipion_gmmhet.viewers.latent_selection import LatentSelectionWindow
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         xy, axes = plots.embed_latents(z, "pca")
         explorer = LatentExplorer.fromTrainDir(train, z, xy, "pca", saveMapDir=work)
         win = LatentSelectionWindow(None, np.arange(1, len(z) + 1), xy, axes, explorer=explorer)
-        win.root.geometry("1400x600+0+0")
+        win.root.geometry("1270x600+0+0")
         res = drive(win, args.events)
         win.root.destroy()
         print("live 3D explorer, %(gaussians)d Gaussians, CPU (1 torch thread): %(updates)d updates from "

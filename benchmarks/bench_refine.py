@@ -37,6 +37,10 @@ else:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scipion_gmmhet.engine.io import metadata  # noqa: E402
+try:
+    from scipion_gmmhet.engine.io.outputs import RefineFolder, TrainFolder  # noqa: E402
+except ImportError:  # an older engine in the speed worker (--speed-baseline) does not need them
+    RefineFolder = TrainFolder = None
 from scipion_gmmhet.engine.analysis import refine  # noqa: E402
 from scipion_gmmhet.engine.simulation import simulate  # noqa: E402
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler  # noqa: E402
@@ -138,7 +142,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     for label, star, m in starts:
         key = "pert" if label == "perturbed" else "true"
         train_dir = os.path.join(args.work, f"train_{key}_{tag}")
-        if not os.path.exists(os.path.join(train_dir, "model.pt")):
+        if not TrainFolder(train_dir).is_finished():
             if cli.main(["train", "--particles", star, "--gmm", neutral, "--out", train_dir] + train_extra):
                 raise SystemExit("training failed")
         out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}_r{args.rounds}_g{args.min_gain:g}")
@@ -146,16 +150,17 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
             raise SystemExit("refine failed")
         dt = time.time() - t0
-        m_out = metadata.read_particles(os.path.join(out, "particles.star"))
-        ch = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+        m_out = metadata.read_particles(RefineFolder(out).particles)
+        ch = pd.read_csv(RefineFolder(out).pose_changes)
         rows[label] = evaluate(m, m_out, rot_true, org_true, truth_map, device, dt, ch["delta_angle_deg"].to_numpy(),
                                ch["delta_shift_A"].to_numpy(), apix)
-        if os.path.exists(os.path.join(out, "rounds.csv")):  # the angular error after each round
-            n_done = len(pd.read_csv(os.path.join(out, "rounds.csv")))
+        folder = RefineFolder(out)
+        if os.path.exists(folder.rounds):  # the angular error after each round
+            n_done = len(pd.read_csv(folder.rounds))
             rows[label]["rounds"] = []
             for r in range(1, n_done + 1):
-                r_star = os.path.join(out, f"round_{r}", "particles.star")
-                m_r = metadata.read_particles(r_star if os.path.exists(r_star) else os.path.join(out, "particles.star"))
+                r_star = folder.round(r).particles
+                m_r = metadata.read_particles(r_star if os.path.exists(r_star) else folder.particles)
                 rows[label]["rounds"].append(pose_errors(m_r.rotation_matrices(), m_r.origins_A(), rot_true, org_true,
                                                          apix)["ang_med"])
         print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
@@ -316,7 +321,7 @@ def main(argv=None) -> int:
             rows = {}
             starts = [("perturbed", meta_p, rot_p, org_p), ("true poses", meta, rot_true, org_true)]
             for label, m, rot0, org0 in starts[:1] if args.skip_true else starts:
-                parts = Particles(ParticleImages(m), rot0, org0, box, apix, ctf=m.ctf_params(), ctf_mode="ctf",
+                parts = Particles(ParticleImages(m), rot0, org0, box, apix, ctf=m.ctf_params(), ctf_mode="full",
                                   device=device)
                 t1 = time.time()
                 res = refine.refine_poses(parts, models, **kw)

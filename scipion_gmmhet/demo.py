@@ -42,6 +42,13 @@ def _launch(project, prot, what: str):
     return prot
 
 
+def _new(project, protClass, label: str, **params):
+    """A new protocol titled ``label`` in the project graph (newProtocol titles it by class)."""
+    prot = project.newProtocol(protClass, **params)
+    prot.setObjLabel(label)
+    return prot
+
+
 def _pointer(prot, attr: str, src, ext: str) -> None:
     getattr(prot, attr).set(src)
     getattr(prot, attr).setExtended(ext)
@@ -57,7 +64,7 @@ def run(args) -> dict:
     from .engine.simulation.simulate import simulate
     from .protocols import (ProtGmmhetBuildGmm, ProtGmmhetCluster, ProtGmmhetRefine,
                             ProtGmmhetTrain)
-    from .tests.common import writeRelionImportStar
+    from .convert import writeRelionImportStar
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -76,32 +83,32 @@ def run(args) -> dict:
     _log(f"Scipion project '{args.project}' at {project.getPath()}")
     use_gpu = _cuda_available()
 
-    imp = project.newProtocol(ProtImportParticles, objLabel="import particles (RELION star)",
+    imp = _new(project, ProtImportParticles, "import particles (RELION star)",
                               importFrom=ProtImportParticles.IMPORT_FROM_RELION, starFile=star,
                               samplingRate=args.apix, voltage=300.0, sphericalAberration=2.7,
                               amplitudeContrast=0.1)
     imp = _launch(project, imp, "import particles")
-    vol = project.newProtocol(ProtImportVolumes, objLabel="import consensus map",
+    vol = _new(project, ProtImportVolumes, "import consensus map",
                               filesPath=sim["consensus"], samplingRate=args.apix)
     vol = _launch(project, vol, "import consensus map")
 
-    build = project.newProtocol(ProtGmmhetBuildGmm, objLabel="gmmhet - build Gaussian model",
+    build = _new(project, ProtGmmhetBuildGmm, "gmmhet - build Gaussian model",
                                 resolution=args.resolution, useGpu=use_gpu)
     _pointer(build, "inputVolume", vol, "outputVolume")
     build = _launch(project, build, "build Gaussian model")
 
-    train = project.newProtocol(ProtGmmhetTrain, objLabel="gmmhet - train heterogeneity",
+    train = _new(project, ProtGmmhetTrain, "gmmhet - train heterogeneity",
                                 zDim=args.zdim, numberOfEpochs=args.epochs, useGpu=use_gpu)
     _pointer(train, "inputParticles", imp, "outputParticles")
     _pointer(train, "inputGmm", build, "outputVolume")
     train = _launch(project, train, "train heterogeneity")
 
-    cluster = project.newProtocol(ProtGmmhetCluster, objLabel="gmmhet - cluster and reconstruct",
+    cluster = _new(project, ProtGmmhetCluster, "gmmhet - cluster and reconstruct",
                                   numberOfClusters=args.clusters, useGpu=use_gpu)
     _pointer(cluster, "inputParticles", train, "outputParticles")
     cluster = _launch(project, cluster, "cluster and reconstruct")
 
-    refine = project.newProtocol(ProtGmmhetRefine, objLabel="gmmhet - refine orientations", useGpu=use_gpu)
+    refine = _new(project, ProtGmmhetRefine, "gmmhet - refine orientations", useGpu=use_gpu)
     _pointer(refine, "inputParticles", train, "outputParticles")
     refine = _launch(project, refine, "refine orientations")
 

@@ -82,3 +82,12 @@ def test_train_gpu_help_says_one_process_per_gpu():
     prot = protocols.ProtGmmhetTrain()
     help_ = prot.getParam("gpuList").help.get()
     assert "first one listed" not in help_ and "per GPU" in help_
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_class_label_reads_gmmhet_not_the_package(name):
+    """New runs are titled, and the tree's "default" entries read, "gmmhet - ..."."""
+    cls = getattr(protocols, name)
+    assert cls.getClassLabel().startswith("gmmhet - ")
+    assert "scipion_gmmhet" not in cls.getClassLabel()
+    assert cls.getClassLabel(prependPackageName=False) == cls._label

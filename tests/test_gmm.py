@@ -242,3 +242,69 @@ def test_lowpass_map():
     P = np.abs(np.fft.rfftn(lp)) ** 2
     idx = fourier.shell_index_3d(32)
     assert P[idx >= s + 2].max() < 1e-8 * P.max()  # stopband removed
+
+
+# --- mixed precision of the projection's matrix product (issue 14) --------------------------------
+
+def _precision_case(n=300, box=32, apix=3.0, batch=16, amp_scale=1.0):
+    g = _random_gmm(n=n, box=box, apix=apix, seed=3)
+    c, a, s = g.tensors()
+    rots = torch.as_tensor(np.stack([conventions.euler_to_matrix(10.0 * i, 7.0 * i, 3.0 * i)
+                                     for i in range(batch)]), dtype=torch.float32)
+    origins = torch.linspace(-3, 3, 2 * batch).reshape(batch, 2)
+    return c, a * amp_scale, s, rots, box, apix, origins
+
+
+@pytest.mark.parametrize("precision,tol_rel,tol_frc", [("bf16", 1e-2, 1e-3), ("fp16", 2e-3, 2e-4)])
+def test_low_precision_projection_close_to_fp32(precision, tol_rel, tol_frc):
+    c, a, s, R, box, apix, o = _precision_case()
+    ref = gmm.project(c, a, s, R, box, apix, o)
+    F = gmm.project(c, a, s, R, box, apix, o, precision=precision)
+    assert F.dtype == torch.complex64
+    rel = float((F - ref).abs().norm() / ref.abs().norm())
+    assert 0 < rel < tol_rel  # low precision really used, and accurate
+    noisy = ref + 0.3 * ref.abs().mean() * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
+    rb = fourier.RingBinner(box, apix, None, 2.5 * apix)
+    d_frc = (rb.mean_frc(F, noisy) - rb.mean_frc(ref, noisy)).abs().max()
+    assert float(d_frc) < tol_frc
+
+
+def test_projection_under_bf16_autocast_follows_it_in_float32_geometry():
+    """The bf16 autocast failure of the old projection ('Expected both inputs to be Half, Float or
+    Double tensors but got BFloat16'): now a complex64 result within bf16 accuracy of fp32."""
+    c, a, s, R, box, apix, o = _precision_case()
+    ref = gmm.project(c, a, s, R, box, apix, o)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F = gmm.project(c, a, s, R, box, apix, o)
+    assert F.dtype == torch.complex64
+    assert float((F - ref).abs().norm() / ref.abs().norm()) < 1e-2
+
+
+def test_fp16_projection_never_overflows_to_nan():
+    """Amplitudes whose unscaled products exceed float16's 65504 stay finite (per-particle scaling)."""
+    c, a, s, R, box, apix, o = _precision_case(amp_scale=1e6)
+    assert float(gmm.projection_weights(a, s, apix).max()) > 65504
+    ref = gmm.project(c, a, s, R, box, apix, o)
+    F = gmm.project(c, a, s, R, box, apix, o, precision="fp16")
+    assert bool(torch.isfinite(torch.view_as_real(F)).all())
+    assert float((F - ref).abs().norm() / ref.abs().norm()) < 2e-3
+
+
+def test_low_precision_gradients_close_to_fp32():
+    c, a, s, R, box, apix, o = _precision_case(n=100, batch=4)
+    grads = []
+    for precision in ("fp32", "bf16"):
+        leaf = c.clone().requires_grad_(True)
+        gmm.project(leaf, a, s, R, box, apix, o, precision=precision).abs().sum().backward()
+        grads.append(leaf.grad)
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-2
+
+
+def test_projection_precision_names():
+    assert gmm.projection_precision("fp32", "cpu") is None
+    assert gmm.projection_precision("bf16", "cpu") == torch.bfloat16
+    assert gmm.projection_precision(None, "cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gmm.projection_precision(None, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="projection precision"):
+        gmm.projection_precision("int8", "cpu")

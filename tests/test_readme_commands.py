@@ -120,3 +120,20 @@ def test_real_data_guide_commands_parse_and_numbers_match_the_benchmark():
         per100k_min = 1e5 / row["epoch_rate"] / 60
         cells = "| %d | %d | %.1f min (" % (row["box"], row["n_gauss"], per100k_min)
         assert cells in guide, cells
+
+
+def test_make_gui_opens_a_project_with_the_venv_first_on_path():
+    """`make gui` (the README's way to open the demo) runs Scipion from the .venv with the
+    .venv's bin first on PATH (Scipion relaunches itself with the first python3 there); the GUI
+    itself is opened by scipion_gmmhet/tests/test_gui_newcomer.py."""
+    import shutil
+    import subprocess
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = README.parent
+    out = subprocess.run(["make", "-n", "-o", ".venv/.gmmhet-installed", "gui", "PROJECT=my_project"],
+                         cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "/.venv/bin/python -m scipion project my_project" in out.stdout
+    makefile = (root / "Makefile").read_text()
+    assert "export PATH := $(VENV)/bin:$(PATH)" in makefile

@@ -43,7 +43,7 @@ def perturb(rot, org, deg_rms=3.0, px_rms=1.0, seed=0):
 
 
 def particles(meta, rot, org):
-    return Particles(ParticleImages(meta), rot, org, BOX, APIX, ctf=meta.ctf_params(), ctf_mode="ctf")
+    return Particles(ParticleImages(meta), rot, org, BOX, APIX, ctf=meta.ctf_params(), ctf_mode="full")
 
 
 FAST = dict(max_angle_deg=6.0, levels=2, polish_steps=4, batch_size=48)

@@ -113,7 +113,7 @@ def test_loss_scaling_with_chunks_and_out_of_memory_retries(gpu_set, tmp_path, m
     np.testing.assert_array_equal(r["latent"], plain["latent"])
     assert [h["train_loss"] for h in r["history"]] == [h["train_loss"] for h in plain["history"]]
     ck_dir = os.path.join(out, "checkpoints")
-    ck = torch.load(os.path.join(ck_dir, sorted(os.listdir(ck_dir))[-1]), weights_only=False)
+    ck = torch.load(os.path.join(ck_dir, sorted(os.listdir(ck_dir))[-1]), weights_only=True)
     assert ck["grad_scaler"]["scale"] == 2.0 ** 10  # saved for --resume
 
 
@@ -236,9 +236,9 @@ def test_compile_trains_and_saves_plain_state_dicts(gpu_set, tmp_path):
     else:
         np.testing.assert_array_equal(r["latent"], gpu_set["ref"]["latent"])
     ck_dir = os.path.join(out, "checkpoints")
-    ck = torch.load(os.path.join(ck_dir, sorted(os.listdir(ck_dir))[-1]), weights_only=False)
-    payload = torch.load(os.path.join(out, "model.pt"), weights_only=False)
-    ref_keys = set(torch.load(os.path.join(gpu_set["ref_dir"], "model.pt"), weights_only=False)["state_dict"])
+    ck = torch.load(os.path.join(ck_dir, sorted(os.listdir(ck_dir))[-1]), weights_only=True)
+    payload = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    ref_keys = set(torch.load(os.path.join(gpu_set["ref_dir"], "model.pt"), weights_only=True)["state_dict"])
     for sd in (ck["model"], payload["state_dict"]):
         assert set(sd) == ref_keys and not [k for k in sd if "_orig_mod" in k]
     tm = load_trained(out)

@@ -28,8 +28,8 @@ Outputs
 """
 from __future__ import annotations
 
-import json
 import os
+import shlex
 
 import numpy as np
 
@@ -40,9 +40,11 @@ from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
 from ..engine.errors import InputError
+from ..engine.io.outputs import AnalysisFolder
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
+from .labels import GmmhetLabel
 
 METHOD_KMEANS, METHOD_GMM = 0, 1
 METHOD_CHOICES = ['k-means', 'Gaussian mixture']
@@ -52,7 +54,7 @@ EMB_CHOICES = ['PCA', 'UMAP', 'PCA and UMAP']
 EMB_NAMES = ['pca', 'umap', 'both']
 
 
-class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
+class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     """Cluster the latent space of a trained Gaussian-mixture model and reconstruct each
     cluster from its particles.
 
@@ -230,13 +232,7 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
                           'heterogeneity".')
-        trainDir = self.getTrainDir()
-        if not trainDir:
-            errors.append('Input particles: they do not name a training folder; give the output '
-                          'of "gmmhet - train heterogeneity".')
-        elif not os.path.exists(os.path.join(trainDir, 'model.pt')):
-            errors.append('Input particles: the training folder %s has no model.pt; let the '
-                          'training finish.' % trainDir)
+        errors += self._trainDirErrors()
         k = self.numberOfClusters.get()
         if k is None or k < 1:
             errors.append('Number of clusters: give at least 1.')
@@ -286,37 +282,36 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
         return self._getExtraPath('analysis')
 
     def getSummary(self, missingOk: bool = False) -> dict | None:
-        fn = os.path.join(self.getAnalysisDir(), 'summary.json')
-        if not os.path.exists(fn):
+        folder = AnalysisFolder(self.getAnalysisDir())
+        if not os.path.exists(folder.summary):
             if missingOk:
                 return None
-            raise InputError('%s: missing; the analysis did not finish' % fn)
-        with open(fn) as f:
-            return json.load(f)
+            raise InputError('%s: missing; the analysis did not finish' % folder.summary)
+        return folder.read_summary()
 
     def getLabelsById(self) -> dict[int, int]:
         """{particle id: 0-based cluster label} from labels.npy and the star's ids."""
         ids = self._starIds(self.getParticlesStar())
-        labels = np.load(os.path.join(self.getAnalysisDir(), 'labels.npy'))
+        labels = np.load(AnalysisFolder(self.getAnalysisDir()).labels)
         if len(labels) != len(ids):
             raise InputError('labels.npy: %d labels for %d particles in %s; re-run the protocol'
                              % (len(labels), len(ids), self.getParticlesStar()))
         return {int(pid): int(lab) for pid, lab in zip(ids.tolist(), labels.tolist())}
 
     def getEmbedding(self, name: str = 'pca') -> np.ndarray | None:
-        fn = os.path.join(self.getAnalysisDir(), 'embedding_%s.npy' % name)
+        fn = AnalysisFolder(self.getAnalysisDir()).embedding(name)
         return np.load(fn) if os.path.exists(fn) else None
 
     def _getAnalyzeArgs(self) -> str:
-        args = ['--train %s' % _q(self.getTrainDir() or ''),
-                '--particles %s' % _q(self.getParticlesStar()),
-                '--latents %s' % _q(self.getLatentsFile()),
+        args = ['--train %s' % shlex.quote(self.getTrainDir() or ''),
+                '--particles %s' % shlex.quote(self.getParticlesStar()),
+                '--latents %s' % shlex.quote(self.getLatentsFile()),
                 '--clusters %d' % self.numberOfClusters.get(),
                 '--method %s' % METHOD_NAMES[self.clusterMethod.get()],
                 '--embedding %s' % EMB_NAMES[self.embedding.get()],
                 '--seed %d' % self.seed.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
-                '--out %s' % _q(self.getAnalysisDir())]
+                '--out %s' % shlex.quote(self.getAnalysisDir())]
         if self.whiten:
             args.append('--whiten')
         if not self.doReconstruct:
@@ -329,7 +324,7 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
             args.append('--traj-steps 0')
         mask = self.domainMask.get()
         if mask is not None:
-            args.append('--domain-mask %s' % _q(convert.cleanFileName(mask.getFileName())))
+            args.append('--domain-mask %s' % shlex.quote(convert.cleanFileName(mask.getFileName())))
         return ' '.join(args)
 
     def _inputKey(self) -> str:
@@ -339,5 +334,3 @@ class ProtGmmhetCluster(TrainedParticlesInput, ProtAnalysis3D):
             self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0)
 
 
-def _q(path: str) -> str:
-    return "'%s'" % path if ' ' in str(path) else str(path)

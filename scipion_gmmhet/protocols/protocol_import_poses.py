@@ -27,13 +27,14 @@ from ..constants import (MATCH_BY_ID, MATCH_BY_NAME, MATCH_BY_ORDER, MATCH_CHOIC
                          POSES_FROM_CHOICES, POSES_FROM_CRYODRGN, POSES_FROM_CS, POSES_FROM_SET,
                          POSES_FROM_STAR)
 from ..engine.errors import InputError
+from .labels import GmmhetLabel
 
 UNMATCHED_FILE = 'unmatched_particles.txt'
 _FILE_EXTENSIONS = {POSES_FROM_STAR: ('.star',), POSES_FROM_CS: ('.cs',),
                     POSES_FROM_CRYODRGN: ('.pkl', '.pickle')}
 
 
-class ProtGmmhetImportPoses(ProtParticles):
+class ProtGmmhetImportPoses(GmmhetLabel, ProtParticles):
     """Import 3D poses (Euler angles and shifts) for a set of particles.
 
     The poses can come from another SetOfParticles with 3D alignment (any Scipion protocol),

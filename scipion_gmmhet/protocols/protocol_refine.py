@@ -24,6 +24,7 @@ Output: ``outputParticles`` (same set type as the input: a SetOfParticlesFlex st
 from __future__ import annotations
 
 import os
+import shlex
 
 
 import pyworkflow.protocol.params as params
@@ -36,12 +37,14 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..constants import TRAIN_DIR_ATTR
 from ..engine.errors import InputError
+from ..engine.io.outputs import RefineFolder, pose_change_summary, read_fsc_csv, reconstruction_paths
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
+from .labels import GmmhetLabel
 
 
-class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
+class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     """Refine particle orientations against each particle's own Gaussian model.
 
     A consensus refinement aligns every particle to one average map, which a moving domain
@@ -171,7 +174,7 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         star = self.getParticlesStar() if which == 'before' else self.getOutputStar()
         os.makedirs(self.getReconstructionDir(), exist_ok=True)
         args = '--particles %s --out %s --device %s' % (
-            _q(star), _q(self.getReconstruction(which)), 'cuda' if self.usesGpu() else 'cpu')
+            shlex.quote(star), shlex.quote(self.getReconstruction(which)), 'cuda' if self.usesGpu() else 'cpu')
         Plugin.runGmmhet(self, 'reconstruct', args,
                          gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
 
@@ -216,13 +219,7 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
                           'heterogeneity".')
-        trainDir = self.getTrainDir()
-        if not trainDir:
-            errors.append('Input particles: they do not name a training folder; give the output '
-                          'of "gmmhet - train heterogeneity".')
-        elif not os.path.exists(os.path.join(trainDir, 'model.pt')):
-            errors.append('Input particles: the training folder %s has no model.pt; let the '
-                          'training finish.' % trainDir)
+        errors += self._trainDirErrors()
         if self.maxAngle.get() is None or self.maxAngle.get() < 0:
             errors.append('Angular search range: give 0 or more degrees.')
         shift = self.maxShift.get()
@@ -285,10 +282,10 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         return self._getExtraPath('refine')
 
     def getOutputStar(self) -> str:
-        return os.path.join(self.getRefineDir(), 'particles.star')
+        return RefineFolder(self.getRefineDir()).particles
 
     def getPoseChangesFile(self) -> str:
-        return os.path.join(self.getRefineDir(), 'pose_changes.csv')
+        return RefineFolder(self.getRefineDir()).pose_changes
 
     def getReconstructionDir(self) -> str:
         return self._getExtraPath('reconstruction')
@@ -299,10 +296,9 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
 
     def getFsc(self, which: str) -> dict | None:
         """Half-map FSC table of a reconstruction (None when not computed)."""
-        fn = self.getReconstruction(which)[:-4] + '_fsc.csv'
+        fn = reconstruction_paths(self.getReconstruction(which))['fsc']
         if not os.path.exists(fn):
             return None
-        from ..engine.analysis.reconstruct import read_fsc_csv
         return read_fsc_csv(fn)
 
     def getResolution(self, which: str) -> float | None:
@@ -315,17 +311,15 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
 
     def getPoseChanges(self) -> dict:
         """The engine's pose_changes.csv as ``{column: array}`` (per particle id)."""
-        import pandas as pd
-        fn = self.getPoseChangesFile()
-        if not os.path.exists(fn):
-            raise InputError('%s: missing; the refinement did not finish' % fn)
-        df = pd.read_csv(fn)
-        return {c: df[c].to_numpy() for c in df.columns}
+        changes = RefineFolder(self.getRefineDir()).read_pose_changes()
+        if changes is None:
+            raise InputError('%s: missing; the refinement did not finish' % self.getPoseChangesFile())
+        return changes
 
     def getRounds(self) -> dict | None:
         """The engine's rounds.csv as ``{column: array}`` (one row per refinement; None for a
         single fixed round)."""
-        fn = os.path.join(self.getRefineDir(), 'rounds.csv')
+        fn = RefineFolder(self.getRefineDir()).rounds
         if not os.path.exists(fn):
             return None
         import pandas as pd
@@ -336,16 +330,15 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
         """Median / 90th percentile of the pose changes (None before the run ends)."""
         if not os.path.exists(self.getPoseChangesFile()):
             return None
-        from ..engine.commands.refine import summary
         c = self.getPoseChanges()
-        s = summary(c['delta_angle_deg'], c['delta_shift_A'], c['score_before'], c['score_after'])
+        s = pose_change_summary(c['delta_angle_deg'], c['delta_shift_A'], c['score_before'], c['score_after'])
         s['n'] = len(c['delta_angle_deg'])
         return s
 
     def _getRefineArgs(self) -> str:
-        args = ['--train %s' % _q(self.getTrainDir() or ''),
-                '--particles %s' % _q(self.getParticlesStar()),
-                '--latents %s' % _q(self.getLatentsFile()),
+        args = ['--train %s' % shlex.quote(self.getTrainDir() or ''),
+                '--particles %s' % shlex.quote(self.getParticlesStar()),
+                '--latents %s' % shlex.quote(self.getLatentsFile()),
                 '--max-angle %g' % self.maxAngle.get(),
                 '--score %s' % ('wcc' if self.score.get() == 0 else 'frc'),
                 '--levels %d' % self.levels.get(),
@@ -353,7 +346,7 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
                 '--min-gain %g' % self.minGain.get(),
                 '--batch-size %d' % self.batchSize.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
-                '--out %s' % _q(self.getRefineDir())]
+                '--out %s' % shlex.quote(self.getRefineDir())]
         if self.maxShift.get() is not None and self.maxShift.get() >= 0:
             args.append('--max-shift %g' % self.maxShift.get())
         if self.highRes.get() is not None and self.highRes.get() > 0:
@@ -362,7 +355,7 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
             args.append('--lowres %g' % self.lowRes.get())
         mask = self.mask.get()
         if mask is not None:
-            args.append('--mask %s' % _q(convert.cleanFileName(mask.getFileName())))
+            args.append('--mask %s' % shlex.quote(convert.cleanFileName(mask.getFileName())))
         rounds = self.rounds.get() or 0
         args.append('--rounds %s' % ('auto --max-rounds %d' % (self.maxRounds.get() or 3) if rounds == 0
                                      else '%d' % rounds))
@@ -377,5 +370,3 @@ class ProtGmmhetRefine(TrainedParticlesInput, ProtAnalysis3D):
             self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0)
 
 
-def _q(path: str) -> str:
-    return "'%s'" % path if ' ' in str(path) else str(path)

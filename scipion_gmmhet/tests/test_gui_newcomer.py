@@ -45,6 +45,22 @@ EXPECTED_VIEWERS = {'ProtGmmhetBuildGmm': 'GmmhetBuildGmmViewer',
                     'ProtGmmhetRefine': 'GmmhetRefineViewer'}
 
 
+def sessionPids(sid: int) -> list[int]:
+    """Pids of the live processes of session ``sid`` (what a command started with
+    ``start_new_session`` left running, detached children included)."""
+    pids = []
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    with open('/proc/%s/stat' % name) as f:
+                        if f.read().split(') ')[-1][:1] != 'Z':
+                            pids.append(int(name))
+            except (OSError, ProcessLookupError):
+                pass
+    return pids
+
+
 def screenStats(display: str) -> dict:
     from PIL import ImageGrab
     img = np.asarray(ImageGrab.grab(xdisplay=display).convert('RGB'))
@@ -128,8 +144,10 @@ class TestNewcomerGui(BaseTest):
             proc = subprocess.Popen(['bash', '-c', self.printed], env=env, stdout=err, stderr=err,
                                     start_new_session=True)
         try:
+            # Scipion's launcher relaunches the GUI as a detached child and returns: follow the
+            # screen and the processes of this session, not the launcher
             deadline, stats = time.time() + 150, before
-            while time.time() < deadline and proc.poll() is None:
+            while time.time() < deadline:
                 time.sleep(2)
                 stats = screenStats(self.xvfb.display)
                 if stats['colours'] > 50 and stats['dominant'] < 0.9:
@@ -137,19 +155,24 @@ class TestNewcomerGui(BaseTest):
             with open(errFile) as f:
                 log = f.read()
             self.assertNotIn('No module named', log)
-            self.assertIsNone(proc.poll(), 'the GUI command ended: %s' % log[-2000:])
+            self.assertTrue(sessionPids(proc.pid), 'no GUI process left: %s' % log[-2000:])
             self.assertGreater(stats['colours'], 50, (before, stats, log[-2000:]))
             from PIL import ImageGrab
             img = ImageGrab.grab(xdisplay=self.xvfb.display)
             img.save(os.path.join(self.outDir, 'project_window.png'))
+            if docsScreenshotDir():
+                img.save(os.path.join(docsScreenshotDir(), 'project_window.png'))
             print('printed command opened the project window (%d colours on screen)' % stats['colours'])
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            for pid in sessionPids(proc.pid):
                 try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     # ------------------------------------------------------------------ 2-3. Analyze results
     def _analyze(self, mainWindow, prot, check):
@@ -181,6 +204,8 @@ class TestNewcomerGui(BaseTest):
         """Every entry of the viewer's form: plots not blank, messages name existing files."""
         from pwem.viewers.plotter import EmPlotter
         from pyworkflow.viewer import MessageView
+        self.assertTrue(viewer.getClassLabel().startswith('gmmhet - viewer'), viewer.getClassLabel())
+        viewer.formWindow.root.geometry('760x560+0+0')   # on screen whole, for the screenshot
         self._shot(viewer.formWindow.root, 'analyze_%s' % name)
         seen = {}
         for key, show in viewer._getVisualizeDict().items():
@@ -188,6 +213,7 @@ class TestNewcomerGui(BaseTest):
                 continue  # test_3 drives it
             views = show(key)
             self.assertTrue(views, key)
+            kinds = []
             for i, v in enumerate(views):
                 if isinstance(v, EmPlotter):
                     png = os.path.join(self.outDir, 'analyze_%s_%s_%d.png' % (name, key, i))
@@ -195,15 +221,16 @@ class TestNewcomerGui(BaseTest):
                     stats = pngStats(png)
                     self.assertGreater(stats['colours'], 20, (key, stats))
                     self.assertTrue(any(ax.has_data() for ax in v.getFigure().axes), key)
-                    seen[key] = 'plot'
+                    kinds.append('plot')
                 elif isinstance(v, MessageView):
                     self.assertNotIn('Error', v._title or '', (key, v._msg))
                     paths = re.findall(r'(/\S+\.cxc)', v._msg)
                     self.assertTrue(paths and all(os.path.isabs(p) and os.path.exists(p) for p in paths),
                                     (key, v._msg))
-                    seen[key] = 'message'
+                    kinds.append('message')
                 else:
-                    seen[key] = type(v).__name__
+                    kinds.append(type(v).__name__)
+            seen[key] = '+'.join(kinds)
         print('Analyze results of %s: %s' % (name, seen))
         return seen
 
@@ -235,15 +262,21 @@ class TestNewcomerGui(BaseTest):
                   'ProtGmmhetTrain': ('train', {'displayLatent': 'plot', 'displayLoss': 'plot'}),
                   'ProtGmmhetCluster': ('cluster', {'displayEmbedding': 'plot', 'displaySizes': 'plot',
                                                     'displayFsc': 'plot', 'displayMaps': 'message',
-                                                    'displayTrajectory': 'message'}),
+                                                    'displayTrajectory': 'message',
+                                                    'displayDisplacements': 'plot+message'}),
                   'ProtGmmhetRefine': ('refine', {'displayChanges': 'plot', 'displayFsc': 'plot',
                                                   'displayMaps': 'message'})}
         from scipion_gmmhet.viewers.chimerax import chimerax_program
         for className, (name, want) in expect.items():
+            # the run graph titles runs "gmmhet - ...", not "scipion_gmmhet - ..."; the plugin
+            # itself keeps its package name (queue templates, plugin lookups)
+            self.assertEqual(self._prot(className).getPlugin().getName(), 'scipion_gmmhet')
+            self.assertTrue(self._prot(className).getRunName().startswith('gmmhet - '),
+                            self._prot(className).getRunName())
             seen = self._analyze(mainWindow, self._prot(className),
                                  lambda viewer, name=name: self._checkViews(viewer, name))
             for key, kind in want.items():
-                if kind == 'message' and chimerax_program():
+                if 'message' in kind and chimerax_program():
                     continue  # ChimeraX installed: it opens instead of the message
                 self.assertEqual(seen.get(key), kind, (name, key, seen))
 
@@ -258,7 +291,7 @@ class TestNewcomerGui(BaseTest):
             views = viewer._showSelection()
             views[0].show()
             win = views[0].window
-            win.root.geometry('1400x600+0+0')
+            win.root.geometry('1270x600+0+0')
             panel = win.explorer3d
             self.assertIsNotNone(panel)
             widget = win.canvas.get_tk_widget()

@@ -80,6 +80,7 @@ class TestPlugin(BaseTest):
             walk(view, [name])
         paths = found.get('ProtGmmhetImportPoses', [])
         self.assertIn('Protocols SPA > 3D > Analysis > Heterogeneity', paths)
+        self.assertIn('Protocols SPA > Imports', paths)  # with the other imports too
         self.assertTrue(any(p.startswith('Flexibility Hub') for p in paths), paths)
         existing = pwem.Domain.getProtocols()
         for cls in found:

@@ -241,10 +241,10 @@ class TestProtocolTrain(BaseTest):
         viewer.latentIndex.set(2)
         views = viewer._showLatent()
         self.assertEqual(len(views), 1)
-        assertPngNotBlank(self, viewer._pngPath('latent_pca'))
+        assertPngNotBlank(self, viewer._pngPath('latent_pca.png'))
         views[0].close()
         views = viewer._showLoss()
-        assertPngNotBlank(self, viewer._pngPath('loss'))
+        assertPngNotBlank(self, viewer._pngPath('loss.png'))
         views[0].close()
         self.protTrain.outputParticles.close()
 

@@ -10,11 +10,13 @@ import pyworkflow.viewer as pwviewer
 from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
+from ..protocols.labels import GmmhetLabel
 from . import chimerax as cx, plots
 
 
-class GmmhetViewer(EmProtocolViewer):
-    """Base of the gmmhet protocol viewers (not offered itself: no targets)."""
+class GmmhetViewer(GmmhetLabel, EmProtocolViewer):
+    """Base of the gmmhet protocol viewers (not offered itself: no targets); titled
+    "gmmhet - viewer ..."."""
     _targets = []
     _environments = [pwviewer.DESKTOP_TKINTER, pwviewer.WEB_DJANGO]
     #: file-name prefix of the figures, e.g. 'cluster' -> gmmhet_cluster_<protocol id>_<name>

@@ -117,7 +117,7 @@ class Explorer3DPanel:
 
         neutral = explorer.neutral
         self.vmax = explorer.displacementScale()
-        self.figure = Figure(figsize=(4.6, 4.6), dpi=90)
+        self.figure = Figure(figsize=(5.0, 4.6), dpi=90)
         ax = self.figure.add_subplot(1, 1, 1, projection='3d')
         self.ax = ax
         lo, hi = neutral.min(0) - 5, neutral.max(0) + 5

@@ -40,6 +40,9 @@ import pyworkflow.viewer as pwviewer
 from pwem.viewers import EmProtocolViewer
 
 from ..constants import TRAIN_DIR_ATTR
+from ..protocols.labels import GmmhetLabel
+from .. import convert
+from ..engine.io.outputs import TrainFolder
 from ..protocols.protocol_train import ProtGmmhetTrain
 from . import plots
 
@@ -166,21 +169,6 @@ def subsetOutput(prot):
     raise ValueError('%s has no particle output' % prot.getRunName())
 
 
-def trainDirOf(partSet) -> str | None:
-    """The ``gmmhet train`` folder of a particle set from the training (or a subset of it):
-    the set's ``_gmmhet_trainDir`` attribute, else its Flexibility Hub ``trainDir``."""
-    attr = getattr(partSet, TRAIN_DIR_ATTR, None)
-    value = attr.get() if attr is not None and hasattr(attr, 'get') else None
-    if not value and hasattr(partSet, 'getFlexInfo'):
-        flex = partSet.getFlexInfo()
-        try:
-            value = flex.getAttr('trainDir')
-        except Exception:
-            value = getattr(flex, 'trainDir', None)
-            value = value.get() if hasattr(value, 'get') else value
-    return value or None
-
-
 _TRAINED_CACHE: dict = {}
 
 
@@ -188,7 +176,7 @@ def _trained(trainDir: str):
     """``load_trained(trainDir)`` on the CPU, kept while its model.pt is unchanged (a window
     decodes many points)."""
     from ..engine.training.trained import load_trained
-    model = os.path.join(trainDir, 'model.pt')
+    model = TrainFolder(trainDir).model
     key = (os.path.abspath(trainDir), os.path.getmtime(model) if os.path.exists(model) else None)
     if key not in _TRAINED_CACHE:
         _TRAINED_CACHE.clear()
@@ -272,7 +260,8 @@ class LatentSelectionWindow:
         self.status = tk.StringVar(self.root, value='Draw a lasso around particles.')
         tk.Label(self.root, textvariable=self.status, anchor='w').pack(side=tk.BOTTOM, fill=tk.X)
 
-        self.figure = Figure(figsize=(9.5, 4.8), dpi=90)
+        # beside the 3D explorer the latent plot and the map sections share a narrower figure
+        self.figure = Figure(figsize=(7.6 if explorer is not None else 9.5, 4.8), dpi=90)
         self.ax = self.figure.add_subplot(1, 2, 1)
         self.mapAx = self.figure.add_subplot(1, 2, 2)
         plots.draw_scatter(self.ax, self.xy, values=values, value_label=valueLabel,
@@ -461,7 +450,7 @@ class LatentSelectionMixin:
         ids, z, values = latentTable(prot.outputParticles, colorBy)
         method = EMBEDDINGS[self.embedding.get()].lower()
         xy, axes = plots.embed_latents(z, method)
-        trainDir = trainDirOf(prot.outputParticles) or prot.getTrainDir()
+        trainDir = convert.trainDirOf(prot.outputParticles) or prot.getTrainDir()
         project = self.getProject()
 
         def onCreateSubset(sel, label):
@@ -492,7 +481,7 @@ class LatentSelectionMixin:
                                     explorer=explorer)]
 
 
-class GmmhetLatentSelectionViewer(LatentSelectionMixin, EmProtocolViewer):
+class GmmhetLatentSelectionViewer(GmmhetLabel, LatentSelectionMixin, EmProtocolViewer):
     """The selection window alone (for scripts): in the GUI it is the "Interactive" tab of the
     training run's viewer, :class:`.viewer_train.GmmhetTrainViewer` (one viewer per protocol,
     so "Analyze results" opens the plots and the selection together)."""

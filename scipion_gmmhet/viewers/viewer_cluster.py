@@ -35,6 +35,7 @@ import pyworkflow.protocol.params as params
 from pwem.viewers.plotter import EmPlotter
 
 from ..engine.errors import InputError
+from ..engine.io.outputs import AnalysisFolder, read_fsc_csv
 from ..protocols.protocol_cluster import ProtGmmhetCluster
 from . import chimerax as cx
 from .base import GmmhetViewer
@@ -52,7 +53,7 @@ def _clusterData(prot, embedding: str = 'pca'):
     if emb is None:
         raise ValueError('no %s embedding in %s; choose another embedding or re-run with it'
                          % (embedding.upper(), prot.getAnalysisDir()))
-    labels = np.load(os.path.join(prot.getAnalysisDir(), 'labels.npy')) + 1
+    labels = np.load(AnalysisFolder(prot.getAnalysisDir()).labels) + 1
     if emb.shape[1] < 2:
         emb = np.concatenate([emb, np.zeros_like(emb)], axis=1)
     xy = emb[:, :2]
@@ -106,7 +107,6 @@ def writeClassSizesPng(prot, outPng: str) -> str:
 
 def fscCurves(prot) -> tuple[np.ndarray, dict]:
     """(frequencies in 1/A, {'class k (R A)': half-map FSC}) of the class reconstructions."""
-    from ..engine.analysis.reconstruct import read_fsc_csv
     s = prot.getSummary()
     freq, curves = None, {}
     for c in s['clusters']:

@@ -84,7 +84,7 @@ import torch
 
 from ..errors import InputError
 from ..model.fourier import RingBinner
-from ..model.gmm import GMM, project
+from ..model.gmm import project
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,6 @@ class ParticleModels(Protocol):
 
     def gaussians(self, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``centers_A (B, N, 3)``, ``amplitudes (B, N)``, ``sigmas_A (B, N)`` float32 tensors."""
-
-
-class NeutralModels:
-    """The same GMM for every particle (refinement against the consensus model)."""
-
-    def __init__(self, gmm: GMM):
-        self.gmm = gmm
-        self.neutral_centers_A = gmm.centers_A
-        self.median_sigma_A = float(np.median(gmm.sigmas_A))
-
-    def gaussians(self, rows, device):
-        c, a, s = self.gmm.tensors(device)
-        B = len(rows)
-        return c.expand(B, -1, -1), a.expand(B, -1), s.expand(B, -1)
 
 
 class LatentModels:
@@ -184,29 +170,6 @@ def remove_rigid_motion(centers_A: torch.Tensor, neutral_A: torch.Tensor, weight
         r0 = r.median(dim=1, keepdim=True).values.clamp_min(0.5)
         w = weights.abs().expand(B, -1) / (1.0 + (r / r0) ** 2)
     return torch.einsum("bji,bnj->bni", R, centers_A - m) + m0
-
-
-class StateModels:
-    """One of a few GMMs per particle (e.g. the simulator's ground-truth states):
-    ``state_of_row`` ``(n_particles,)`` indexes ``gmms``. GMMs with fewer Gaussians are padded
-    with zero-amplitude ones."""
-
-    def __init__(self, gmms: list[GMM], state_of_row: np.ndarray):
-        n = max(len(g) for g in gmms)
-
-        def pad(x, fill):
-            return np.concatenate([x, np.full((n - len(x),) + x.shape[1:], fill, x.dtype)])
-
-        self.centers = torch.as_tensor(np.stack([pad(g.centers_A, 0.0) for g in gmms]))
-        self.amps = torch.as_tensor(np.stack([pad(g.amplitudes, 0.0) for g in gmms]))
-        self.sigmas = torch.as_tensor(np.stack([pad(g.sigmas_A, 1.0) for g in gmms]))
-        self.state_of_row = np.asarray(state_of_row, dtype=np.int64)
-        self.neutral_centers_A = self.centers[0].numpy()
-        self.median_sigma_A = float(np.median(gmms[0].sigmas_A))
-
-    def gaussians(self, rows, device):
-        k = torch.as_tensor(self.state_of_row[np.asarray(rows)])
-        return self.centers[k].to(device), self.amps[k].to(device), self.sigmas[k].to(device)
 
 
 # ---------------------------------------------------------------------------------------------

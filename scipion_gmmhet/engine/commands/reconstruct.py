@@ -29,7 +29,8 @@ log = logging.getLogger("gmmhet.reconstruct")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from ..analysis.reconstruct import CTF_MODES, DEFAULT_REG_FRAC
+    from ..analysis.reconstruct import DEFAULT_REG_FRAC
+    from ..ctf_modes import CTF_CHOICES
     parser.add_argument("--particles", required=True, metavar="STAR", help="particle star file (or cryoSPARC .cs)")
     parser.add_argument("--indices", metavar="FILE",
                         help="0-based star rows to reconstruct (.npy, or text: one integer per line)")
@@ -41,7 +42,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reg-frac", type=float, default=DEFAULT_REG_FRAC,
                         help="Wiener regulariser as a fraction of the mean CTF^2 weight per shell "
                              f"(default {DEFAULT_REG_FRAC})")
-    parser.add_argument("--ctf-mode", choices=list(CTF_MODES), default=None,
+    parser.add_argument("--ctf-mode", choices=CTF_CHOICES, default=None,
                         help="how the images carry the CTF (default: 'full', or 'premultiplied' per "
                              "optics group as flagged by rlnCtfDataAreCtfPremultiplied); particles without CTF need 'none'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half split (default 0)")
@@ -50,6 +51,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..ctf_modes import ctf_mode as ctf_mode_name
     from ..io.metadata import read_particles
     from ..analysis.reconstruct import read_indices, reconstruct_particles
 
@@ -62,10 +64,11 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--pad must be >= 1 and --reg-frac >= 0")
     make_output_dir(os.path.dirname(out))
     meta = read_particles(args.particles, images_root=args.images_root)
+    ctf_mode = None if args.ctf_mode is None else ctf_mode_name(args.ctf_mode, "--ctf-mode")
+    ctf_mode = None if ctf_mode == "auto" else ctf_mode
     from ..io.validate import resolve_ctf_mode
     if not meta.has_ctf():  # ignoring the CTF is an explicit choice (--ctf-mode none)
-        resolve_ctf_mode(False, args.ctf_mode, args.particles, option="--ctf-mode none")
-    ctf_mode = args.ctf_mode
+        resolve_ctf_mode(False, ctf_mode, args.particles, option="--ctf-mode none")
     meta.validate(require_alignment=True, require_ctf=ctf_mode not in ("none",) and meta.has_ctf(),
                   check_images=True, allow_duplicates=True)
     from ..io.data import ParticleImages

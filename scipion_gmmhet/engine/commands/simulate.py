@@ -38,16 +38,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="origin shifts uniform within +- this many pixels (default 2)")
     parser.add_argument("--no-ctf", action="store_true",
                         help="do not apply the CTF to the images (tests; the star still lists defoci)")
+    parser.add_argument("--device", default="auto", help="torch device projecting the images (default auto)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..device import resolve_device
     from ..io.atomic import make_output_dir
     from ..simulation.simulate import simulate
 
+    args.device = str(resolve_device(args.device))  # a one-line error for cuda without a GPU
     make_output_dir(args.out)
     result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix, snr=args.snr, seed=args.seed,
                       n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
-                      molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)
+                      molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,
+                      device=args.device)
     s = result["summary"]
     print(f"wrote {s['n']} {s['kind']} particles ({s['box']} px, {s['apix']:g} A/px, SNR {s['snr']}) in "
           f"{s['seconds_total']:.1f} s: {result['star']}")

@@ -22,12 +22,16 @@ A NaN/Inf pixel is refused before training (a sample of the images, then every b
 CUDA out-of-memory the batch is processed in halved chunks (same result up to rounding): the
 physical chunk starts at --batch-size and halves until it fits, so a large --batch-size fills
 the GPU. The next batches' images are read on a background thread (pinned memory on CUDA);
---no-prefetch turns that off (results are identical either way).
+--no-prefetch turns that off (results are identical either way). On CUDA the epoch reads blocks
+of consecutive particles (random block order) on --loader-threads threads into reused pinned
+buffers, the gradient features are computed in batches of 1,024 and kept on the GPU when they
+fit, and without --batch-size a short probe picks the batch size.
 """
 from __future__ import annotations
 
 import argparse
 
+from ..ctf_modes import CTF_CHOICES, ctf_mode as ctf_mode_name
 from ..errors import InputError
 
 
@@ -39,8 +43,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--zdim", type=int, default=d.zdim, help=f"latent dimension (default {d.zdim})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"particles per step (default {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="particles per step (default 0 = automatic: 64 on the CPU; on one GPU a short "
+                        "memory/throughput probe, with the learning rate scaled by batch / 64)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"Adam learning rate (default {d.lr:g}; with the automatic batch size, the rate at batch 64)")
     p.add_argument("--changes", default=",".join(d.changes),
                    help="what may change: comma-separated subset of positions,amplitudes,widths "
                         "(default positions,amplitudes)")
@@ -53,9 +60,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     p.add_argument("--features", choices=["cache", "onthefly"], default=d.features,
                    help="gradient features cached once in OUT/features.f16 (default) or computed every batch")
-    p.add_argument("--ctf", dest="ctf_mode", choices=["auto", "ctf", "flipped", "premultiplied", "none"],
-                   default="auto", help="how images relate to the CTF: raw (ctf), phase-flipped, "
-                                        "CTF-premultiplied, or none; auto reads the star")
+    p.add_argument("--ctf", dest="ctf_mode", choices=CTF_CHOICES, default="auto",
+                   help="how the images carry the CTF: full (raw images), phase_flipped, premultiplied, or "
+                        "none; auto reads the star (ctf and flipped: old names of full and phase_flipped)")
     p.add_argument("--lowres", type=float, default=d.lowres_A, help="FRC band low-resolution limit, A (default 100)")
     p.add_argument("--highres", type=float, default=None,
                    help="FRC band high-resolution limit, A (default: chosen from the data: last ring where the "
@@ -73,6 +80,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder/decoder networks (falls back to eager mode with a warning "
                         "when compilation fails)")
+    p.add_argument("--proj-precision", choices=["fp32", "bf16", "fp16"], default=d.proj_precision,
+                   help="precision of the projection's matrix product (positions, phases and accumulation stay "
+                        "float32; fp16 is scaled so it cannot overflow; default fp32)")
+    p.add_argument("--loader-threads", type=int, default=d.loader_threads,
+                   help=f"reader threads of the GPU data path (block-shuffled contiguous reads into pinned "
+                        f"buffers; default {d.loader_threads}); the CPU uses one prefetch thread")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help=f"log the running loss every N steps (default {d.log_every}; the only host "
+                        "synchronisation inside an epoch; 0: once per epoch)")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="read each batch's images when it is needed instead of on a background thread "
                         "two batches ahead (same results)")
@@ -91,12 +107,15 @@ def main(args) -> int:
         raise InputError(f"--zdim {args.zdim}: the latent dimension must be at least 1")
     if not 0 <= args.val_fraction < 0.5:
         raise InputError(f"--val-fraction {args.val_fraction}: give a fraction in [0, 0.5)")
+    args.ctf_mode = ctf_mode_name(args.ctf_mode, "--ctf")
     cfg = TrainConfig(zdim=args.zdim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       changes=parse_changes(args.changes), seed=args.seed, features=args.features,
                       ctf_mode=args.ctf_mode, symmetry=args.symmetry, mask=args.mask, lowres_A=args.lowres,
                       highres_A=args.highres, val_fraction=args.val_fraction, latent_noise=args.latent_noise,
                       latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers,
-                      amp=args.amp, compile=args.compile, prefetch=args.prefetch)
+                      amp=args.amp, compile=args.compile, prefetch=args.prefetch,
+                      proj_precision=args.proj_precision, loader_threads=args.loader_threads,
+                      log_every=args.log_every)
     resolve_device(args.device)  # a clear error before joining a process group
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:

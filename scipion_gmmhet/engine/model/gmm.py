@@ -116,7 +116,7 @@ def projection_weights(amplitudes: torch.Tensor, sigmas_A: torch.Tensor, apix: f
 
 def project(centers_A: torch.Tensor, amplitudes: torch.Tensor, sigmas_A: torch.Tensor,
             rotations: torch.Tensor, box: int, apix: float, origins_A: torch.Tensor | None = None,
-            ctf: torch.Tensor | None = None) -> torch.Tensor:
+            ctf: torch.Tensor | None = None, precision: str | None = None) -> torch.Tensor:
     """Batched projections of a GMM directly in Fourier space (separable form).
 
     centers_A ``(N, 3)`` or per-particle ``(B, N, 3)``; amplitudes, sigmas_A ``(N,)`` or
@@ -132,7 +132,98 @@ def project(centers_A: torch.Tensor, amplitudes: torch.Tensor, sigmas_A: torch.T
     (``exp(-2 pi i (-ky) y)`` is the conjugate of ``exp(-2 pi i ky y)``). No complex
     exponentials are formed and half the ``ky`` rows are computed: about 1.5-2x faster than the
     direct complex product on CPU, and real matrices run on GPU tensor cores.
+
+    ``precision`` of the matrix product only (:func:`projection_precision`): ``"fp32"``,
+    ``"bf16"`` or ``"fp16"``; None follows an enclosing ``torch.autocast`` (fp32 outside one).
+    Positions, phases and envelopes are always float32 (a bf16 phase ``2 pi k x`` would be off by
+    up to ~1 rad); ``Y`` and ``X`` are cast to the low precision after scaling each particle's
+    matrix to a largest entry of 1, the product accumulates in float32 and the result is
+    float32 (complex64). With that scaling a float16 product cannot overflow (|entries| <= 1,
+    at most :data:`FP16_MAX_GAUSSIANS` terms per sum); more Gaussians fall back to float32.
     """
+    low = projection_precision(precision, rotations.device)
+    if low is not None or torch.is_autocast_enabled() or _cpu_autocast_enabled():
+        with _no_autocast(rotations.device):
+            return _project(centers_A.float(), amplitudes.float(), sigmas_A.float(), rotations.float(), box, apix,
+                            None if origins_A is None else origins_A.float(), None if ctf is None else ctf.float(),
+                            low)
+    return _project(centers_A, amplitudes, sigmas_A, rotations, box, apix, origins_A, ctf, None)
+
+
+FP16_MAX_GAUSSIANS = 32768  # N unit-bounded products stay below float16's 65504
+PRECISIONS = ("fp32", "bf16", "fp16")
+_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_fallback_logged: set = set()
+
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return bool(torch.is_autocast_enabled("cpu"))
+    except TypeError:  # torch < 2.4
+        return bool(torch.is_autocast_cpu_enabled())
+
+
+def _autocast_dtype(device_type: str):
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except (AttributeError, TypeError):  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type if device.type in ("cuda", "cpu") else "cpu", enabled=False)
+
+
+def projection_precision(precision: str | None, device) -> torch.dtype | None:
+    """The dtype of :func:`project`'s matrix product: None for float32, else bfloat16/float16.
+
+    ``precision`` None follows an active ``torch.autocast`` on ``device`` (so a model run
+    under autocast projects with its dtype, safely); "fp32"/"off" is float32; "bf16"/"fp16".
+    """
+    device = torch.device(device)
+    if precision is None:
+        enabled = _cpu_autocast_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
+        if not enabled:
+            return None
+        dt = _autocast_dtype(device.type)
+        return dt if dt in (torch.bfloat16, torch.float16) else None
+    key = str(precision).lower()
+    if key in ("fp32", "off", "float32"):
+        return None
+    if key not in _LOW:
+        raise ValueError(f"projection precision {precision!r}: give one of {', '.join(PRECISIONS)}")
+    return _LOW[key]
+
+
+def _low_bmm(Y: torch.Tensor, X: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+    """``Y @ X^T`` ``(B, R, N) x (B, C, N)`` with bf16/fp16 inputs, float32 accumulation and a
+    float32 result: each particle's ``Y`` and ``X`` are scaled to a largest |entry| of 1 (on the
+    device, no host synchronisation) and the scales multiplied back in float32."""
+    n = Y.shape[-1]
+    if low == torch.float16 and n > FP16_MAX_GAUSSIANS:
+        if "fp16" not in _fallback_logged:
+            _fallback_logged.add("fp16")
+            import logging
+            logging.getLogger(__name__).warning(
+                "fp16 projection of %d Gaussians could overflow float16 (limit %d): projecting in float32",
+                n, FP16_MAX_GAUSSIANS)
+        return torch.bmm(Y, X.transpose(1, 2))
+    tiny = torch.finfo(torch.float32).tiny
+    sy = Y.detach().abs().amax(dim=(1, 2), keepdim=True).clamp_min(tiny)  # constants: exact gradients
+    sx = X.detach().abs().amax(dim=(1, 2), keepdim=True).clamp_min(tiny)
+    Yl, Xl = (Y / sy).to(low), (X / sx).to(low)
+    if Y.device.type == "cuda":  # cuBLAS accumulates in float32; out_dtype keeps the float32 result
+        try:
+            P = torch.bmm(Yl, Xl.transpose(1, 2), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            P = torch.bmm(Yl, Xl.transpose(1, 2)).float()
+    else:  # the CPU kernels accumulate in float32 as well and round the output once
+        P = torch.bmm(Yl, Xl.transpose(1, 2)).float()
+    return P * (sy * sx)
+
+
+def _project(centers_A, amplitudes, sigmas_A, rotations, box, apix, origins_A, ctf, low):
+    """:func:`project` in float32 geometry; ``low``: dtype of the product (None: float32)."""
     dtype = rotations.dtype
     eq = "bij,nj->bin" if centers_A.dim() == 2 else "bij,bnj->bin"
     pos = torch.einsum(eq, rotations[:, :2, :], centers_A)  # (B, 2, N): image x, y in Angstrom
@@ -147,7 +238,7 @@ def project(centers_A: torch.Tensor, amplitudes: torch.Tensor, sigmas_A: torch.T
     env_w = env * w[..., None, :]
     Y = torch.cat([torch.cos(ty) * env_w, torch.sin(ty) * env_w], dim=1)  # (B, 2M, N)
     X = torch.cat([torch.cos(tx) * env, torch.sin(tx) * env], dim=1)  # (B, 2M, N)
-    P = torch.bmm(Y, X.transpose(1, 2))  # (B, 2M, 2M)
+    P = torch.bmm(Y, X.transpose(1, 2)) if low is None else _low_bmm(Y, X, low)  # (B, 2M, 2M)
     cc, cs, sc, ss = P[:, :M, :M], P[:, :M, M:], P[:, M:, :M], P[:, M:, M:]
     m = torch.round(torch.fft.fftfreq(box, device=rotations.device, dtype=torch.float64) * box).long()
     a, plus = m.abs(), (m >= 0)[None, :, None]  # fft row i holds ky = m_i / (box apix)

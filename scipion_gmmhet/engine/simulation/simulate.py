@@ -61,7 +61,6 @@ Output files in ``out_dir`` (all written atomically)
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -75,7 +74,7 @@ import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, euler_to_matrix, fourier_grid, fourier_to_image, matrix_to_euler
-from ..io.atomic import atomic_path, atomic_write, write_text
+from ..io.atomic import atomic_path, atomic_write, reserve_space, write_text
 from ..errors import InputError
 from ..model.gmm import GMM, project, render_map
 from ..io.mrc import write_map
@@ -311,10 +310,10 @@ def draw_particles(n: int, kind: str, rng: np.random.Generator, apix: float, max
     })
 
 
-def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool = True) -> torch.Tensor:
-    """Noiseless images ``(B, D, D)`` float32 of the particles in ``truth`` (rows of
-    :func:`draw_particles`): :func:`gmm.project` of each particle's
-    state at its pose, origin shift and (if ``ctf``) CTF."""
+def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool = True, device="cpu") -> torch.Tensor:
+    """Noiseless images ``(B, D, D)`` float32 (on ``device``) of the particles in ``truth`` (rows
+    of :func:`draw_particles`): :func:`gmm.project` of each particle's state at its pose, origin
+    shift and (if ``ctf``) CTF."""
     box, apix = mol.box, mol.apix
     B = len(truth)
     col = {k: np.array(truth[k].to_numpy(), dtype=np.float64) for k in (
@@ -334,31 +333,16 @@ def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool =
         sub = torch.as_tensor(mol.domain[:n] == DOMAIN_NAMES.index("subunit"))
         amplitudes[:, sub] *= torch.as_tensor(col["composition"], dtype=torch.float32)[:, None]
     sigmas = torch.full((n,), mol.sigma_A, dtype=torch.float32)
-    F = project(centers, amplitudes, sigmas, A, box, apix, origins_A=origins)
+    dev = torch.device(device)
+    F = project(centers.to(dev), amplitudes.to(dev), sigmas.to(dev), A.to(dev), box, apix, origins_A=origins.to(dev))
     if ctf:
-        ky, kx = fourier_grid(box, apix)
-        F = F * ctf_2d(ky, kx, torch.as_tensor(col["defocus_u_A"]), torch.as_tensor(col["defocus_v_A"]),
-                       torch.as_tensor(col["defocus_angle_deg"]), VOLTAGE_KV, CS_MM, AMPLITUDE_CONTRAST)
+        ky, kx = fourier_grid(box, apix, device=dev)
+        F = F * ctf_2d(ky, kx, *(torch.as_tensor(col[k], device=dev) for k in ("defocus_u_A", "defocus_v_A",
+                       "defocus_angle_deg")), VOLTAGE_KV, CS_MM, AMPLITUDE_CONTRAST)
     return fourier_to_image(F, box).float()
 
 
 # ----------------------------------------------------------------------------- writers
-
-def _reserve_space(path: str) -> None:
-    """Allocate a memory-mapped file's blocks now, so that a full disk is an ENOSPC here (an
-    InputError through ``atomic``) rather than a SIGBUS when a page of the map is written."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise
-        # the file system cannot preallocate (EOPNOTSUPP, EINVAL): write as before
-    finally:
-        os.close(fd)
-
 
 def _atomic_text(path: str, text: str) -> None:
     write_text(path, text)
@@ -467,17 +451,35 @@ def _check(kind, n, box, apix, snr, n_states_maps, subunit_fraction, max_shift_p
         raise InputError(f"max_shift_px {max_shift_px}: must be in [0, box/10]; pass e.g. 2")
 
 
+def _write_states(mol, renderer, kind: str, n_states_maps: int, out_dir: str, apix: float):
+    """Ground-truth GMM (``truth_gmm/NAME.npz``) and map (``truth_maps/NAME.mrc``) of each state.
+    Returns ({state: map path}, {state: GMM path}, [state records for simulation.json])."""
+    maps, gmms, states = {}, {}, []
+    for name, c, with_sub in _states(kind, n_states_maps):
+        g = mol.state_gmm(c, with_sub, {"kind": kind, "state": name, "conformation": c,
+                                        "composition": int(with_sub)})
+        gmms[name] = os.path.join(out_dir, "truth_gmm", name + ".npz")
+        g.save(gmms[name])
+        maps[name] = os.path.join(out_dir, "truth_maps", name + ".mrc")
+        write_map(maps[name], renderer.state(c, with_sub), apix)
+        states.append({"name": name, "conformation": c, "composition": int(with_sub),
+                       "map": os.path.relpath(maps[name], out_dir), "gmm": os.path.relpath(gmms[name], out_dir),
+                       "n_gaussians": len(g)})
+    return maps, gmms, states
+
+
 def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float = 3.0, snr: float = 0.1,
              seed: int = 0, n_states_maps: int = 5, subunit_fraction: float = 0.5, molecule_seed: int = 0,
              max_shift_px: float = 2.0, ctf: bool = True, n_gaussians: int = 1600,
-             batch_size: int | None = None) -> dict:
+             batch_size: int | None = None, device="cpu") -> dict:
     """Simulate a dataset into ``out_dir`` (see the module docstring for the files).
 
     ``kind`` one of :data:`KINDS`; ``n`` particles of ``box`` pixels of ``apix`` Angstrom;
     white noise at ``snr`` (``math.inf``: none); ``seed`` fixes the particles, noise and
     micrograph coordinates, ``molecule_seed`` the molecule. Returns ``{'out_dir', 'star',
     'stack', 'consensus', 'truth_csv', 'json', 'truth_maps': {state: path}, 'truth_gmm':
-    {state: path}, 'summary': {...}}`` with absolute paths.
+    {state: path}, 'summary': {...}}`` with absolute paths. ``device``: where the images are
+    projected (e.g. ``cuda``; the noise is drawn on the host, so the stack is the same up to rounding).
     """
     _check(kind, n, box, apix, snr, n_states_maps, subunit_fraction, max_shift_px)
     n, box, apix, snr = int(n), int(box), float(apix), float(snr)
@@ -495,16 +497,16 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     # stack, in batches; noise level from the first `n_cal` noiseless images
     n_atoms = len(mol.centers_A) if kind in ("compositional", "mixed") else mol.n_without_subunit()
     if batch_size is None:
-        batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box))))
+        batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box)))) * (8 if str(device).startswith("cuda") else 1)
     n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
     stack_path = os.path.join(out_dir, "particles.mrcs")
     stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}
     noise_sigma, signal_var = 0.0, None
     with atomic_path(stack_path) as tmp:  # InputError on a full disk; no stray .tmp
         with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
-            _reserve_space(tmp)
+            reserve_space(tmp)
             def images(i0, i1):
-                out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf).numpy()
+                out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf, device).cpu().numpy()
                        for j in range(i0, i1, batch_size)]
                 return np.concatenate(out)
 
@@ -538,18 +540,8 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     csv_path = os.path.join(out_dir, "truth.csv")
     atomic_write(csv_path, lambda tmp: truth.to_csv(tmp, index=False, na_rep="nan"))
 
-    maps, gmms, states = {}, {}, []
     renderer = StateRenderer(mol)
-    for name, c, with_sub in _states(kind, n_states_maps):
-        g = mol.state_gmm(c, with_sub, {"kind": kind, "state": name, "conformation": c,
-                                        "composition": int(with_sub)})
-        gmms[name] = os.path.join(out_dir, "truth_gmm", name + ".npz")
-        g.save(gmms[name])
-        maps[name] = os.path.join(out_dir, "truth_maps", name + ".mrc")
-        write_map(maps[name], renderer.state(c, with_sub), apix)
-        states.append({"name": name, "conformation": c, "composition": int(with_sub),
-                       "map": os.path.relpath(maps[name], out_dir), "gmm": os.path.relpath(gmms[name], out_dir),
-                       "n_gaussians": len(g)})
+    maps, gmms, states = _write_states(mol, renderer, kind, n_states_maps, out_dir, apix)
     consensus_path = os.path.join(out_dir, "consensus.mrc")
     write_map(consensus_path, renderer.consensus(truth, kind), apix)
 

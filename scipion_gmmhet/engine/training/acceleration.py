@@ -46,6 +46,7 @@ class Amp:
         self.mode, self.device_type = mode, device.type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
         self.scaler = _grad_scaler() if mode == "fp16" else None
+        self.projection = "fp32"  # precision of the projection's matrix product (TrainConfig.proj_precision)
 
     @property
     def enabled(self) -> bool:

@@ -36,8 +36,9 @@ import torch
 
 from ..device import AdaptiveBatch, pinned
 from ..errors import InputError
-from ..io.atomic import atomic_path, write_text
+from ..io.atomic import atomic_path, reserve_space, write_text
 from ..io.data import Batch, HostBatch, Particles
+from ..io.outputs import TrainFolder
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project
 
@@ -141,8 +142,9 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str):
-        self.path = os.path.join(directory, "features.f16")
-        self.meta_path = os.path.join(directory, "features.json")
+        folder = TrainFolder(directory)
+        self.path = folder.feature_cache
+        self.meta_path = folder.feature_cache_meta
         self.array = None
 
     def load(self, fingerprint: dict) -> bool:
@@ -204,7 +206,7 @@ class FeatureCache:
         try:
             with open(path, "wb") as f:
                 f.truncate(n * nf * 2)
-            _reserve_space(path)
+            reserve_space(path)
         except OSError as exc:
             err = disk_full_error(path, exc)
             if err is not None:
@@ -257,38 +259,31 @@ class FeatureSource:
 
     def __init__(self, particles: Particles, feats: GradientFeatures, cache: FeatureCache | None, device):
         self.particles, self.feats, self.cache, self.device = particles, feats, cache, device
+        self.resident = None  # the whole feature table on the device (batching.resident_rows), or None
+
+    def read_features(self, items: np.ndarray):
+        """Host float16 feature rows of ``items`` (None without a cache or with a resident table)."""
+        if self.cache is None or self.resident is not None:
+            return None
+        return self.cache.read(items, self.device)
 
     def read(self, items: np.ndarray) -> HostBatch:
         host = self.particles.read(items)
-        if self.cache is not None:
-            host.features = self.cache.read(items, self.device)
+        host.features = self.read_features(items)
         return host
 
     def load(self, host: HostBatch):
         b = self.particles.to_device(host)
-        x = FeatureCache.to_device(host.features, self.device) if host.features is not None else self.feats(b)
+        if self.resident is not None:
+            x = self.resident.index_select(0, b.items).float()
+        elif host.features is not None:
+            x = FeatureCache.to_device(host.features, self.device)
+        else:
+            x = self.feats(b)
         return x, b
 
     def __call__(self, items: np.ndarray):
         return self.load(self.read(items))
-
-
-def _reserve_space(path: str) -> None:
-    """Allocate a file's blocks now (as ``simulate._reserve_space``): a full disk is an ENOSPC
-    here rather than a SIGBUS when a page of its memory map is written."""
-    import errno
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise
-    finally:
-        os.close(fd)
 
 
 def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:

@@ -28,10 +28,12 @@ Data path:
   batches ahead (:mod:`prefetch`), into pinned host memory on CUDA and copied with
   ``non_blocking=True``; only the reading overlaps the training, so results are bit-identical
   with or without it.
-- batch size: ``--batch-size`` particles per Adam step; on CUDA the physical chunk starts at
-  the batch size (a whole batch in one forward/backward) and halves on out-of-memory (see
-  Reliability above), so a large ``--batch-size`` (256+) fills the GPU without a separate
-  chunk setting.
+- batch size: ``--batch-size`` particles per Adam step (0: automatic, see :mod:`config`); on
+  CUDA the physical chunk starts at the batch size and halves on out-of-memory (Reliability).
+- on CUDA (``loader``): block-shuffled order, ``loader_threads`` reader threads into reused
+  pinned buffers (:mod:`io.loader`), features in batches of 1,024 and held on the GPU when they
+  fit (:func:`batching.resident_rows`); the loss is summed on the device and read back every
+  ``log_every`` steps and per epoch only; a NaN/Inf loss stops the run with one line.
 
 Several processes (``torchrun``, :mod:`distributed`): each takes its share of every global
 batch of the same seeded order, the loss is scaled so that DDP's gradient average is the
@@ -46,9 +48,9 @@ model + config), ``latent.npy`` (float32, n_items x zdim; row ``i * n_ops + s`` 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -58,12 +60,15 @@ import torch
 
 from ..device import AdaptiveBatch, is_oom
 from ..errors import InputError
-from ..io import atomic
 from ..io.data import HostBatch, Particles
+from ..io.loader import BatchLoader, block_shuffled_order
+from ..io.outputs import TrainFolder
+from ..io.torch_files import json_field, load_torch_file
 from ..model.fourier import RingBinner
-from ..model.gmm import GMM, project
+from ..model.gmm import GMM, project, projection_precision
 from ..model.networks import HetModel, parse_changes
 from .acceleration import Amp, autocast, compile_mlps
+from .batching import MIN_STEPS_PER_EPOCH, REFERENCE_BATCH, probe_batch_size, resident_rows, scaled_lr
 from .config import TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
 from .distributed import Dist
 from .features import FeatureCache, FeatureSource, GradientFeatures, feature_param_types, focus_mask_gaussians
@@ -71,18 +76,6 @@ from .prefetch import Prefetcher
 from .trained import MODEL_FILE_VERSION, encode_items, model_payload
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_save(obj, path: str) -> None:
-    atomic.torch_save(obj, path)
-
-
-def _atomic_text(text: str, path: str) -> None:
-    atomic.write_text(path, text)
-
-
-def _atomic_npy(arr: np.ndarray, path: str) -> None:
-    atomic.save_npy(path, arr)
 
 
 def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, noise: float, gen,
@@ -107,7 +100,7 @@ def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_st
     with autocast(amp):
         z, (c, a, s) = model(x, noise_std, None, noise)
     z, c, a, s = z.float(), c.float(), a.float(), s.float()  # no-ops without amp
-    F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf)
+    F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf, precision=_proj(amp))
     frc = binner.mean_frc(F, b.F_img)
     loss = -frc.sum()
     if latent_reg > 0:
@@ -117,6 +110,10 @@ def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_st
     else:
         (loss * scale).backward()
     return frc.detach()
+
+
+def _proj(amp: Amp | None) -> str:
+    return getattr(amp, "projection", "fp32") if amp is not None else "fp32"
 
 
 def _share(n: int, dist: Dist) -> tuple[np.ndarray, float]:
@@ -136,7 +133,9 @@ def _train_batch(model, ddp, binner, source: FeatureSource, host: HostBatch, pos
     particles: ``host`` holds this process's particles of it (positions ``pos`` in the global
     batch, loss scale ``scale``: :func:`_share`), read by ``source.read``. Returns the summed
     ``-FRC`` of this process's particles."""
-    my_noise = noise[torch.as_tensor(pos, device=noise.device)] if noise is not None else None
+    my_noise = noise
+    if noise is not None and not (len(pos) == len(noise) and pos[-1] == len(pos) - 1):  # one process: all of it
+        my_noise = noise[torch.as_tensor(pos).to(noise.device, non_blocking=True)]
     total = torch.zeros((), device=binner.onehot.device)
     starts = list(range(0, len(host), chunk.size))
     for k, i0 in enumerate(starts):
@@ -149,10 +148,6 @@ def _train_batch(model, ddp, binner, source: FeatureSource, host: HostBatch, pos
         if scale > 0:
             total = total + (-frc).sum()
     return total
-
-
-def _checkpoints(out_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "epoch_*.pt")))
 
 
 @dataclass
@@ -185,9 +180,11 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     dist = dist if dist is not None else Dist(device=particles.device)
     main = dist.is_main
     device = particles.device
+    folder = TrainFolder(out_dir)
+    auto_batch = cfg.batch_size == 0
     amp, frc_curve = _settle_config(particles, neutral, cfg, star_path)
     fingerprint = run_fingerprint(cfg, particles, neutral, star_path)
-    _prepare_out_dir(out_dir, cfg, fingerprint, resume, dist)
+    auto_batch = _prepare_out_dir(folder, cfg, fingerprint, resume, dist, auto_batch)
 
     mobile_np = focus_mask_gaussians(neutral, cfg.mask)
     mobile = torch.as_tensor(mobile_np, device=device)
@@ -201,18 +198,22 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             "n_processes": dist.world_size, "particle_frc_per_ring": frc_curve,
             "model_file_version": MODEL_FILE_VERSION}
     if main:
-        _atomic_text(json.dumps(info, indent=1), os.path.join(out_dir, "config.json"))
-        neutral.save(os.path.join(out_dir, "gmm.npz"))
+        neutral.save(folder.gmm)
     log.info("training on %d particles x %d symmetry operators, %d Gaussians (%d may change: %s), %d features, "
              "band %.1f-%.1f A (rings %d-%d, Fourier crop %d -> %d px), ctf %s, device %s, %d process(es)",
              particles.n_particles, particles.n_ops, len(neutral), mobile.numel(), ",".join(cfg.changes),
              feats.n_features, cfg.lowres_A, cfg.highres_A, binner.lo, binner.hi, particles.box, particles.fbox,
              particles.ctf_mode, device, dist.world_size)
-    source = _feature_source(particles, feats, cfg, out_dir, fingerprint, dist)
+    source = _feature_source(particles, feats, cfg, folder, fingerprint, dist)
 
     train_items, val_items = split_items(particles.n_particles, particles.n_ops, cfg.val_fraction, cfg.seed)
     run = _Run(particles, cfg, dist, device, amp, binner, source, *_new_model(feats, neutral, mobile, cfg, device))
-    history, start_epoch, resumed_chunk = _resume_state(run, out_dir, resume)
+    history, start_epoch, resumed_chunk = _resume_state(run, folder, resume)
+    if auto_batch and not history:
+        _choose_batch(run, train_items)  # one GPU: short probe; CPU and several processes: 64
+    info["train"] = cfg.to_dict()
+    if main:
+        folder.write_config(info)
     dist.barrier()  # nobody reads a checkpoint that rank 0 is about to replace
     amp.install(run.model)
     compiled = bool(cfg.compile) and compile_mlps(run.model, feats.n_features, device, amp)
@@ -236,7 +237,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
         log.info("epoch %d/%d  train loss %.5f  val loss %.5f  %.0f particles/s  ETA %.0f s", epoch + 1, cfg.epochs,
                  train_loss, val_loss, rate, eta)
         if main:
-            _save_checkpoint(run, history, epoch, out_dir)
+            _save_checkpoint(run, history, epoch, folder)
 
     t_lat = time.time()
     n_all = len(particles)
@@ -244,11 +245,11 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     z = encode_items(run.model, source, np.arange(lo, hi), max(cfg.batch_size, 256))
     z = dist.gather_rows(z, n_all)
     if main:
-        _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
-        _atomic_npy(z, os.path.join(out_dir, "latent.npy"))
-        _atomic_save(model_payload(run.model, cfg, feats, mobile_np, info), os.path.join(out_dir, "model.pt"))
+        folder.write_loss(history)
+        folder.write_latents(z)
+        folder.write_model(model_payload(run.model, cfg, feats, mobile_np, info))
     dist.barrier()
-    log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", os.path.join(out_dir, "latent.npy"), z.shape[0],
+    log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", folder.latent, z.shape[0],
              z.shape[1], time.time() - t_lat, time.time() - t_train)
     return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info, "chunk_size": run.chunk.size,
             "compiled": compiled}
@@ -260,8 +261,10 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
     device = particles.device
     if cfg.zdim < 1:
         raise InputError(f"--zdim {cfg.zdim}: the latent dimension must be at least 1")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise InputError("--epochs and --batch-size must be at least 1")
+    if cfg.epochs < 1 or cfg.batch_size < 0:
+        raise InputError("--epochs must be at least 1 and --batch-size at least 1 (0: chosen automatically)")
+    if cfg.batch_size == 0:
+        cfg.batch_size = REFERENCE_BATCH  # until _choose_batch
     if particles.box != neutral.box or abs(particles.apix - neutral.apix) > 1e-3 * neutral.apix:
         raise InputError(f"--gmm: built for box {neutral.box} at {neutral.apix:.4f} A/px but the particles are "
                          f"box {particles.box} at {particles.apix:.4f} A/px; rebuild the GMM from a map "
@@ -270,6 +273,11 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
         raise InputError(f"--particles: {particles.n_particles} particle(s); training needs at least 2")
     amp = Amp(cfg.amp, device)
     cfg.amp = amp.mode
+    try:
+        projection_precision(cfg.proj_precision, device)
+    except ValueError:
+        raise InputError(f"--proj-precision {cfg.proj_precision!r}: give fp32, bf16 or fp16") from None
+    amp.projection = cfg.proj_precision
     # NaN/Inf pixels: a bounded sample now (every batch is checked again when it is read)
     particles.check_finite_sample(256, name=star_path, seed=cfg.seed)
     cfg.changes = parse_changes(cfg.changes)
@@ -283,42 +291,44 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
     return amp, frc_curve
 
 
-def _prepare_out_dir(out_dir: str, cfg: TrainConfig, fingerprint: dict, resume: bool, dist: Dist) -> None:
-    """Create ``out_dir/checkpoints``; with ``resume``, refuse a folder of another run (other
-    inputs or settings); without it, remove old checkpoints. Collective under ``dist``."""
+def _prepare_out_dir(folder: TrainFolder, cfg: TrainConfig, fingerprint: dict, resume: bool, dist: Dist,
+                     auto_batch: bool = False) -> bool:
+    """Create the checkpoint folder; with ``resume``, refuse a folder of another run (other
+    inputs or settings: :meth:`outputs.TrainFolder.resume_error`); without it, remove old
+    checkpoints. Collective under ``dist``. A resumed run with an automatic batch size takes the
+    old run's batch size and rate. Returns whether the batch size is still to be chosen."""
     main = dist.is_main
     if main:
-        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(folder.checkpoint_dir, exist_ok=True)
     err = None
-    if resume and os.path.exists(os.path.join(out_dir, "config.json")):
-        with open(os.path.join(out_dir, "config.json")) as f:
-            old = json.load(f)
-        if old.get("fingerprint") != fingerprint or any(
-                old["train"].get(k) != cfg.to_dict()[k] for k in ("zdim", "batch_size", "lr", "hidden", "layers",
-                                                                   "latent_noise", "latent_reg", "val_fraction")):
-            err = InputError(f"--resume: {out_dir} holds a run with other inputs or settings; give the same "
-                             "settings, or a new --out without --resume")
+    if resume:
+        old = folder.read_config().get("train")
+        if auto_batch and old:
+            cfg.batch_size, cfg.lr, auto_batch = int(old["batch_size"]), float(old["lr"]), False
+        why = folder.resume_error(cfg.to_dict(), fingerprint)
+        err = InputError(why) if why else None
     dist.raise_if_any(err)
     if not resume and main:
-        for p in _checkpoints(out_dir):
+        for p in folder.checkpoints():
             os.remove(p)
+    return auto_batch
 
 
-def _feature_source(particles: Particles, feats: GradientFeatures, cfg: TrainConfig, out_dir: str,
+def _feature_source(particles: Particles, feats: GradientFeatures, cfg: TrainConfig, folder: TrainFolder,
                     fingerprint: dict, dist: Dist) -> FeatureSource:
     """Feature normalisation statistics (a seeded sample; every process computes the same, or
     reads ``feature_stats.npz``), then the feature cache (``--features cache``) or none."""
     main, device = dist.is_main, particles.device
-    stats_path = os.path.join(out_dir, "feature_stats.npz")
-    stats = _load_stats(stats_path, fingerprint)
+    big = max(cfg.batch_size, FEATURE_BATCH_CUDA if device.type == "cuda" else 64)  # gradients in large GPU batches
+    stats = folder.read_feature_stats(fingerprint)
     if stats is None:
         t0 = time.time()
         rng = np.random.default_rng([int(cfg.seed), 11])
         n_items = len(particles)
         sample = np.sort(rng.choice(n_items, size=min(cfg.n_stats, n_items), replace=False))
-        stats = feats.estimate_stats(particles, sample, cfg.batch_size)
+        stats = feats.estimate_stats(particles, sample, big if device.type == "cuda" else cfg.batch_size)
         if main:
-            _save_stats(stats, fingerprint, stats_path)
+            folder.write_feature_stats(stats, fingerprint)
         log.info("feature statistics from %d particles in %.1f s (rms: %s)", len(sample), time.time() - t0,
                  ", ".join(f"{k} {v:.3g}" for k, v in stats["scale"].items()))
     else:
@@ -326,20 +336,64 @@ def _feature_source(particles: Particles, feats: GradientFeatures, cfg: TrainCon
     dist.barrier()
     cache = None
     if cfg.features == "cache":
-        cache = FeatureCache(out_dir)
+        cache = FeatureCache(folder.folder)
         ok = cache.load(fingerprint)
         if dist.enabled:  # all processes must agree before rank 0 may rebuild it
             flag = dist.all_reduce_sum(torch.tensor([float(ok)], device=dist._coll_device()))
             ok = float(flag) == dist.world_size
         if not ok:
             t0 = time.time()
-            cache.build(feats, particles, max(cfg.batch_size, 64), fingerprint, dist=dist if dist.enabled else None)
+            cache.build(feats, particles, big, fingerprint, dist=dist if dist.enabled else None)
             dt = time.time() - t0
             log.info("gradient features of %d items cached in %s (%.1f s, %.0f particles/s)", len(particles),
                      cache.path, dt, len(particles) / max(dt, 1e-9))
     elif cfg.features != "onthefly":
         raise InputError(f"--features {cfg.features!r}: give cache or onthefly")
-    return FeatureSource(particles, feats, cache, device)
+    source = FeatureSource(particles, feats, cache, device)
+    if cache is not None:
+        source.resident = resident_rows(cache.array, device)  # CUDA: the whole table on the GPU when it fits
+    return source
+
+
+FEATURE_BATCH_CUDA = 1024  # particles per gradient-feature batch on a GPU (halves on out-of-memory)
+
+
+def _choose_batch(run: _Run, train_items: np.ndarray) -> None:
+    """``--batch-size`` 0 (auto): on one CUDA device, :func:`batching.probe_batch_size` times a
+    training step (forward + backward, gradients then cleared; the random number generators are
+    restored) at 64, 128, ... particles (at most 4,096 and at least 32 steps per epoch) and the
+    rate at batch 64 is scaled by ``batch / 64`` (:func:`batching.scaled_lr`); on the CPU and with
+    several processes the batch stays 64."""
+    cfg, cuda = run.cfg, run.device.type == "cuda"
+    if (not cuda and not (cfg.extra or {}).get("probe_cpu")) or run.dist.enabled:  # probe_cpu: tests
+        return
+    items = train_items[:min(len(train_items), 4096)]
+    loaded: dict = {}
+
+    def trial(b):
+        if b not in loaded:  # read once per size (the warm-up call); the timed calls reuse it
+            loaded.clear()
+            loaded[b] = run.source(np.sort(items[:b]))
+        x, bt = loaded[b]
+        _chunk_step(run.model, run.binner, x, bt, run.particles.fbox, run.particles.fapix, cfg.latent_noise, None,
+                    cfg.latent_reg, 1.0 / b, run.amp)
+        run.model.zero_grad(set_to_none=True)
+
+    devices = [run.device.index if run.device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        cap = max(REFERENCE_BATCH, len(train_items) // MIN_STEPS_PER_EPOCH)
+        batch, _ = probe_batch_size(trial, run.device, start=REFERENCE_BATCH, max_batch=min(4096, cap),
+                                    n_items=len(items), cuda_only=False)
+    loaded.clear()
+    run.model.zero_grad(set_to_none=True)  # also after an out-of-memory trial
+    if cuda:
+        torch.cuda.empty_cache()
+    if batch != cfg.batch_size:
+        cfg.lr = scaled_lr(cfg.lr, batch, REFERENCE_BATCH)
+        for group in run.opt.param_groups:
+            group["lr"] = cfg.lr
+        cfg.batch_size = batch
+    log.info("batch size %d (automatic), learning rate %.3g", cfg.batch_size, cfg.lr)
 
 
 def _new_model(feats: GradientFeatures, neutral: GMM, mobile: torch.Tensor, cfg: TrainConfig, device):
@@ -355,23 +409,24 @@ def _new_model(feats: GradientFeatures, neutral: GMM, mobile: torch.Tensor, cfg:
     return model, opt
 
 
-def _resume_state(run: _Run, out_dir: str, resume: bool):
+def _resume_state(run: _Run, folder: TrainFolder, resume: bool):
     """With ``resume``, load the last checkpoint into the model, optimiser and loss scaler.
     Returns (history, first epoch to run, chunk size of the checkpoint or None)."""
     history, start_epoch, resumed_chunk = [], 0, None
     if resume:
-        ckpts = _checkpoints(out_dir)
+        ckpts = folder.checkpoints()
         if ckpts:
-            ck = torch.load(ckpts[-1], map_location=run.device, weights_only=False)
+            ck = load_torch_file(ckpts[-1], "checkpoint", map_location=run.device, require_format=False)
             run.model.load_state_dict(ck["model"])
             run.opt.load_state_dict(ck["optimizer"])
             if run.amp.scaler is not None and ck.get("grad_scaler"):
                 run.amp.scaler.load_state_dict(ck["grad_scaler"])
-            history, start_epoch = ck["history"], int(ck["epoch"])
+            history = json_field(ck, "history_json", ckpts[-1]) if "history_json" in ck else ck["history"]
+            start_epoch = int(ck["epoch"])
             resumed_chunk = ck.get("chunk_size")
             log.info("resuming from %s (epoch %d done)", ckpts[-1], start_epoch)
         else:
-            log.info("--resume: no checkpoint in %s; starting from scratch", out_dir)
+            log.info("--resume: no checkpoint in %s; starting from scratch", folder.folder)
     return history, start_epoch, resumed_chunk
 
 
@@ -387,12 +442,24 @@ def _ddp(model: HetModel, dist: Dist, device: torch.device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **sync)
 
 
+def _threaded_loader(run: _Run) -> bool:
+    """The GPU data path (:mod:`io.loader`): ``loader 'threads'``, or ``'auto'`` on CUDA."""
+    cfg = run.cfg
+    if cfg.loader not in ("auto", "threads", "prefetch"):
+        raise InputError(f"loader {cfg.loader!r}: give auto, threads or prefetch")
+    return cfg.prefetch and (cfg.loader == "threads" or (cfg.loader == "auto" and run.device.type == "cuda"))
+
+
 def _train_epoch(run: _Run, train_items: np.ndarray, epoch: int) -> float:
     """One epoch of Adam steps over the seeded order of ``train_items``; returns the mean
-    training loss (over all processes)."""
+    training loss (over all processes). The loss is summed on the device; the host reads it
+    every ``log_every`` steps and at the end (no other synchronisation inside a step)."""
     cfg, dist, device, opt, amp, chunk = run.cfg, run.dist, run.device, run.opt, run.amp, run.chunk
-    rng = np.random.default_rng([int(cfg.seed), 1, epoch])
-    order = rng.permutation(train_items)
+    threaded = _threaded_loader(run)
+    if threaded:  # blocks of consecutive items in random order: contiguous reads
+        order = block_shuffled_order(train_items, 64, [int(cfg.seed), 1, epoch])
+    else:
+        order = np.random.default_rng([int(cfg.seed), 1, epoch]).permutation(train_items)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(cfg.seed) * 1000003 + epoch)
     torch.manual_seed(int(cfg.seed) * 7919 + epoch)  # dropout
@@ -403,8 +470,14 @@ def _train_epoch(run: _Run, train_items: np.ndarray, epoch: int) -> float:
         batches = [items for items in batches if len(items) >= 2]
     shares = [_share(len(items), dist) for items in batches]
     reads = [items[pos] for items, (pos, _) in zip(batches, shares)]  # this process's particles
-    with Prefetcher(run.source.read, reads, depth=2, enabled=cfg.prefetch) as loader:
-        for items, (pos, scale), host in zip(batches, shares, loader):
+    if threaded:
+        loader = BatchLoader(run.particles, reads, threads=cfg.loader_threads, depth=2 * max(1, cfg.loader_threads),
+                             features=run.source.read_features)
+    else:
+        loader = Prefetcher(run.source.read, reads, depth=2, enabled=cfg.prefetch)
+    seen = 0
+    with loader:
+        for k, (items, (pos, scale), host) in enumerate(zip(batches, shares, loader)):
             noise = (torch.randn((len(items), cfg.zdim), generator=gen, device=device)
                      if cfg.latent_noise > 0 else None)
             while True:
@@ -421,42 +494,36 @@ def _train_epoch(run: _Run, train_items: np.ndarray, epoch: int) -> float:
                     chunk.shrink()  # InputError at chunk size 1
             amp.step(opt)
             total = total + step_total
-    return float(dist.all_reduce_sum(total.detach().reshape(1).clone())) / len(order)
+            seen += len(host)
+            if cfg.log_every and (k + 1) % cfg.log_every == 0 and k + 1 < len(batches):
+                running = float(total) / seen  # the one read-back every log_every steps
+                _check_finite(running, epoch, cfg)
+                log.info("epoch %d step %d/%d  running train loss %.5f", epoch + 1, k + 1, len(batches), running)
+    loss = float(dist.all_reduce_sum(total.detach().reshape(1).clone())) / len(order)
+    _check_finite(loss, epoch, cfg)
+    return loss
 
 
-def _save_checkpoint(run: _Run, history: list, epoch: int, out_dir: str) -> None:
-    """``checkpoints/epoch_NNNN.pt`` after epoch ``epoch`` (0-based; the last
-    ``keep_checkpoints`` are kept) and ``loss.csv`` so far."""
+def _check_finite(loss: float, epoch: int, cfg: TrainConfig) -> None:
+    """A NaN/Inf training loss stops the run with one line (never a silent NaN model)."""
+    if not math.isfinite(loss):
+        raise InputError(f"training loss is {loss} in epoch {epoch + 1} (--amp {cfg.amp}, --proj-precision "
+                         f"{cfg.proj_precision}, --lr {cfg.lr:g}); use --amp off --proj-precision fp32 or a lower "
+                         "--lr, and check the particles for extreme values")
+
+
+def _save_checkpoint(run: _Run, history: list, epoch: int, folder: TrainFolder) -> None:
+    """The checkpoint after epoch ``epoch`` (0-based; the last ``keep_checkpoints`` are kept)
+    and the loss table so far."""
     cfg, amp = run.cfg, run.amp
-    ck_path = os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1:04d}.pt")
-    _atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch + 1,
-                  "history": history, "config": cfg.to_dict(), "chunk_size": run.chunk.size,
-                  "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None}, ck_path)
-    for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
+    folder.write_checkpoint(epoch + 1, {
+        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch + 1,
+        "history_json": json.dumps(history), "config_json": json.dumps(cfg.to_dict()),
+        "chunk_size": int(run.chunk.size),
+        "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None})
+    for old in folder.checkpoints()[:-max(1, cfg.keep_checkpoints)]:
         os.remove(old)
-    _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
-
-
-def _write_loss_csv(history: list, path: str) -> None:
-    lines = ["epoch,train_loss,val_loss,seconds"]
-    lines += [f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['seconds']:.3f}" for h in history]
-    _atomic_text("\n".join(lines) + "\n", path)
-
-
-def _save_stats(stats: dict, fingerprint: dict, path: str) -> None:
-    atomic.atomic_write(path, lambda tmp: np.savez(tmp, mean=stats["mean"], scale_json=json.dumps(stats["scale"]),
-                                                   n_sample=stats["n_sample"],
-                                                   fingerprint=json.dumps(fingerprint, sort_keys=True)),
-                        suffix=".tmp.npz")
-
-
-def _load_stats(path: str, fingerprint: dict):
-    if not os.path.exists(path):
-        return None
-    with np.load(path) as z:
-        if str(z["fingerprint"]) != json.dumps(fingerprint, sort_keys=True):
-            return None
-        return {"mean": z["mean"], "scale": json.loads(str(z["scale_json"])), "n_sample": int(z["n_sample"])}
+    folder.write_loss(history)
 
 
 @torch.no_grad()
@@ -479,7 +546,8 @@ def evaluate_loss(model: HetModel, source, binner: RingBinner, items: np.ndarray
         with autocast(amp):
             _, (c, a, s) = model(x)
         c, a, s = c.float(), a.float(), s.float()
-        total.add_((-binner.mean_frc(project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf), b.F_img)).sum())
+        F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf, precision=_proj(amp))
+        total.add_((-binner.mean_frc(F, b.F_img)).sum())
 
     AdaptiveBatch(batch_size, "validation loss", binner.onehot.device).run(len(items), step)
     model.train(was)

@@ -1,14 +1,18 @@
 """Loading a trained model (:class:`TrainedModel`, :func:`load_trained`): the API that the
 analysis, the refinement and the viewers use, and the ``model.pt`` it reads.
 
-``model.pt`` (written by :func:`train.train` through :func:`model_payload`): ``version``
-(:data:`MODEL_FILE_VERSION`), ``config`` (the :class:`config.TrainConfig` as a dict), ``info``,
-``state_dict`` (the :class:`networks.HetModel`'s, on the CPU), ``n_features``, ``mobile`` (indices
-of the Gaussians that may change) and ``feature_stats`` (the features' normalisation). The
-neutral GMM is the training folder's ``gmm.npz``.
+``model.pt`` (written by :func:`train.train` through :func:`model_payload`, read with
+``torch.load(weights_only=True)``: see :mod:`..io.torch_files`, format 2): ``version``
+(:data:`MODEL_FILE_VERSION`), ``config_json`` (the :class:`config.TrainConfig` as JSON),
+``info_json``, ``state_dict`` (the :class:`networks.HetModel`'s, on the CPU), ``n_features``,
+``mobile`` (int64 tensor: the Gaussians that may change) and ``feature_stats`` (the features'
+normalisation: ``mean`` tensor, ``scale`` floats, ``n_sample``). The neutral GMM is the training
+folder's ``gmm.npz``. A gmmhet 0.1 model.pt (numpy arrays inside) is refused in one line that
+says how to retrain or convert it.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -17,13 +21,15 @@ import torch
 from ..device import AdaptiveBatch, resolve_device
 from ..errors import InputError
 from ..io.data import Particles
+from ..io.outputs import TrainFolder
+from ..io.torch_files import CONVERT_HINT, json_field, load_torch_file
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM
 from ..model.networks import HetModel
 from .config import TrainConfig
 from .features import FeatureSource, GradientFeatures, feature_param_types
 
-MODEL_FILE_VERSION = 1
+MODEL_FILE_VERSION = 2
 
 
 @torch.no_grad()
@@ -46,10 +52,13 @@ def encode_items(model: HetModel, source, items: np.ndarray, batch_size: int) ->
 
 
 def model_payload(model: HetModel, cfg: TrainConfig, feats: GradientFeatures, mobile: np.ndarray, info: dict) -> dict:
-    return {"version": MODEL_FILE_VERSION, "config": cfg.to_dict(), "info": info,
+    """The ``model.pt`` dict (format 2: tensors, plain containers, settings as JSON)."""
+    return {"version": MODEL_FILE_VERSION, "config_json": json.dumps(cfg.to_dict()),
+            "info_json": json.dumps(info, default=float),
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-            "n_features": feats.n_features, "mobile": np.asarray(mobile),
-            "feature_stats": {"mean": np.asarray(feats.stats["mean"]), "scale": dict(feats.stats["scale"]),
+            "n_features": int(feats.n_features), "mobile": torch.as_tensor(np.asarray(mobile, dtype=np.int64)),
+            "feature_stats": {"mean": torch.as_tensor(np.asarray(feats.stats["mean"], dtype=np.float32)),
+                              "scale": {str(k): float(v) for k, v in dict(feats.stats["scale"]).items()},
                               "n_sample": int(feats.stats.get("n_sample", 0))}}
 
 
@@ -62,20 +71,28 @@ class TrainedModel:
     """
 
     def __init__(self, train_dir: str, device="cpu"):
-        path = os.path.join(train_dir, "model.pt")
+        folder = TrainFolder(train_dir)
+        path = folder.model
         if not os.path.exists(path):
             raise InputError(f"--train {train_dir}: no model.pt; give the output folder of a finished 'gmmhet train'")
         self.train_dir = train_dir
         self.device = resolve_device(device)
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_torch_file(path, os.path.basename(path))  # weights_only=True: runs no code from the file
+        try:
+            self.config = json_field(payload, "config_json", path)
+            self.info = json_field(payload, "info_json", path, {})
+            stats = payload["feature_stats"]
+            self.feature_stats = {"mean": np.asarray(stats["mean"], dtype=np.float32),
+                                  "scale": dict(stats["scale"]), "n_sample": int(stats.get("n_sample", 0))}
+            self.mobile = np.asarray(payload["mobile"], dtype=np.int64)
+            n_features = int(payload["n_features"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: incomplete model.pt (missing {exc}); {CONVERT_HINT}") from None
         self.payload = payload
-        self.config = payload["config"]
-        self.info = payload.get("info", {})
-        self.neutral = GMM.load(os.path.join(train_dir, "gmm.npz"))
+        self.neutral = GMM.load(folder.gmm)
         self.zdim = int(self.config["zdim"])
-        self.mobile = np.asarray(payload["mobile"])
         c0, a0, s0 = self.neutral.tensors(self.device)
-        self.model = HetModel(int(payload["n_features"]), self.zdim, c0, a0, s0,
+        self.model = HetModel(n_features, self.zdim, c0, a0, s0,
                               torch.as_tensor(self.mobile, device=self.device), tuple(self.config["changes"]),
                               float(self.config["pos_scale_A"]), int(self.config["hidden"]), int(self.config["layers"]),
                               float(self.config.get("dropout", 0.0)), bool(self.config.get("batchnorm", False)))
@@ -106,7 +123,7 @@ class TrainedModel:
 
     def latents(self) -> np.ndarray:
         """``latent.npy`` ``(n_items, K)`` of the training run."""
-        return np.load(os.path.join(self.train_dir, "latent.npy"))
+        return TrainFolder(self.train_dir).read_latents()
 
     def encode_particles(self, star_path: str, device=None, batch_size: int = 256) -> np.ndarray:
         """Latents of the particles of any star (same box/pixel size as the model), with the
@@ -124,7 +141,7 @@ class TrainedModel:
         binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
                             device=dev)
         feats = GradientFeatures(self.neutral, binner, torch.as_tensor(self.mobile),
-                                 feature_param_types(self.config["changes"]), dev, stats=self.payload["feature_stats"])
+                                 feature_param_types(self.config["changes"]), dev, stats=self.feature_stats)
         source = FeatureSource(particles, feats, None, dev)
         return encode_items(self.model, source, np.arange(len(particles)), batch_size)
 
