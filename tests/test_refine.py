@@ -407,3 +407,58 @@ def test_rigid_core_finds_the_moving_domain(sim):
     anchored = AnchoredCoreModels(Models(), core)
     c, _, _ = anchored.gaussians(np.arange(5), "cpu")
     np.testing.assert_allclose(c[:, core].numpy(), np.repeat(c0[None, core], 5, 0))
+
+
+# ----------------------------------------------------------------------------- gold-standard check
+def test_gold_standard_gate_keeps_right_poses_and_takes_corrections(sim):
+    """The half maps agree better with the true poses than with perturbed ones: a 'refinement'
+    that moves right poses away is rejected, one that corrects wrong poses is kept."""
+    from scipion_gmmhet.engine.analysis.refine_gate import gold_standard_gate
+    rot_p, org_p = perturb(sim["rot"], sim["org"], deg_rms=4.0, px_rms=1.0, seed=21)
+    true_meta = sim["meta"].with_poses(np.stack(matrix_to_euler(sim["rot"]), 1), sim["org"])
+    pert_meta = sim["meta"].with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p)
+    g = gold_standard_gate(true_meta, pert_meta)
+    print(f"true -> perturbed: half-map FSC {g.fsc_input:.4f} -> {g.fsc_refined:.4f}")
+    assert not g.accepted and g.fsc_refined < g.fsc_input
+    g2 = gold_standard_gate(pert_meta, true_meta)
+    assert g2.accepted
+    assert g2.fsc_input == pytest.approx(g.fsc_refined) and g2.fsc_refined == pytest.approx(g.fsc_input)
+
+
+def test_unchanged_result_restores_the_input_poses(sim):
+    rot_p, org_p = perturb(sim["rot"][:8], sim["org"][:8], seed=2)
+    res = refine.RefineResult(rot_p, org_p, np.ones((8, 3)), np.full(8, 1.7), np.full(8, 0.5), np.full(8, 0.3),
+                              np.full(8, 0.4))
+
+    class Gate:
+        fsc_input, fsc_refined = 0.5, 0.4
+    back = refine.unchanged_result(res, sim["rot"][:8], sim["org"][:8], Gate())
+    np.testing.assert_allclose(back.rotations, sim["rot"][:8])
+    np.testing.assert_allclose(back.origins_A, sim["org"][:8])
+    assert not back.delta_rotvec_deg.any() and not back.delta_angle_deg.any() and not back.delta_shift_A.any()
+    np.testing.assert_allclose(back.score_after, back.score_before)
+    assert back.gate_kept_input and (back.gate_fsc_input, back.gate_fsc_refined) == (0.5, 0.4)
+
+
+def test_cli_refine_gold_standard_check_decides_between_input_and_refined_poses(sim, tmp_path):
+    """The gated run writes either the --no-gate run's poses (the half maps agree better with
+    them) or every input pose unchanged (they do not); rounds.csv records both half-map FSCs
+    and the decision."""
+    from scipion_gmmhet.engine import cli
+    star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=9, id_step=1, deg_rms=1.5, px_rms=0.5)
+    args = ["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1", "--device", "cpu"]
+    free = str(tmp_path / "nogate")
+    assert cli.main(args + ["--no-gate", "--out", free]) == 0
+    assert (pd.read_csv(os.path.join(free, "pose_changes.csv"))["delta_angle_deg"] > 0).any()
+    out = str(tmp_path / "gate")
+    assert cli.main(args + ["--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    f_in, f_ref, kept = rounds["gate_fsc_input"].iloc[0], rounds["gate_fsc_refined"].iloc[0], rounds["gate_kept_input"].iloc[0]
+    assert 0 < f_in < 1 and 0 < f_ref < 1 and bool(kept) == (not f_ref > f_in)
+    old = metadata.read_particles(star)
+    new = metadata.read_particles(os.path.join(out, "particles.star"))
+    ref = old if kept else metadata.read_particles(os.path.join(free, "particles.star"))
+    np.testing.assert_array_equal(new.euler_deg(), ref.euler_deg())
+    np.testing.assert_array_equal(new.origins_A(), ref.origins_A())
+    table = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+    assert (table["delta_angle_deg"].any() or table["delta_shift_A"].any()) == (not kept)

@@ -256,6 +256,11 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 summary.append('Refine-retrain rounds: %d%s; median angular change per round: %s deg'
                                % (len(med), ' (%s)' % stop if stop and stop != 'nan' else '',
                                   ', '.join('%.2f' % m for m in med)))
+                if 'gate_kept_input' in rounds and str(rounds['gate_kept_input'][-1]) == 'True':
+                    summary.append('Gold-standard check: the half maps agree better with the input poses '
+                                   '(mean FSC %.4f vs %.4f with the refined ones); every particle kept its '
+                                   'input pose' % (float(rounds['gate_fsc_input'][-1]),
+                                                   float(rounds['gate_fsc_refined'][-1])))
             res = {w: self.getResolution(w) for w in ('before', 'after')}
             if all(r is not None for r in res.values()):
                 summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'

@@ -58,7 +58,8 @@ Search (batched over particles and candidates, no loop over particles; :mod:`pos
        particle moves by the pose estimate's own noise even at its true pose (on simulated
        box-32 particles at SNR 10, against the exact model: median 0.73 deg with
        ``min_gain=0``, 0 with 5.5, where 3% of the particles moved; perturbed poses are corrected
-       as well as before).
+       as well as before). The test is calibrated for an exact model only; ``gmmhet refine``
+       then checks the whole set against the half maps (:mod:`refine_gate`).
     Candidate projections come from :class:`pose_projector.PoseProjector` (the particle's
     envelopes once per batch, per candidate only phases and one real matrix product, rings
     only up to the band's top); on CUDA when the particles are there. Box 64, 1,393 Gaussians,
@@ -326,6 +327,21 @@ class RefineResult:
     delta_shift_A: np.ndarray    # (n,) |origin_new - origin_cur|
     score_before: np.ndarray     # (n,) score (wcc or frc) at the input pose
     score_after: np.ndarray      # (n,) at the output pose (>= score_before)
+    gate_fsc_input: float = float("nan")    # mean half-map FSC with the input poses (refine_gate)
+    gate_fsc_refined: float = float("nan")  # ... with the refined poses
+    gate_kept_input: bool = False            # the gold-standard check kept every input pose
+
+
+def unchanged_result(res: RefineResult, rotations: np.ndarray, origins_A: np.ndarray, gate=None) -> RefineResult:
+    """``res`` with every particle back at its input pose (``rotations`` ``(n, 3, 3)``, RELION
+    ``origins_A`` ``(n, 2)``): the gold-standard check of :mod:`refine_gate` (``gate``, its
+    :class:`refine_gate.GateResult`) rejected the refined poses."""
+    n = len(res.delta_angle_deg)
+    return RefineResult(np.array(rotations, dtype=np.float64), np.array(origins_A, dtype=np.float64),
+                        np.zeros((n, 3)), np.zeros(n), np.zeros(n), res.score_before,
+                        np.array(res.score_before, copy=True),
+                        float("nan") if gate is None else gate.fsc_input,
+                        float("nan") if gate is None else gate.fsc_refined, True)
 
 
 def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.0,

@@ -72,6 +72,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-gain", type=float, default=None, metavar="NATS",
                    help="evidence a new pose needs over the input pose, in nats of the objective (default 5.5: "
                         "a 95%% likelihood-ratio test for the 5 pose parameters; 0: take any improvement)")
+    p.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="keep the refined poses even when their half maps agree less than the input poses' "
+                        "(default: gold-standard check; a trained network's model errors move particles that "
+                        "were right, and then every particle keeps its input pose)")
     p.add_argument("--levels", type=int, default=3, help="finer rotation lattices after the coarse one (default 3)")
     p.add_argument("--polish-steps", type=int, default=0,
                    help="Adam steps on the exact score after the search (default 0: the lattice search and shift polish suffice)")
@@ -146,7 +150,8 @@ def main(args) -> int:
             meta0, score0 = meta, res.score_before
         s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
         converged = s["angle_median_deg"] < precision
-        history.append({"round": r, **s, "converged": converged})
+        history.append({"round": r, **s, "converged": converged, "gate_fsc_input": float(res.gate_fsc_input),
+                        "gate_fsc_refined": float(res.gate_fsc_refined), "gate_kept_input": bool(res.gate_kept_input)})
         log.info("refine round %d/%s: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)%s",
                  r, f"<={n_rounds}" if auto else n_rounds, s["angle_median_deg"], s["shift_median_A"],
                  s["angle_p90_deg"], s["shift_p90_A"],
@@ -248,6 +253,15 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
                               polish_steps=args.polish_steps, focus=focus, score=args.score, prior=args.prior,
                               batch_size=args.batch_size,
                               min_gain=refine.MIN_GAIN_NATS if args.min_gain is None else args.min_gain)
+    gate = None
+    if getattr(args, "gate", True) and res.delta_angle_deg.any() | res.delta_shift_A.any():
+        from ..analysis.refine_gate import gold_standard_gate
+        trial = meta.with_poses(np.stack(matrix_to_euler(res.rotations), axis=1), np.asarray(res.origins_A))
+        gate = gold_standard_gate(meta, trial, device=str(device), ctf_mode=ctf_mode)
+        if gate.accepted:
+            res.gate_fsc_input, res.gate_fsc_refined = gate.fsc_input, gate.fsc_refined
+        else:
+            res = refine.unchanged_result(res, meta.rotation_matrices(), meta.origins_A(), gate)
     euler = np.stack(matrix_to_euler(res.rotations), axis=1)
     origins = np.array(res.origins_A, dtype=np.float64)
     same = (res.delta_angle_deg == 0) & (res.delta_shift_A == 0)  # unchanged: keep the exact input values
@@ -300,7 +314,7 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
 #: Settings that must not change for --resume to keep earlier rounds (the rest: device, batch size).
 _RESUME_KEYS = ("train", "particles", "latents", "encode", "mask", "max_angle", "max_shift", "lowres", "highres",
                 "levels", "polish_steps", "score", "prior", "min_gain", "ctf_mode", "rounds", "max_rounds",
-                "retrain_epochs")
+                "retrain_epochs", "gate")
 
 
 def _resumable(args) -> bool:
