@@ -132,6 +132,33 @@ def test_latent_models_remove_rigid_motion_only_for_models_trained_without_a_mas
     np.testing.assert_allclose(c_masked[0].numpy(), c0 + shift.numpy(), atol=1e-4)
 
 
+def test_latent_models_gauge_undoes_the_translation_and_optionally_the_rotation():
+    """Default gauge: the decoded model's robust translation is undone, its rotation kept (the
+    rotation mixes pose error with the hinge motion); ``gauge_rotation=True`` undoes both."""
+    from scipion_gmmhet.engine.model.gmm import GMM
+    rng = np.random.default_rng(5)
+    c0 = rng.normal(size=(60, 3)) * 15.0
+    neutral = GMM(c0, np.ones(60), np.full(60, 3.0), 32, 3.0, {})
+    R = refine.rotvec_to_matrix(torch.tensor([0.0, 0.0, 5.0], dtype=torch.float64)).float()
+    shift = torch.tensor([1.5, -2.0, 1.0])
+    moved = torch.as_tensor(c0, dtype=torch.float32) @ R.T + shift
+
+    class Moved:
+        def __init__(self):
+            self.neutral, self.mobile = neutral, np.arange(60)
+
+        def decode(self, z):
+            B = z.shape[0]
+            return moved.expand(B, -1, -1), torch.ones(B, 60), torch.full((B, 60), 3.0)
+
+    c_t = refine.LatentModels(Moved(), np.zeros((1, 2))).gaussians(np.arange(1), "cpu")[0][0].numpy()
+    c_r = refine.LatentModels(Moved(), np.zeros((1, 2)), gauge_rotation=True).gaussians(np.arange(1), "cpu")[0][0].numpy()
+    np.testing.assert_allclose(c_r, c0, atol=1e-3)
+    np.testing.assert_allclose(c_t.mean(0), c0.mean(0), atol=1e-3)  # translation undone
+    expect = (moved - moved.mean(0)).numpy() + c0.mean(0)  # rotation kept
+    np.testing.assert_allclose(c_t, expect, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- refinement
 def test_refinement_recovers_perturbed_poses(sim):
     rot_p, org_p = perturb(sim["rot"], sim["org"], seed=11)
