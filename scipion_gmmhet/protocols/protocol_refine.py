@@ -98,8 +98,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                            'angular change falls below the search\'s angular precision (the finest '
                            'rotation step, 0.375 deg at the defaults), at most "Most rounds" '
                            'refinements; particles already at their best poses stop after one round, '
-                           'without retraining; a network trained without a focus mask (every Gaussian '
-                           'free) is refined once, because its rounds drift. N >= 1: exactly N '
+                           'without retraining. N >= 1: exactly N '
                            'refinements. A network trained on '
                            'particles with pose errors explains part of them as motions, so each round '
                            'corrects more; the summary and the viewer give the median change per round.')
