@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import TrainFolder  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,13 +49,12 @@ def main(argv=None) -> int:
             run = common.run_timed(cmd, out + ".log", env=env)
             if run["rc"] != 0:
                 raise SystemExit(common.tail(out + ".log"))
-            with open(os.path.join(out, "loss.csv")) as f:
-                ep = [float(line.split(",")[3]) for line in f.read().split("\n")[1:] if line]
+            ep = [float(h["seconds"]) for h in TrainFolder(out).read_loss()]
             res[name].append({"cpu_s": run["cpu_seconds"], "wall_s": run["seconds"], "best_epoch_s": min(ep),
                               "load": os.getloadavg()[0]})
             print(name, r, res[name][-1], flush=True)
-    same = np.array_equal(np.load(os.path.join(args.workdir, "base", "latent.npy")),
-                          np.load(os.path.join(args.workdir, "this", "latent.npy")))
+    same = np.array_equal(TrainFolder(os.path.join(args.workdir, "base")).read_latents(),
+                          TrainFolder(os.path.join(args.workdir, "this")).read_latents())
     rows = [{"code": n, "median_cpu_s": statistics.median(x["cpu_s"] for x in res[n]),
              "median_best_epoch_s": statistics.median(x["best_epoch_s"] for x in res[n]),
              "loads": f"{min(x['load'] for x in res[n]):.1f}-{max(x['load'] for x in res[n]):.1f}"} for n in res]

@@ -38,6 +38,7 @@ from scipion_gmmhet.engine.analysis import latent as an  # noqa: E402
 from scipion_gmmhet.engine.cli import main as gmmhet  # noqa: E402
 from scipion_gmmhet.engine.model.fourier import fsc_table  # noqa: E402
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import AnalysisFolder, TrainFolder  # noqa: E402
 
 
 def truth_maps(d: str, kind: str) -> dict[int, str]:
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         gmm_path, _ = neutral_gmm(d, args)
         star = os.path.join(d, "particles.star")
         run = os.path.join(d, f"train_z{args.zdim}_e{args.epochs}_b64_lr0.0001")
-        if not os.path.exists(os.path.join(run, "model.pt")):
+        if not TrainFolder(run).is_finished():
             if gmmhet(["train", "--particles", star, "--gmm", gmm_path, "--zdim", str(args.zdim), "--epochs",
                        str(args.epochs), "--seed", str(args.seed), "--device", args.device, "--out", run]):
                 raise SystemExit(f"training {kind} failed")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"gmmhet analyze on {kind} failed")
         seconds = time.time() - t0
         truth = pd.read_csv(os.path.join(d, "truth.csv"))
-        labels = np.load(os.path.join(out, "labels.npy"))
+        labels = np.load(AnalysisFolder(out).labels)
         pe = an.population_errors(labels, truth["composition"].to_numpy())
         maps = {c: read_map(path)[0] for c, path in truth_maps(d, kind).items()}
         for cl in pe["classes"]:

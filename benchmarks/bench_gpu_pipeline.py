@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_vs_cryodrgn import parse_our_log, read_loss_csv  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import TrainFolder  # noqa: E402
+from bench_vs_cryodrgn import parse_our_log  # noqa: E402
 
 OUR = [sys.executable, "-m", "scipion_gmmhet.engine"]
 _TRAIN_CHILD = r"""
@@ -184,10 +185,9 @@ def main(argv=None) -> int:
     r.update(parse_our_log(r["log"]))
     text = open(r["log"], errors="replace").read()
     r["gpu_peak_mb"] = json.loads(text.rsplit("GPU_PEAK_MB ", 1)[1].split()[0]) if "GPU_PEAK_MB " in text else None
-    with open(os.path.join(tr, "config.json")) as f:
-        full = json.load(f)
+    full = TrainFolder(tr).read_config()
     tcfg = dict(full.get("train", {}), n_items=full.get("n_items", args.n))
-    loss = read_loss_csv(os.path.join(tr, "loss.csv"))
+    loss = TrainFolder(tr).read_loss()
     n_items = int(tcfg.get("n_items", args.n))
     n_train = n_items - int(round(float(tcfg.get("val_fraction", 0.05)) * n_items))
     feat_s = r.get("stats_s", 0.0) + r.get("cache_s", 0.0)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     r["features_per_s"] = n_items / feat_s if feat_s else None
     r["batch_size"] = int(tcfg.get("batch_size", args.batch_size))
     truth = np.genfromtxt(os.path.join(sim, "truth.csv"), delimiter=",", names=True)
-    r["spearman_pc1"] = spearman_pc1(np.load(os.path.join(tr, "latent.npy")), truth["conformation"])
+    r["spearman_pc1"] = spearman_pc1(TrainFolder(tr).read_latents(), truth["conformation"])
     res["train"] = r
     log("time breakdown (read, transfer, features, step)")
     res["breakdown"] = breakdown(os.path.join(sim, "particles.star"), tr, device, r["batch_size"],

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
 from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import TrainFolder  # noqa: E402
 from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
 from scipion_gmmhet.engine.simulation.simulate import simulate  # noqa: E402
@@ -150,9 +151,9 @@ def main(argv=None) -> int:
         star = os.path.join(d, "particles.star")
         particles = Particles.from_star(star, device=args.device)
         t0 = time.time()
-        if args.reuse and os.path.exists(os.path.join(run_dir, "model.pt")):
-            latent = np.load(os.path.join(run_dir, "latent.npy"))
-            hist = pd.read_csv(os.path.join(run_dir, "loss.csv")).to_dict("records")
+        if args.reuse and TrainFolder(run_dir).is_finished():
+            latent = TrainFolder(run_dir).read_latents()
+            hist = TrainFolder(run_dir).read_loss()
             t_train = float(sum(h["seconds"] for h in hist))
         else:
             res = train(particles, GMM.load(gmm_path), cfg, run_dir, star_path=star)

@@ -29,14 +29,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# ``--speed-worker ROOT``: time the refinement of the engine checked out at ROOT (the speed
+# comparison runs the old and the new engine in subprocesses of one run, alternately)
+if "--speed-worker" in sys.argv:
+    sys.path.insert(0, sys.argv[sys.argv.index("--speed-worker") + 1])
+else:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scipion_gmmhet.engine.io import metadata  # noqa: E402
+try:
+    from scipion_gmmhet.engine.io.outputs import RefineFolder, TrainFolder  # noqa: E402
+except ImportError:  # an older engine in the speed worker (--speed-baseline) does not need them
+    RefineFolder = TrainFolder = None
 from scipion_gmmhet.engine.analysis import refine  # noqa: E402
 from scipion_gmmhet.engine.simulation import simulate  # noqa: E402
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler  # noqa: E402
 from scipion_gmmhet.engine.io.data import ParticleImages  # noqa: E402
-from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
+try:
+    from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
+except ImportError:  # an engine from before the training split (--speed-baseline)
+    from scipion_gmmhet.engine.training.features import Particles  # noqa: E402
 from scipion_gmmhet.engine.model.fourier import fsc_table, resolution_at_threshold  # noqa: E402
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
 
@@ -130,7 +142,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     for label, star, m in starts:
         key = "pert" if label == "perturbed" else "true"
         train_dir = os.path.join(args.work, f"train_{key}_{tag}")
-        if not os.path.exists(os.path.join(train_dir, "model.pt")):
+        if not TrainFolder(train_dir).is_finished():
             if cli.main(["train", "--particles", star, "--gmm", neutral, "--out", train_dir] + train_extra):
                 raise SystemExit("training failed")
         out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}_r{args.rounds}_g{args.min_gain:g}")
@@ -138,15 +150,19 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
             raise SystemExit("refine failed")
         dt = time.time() - t0
-        m_out = metadata.read_particles(os.path.join(out, "particles.star"))
-        ch = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+        m_out = metadata.read_particles(RefineFolder(out).particles)
+        ch = pd.read_csv(RefineFolder(out).pose_changes)
         rows[label] = evaluate(m, m_out, rot_true, org_true, truth_map, device, dt, ch["delta_angle_deg"].to_numpy(),
                                ch["delta_shift_A"].to_numpy(), apix)
-        if args.rounds > 1:  # the angular error after each round
-            rows[label]["rounds"] = [pose_errors(metadata.read_particles(os.path.join(out, f"round_{r}", "particles.star"))
-                                                 .rotation_matrices(), metadata.read_particles(
-                os.path.join(out, f"round_{r}", "particles.star")).origins_A(), rot_true, org_true, apix)["ang_med"]
-                for r in range(1, args.rounds + 1)]
+        folder = RefineFolder(out)
+        if os.path.exists(folder.rounds):  # the angular error after each round
+            n_done = len(pd.read_csv(folder.rounds))
+            rows[label]["rounds"] = []
+            for r in range(1, n_done + 1):
+                r_star = folder.round(r).particles
+                m_r = metadata.read_particles(r_star if os.path.exists(r_star) else folder.particles)
+                rows[label]["rounds"].append(pose_errors(m_r.rotation_matrices(), m_r.origins_A(), rot_true, org_true,
+                                                         apix)["ang_med"])
         print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
     note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = simulator "
             f"state {states[len(states) // 2]}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
@@ -154,6 +170,75 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
             f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}); the no-harm row trains its "
             "own network on the unperturbed particles")
     return rows, note
+
+
+def speed_worker(argv) -> int:
+    """Subprocess: refine ``--speed-n`` perturbed particles of ``--sim`` against their ground-truth
+    GMMs with the engine on ``sys.path`` (its defaults), on ``--threads`` CPU threads; prints one
+    JSON line: wall and CPU particles/s, median angle/shift errors after."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--speed-worker")
+    ap.add_argument("--sim")
+    ap.add_argument("--speed-n", type=int)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--n-gaussians", type=int)
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    truth = pd.read_csv(os.path.join(a.sim, "truth.csv"))
+    info = json.load(open(os.path.join(a.sim, "simulation.json")))
+    meta = metadata.read_particles(os.path.join(a.sim, "particles.star"))
+    n = min(a.speed_n, len(meta))
+    meta = meta.subset(np.arange(n))
+    truth = truth.iloc[:n]
+    apix, box = meta.apix, meta.box
+    rot_true = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
+    org_true = truth[["origin_x_A", "origin_y_A"]].to_numpy()
+    rot_p, org_p = perturb(rot_true, org_true, apix, 3.0, 1.0, a.seed + 100)
+    mol = simulate.build_molecule(box, apix, int(info.get("molecule_seed", 0)), a.n_gaussians)
+    models = mol.conformation_models(truth["conformation"].to_numpy())
+    parts = Particles(ParticleImages(meta), rot_p, org_p, box, apix, ctf=meta.ctf_params(), ctf_mode="ctf",
+                      device="cpu")
+    t0, c0 = time.time(), time.process_time()
+    res = refine.refine_poses(parts, models)
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    print(json.dumps({"n": n, "wall_pps": n / wall, "cpu_pps": n / cpu,
+                      "ang_med": float(np.median(angular_distance_deg(res.rotations, rot_true))),
+                      "sh_med_px": float(np.median(np.linalg.norm(res.origins_A - org_true, axis=1) / apix))}))
+    return 0
+
+
+def speed_rows(args, sim_dir) -> list[str]:
+    """The old engine (``--speed-baseline``, extracted with ``git archive``) and this one, each in
+    a subprocess, alternately ``--speed-repeats`` times; best particles/s of each."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = os.path.join(args.work, f"engine_{args.speed_baseline}")
+    if not os.path.exists(os.path.join(base, "scipion_gmmhet")):
+        os.makedirs(base, exist_ok=True)
+        arch = subprocess.run(["git", "-C", root, "archive", args.speed_baseline, "scipion_gmmhet"],
+                              check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", base], input=arch, check=True)
+    runs = {"baseline": [], "this": []}
+    for _ in range(args.speed_repeats):
+        for label, eng in (("baseline", base), ("this", root)):
+            cmd = [sys.executable, os.path.abspath(__file__), "--speed-worker", eng, "--sim", sim_dir,
+                   "--speed-n", str(args.speed_n), "--threads", str(args.speed_threads),
+                   "--n-gaussians", str(args.n_gaussians), "--seed", str(args.seed)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": eng}).stdout
+            runs[label].append(json.loads(out.strip().splitlines()[-1]))
+            print("speed", label, runs[label][-1], flush=True)
+    best = {k: max(v, key=lambda r: r["cpu_pps"]) for k, v in runs.items()}
+    b, t = best["baseline"], best["this"]
+    return [f"## Speed (CPU, {args.speed_threads} thread(s), box {args.box}, {b['n']} perturbed particles, ground-truth GMMs, "
+            f"each engine's defaults; best of {args.speed_repeats} alternating runs)", "",
+            "| engine | particles/s (CPU time) | particles/s (wall) | median angle error after (deg) | median shift error after (px) |",
+            "|---|---|---|---|---|",
+            f"| before (`{args.speed_baseline}`) | {b['cpu_pps']:.1f} | {b['wall_pps']:.1f} | {b['ang_med']:.3f} | {b['sh_med_px']:.3f} |",
+            f"| this checkout | {t['cpu_pps']:.1f} | {t['wall_pps']:.1f} | {t['ang_med']:.3f} | {t['sh_med_px']:.3f} |",
+            "", f"Speed-up per particle: {t['cpu_pps'] / b['cpu_pps']:.1f}x (CPU time), "
+            f"{t['wall_pps'] / b['wall_pps']:.1f}x (wall).", ""]
 
 
 def main(argv=None) -> int:
@@ -170,7 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--highres", type=float, default=None)
     ap.add_argument("--score", default="wcc", choices=refine.SCORES)
     ap.add_argument("--levels", type=int, default=3)
-    ap.add_argument("--polish-steps", type=int, default=10)
+    ap.add_argument("--polish-steps", type=int, default=0)
     ap.add_argument("--no-prior", dest="prior", action="store_false")
     ap.add_argument("--min-gain", type=float, default=refine.MIN_GAIN_NATS,
                     help="evidence (nats) a new pose needs (gmmhet refine --min-gain)")
@@ -181,7 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--changes", default="positions", help="what the network may change (gmmhet train --changes)")
     ap.add_argument("--refine-mask", default="core", choices=("core", "none"),
                     help="core: refine the core's pose with the arm's decoded projection subtracted; none: whole model")
-    ap.add_argument("--rounds", type=int, default=3, help="gmmhet refine --rounds (refine-retrain iterations)")
+    ap.add_argument("--rounds", default="3", help="gmmhet refine --rounds (refine-retrain iterations; auto: the "
+                                                  "command's default)")
     ap.add_argument("--train-mask", default="arm", choices=("arm", "none"),
                     help="arm: train with a focus mask on the moving arm (the core stays the neutral model's, "
                          "so the network cannot explain pose errors as motions of the whole particle); "
@@ -190,6 +276,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/gmmhet_bench_refine")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "refine.md"))
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--speed-baseline", default="",
+                    help="git revision of the engine to compare speed with (e.g. cfef752, before the batched "
+                         "search); empty: no speed section")
+    ap.add_argument("--speed-n", type=int, default=128, help="particles in the speed comparison")
+    ap.add_argument("--speed-threads", type=int, default=1, help="CPU threads in the speed comparison")
+    ap.add_argument("--speed-repeats", type=int, default=2, help="alternating runs of each engine")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     os.makedirs(args.work, exist_ok=True)
@@ -221,14 +313,15 @@ def main(argv=None) -> int:
               score=args.score, levels=args.levels, polish_steps=args.polish_steps, prior=args.prior,
               min_gain=args.min_gain)
     sections = []
-    for model_kind in [m.strip() for m in args.model.split(",") if m.strip()]:
+    speed_lines = speed_rows(args, sim_dir) if args.speed_baseline else []
+    for model_kind in [m.strip() for m in args.model.split(",") if m.strip() and m.strip() != "none"]:
         t0 = time.time()
         if model_kind == "truth":
             models = mol.conformation_models(truth["conformation"].to_numpy())
             rows = {}
             starts = [("perturbed", meta_p, rot_p, org_p), ("true poses", meta, rot_true, org_true)]
             for label, m, rot0, org0 in starts[:1] if args.skip_true else starts:
-                parts = Particles(ParticleImages(m), rot0, org0, box, apix, ctf=m.ctf_params(), ctf_mode="ctf",
+                parts = Particles(ParticleImages(m), rot0, org0, box, apix, ctf=m.ctf_params(), ctf_mode="full",
                                   device=device)
                 t1 = time.time()
                 res = refine.refine_poses(parts, models, **kw)
@@ -278,6 +371,7 @@ def main(argv=None) -> int:
                          f"{t['change_shift_med_px']:.3f} px; FSC mean {t['fsc_before']['fsc_mean']:.4f} -> "
                          f"{t['fsc_after']['fsc_mean']:.4f}.")
         lines.append("")
+    lines += speed_lines
     lines += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
@@ -289,4 +383,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(speed_worker(sys.argv[1:]) if "--speed-worker" in sys.argv else main())

@@ -175,7 +175,7 @@ def synthetic_particles(neutral: GMM, n: int, device, seed: int = 0, snr: float 
             images[j] = fourier_to_image(F, box).numpy()
     sig = float(images[: min(n, 256)].var())
     images += rng.normal(0, math.sqrt(sig / snr), images.shape).astype(np.float32)
-    return Particles(ArrayImages(images), R, origins, box, apix, ctf=ctf, ctf_mode="ctf", device=device)
+    return Particles(ArrayImages(images), R, origins, box, apix, ctf=ctf, ctf_mode="full", device=device)
 
 
 def _parse(lines):

@@ -59,6 +59,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import BuildFolder, TrainFolder  # noqa: E402
 
 CRYODRGN_VERSION = "4.3.1"
 DEFAULT_VENV = os.path.join(common.HERE, ".cryodrgn-venv")
@@ -167,7 +168,8 @@ def parse_our_log(path: str) -> dict:
     m = re.search(r"gradient features of (\d+) items cached in \S+ \(([\d.]+) s", text)
     if m:
         out["cache_items"], out["cache_s"] = int(m.group(1)), float(m.group(2))
-    m = re.search(r"wrote \S+latent.npy \((\d+) x (\d+)\) in ([\d.]+) s", text)
+    latent_name = re.escape(os.path.basename(TrainFolder("").latent))
+    m = re.search(r"wrote \S+" + latent_name + r" \((\d+) x (\d+)\) in ([\d.]+) s", text)
     if m:
         out["latent_s"] = float(m.group(3))
     m = re.search(r"(\d+) Gaussians \((\d+) may change", text)
@@ -180,16 +182,6 @@ def parse_our_log(path: str) -> dict:
     if m:
         out["fbox"] = int(m.group(2))
     return out
-
-
-def read_loss_csv(path: str) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        head = f.readline().strip().split(",")
-        for line in f:
-            if line.strip():
-                rows.append(dict(zip(head, map(float, line.strip().split(",")))))
-    return rows
 
 
 def _td_seconds(s: str) -> float:
@@ -271,10 +263,10 @@ def our_train(args, work, star, build_dir, name, epochs=1, resume=False) -> dict
                     "--zdim", str(args.zdim), "--seed", str(args.seed), "--device", "cpu"] + (["--resume"] if resume else []),
              os.path.join(work, name + (f"_e{epochs}" if resume else "") + ".log"), f"gmmhet train {name} ({epochs} epoch(s))")
     r.update(parse_our_log(r["log"]))
-    r["loss"] = read_loss_csv(os.path.join(out, "loss.csv"))
-    r["latent"] = os.path.join(out, "latent.npy")
-    with open(os.path.join(out, "config.json")) as f:
-        cfg = json.load(f)
+    folder = TrainFolder(out)
+    r["loss"] = folder.read_loss()
+    r["latent"] = folder.latent
+    cfg = folder.read_config()
     r["n_items"] = cfg["n_items"]
     return r
 
@@ -441,17 +433,15 @@ def main(argv=None) -> int:
 
     # ours: build once, then train (all particles; the subset)
     build_dir = os.path.join(work, "build")
-    if args.reuse_build and os.path.exists(os.path.join(build_dir, "summary.json")):
-        with open(os.path.join(build_dir, "summary.json")) as f:
-            sm = json.load(f)
+    if args.reuse_build and os.path.exists(BuildFolder(build_dir).summary):
+        sm = BuildFolder(build_dir).read_summary()
         b = {"seconds": float(sm["seconds"]), "reused": True, "rc": 0}
         log(f"reusing {build_dir} ({sm['n_gauss']} Gaussians, built in {sm['seconds']} s)")
     else:
         b = None
     b = b or _run(OUR + ["build", "--map", os.path.join(sim, "consensus.mrc"), "--resolution", str(args.resolution),
                     "--out", build_dir, "--seed", str(args.seed)], os.path.join(work, "build.log"), "gmmhet build")
-    with open(os.path.join(build_dir, "summary.json")) as f:
-        b["n_gauss"] = json.load(f)["n_gauss"]
+    b["n_gauss"] = BuildFolder(build_dir).read_summary()["n_gauss"]
     res["build"] = b
     loads.append(load_now())
     full = our_train(args, work, star, build_dir, "ours_full")

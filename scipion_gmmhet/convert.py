@@ -48,7 +48,7 @@ from pwem.constants import ALIGN_2D, ALIGN_3D, ALIGN_NONE, ALIGN_PROJ, NO_INDEX
 from pwem.emlib.image import ImageHandler
 from pwem.objects import Transform
 
-from .constants import GMMHET_AMPLITUDE_CORRECTED, GMMHET_PARTICLE_ID, GMMHET_PHASE_FLIPPED
+from .constants import GMMHET_AMPLITUDE_CORRECTED, GMMHET_PARTICLE_ID, GMMHET_PHASE_FLIPPED, TRAIN_DIR_ATTR
 from .engine.errors import InputError
 
 # pandas and the engine's modules (conventions and metadata import torch) are imported inside
@@ -459,3 +459,45 @@ def matchByOrder(nTargets: int, table: PoseTable) -> np.ndarray:
     rows = np.arange(nTargets)
     rows[rows >= len(table)] = -1
     return rows
+
+
+def trainDirOf(partSet) -> str | None:
+    """The ``gmmhet train`` folder a particle set comes from (the training's output or a subset
+    of it): the set's ``_gmmhet_trainDir`` attribute, else its Flexibility Hub ``trainDir``;
+    None when it names none."""
+    attr = getattr(partSet, TRAIN_DIR_ATTR, None)
+    value = attr.get() if attr is not None and hasattr(attr, 'get') else None
+    if not value and hasattr(partSet, 'getFlexInfo'):
+        flex = partSet.getFlexInfo()
+        try:
+            value = flex.getAttr('trainDir')
+        except AttributeError:  # a FlexInfo without that attribute
+            value = getattr(flex, 'trainDir', None)
+            value = value.get() if hasattr(value, 'get') else value
+    return value or None
+
+
+def writeRelionImportStar(starFn: str, outFn: str, dropColumns=()) -> str:
+    """Copy ``starFn`` to ``outFn`` in the form the RELION plugin's importer accepts: image
+    names relative to ``outFn``'s folder (each stack symlinked there; the importer refuses
+    absolute names), without the particle columns ``dropColumns`` (e.g. ``tests.common.POSE_COLUMNS``
+    for particles "without alignment"). Returns ``outFn``."""
+    from .engine.io.star import read_star, write_star
+    blocks = read_star(starFn)
+    particles = blocks['particles'].copy()
+    outDir = os.path.dirname(os.path.abspath(outFn))
+    os.makedirs(outDir, exist_ok=True)
+    srcDir = os.path.dirname(os.path.abspath(starFn))
+    names = []
+    for name in particles['rlnImageName'].astype(str):
+        index, _, stack = name.partition('@')
+        src = stack if os.path.isabs(stack) else os.path.join(srcDir, stack)
+        link = os.path.join(outDir, os.path.basename(stack))
+        if os.path.abspath(src) != os.path.abspath(link) and not os.path.lexists(link):
+            os.symlink(os.path.abspath(src), link)
+        names.append('%s@%s' % (index, os.path.basename(stack)))
+    particles['rlnImageName'] = names
+    particles = particles.drop(columns=[c for c in dropColumns if c in particles.columns])
+    blocks['particles'] = particles
+    write_star(outFn, blocks)
+    return outFn

@@ -64,7 +64,7 @@ def run(args) -> dict:
     from .engine.simulation.simulate import simulate
     from .protocols import (ProtGmmhetBuildGmm, ProtGmmhetCluster, ProtGmmhetRefine,
                             ProtGmmhetTrain)
-    from .tests.common import writeRelionImportStar
+    from .convert import writeRelionImportStar
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

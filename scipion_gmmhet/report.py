@@ -11,6 +11,8 @@ import os
 import numpy as np
 import pandas as pd
 
+from .engine.io.outputs import BuildFolder, read_json
+
 
 def _truth_rows_for_star(star_fn: str, truth: pd.DataFrame) -> np.ndarray:
     """For each particle row of a canonical star, the matching row of truth.csv."""
@@ -76,7 +78,7 @@ def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=N
     metrics: dict = {}
 
     if build is not None:
-        summary = _read_json(os.path.join(build.getBuildDir(), "summary.json"))
+        summary = BuildFolder(build.getBuildDir()).read_summary()
         fsc = build.getFsc() if hasattr(build, "getFsc") else {}
         lines += ["## Build Gaussian model", "",
                   f"- Gaussians: {summary.get('n_gauss', '?')}, target resolution "
@@ -206,15 +208,8 @@ def _map_sections_png(maps, out_png: str) -> str:
 
 
 def _sim_kind(sim: dict) -> str:
-    info = _read_json(sim.get("json", ""))
+    info = read_json(sim.get("json") or "", {})
     return str(info.get("kind") or info.get("parameters", {}).get("kind", "?"))
-
-
-def _read_json(path: str) -> dict:
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def _fmt(v) -> str:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from scipion_gmmhet.engine.analysis import latent as an
+from scipion_gmmhet.engine.io import chimerax as cx
 from scipion_gmmhet.engine.errors import InputError
 from scipion_gmmhet.engine.model.gmm import GMM
 
@@ -98,13 +99,13 @@ def test_displacements_and_chimerax_files(tmp_path):
     c0, d, da = an.gaussian_displacements(m, [0, 0], [2, 0])
     assert np.allclose(c0, g.centers_A, atol=1e-5)
     assert np.allclose(d[:5], [6, 0, 0]) and np.allclose(d[5:], 0) and np.allclose(da, 0)
-    n = an.write_bild(str(tmp_path / "m.bild"), c0, d, g.box, g.apix, min_length_A=0.5)
+    cx.displacement_bild(c0, c0 + d, str(tmp_path / "m.bild"), g.box, g.apix, min_length_A=0.5)
     text = (tmp_path / "m.bild").read_text()
-    assert n == 5 and text.count(".arrow") == 5
+    assert text.count(".arrow") == 5
     first = [float(v) for v in text.splitlines()[1].split()[1:7]]
     assert np.allclose(first[:3], c0[0] + (g.box // 2) * g.apix, atol=1e-3)
     assert np.allclose(np.subtract(first[3:6], first[:3]), [6, 0, 0], atol=1e-3)
-    an.write_cmm(str(tmp_path / "m.cmm"), c0, d, g.box, g.apix)
+    cx.displacement_cmm(c0, c0 + d, str(tmp_path / "m.cmm"), g.box, g.apix)
     import xml.etree.ElementTree as ET
     root = ET.parse(tmp_path / "m.cmm").getroot()
     assert len(root.findall("marker")) == 2 * len(g) and len(root.findall("link")) == len(g)

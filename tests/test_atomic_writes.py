@@ -390,10 +390,10 @@ def test_reconstruct_and_analysis_writers_report_disk_full_in_one_line(tmp_path,
     and no '*.tmp' is left."""
     import builtins
 
-    from scipion_gmmhet.engine.analysis import latent as analysis
+    from scipion_gmmhet.engine.io import chimerax
     from scipion_gmmhet.engine.cli import main
     from scipion_gmmhet.engine.commands import analyze
-    from scipion_gmmhet.engine.commands import refine as refine_cmd
+    from scipion_gmmhet.engine.io import outputs
     from scipion_gmmhet.engine.simulation.simulate import simulate
 
     sim = tmp_path / "sim"
@@ -408,18 +408,18 @@ def test_reconstruct_and_analysis_writers_report_disk_full_in_one_line(tmp_path,
     assert not (out / "map_fsc.csv").exists()
     centers = np.zeros((3, 3))
     with pytest.raises(InputError, match=r"g\.cmm: disk full"):
-        analysis.write_cmm(str(out / "g.cmm"), centers, np.ones((3, 3)), 32, 2.0)
+        chimerax.displacement_cmm(centers, centers + 1, str(out / "g.cmm"), 32, 2.0)
     with pytest.raises(InputError, match=r"g\.bild: disk full"):
-        analysis.write_bild(str(out / "g.bild"), centers, np.ones((3, 3)), 32, 2.0)
+        chimerax.displacement_bild(centers, centers + 1, str(out / "g.bild"), 32, 2.0)
     with pytest.raises(InputError, match=r"s\.json: disk full"):
-        analyze._write_json(str(out / "s.json"), {"a": 1.0})
+        outputs.write_json(str(out / "s.json"), {"a": 1.0})
     with pytest.raises(InputError, match=r"l\.npy: disk full"):
         analyze._write_npy(str(out / "l.npy"), np.arange(1000))
     monkeypatch.undo()
     monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, path, **k: _failing_open(builtins.open)(path, "w")
                         .write("row\n" * 100))
     with pytest.raises(InputError, match=r"pose_changes\.csv: disk full"):
-        refine_cmd._write_csv_atomic(str(out / "pose_changes.csv"), pd.DataFrame({"row": np.arange(5)}))
+        outputs.write_csv(str(out / "pose_changes.csv"), pd.DataFrame({"row": np.arange(5)}))
     monkeypatch.undo()
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if ".tmp" in f]
     assert sorted(os.listdir(out)) == ["map.mrc", "map_half1.mrc", "map_half2.mrc", "map_mask.mrc"]

@@ -37,7 +37,7 @@ def ctf_dict(n, seed=2):
             "phase_shift_deg": np.zeros(n), "bfactor": np.zeros(n), "scale": np.ones(n)}
 
 
-def make_particles(g: GMM, n=12, ctf_mode="ctf", noise=0.5, seed=3, sym_ops=None):
+def make_particles(g: GMM, n=12, ctf_mode="full", noise=0.5, seed=3, sym_ops=None):
     rots, origins = random_poses(n, seed)
     ctf = ctf_dict(n, seed)
     p0 = Particles(ArrayImages(np.zeros((n, BOX, BOX), np.float32)), rots, origins, BOX, APIX, ctf=ctf,
@@ -53,7 +53,7 @@ def make_particles(g: GMM, n=12, ctf_mode="ctf", noise=0.5, seed=3, sym_ops=None
                      sym_ops=sym_ops)
 
 
-@pytest.mark.parametrize("ctf_mode", ["ctf", "flipped", "premultiplied", "none"])
+@pytest.mark.parametrize("ctf_mode", ["full", "phase_flipped", "premultiplied", "none"])
 def test_batched_gradient_equals_one_at_a_time(ctf_mode):
     g = random_gmm()
     p = make_particles(g, ctf_mode=ctf_mode)

@@ -71,15 +71,15 @@ def input_error_or_success(fn, *args, tolerate=None, **kwargs):
 # (True) and a strict-xfail regression test the same way, then flip/remove both with the fix.
 KNOWN_BUG_EMPTY_TABLE = False   # fixed: metadata.image_locations() on 0 particles raised KeyError
 KNOWN_BUG_HUGE_NSYMBT = False   # fixed: mrc._header let mrcfile allocate the extended header (nsymbt bytes)
-KNOWN_BUG_CS_FIELD_TYPES = False  # fixed: metadata._read_cs raised ValueError for fields of a wrong dtype/shape
+KNOWN_BUG_CS_FIELD_TYPES = False  # fixed: cryosparc.read_cs raised ValueError for fields of a wrong dtype/shape
 
 
 def _known_cs_field_bug(exc: BaseException) -> bool:
-    """A ValueError raised inside metadata._read_cs (a field of the wrong dtype or shape)."""
+    """A ValueError raised inside cryosparc.read_cs (a field of the wrong dtype or shape)."""
     import traceback
 
     names = [f.name for f in traceback.extract_tb(exc.__traceback__)]
-    return KNOWN_BUG_CS_FIELD_TYPES and isinstance(exc, ValueError) and "_read_cs" in names
+    return KNOWN_BUG_CS_FIELD_TYPES and isinstance(exc, ValueError) and "read_cs" in names
 
 
 def use_metadata(meta) -> None:
@@ -449,20 +449,20 @@ def test_cs_fractional_or_nan_blob_idx_is_refused(tmp_path):
     assert read_particles(str(path)).particles["rlnImageName"].tolist() == ["000001@J1/a.mrcs", "000004@J1/a.mrcs"]
 
 
-def test_cs_real_export_fields_pass_the_checks():
+def test_cs_real_export_fields_pass_the_checks(real_metadata_dir):
     """The real cryoSPARC export (ctf/type is text, ctf/tetra_A has 4 values) is not refused for
     fields the reader never reads: only for its 2D-only alignments."""
-    real = "/work/shared/data/real-metadata/cryosparc_J2_particles_exported.cs"
+    real = str(real_metadata_dir / "cryosparc_J2_particles_exported.cs")
     if not os.path.exists(real):
         pytest.skip("real cryoSPARC export not available here")
-    from scipion_gmmhet.engine.io.metadata import _CS_NUMERIC, _cs_field
+    from scipion_gmmhet.engine.io.cryosparc import CS_NUMERIC, cs_field
 
     cs = np.load(real)
-    checked = [name for name in _CS_NUMERIC if name in cs.dtype.names]
+    checked = [name for name in CS_NUMERIC if name in cs.dtype.names]
     assert {"blob/idx", "blob/shape", "ctf/df1_A", "ctf/exp_group_id"} <= set(checked)
     for name in checked:
-        assert len(_cs_field(cs, name, real)) == len(cs)
-    assert _cs_field(cs, "blob/shape", real).shape == (len(cs), 2)
+        assert len(cs_field(cs, name, real)) == len(cs)
+    assert cs_field(cs, "blob/shape", real).shape == (len(cs), 2)
     with pytest.raises(InputError, match="only 2D alignments"):
         read_particles(real)
 

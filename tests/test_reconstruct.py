@@ -15,6 +15,7 @@ import torch
 from scipion_gmmhet.engine.analysis import reconstruct as rc
 from scipion_gmmhet.engine.conventions import ctf_2d, fourier_grid, fourier_to_image
 from scipion_gmmhet.engine.errors import InputError
+from scipion_gmmhet.engine.io.outputs import read_fsc_csv, reconstruction_paths
 from scipion_gmmhet.engine.model.fourier import fsc_table
 from scipion_gmmhet.engine.model.gmm import GMM, project
 
@@ -147,7 +148,7 @@ def test_cli_subset_writes_maps_and_fsc(sim_dir, tmp_path):
         assert os.path.exists(str(out)[:-4] + suffix)
     vol, apix = read_map(str(out))
     assert vol.shape == (BOX, BOX, BOX) and abs(apix - 6.0) < 1e-4
-    table = rc.read_fsc_csv(str(out)[:-4] + "_fsc.csv")
+    table = read_fsc_csv(reconstruction_paths(str(out))["fsc"])
     assert table["fsc"].size == BOX // 2 + 1 and table["fsc"][1] > 0.9
     assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path))
     # bad indices: one-line error, exit status 2

@@ -43,7 +43,7 @@ def perturb(rot, org, deg_rms=3.0, px_rms=1.0, seed=0):
 
 
 def particles(meta, rot, org):
-    return Particles(ParticleImages(meta), rot, org, BOX, APIX, ctf=meta.ctf_params(), ctf_mode="ctf")
+    return Particles(ParticleImages(meta), rot, org, BOX, APIX, ctf=meta.ctf_params(), ctf_mode="full")
 
 
 FAST = dict(max_angle_deg=6.0, levels=2, polish_steps=4, batch_size=48)
@@ -211,19 +211,20 @@ def test_bad_ranges_are_input_errors(sim):
 
 
 # ----------------------------------------------------------------------------- the command
-def _perturbed_star_and_tiny_model(sim, tmp_path, seed: int, id_step: int) -> tuple[str, str]:
+def _perturbed_star_and_tiny_model(sim, tmp_path, seed: int, id_step: int, deg_rms: float = 3.0,
+                                   px_rms: float = 1.0, epochs: int = 1) -> tuple[str, str]:
     """A star of the simulated particles with perturbed poses (particle ids ``id_step * (1..n)``)
-    and a one-epoch network trained on it: (star path, training folder)."""
+    and a network trained on it for ``epochs``: (star path, training folder)."""
     from scipion_gmmhet.engine import cli
     d = sim["dir"]
-    rot_p, org_p = perturb(sim["rot"], sim["org"], seed=seed)
+    rot_p, org_p = perturb(sim["rot"], sim["org"], deg_rms=deg_rms, px_rms=px_rms, seed=seed)
     meta_p = sim["meta"].with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p)
     meta_p.particles["rlnGmmhetParticleId"] = np.arange(1, len(meta_p) + 1) * id_step
     star = str(tmp_path / "perturbed.star")
     metadata.write_particles(star, meta_p)
     gmm = os.path.join(d, "truth_gmm", sorted(os.listdir(os.path.join(d, "truth_gmm")))[2])
     train_dir = str(tmp_path / "train")
-    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", str(epochs), "--hidden", "32",
                      "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
     return star, train_dir
 
@@ -233,7 +234,8 @@ def test_cli_refine_writes_star_and_changes(sim, tmp_path):
     star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=5, id_step=10)
     out = str(tmp_path / "refine")
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
-                     "--polish-steps", "2", "--device", "cpu", "--out", out]) == 0
+                     "--polish-steps", "2", "--rounds", "1", "--device", "cpu", "--out", out]) == 0
+    assert not os.path.exists(os.path.join(out, "rounds.csv"))  # one round: written straight into OUT
     new = metadata.read_particles(os.path.join(out, "particles.star"))
     old = metadata.read_particles(star)
     assert len(new) == len(old)
@@ -291,3 +293,117 @@ def test_cli_refine_rounds_alternate_with_retraining(sim, tmp_path):
                                angular_distance_deg(new.rotation_matrices(), old.rotation_matrices()), atol=0.01)
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--rounds", "0",
                      "--out", str(tmp_path / "bad")]) == 2
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--rounds", "many",
+                     "--out", str(tmp_path / "bad2")]) == 2
+
+
+def test_rounds_argument_and_angular_precision():
+    from scipion_gmmhet.engine.commands.refine import _parse_rounds, angular_precision
+    assert _parse_rounds("auto", 3) == (True, 3) and _parse_rounds("AUTO", 1) == (True, 1)
+    assert _parse_rounds("2", 3) == (False, 2)
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(InputError, match="--rounds"):
+            _parse_rounds(bad, 3)
+    with pytest.raises(InputError, match="--max-rounds"):
+        _parse_rounds("auto", 0)
+    assert angular_precision(6.0, 3) == pytest.approx(0.375) and angular_precision(4.0, 1) == 1.0
+
+
+def _arm_mask(mol, path: str) -> str:
+    """A binary mask of the voxels within 1.5 px of the simulated arm's Gaussians."""
+    from scipion_gmmhet.engine.io.mrc import write_map
+    arm = mol.centers_A[mol.arm_slice()] / APIX + BOX // 2
+    g = np.arange(BOX)
+    zz, yy, xx = np.meshgrid(g, g, g, indexing="ij")
+    vol = np.zeros((BOX, BOX, BOX), np.float32)
+    for x, y, z in arm:
+        vol[(xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2 <= 1.5 ** 2] = 1.0
+    write_map(path, vol, APIX)
+    return path
+
+
+def test_cli_refine_auto_rounds_stop_rule(sim, tmp_path):
+    """Default --rounds auto. A network trained without a focus mask is refined once (its rounds
+    drift; rounds.csv says why). One trained with a mask on the moving arm iterates: refine,
+    retrain, refine... until a round's median change is below the angular precision or
+    --max-rounds is reached; rounds.csv says which, and a retraining follows every round but the last."""
+    from scipion_gmmhet.engine import cli
+    from scipion_gmmhet.engine.commands.refine import angular_precision
+    star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=8, id_step=1)
+    out = str(tmp_path / "auto_free")
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
+                     "--device", "cpu", "--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    assert list(rounds["round"]) == [1] and "without a focus mask" in rounds["stop"].iloc[-1]
+    assert not os.path.exists(os.path.join(out, "round_1")) and os.path.exists(os.path.join(out, "particles.star"))
+
+    masked = str(tmp_path / "train_arm")
+    gmm = os.path.join(sim["dir"], "truth_gmm", sorted(os.listdir(os.path.join(sim["dir"], "truth_gmm")))[2])
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+                     "--layers", "1", "--mask", _arm_mask(sim["mol"], str(tmp_path / "arm.mrc")), "--device", "cpu",
+                     "--out", masked]) == 0
+    out = str(tmp_path / "auto")
+    assert cli.main(["refine", "--train", masked, "--particles", star, "--max-angle", "4", "--levels", "1",
+                     "--max-rounds", "2", "--retrain-epochs", "1", "--device", "cpu", "--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    n = len(rounds)
+    assert 1 <= n <= 2 and list(rounds["round"]) == list(range(1, n + 1))
+    below = rounds["angle_median_deg"] < angular_precision(4.0, 1)
+    assert list(rounds["converged"]) == list(below)
+    assert not below[:-1].any()  # it stopped at the first round below the precision (or at the cap)
+    assert rounds["stop"].iloc[-1] == ("converged" if below.iloc[-1] else "round limit")
+    assert n == 2 or bool(below.iloc[-1])
+    for r in range(1, n + 1):
+        assert os.path.exists(os.path.join(out, f"round_{r}", "train", "model.pt")) == (r < n)
+    assert os.path.exists(os.path.join(out, "particles.star")) and os.path.exists(os.path.join(out, "pose_changes.csv"))
+
+
+def test_pose_projector_equals_gmm_project():
+    """The batched candidate projector gives gmm.project's transforms (full layout, and the band
+    coefficients with max_ring), for per-particle Gaussians, shifts and CTFs."""
+    from scipion_gmmhet.engine.analysis.pose_projector import PoseProjector
+    from scipion_gmmhet.engine.model.fourier import RingBinner
+    g = torch.Generator().manual_seed(0)
+    B, C, N = 3, 4, 50
+    y = torch.randn(B, N, 3, generator=g) * 15
+    amp, sig = torch.rand(B, N, generator=g), 3 + torch.rand(B, N, generator=g)
+    org, ctf = torch.randn(B, 2, generator=g), torch.randn(B, BOX, BOX // 2 + 1, generator=g)
+    R = refine.rotvec_to_matrix(torch.randn(B, C, 3, generator=g) * 2)
+    sh = torch.randn(B, C, 2, generator=g)
+    j = torch.arange(B).repeat_interleave(C)
+    ref = project(y[j], amp[j], sig[j], R.reshape(-1, 3, 3), BOX, APIX, org[j] + sh.reshape(-1, 2) * APIX, ctf[j])
+    F = PoseProjector(y, amp, sig, BOX, APIX, org, ctf).project(0, B, R, sh)
+    torch.testing.assert_close(F, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    band = RingBinner(BOX, APIX, None, 12.0)
+    Fb = PoseProjector(y, amp, sig, BOX, APIX, org, ctf, max_ring=band.hi, band_index=band.flat_index).project(1, B, R[1:], sh[1:])
+    torch.testing.assert_close(Fb, band.gather(ref[C:]), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_rigid_core_finds_the_moving_domain(sim):
+    """Decoded models whose arm moves across the latent space (and whose whole body is
+    rotated/sheared at random, as a network mimicking pose errors): the automatic core is the
+    body, and the anchored models hold the core at the neutral positions."""
+    from scipion_gmmhet.engine.analysis.rigid_core import AnchoredCoreModels, rigid_core
+    mol = sim["mol"]
+    c0 = mol.centers_A[: mol.n_without_subunit()].astype(np.float32)
+    arm = np.zeros(len(c0), bool)
+    arm[mol.arm_slice()] = True
+    rng = np.random.default_rng(0)
+
+    class Models:
+        neutral_centers_A, median_sigma_A, latents = c0, 4.0, np.zeros((64, 1))
+
+        def gaussians(self, rows, device):
+            rows = np.asarray(rows)
+            c = np.repeat(c0[None], len(rows), 0)
+            c[:, arm] += rng.normal(size=(len(rows), 1, 3)) * 6.0  # the arm moves
+            A = np.eye(3) + rng.normal(size=(len(rows), 3, 3)) * 0.02  # global linear "pose" bends
+            c = np.einsum("bij,bnj->bni", A, c)
+            n = torch.as_tensor(c, dtype=torch.float32)
+            return n, torch.ones(n.shape[:2]), torch.full(n.shape[:2], 4.0)
+
+    core = rigid_core(Models())
+    assert not (core & arm).any() and core[~arm].mean() > 0.9
+    anchored = AnchoredCoreModels(Models(), core)
+    c, _, _ = anchored.gaussians(np.arange(5), "cpu")
+    np.testing.assert_allclose(c[:, core].numpy(), np.repeat(c0[None, core], 5, 0))

@@ -133,7 +133,7 @@ def test_particles_without_ctf(good, capsys, caplog):
     one_line(e, "noctf.star", "no CTF parameters", "rlnDefocusU", "--ctf none")
     validate.check_particles(meta, need_ctf=False)  # a caller that ignores the CTF
     # issue 18: every command refuses unless the user says --ctf none; "auto" never ignores the CTF silently
-    for ctf in ([], ["--ctf", "auto"], ["--ctf", "ctf"]):
+    for ctf in ([], ["--ctf", "auto"], ["--ctf", "full"], ["--ctf", "ctf"]):
         assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", *ctf, "--out", d / "t"],
                        capsys, "noctf.star: no CTF parameters", "--ctf none")
     assert_refused(["reconstruct", "--particles", star, "--out", d / "r.mrc", "--no-mask"], capsys,
@@ -146,12 +146,12 @@ def test_particles_without_ctf(good, capsys, caplog):
 
 
 def test_ctf_choice_resolution():
-    """resolve_ctf_mode: auto picks ctf/premultiplied with CTF; without CTF only 'none' passes."""
-    assert validate.resolve_ctf_mode(True, "auto", "p") == "ctf"
+    """resolve_ctf_mode: auto picks full/premultiplied with CTF; without CTF only 'none' passes."""
+    assert validate.resolve_ctf_mode(True, "auto", "p") == "full"
     assert validate.resolve_ctf_mode(True, None, "p", premultiplied=True) == "premultiplied"
-    assert validate.resolve_ctf_mode(True, "flipped", "p") == "flipped"
+    assert validate.resolve_ctf_mode(True, "phase_flipped", "p") == "phase_flipped"
     assert validate.resolve_ctf_mode(False, "none", "p") == "none"
-    for mode in ("auto", None, "ctf", "flipped", "premultiplied"):
+    for mode in ("auto", None, "full", "phase_flipped", "premultiplied"):
         with pytest.raises(InputError) as e:
             validate.resolve_ctf_mode(False, mode, "p.star")
         one_line(e, "p.star: no CTF parameters", "--ctf none", "CTF = none")

@@ -74,7 +74,13 @@ def test_files_exist_and_parse(mixed):
     assert list(truth.columns) == TRUTH_COLUMNS
     assert list(truth.particle) == list(range(1, 201))
     names = sorted(os.listdir(os.path.join(out, "truth_maps")))
-    assert names == sorted(f"conf_{i:03d}_{s}_subunit.mrc" for i in range(3) for s in ("with", "without"))
+    assert names == sorted([f"conf_{i:03d}_{s}_subunit.mrc" for i in range(3) for s in ("with", "without")]
+                           + ["neutral.mrc"])
+    # the neutral truth: the middle conformation, with the subunit as most particles carry it
+    sub = bool(pd.read_csv(mixed["truth_csv"]).composition.mean() > 0.5)
+    mid = "conf_001_with_subunit" if sub else "conf_001_without_subunit"
+    np.testing.assert_allclose(mrc.read_map(mixed["truth_maps"]["neutral"])[0],
+                               mrc.read_map(mixed["truth_maps"][mid])[0], atol=1e-5)
     assert sorted(os.listdir(os.path.join(out, "truth_gmm"))) == [n[:-4] + ".npz" for n in names]
     info = json.load(open(mixed["json"]))
     assert info["kind"] == "mixed" and info["n"] == 200 and info["ctf_applied"] is True

@@ -196,7 +196,7 @@ def test_outputs_are_atomic_and_a_full_disk_in_the_feature_cache_is_clear(small_
     def full(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    monkeypatch.setattr(features_mod, "_reserve_space", full)
+    monkeypatch.setattr(features_mod, "reserve_space", full)
     out2 = str(tmp_path / "full")
     with pytest.raises(InputError) as e:
         _train(small_set, out2, epochs=1, features="cache")

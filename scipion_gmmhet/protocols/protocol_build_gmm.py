@@ -18,9 +18,8 @@ with the model file attached as the attribute ``_gmmhet_gmmFile`` (a String hold
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
+import shlex
 
 import pyworkflow.protocol.params as params
 from pyworkflow.object import Float, Integer, String
@@ -29,6 +28,7 @@ from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
 from ..constants import GMM_FILE_ATTR  # the output volume's gmm.npz path; "train" reads it
+from ..engine.io.outputs import BuildFolder
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors, volumeGrid
 from .labels import GmmhetLabel
@@ -209,13 +209,13 @@ class ProtGmmhetBuildGmm(GmmhetLabel, ProtAnalysis3D):
         return self._getExtraPath('gmm')
 
     def getGmmFile(self) -> str:
-        return os.path.join(self.getBuildDir(), 'gmm.npz')
+        return BuildFolder(self.getBuildDir()).gmm
 
     def getGmmMapFile(self) -> str:
-        return os.path.join(self.getBuildDir(), 'gmm_map.mrc')
+        return BuildFolder(self.getBuildDir()).gmm_map
 
     def getFscFile(self) -> str:
-        return os.path.join(self.getBuildDir(), 'fsc.csv')
+        return BuildFolder(self.getBuildDir()).fsc
 
     def getInputMapFile(self) -> str:
         """The map the engine reads: the input file itself when it is MRC, else its copy."""
@@ -227,43 +227,30 @@ class ProtGmmhetBuildGmm(GmmhetLabel, ProtAnalysis3D):
 
     def getBuildSummary(self) -> dict:
         """summary.json of the build ({} before it exists)."""
-        fn = os.path.join(self.getBuildDir(), 'summary.json')
-        if not os.path.exists(fn):
-            return {}
-        with open(fn) as f:
-            return json.load(f)
+        return BuildFolder(self.getBuildDir()).read_summary()
 
-    def getFsc(self) -> dict[str, list[float]]:
-        """fsc.csv as columns (shell, freq_invA, resolution_A, fsc); {} before it exists."""
-        return readFscCsv(self.getFscFile())
+    def getFsc(self) -> dict:
+        """fsc.csv as columns (shell, freq_invA, resolution_A, fsc arrays); {} before it exists."""
+        return BuildFolder(self.getBuildDir()).read_fsc()
 
     def _getBuildArgs(self) -> str:
         vol = self.inputVolume.get()
-        args = ['--map %s' % _q(self.getInputMapFile()),
+        args = ['--map %s' % shlex.quote(self.getInputMapFile()),
                 '--apix %.6f' % vol.getSamplingRate(),
                 '--resolution %s' % self.resolution.get(),
                 '--steps %d' % self.steps.get(),
                 '--seed %d' % self.seed.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
-                '--out %s' % _q(self.getBuildDir())]
+                '--out %s' % shlex.quote(self.getBuildDir())]
         if self.numberOfGaussians.get():
             args.append('--n-gauss %d' % self.numberOfGaussians.get())
         mask = self.getInputMaskFile()
         if mask:
-            args.append('--mask %s' % _q(mask))
+            args.append('--mask %s' % shlex.quote(mask))
         return ' '.join(args)
 
 
 # ---------------------------------------------------------------------------- helpers
-def readFscCsv(fn: str) -> dict[str, list[float]]:
-    """Columns of a ``gmmhet build`` fsc.csv ({} when the file does not exist)."""
-    if not os.path.exists(fn):
-        return {}
-    with open(fn) as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows] for k in ('shell', 'freq_invA', 'resolution_A', 'fsc')}
-
-
 def _isMrc(obj) -> bool:
     """True when the engine can read the object's file as it is (an MRC map)."""
     fn = str(obj.getFileName())
@@ -277,5 +264,3 @@ def _engineFile(obj, convertedFn: str) -> str:
         os.path.abspath(convertedFn)
 
 
-def _q(path: str) -> str:
-    return "'%s'" % path if ' ' in str(path) else str(path)

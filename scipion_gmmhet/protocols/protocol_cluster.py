@@ -28,8 +28,8 @@ Outputs
 """
 from __future__ import annotations
 
-import json
 import os
+import shlex
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
 from ..engine.errors import InputError
+from ..engine.io.outputs import AnalysisFolder, reconstruction_paths
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
@@ -66,7 +67,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     """
     _label = 'cluster and reconstruct'
     _possibleOutputs = {'outputClasses': SetOfClasses3D, 'outputGmmVolumes': SetOfVolumes,
-                        'outputTrajectories': SetOfVolumes}
+                        'outputTrajectories': SetOfVolumes, 'outputMotionCorrected': Volume}
 
     def __init__(self, **kwargs):
         ProtAnalysis3D.__init__(self, **kwargs)
@@ -137,6 +138,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       help='A mask on one domain: finds the latent direction along which that '
                            'domain moves most while the rest moves least, and renders maps '
                            'along it (domain_XX.mrc in the extra folder).')
+        self._defineMotionCorrectedParams(form)
         form.addParam('seed', params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
                       label='Random seed', help='Seed of the clustering, UMAP and half-map split.')
         form.addParallelSection(threads=4, mpi=0)
@@ -145,6 +147,8 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep, self._inputKey())
         self._insertFunctionStep(self.analyzeStep, self._getAnalyzeArgs())
+        if self.doMotionCorrected:
+            self._insertFunctionStep(self.motionCorrectedStep, self._getMotionCorrectedArgs())
         self._insertFunctionStep(self.createOutputStep)
 
     # -------------------------- STEPS functions ------------------------------
@@ -218,9 +222,64 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                     trajVols.append(vol)
             outputs['outputTrajectories'] = trajVols
 
+        if self.doMotionCorrected:
+            outputs['outputMotionCorrected'] = self._motionCorrectedVolume(apix)
+
         self._defineOutputs(**outputs)
         for out in outputs.values():
             self._defineSourceRelation(self.inputParticles, out)
+
+    # -------------------------- motion-corrected map ------------------------
+    def _defineMotionCorrectedParams(self, form):
+        form.addParam('doMotionCorrected', params.BooleanParam, default=False,
+                      label='Motion-corrected consensus map?',
+                      help='One map from all the input particles, each inserted with its own '
+                           'deformation (decoded Gaussian moves) undone, so moving domains '
+                           'sharpen. Two models are trained first, one per half set, with the '
+                           'training\'s settings (the half maps stay independent, their FSC '
+                           'honest): about the training\'s time again. The plain consensus '
+                           'reconstruction of the same particles is made too, for comparison.')
+        form.addParam('motionHalfEpochs', params.IntParam, default=0, condition='doMotionCorrected',
+                      validators=[params.GE(0)], expertLevel=params.LEVEL_ADVANCED,
+                      label='Epochs of each half model',
+                      help='0: as many as the training had.')
+
+    def getMotionDir(self) -> str:
+        return self._getExtraPath('motion_corrected')
+
+    def getMotionMaps(self) -> dict:
+        """Paths of the motion-corrected map (``map``, ``half1``, ``half2``, ``fsc``) and of the
+        plain consensus reconstruction of the same particles (``plain``, ``plain_fsc``)."""
+        d = self.getMotionDir()
+        paths = reconstruction_paths(os.path.join(d, 'motion_corrected.mrc'), mask=False)
+        plain = reconstruction_paths(os.path.join(d, 'consensus.mrc'), mask=False)
+        paths.update(plain=plain['map'], plain_fsc=plain['fsc'])
+        return paths
+
+    def _getMotionCorrectedArgs(self) -> list:
+        common = ['--particles %s' % shlex.quote(self.getParticlesStar()), '--seed %d' % self.seed.get(),
+                  '--device %s' % ('cuda' if self.usesGpu() else 'cpu')]
+        paths = self.getMotionMaps()
+        mc = common + ['--motion-corrected', '--train %s' % shlex.quote(self.getTrainDir() or ''),
+                       '--out %s' % shlex.quote(paths['map'])]
+        if self.motionHalfEpochs.get():
+            mc.append('--half-epochs %d' % self.motionHalfEpochs.get())
+        return [' '.join(common + ['--out %s' % shlex.quote(paths['plain'])]), ' '.join(mc)]
+
+    def motionCorrectedStep(self, args):
+        os.makedirs(self.getMotionDir(), exist_ok=True)
+        gpus = self.getGpuList()[:1] if self.usesGpu() else []
+        for a in args:  # the plain consensus, then the motion-corrected map
+            Plugin.runGmmhet(self, 'reconstruct', a, gpuList=gpus)
+
+    def _motionCorrectedVolume(self, apix):
+        paths = self.getMotionMaps()
+        vol = Volume(location=paths['map'])
+        vol.setSamplingRate(apix)
+        vol.setHalfMaps([paths['half1'], paths['half2']])
+        vol.setObjLabel('motion-corrected consensus')
+        vol._gmmhetPlainConsensus = String(paths['plain'])
+        return vol
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
@@ -231,13 +290,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
                           'heterogeneity".')
-        trainDir = self.getTrainDir()
-        if not trainDir:
-            errors.append('Input particles: they do not name a training folder; give the output '
-                          'of "gmmhet - train heterogeneity".')
-        elif not os.path.exists(os.path.join(trainDir, 'model.pt')):
-            errors.append('Input particles: the training folder %s has no model.pt; let the '
-                          'training finish.' % trainDir)
+        errors += self._trainDirErrors()
         k = self.numberOfClusters.get()
         if k is None or k < 1:
             errors.append('Number of clusters: give at least 1.')
@@ -287,37 +340,36 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         return self._getExtraPath('analysis')
 
     def getSummary(self, missingOk: bool = False) -> dict | None:
-        fn = os.path.join(self.getAnalysisDir(), 'summary.json')
-        if not os.path.exists(fn):
+        folder = AnalysisFolder(self.getAnalysisDir())
+        if not os.path.exists(folder.summary):
             if missingOk:
                 return None
-            raise InputError('%s: missing; the analysis did not finish' % fn)
-        with open(fn) as f:
-            return json.load(f)
+            raise InputError('%s: missing; the analysis did not finish' % folder.summary)
+        return folder.read_summary()
 
     def getLabelsById(self) -> dict[int, int]:
         """{particle id: 0-based cluster label} from labels.npy and the star's ids."""
         ids = self._starIds(self.getParticlesStar())
-        labels = np.load(os.path.join(self.getAnalysisDir(), 'labels.npy'))
+        labels = np.load(AnalysisFolder(self.getAnalysisDir()).labels)
         if len(labels) != len(ids):
             raise InputError('labels.npy: %d labels for %d particles in %s; re-run the protocol'
                              % (len(labels), len(ids), self.getParticlesStar()))
         return {int(pid): int(lab) for pid, lab in zip(ids.tolist(), labels.tolist())}
 
     def getEmbedding(self, name: str = 'pca') -> np.ndarray | None:
-        fn = os.path.join(self.getAnalysisDir(), 'embedding_%s.npy' % name)
+        fn = AnalysisFolder(self.getAnalysisDir()).embedding(name)
         return np.load(fn) if os.path.exists(fn) else None
 
     def _getAnalyzeArgs(self) -> str:
-        args = ['--train %s' % _q(self.getTrainDir() or ''),
-                '--particles %s' % _q(self.getParticlesStar()),
-                '--latents %s' % _q(self.getLatentsFile()),
+        args = ['--train %s' % shlex.quote(self.getTrainDir() or ''),
+                '--particles %s' % shlex.quote(self.getParticlesStar()),
+                '--latents %s' % shlex.quote(self.getLatentsFile()),
                 '--clusters %d' % self.numberOfClusters.get(),
                 '--method %s' % METHOD_NAMES[self.clusterMethod.get()],
                 '--embedding %s' % EMB_NAMES[self.embedding.get()],
                 '--seed %d' % self.seed.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
-                '--out %s' % _q(self.getAnalysisDir())]
+                '--out %s' % shlex.quote(self.getAnalysisDir())]
         if self.whiten:
             args.append('--whiten')
         if not self.doReconstruct:
@@ -330,7 +382,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             args.append('--traj-steps 0')
         mask = self.domainMask.get()
         if mask is not None:
-            args.append('--domain-mask %s' % _q(convert.cleanFileName(mask.getFileName())))
+            args.append('--domain-mask %s' % shlex.quote(convert.cleanFileName(mask.getFileName())))
         return ' '.join(args)
 
     def _inputKey(self) -> str:
@@ -340,5 +392,3 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0)
 
 
-def _q(path: str) -> str:
-    return "'%s'" % path if ' ' in str(path) else str(path)

@@ -24,6 +24,7 @@ Output: ``outputParticles`` (same set type as the input: a SetOfParticlesFlex st
 from __future__ import annotations
 
 import os
+import shlex
 
 
 import pyworkflow.protocol.params as params
@@ -36,6 +37,7 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..constants import TRAIN_DIR_ATTR
 from ..engine.errors import InputError
+from ..engine.io.outputs import RefineFolder, pose_change_summary, read_fsc_csv, reconstruction_paths
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
@@ -89,17 +91,21 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       help='A mask on one region (same box and sampling as the particles): only '
                            'the Gaussians inside it are scored and the rest of the model is '
                            'subtracted from the particles, so the refined pose is that region\'s.')
-        form.addParam('rounds', params.IntParam, default=1, validators=[params.GE(1)],
+        form.addParam('rounds', params.IntParam, default=0, validators=[params.GE(0)],
                       label='Refine-retrain rounds',
-                      help='1: refine once against the trained model. N > 1: e2gmm\'s iteration - '
-                           'refine, retrain the network on the refined poses (same settings), refine '
-                           'again, N refinements in all. A network trained on particles with pose '
-                           'errors explains part of them as motions, so each round corrects more; the '
-                           'log and the summary give the median change per round. Use it with a '
-                           'network trained with a focus mask on the moving part (the rest holds the '
-                           'particle\'s frame) and this form\'s focus mask on the rigid part; without '
-                           'one the poses can drift from round to round.')
-        form.addParam('retrainEpochs', params.IntParam, default=-1, condition='rounds > 1',
+                      help='0 (default, automatic): e2gmm\'s iteration - refine, retrain the network on '
+                           'the refined poses (same settings), refine again - until a round\'s median '
+                           'angular change falls below the search\'s angular precision (the finest '
+                           'rotation step, 0.375 deg at the defaults), at most "Most rounds" '
+                           'refinements; particles already at their best poses stop after one round, '
+                           'without retraining; a network trained without a focus mask (every Gaussian '
+                           'free) is refined once, because its rounds drift. N >= 1: exactly N '
+                           'refinements. A network trained on '
+                           'particles with pose errors explains part of them as motions, so each round '
+                           'corrects more; the summary and the viewer give the median change per round.')
+        form.addParam('maxRounds', params.IntParam, default=3, validators=[params.GE(1)], condition='rounds == 0',
+                      label='Most rounds', help='Largest number of refinements in the automatic iteration.')
+        form.addParam('retrainEpochs', params.IntParam, default=-1, condition='rounds != 1',
                       label='Epochs per retraining',
                       help='Epochs of each retraining. -1 (default): automatic, as many as the '
                            'trained run had.')
@@ -134,10 +140,10 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         form.addParam('levels', params.IntParam, default=3, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label='Finer rotation levels',
                       help='Local rotation lattices (step halved each time) after the coarse one.')
-        form.addParam('polishSteps', params.IntParam, default=10, validators=[params.GE(0)],
+        form.addParam('polishSteps', params.IntParam, default=0, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label='Gradient polishing steps',
-                      help='Gradient steps on the 5 pose parameters after the lattice search, '
-                           'for sub-step accuracy; 0 keeps the best lattice pose.')
+                      help='Adam steps on the exact score after the lattice search (0: none; the '
+                           'search and its sub-pixel shift polish suffice).')
         form.addParam('batchSize', params.IntParam, default=64, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED, label='Particles per batch',
                       help='Particles scored together. Larger is faster on a GPU and needs more '
@@ -168,7 +174,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         star = self.getParticlesStar() if which == 'before' else self.getOutputStar()
         os.makedirs(self.getReconstructionDir(), exist_ok=True)
         args = '--particles %s --out %s --device %s' % (
-            _q(star), _q(self.getReconstruction(which)), 'cuda' if self.usesGpu() else 'cpu')
+            shlex.quote(star), shlex.quote(self.getReconstruction(which)), 'cuda' if self.usesGpu() else 'cpu')
         Plugin.runGmmhet(self, 'reconstruct', args,
                          gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
 
@@ -213,13 +219,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
                           'heterogeneity".')
-        trainDir = self.getTrainDir()
-        if not trainDir:
-            errors.append('Input particles: they do not name a training folder; give the output '
-                          'of "gmmhet - train heterogeneity".')
-        elif not os.path.exists(os.path.join(trainDir, 'model.pt')):
-            errors.append('Input particles: the training folder %s has no model.pt; let the '
-                          'training finish.' % trainDir)
+        errors += self._trainDirErrors()
         if self.maxAngle.get() is None or self.maxAngle.get() < 0:
             errors.append('Angular search range: give 0 or more degrees.')
         shift = self.maxShift.get()
@@ -248,12 +248,14 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                            % (s['shift_median_A'], s['shift_p90_A']))
             summary.append('Mean score %.4f -> %.4f; %d of %d particles moved'
                            % (s['score_before_mean'], s['score_after_mean'], s['n_moved'], s['n']))
-            rounds = os.path.join(self.getRefineDir(), 'rounds.csv')
-            if os.path.exists(rounds):
-                import pandas as pd
-                med = pd.read_csv(rounds)['angle_median_deg'].to_numpy()
-                summary.append('Median angular change per round (refine-retrain): %s deg'
-                               % ', '.join('%.2f' % m for m in med))
+            rounds = self.getRounds()
+            if rounds is not None:
+                med = rounds['angle_median_deg']
+                stop = str(rounds['stop'][-1]) if 'stop' in rounds else ''
+                stop = {'converged': 'converged: last change below the angular precision'}.get(stop, stop)
+                summary.append('Refine-retrain rounds: %d%s; median angular change per round: %s deg'
+                               % (len(med), ' (%s)' % stop if stop and stop != 'nan' else '',
+                                  ', '.join('%.2f' % m for m in med)))
             res = {w: self.getResolution(w) for w in ('before', 'after')}
             if all(r is not None for r in res.values()):
                 summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'
@@ -280,10 +282,10 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         return self._getExtraPath('refine')
 
     def getOutputStar(self) -> str:
-        return os.path.join(self.getRefineDir(), 'particles.star')
+        return RefineFolder(self.getRefineDir()).particles
 
     def getPoseChangesFile(self) -> str:
-        return os.path.join(self.getRefineDir(), 'pose_changes.csv')
+        return RefineFolder(self.getRefineDir()).pose_changes
 
     def getReconstructionDir(self) -> str:
         return self._getExtraPath('reconstruction')
@@ -294,10 +296,9 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
 
     def getFsc(self, which: str) -> dict | None:
         """Half-map FSC table of a reconstruction (None when not computed)."""
-        fn = self.getReconstruction(which)[:-4] + '_fsc.csv'
+        fn = reconstruction_paths(self.getReconstruction(which))['fsc']
         if not os.path.exists(fn):
             return None
-        from ..engine.analysis.reconstruct import read_fsc_csv
         return read_fsc_csv(fn)
 
     def getResolution(self, which: str) -> float | None:
@@ -310,10 +311,18 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
 
     def getPoseChanges(self) -> dict:
         """The engine's pose_changes.csv as ``{column: array}`` (per particle id)."""
-        import pandas as pd
-        fn = self.getPoseChangesFile()
+        changes = RefineFolder(self.getRefineDir()).read_pose_changes()
+        if changes is None:
+            raise InputError('%s: missing; the refinement did not finish' % self.getPoseChangesFile())
+        return changes
+
+    def getRounds(self) -> dict | None:
+        """The engine's rounds.csv as ``{column: array}`` (one row per refinement; None for a
+        single fixed round)."""
+        fn = RefineFolder(self.getRefineDir()).rounds
         if not os.path.exists(fn):
-            raise InputError('%s: missing; the refinement did not finish' % fn)
+            return None
+        import pandas as pd
         df = pd.read_csv(fn)
         return {c: df[c].to_numpy() for c in df.columns}
 
@@ -321,16 +330,15 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         """Median / 90th percentile of the pose changes (None before the run ends)."""
         if not os.path.exists(self.getPoseChangesFile()):
             return None
-        from ..engine.commands.refine import summary
         c = self.getPoseChanges()
-        s = summary(c['delta_angle_deg'], c['delta_shift_A'], c['score_before'], c['score_after'])
+        s = pose_change_summary(c['delta_angle_deg'], c['delta_shift_A'], c['score_before'], c['score_after'])
         s['n'] = len(c['delta_angle_deg'])
         return s
 
     def _getRefineArgs(self) -> str:
-        args = ['--train %s' % _q(self.getTrainDir() or ''),
-                '--particles %s' % _q(self.getParticlesStar()),
-                '--latents %s' % _q(self.getLatentsFile()),
+        args = ['--train %s' % shlex.quote(self.getTrainDir() or ''),
+                '--particles %s' % shlex.quote(self.getParticlesStar()),
+                '--latents %s' % shlex.quote(self.getLatentsFile()),
                 '--max-angle %g' % self.maxAngle.get(),
                 '--score %s' % ('wcc' if self.score.get() == 0 else 'frc'),
                 '--levels %d' % self.levels.get(),
@@ -338,7 +346,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 '--min-gain %g' % self.minGain.get(),
                 '--batch-size %d' % self.batchSize.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
-                '--out %s' % _q(self.getRefineDir())]
+                '--out %s' % shlex.quote(self.getRefineDir())]
         if self.maxShift.get() is not None and self.maxShift.get() >= 0:
             args.append('--max-shift %g' % self.maxShift.get())
         if self.highRes.get() is not None and self.highRes.get() > 0:
@@ -347,11 +355,12 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             args.append('--lowres %g' % self.lowRes.get())
         mask = self.mask.get()
         if mask is not None:
-            args.append('--mask %s' % _q(convert.cleanFileName(mask.getFileName())))
-        if (self.rounds.get() or 1) > 1:
-            args.append('--rounds %d' % self.rounds.get())
-            if self.retrainEpochs.get() is not None and self.retrainEpochs.get() > 0:
-                args.append('--retrain-epochs %d' % self.retrainEpochs.get())
+            args.append('--mask %s' % shlex.quote(convert.cleanFileName(mask.getFileName())))
+        rounds = self.rounds.get() or 0
+        args.append('--rounds %s' % ('auto --max-rounds %d' % (self.maxRounds.get() or 3) if rounds == 0
+                                     else '%d' % rounds))
+        if rounds != 1 and self.retrainEpochs.get() is not None and self.retrainEpochs.get() > 0:
+            args.append('--retrain-epochs %d' % self.retrainEpochs.get())
         return ' '.join(args)
 
     def _inputKey(self) -> str:
@@ -361,5 +370,3 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0)
 
 
-def _q(path: str) -> str:
-    return "'%s'" % path if ' ' in str(path) else str(path)

@@ -27,10 +27,8 @@ protocol's folder) and training resumes up to the new number of epochs.
 """
 from __future__ import annotations
 
-import csv
-import glob
-import json
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -46,16 +44,13 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..constants import FLEX_PROG_NAME, GMM_FILE_ATTR, TRAIN_DIR_ATTR  # noqa: F401
 from ..engine.errors import InputError
-from .gpu import cudaAvailable, gpuErrors
 from ..engine.io import validate
+from ..engine.io.outputs import TrainFolder
+from .gpu import cudaAvailable, gpuErrors
 from .validation import CTF_CHOICES, CTF_LABELS, ctfErrors, maskGridErrors, volumeGrid
 from .labels import GmmhetLabel
 #: Engine names of what the decoder may change, in the order of the form's booleans.
 CHANGE_NAMES = ('positions', 'amplitudes', 'widths')
-#: Files of a training folder copied when continuing a previous run (the feature cache is
-#: hard-linked when possible, else rebuilt by the engine).
-_STATE_FILES = ('config.json', 'gmm.npz', 'feature_stats.npz', 'loss.csv')
-_CACHE_FILES = ('features.f16', 'features.json')
 
 
 class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
@@ -233,10 +228,11 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
         """``gmmhet train``; with ``--resume`` when this run's folder already holds a
         checkpoint (Scipion's Continue, or a copied previous run)."""
         trainDir = self.getTrainDir()
-        if self._checkpoints(trainDir):
+        ckpts = TrainFolder(trainDir).checkpoints()
+        if ckpts:
             self._checkResumable(trainDir)
             args += ' --resume'
-            self.info('Resuming training from %s' % self._checkpoints(trainDir)[-1])
+            self.info('Resuming training from %s' % ckpts[-1])
         gpus = self.getGpuList() if self.usesGpu() else []
         # One DistributedDataParallel process per listed GPU ("0 1 2 3" -> 4 processes).
         Plugin.runGmmhet(self, 'train', args, gpuList=gpus, nprocs=max(1, len(gpus)))
@@ -244,9 +240,9 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
     def createOutputStep(self, trainArgs=None):
         """SetOfParticlesFlex: the input particles, each with its latent vector (by id)."""
         trainDir = self.getTrainDir()
-        latent = np.load(os.path.join(trainDir, 'latent.npy'), mmap_mode='r')
-        with open(os.path.join(trainDir, 'config.json')) as f:
-            info = json.load(f)
+        folder = TrainFolder(trainDir)
+        latent = folder.read_latents(mmap=True)
+        info = folder.read_config()
         nOps = int(info.get('n_ops', 1))
         symmetry = info.get('train', {}).get('symmetry') or 'C1'
         rowOf = latentRowsById(self.getParticlesStar(), latent.shape[0], nOps)
@@ -305,7 +301,7 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
             prev = self.continueRun.get()
             if prev is None:
                 return ['Previous run: select the finished training run to continue.']
-            if not prev.isFinished() and not self._checkpoints(prev.getTrainDir()):
+            if not prev.isFinished() and not TrainFolder(prev.getTrainDir()).checkpoints():
                 errors.append('Previous run: it has no checkpoint yet; let it finish (or use '
                               'Continue on it).')
             prevEpochs = prev.getEpochs()
@@ -438,18 +434,18 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
         return self._getExtraPath('input_particles.star')
 
     def getLatentFile(self) -> str:
-        return os.path.join(self.getTrainDir(), 'latent.npy')
+        return TrainFolder(self.getTrainDir()).latent
 
     def getModelFile(self) -> str:
-        return os.path.join(self.getTrainDir(), 'model.pt')
+        return TrainFolder(self.getTrainDir()).model
 
     def getLossFile(self) -> str:
-        return os.path.join(self.getTrainDir(), 'loss.csv')
+        return TrainFolder(self.getTrainDir()).loss
 
     def getGmmFile(self) -> str:
         """The neutral Gaussian model the training started from (copied into the train
         folder by the engine)."""
-        return os.path.join(self.getTrainDir(), 'gmm.npz')
+        return TrainFolder(self.getTrainDir()).gmm
 
     def getZDim(self) -> int:
         if self.doContinue and self.continueRun.get() is not None:
@@ -463,17 +459,7 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
 
     def getLoss(self) -> list[dict]:
         """Rows of loss.csv as dicts of floats ([] before the first epoch ends)."""
-        fn = self.getLossFile()
-        if not os.path.exists(fn):
-            return []
-        rows = []
-        with open(fn, newline='') as f:
-            for r in csv.DictReader(f):
-                try:
-                    rows.append({k: float(v) for k, v in r.items()})
-                except (TypeError, ValueError):
-                    continue
-        return rows
+        return TrainFolder(self.getTrainDir()).read_loss()
 
     def getFlexSettings(self) -> dict:
         """The engine inputs and settings (see :meth:`_engineInputs`)."""
@@ -522,15 +508,15 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
 
     def _getTrainArgs(self) -> str:
         e = self._engineInputs()
-        args = ['--particles %s' % _q(e['particles']), '--gmm %s' % _q(e['gmm']),
+        args = ['--particles %s' % shlex.quote(e['particles']), '--gmm %s' % shlex.quote(e['gmm']),
                 '--zdim %d' % e['zdim'], '--epochs %d' % self.numberOfEpochs.get(),
                 '--batch-size %d' % e['batch_size'], '--lr %g' % e['lr'],
                 '--changes %s' % ','.join(e['changes']), '--symmetry %s' % e['symmetry'],
                 '--seed %d' % e['seed'],
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
-                '--out %s' % _q(self.getTrainDir())]
+                '--out %s' % shlex.quote(self.getTrainDir())]
         if e['mask']:
-            args.append('--mask %s' % _q(e['mask']))
+            args.append('--mask %s' % shlex.quote(e['mask']))
         if e.get('ctf', 'auto') != 'auto':
             args.append('--ctf %s' % e['ctf'])
         amp = ['off', 'bf16', 'fp16'][self.mixedPrecision.get() or 0]
@@ -552,23 +538,12 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
             self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0,
             mask.getFileName() if mask is not None else None)
 
-    @staticmethod
-    def _checkpoints(trainDir: str) -> list[str]:
-        return sorted(glob.glob(os.path.join(trainDir, 'checkpoints', 'epoch_*.pt')))
-
     def _checkResumable(self, trainDir: str):
         """Refuse to resume a folder trained with other settings (clear message instead of
         the engine's)."""
-        fn = os.path.join(trainDir, 'config.json')
-        if not os.path.exists(fn):
-            return
-        with open(fn) as f:
-            old = json.load(f).get('train', {})
         e = self._engineInputs()
-        new = {'zdim': e['zdim'], 'batch_size': e['batch_size'], 'lr': e['lr'],
-               'changes': e['changes'], 'symmetry': e['symmetry'], 'seed': e['seed']}
-        diff = ['%s %s -> %s' % (k, old.get(k), v) for k, v in new.items()
-                if k in old and _norm(old.get(k)) != _norm(v)]
+        diff = TrainFolder(trainDir).changed_settings(
+            {k: e[k] for k in ('zdim', 'batch_size', 'lr', 'changes', 'symmetry', 'seed')})
         if diff:
             raise InputError('this run was trained with other settings (%s); use Restart to '
                              'train from scratch, or set them back to continue'
@@ -578,21 +553,20 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
         """Copy a previous run's training state (last checkpoint, config, statistics) into
         ``dstDir``; hard-link its feature cache when possible (the engine only reads it, and
         replaces it atomically if it rebuilds it)."""
-        ckpts = self._checkpoints(srcDir)
+        src, dst = TrainFolder(srcDir), TrainFolder(dstDir)
+        ckpts = src.checkpoints()
         if not ckpts:
             raise InputError('previous run %s: no checkpoint in %s; it cannot be continued'
                              % (self.continueRun.get().getRunName(), srcDir))
-        os.makedirs(os.path.join(dstDir, 'checkpoints'), exist_ok=True)
-        for name in _STATE_FILES:
-            src = os.path.join(srcDir, name)
-            if os.path.exists(src):
-                shutil.copy2(src, os.path.join(dstDir, name))
-        shutil.copy2(ckpts[-1], os.path.join(dstDir, 'checkpoints', os.path.basename(ckpts[-1])))
-        for name in _CACHE_FILES:
-            src, dst = os.path.join(srcDir, name), os.path.join(dstDir, name)
-            if os.path.exists(src) and not os.path.exists(dst):
+        os.makedirs(dst.checkpoint_dir, exist_ok=True)
+        for name in TrainFolder.STATE_FILES:
+            if os.path.exists(src.path(name)):
+                shutil.copy2(src.path(name), dst.path(name))
+        shutil.copy2(ckpts[-1], os.path.join(dst.checkpoint_dir, os.path.basename(ckpts[-1])))
+        for name in TrainFolder.CACHE_FILES:
+            if os.path.exists(src.path(name)) and not os.path.exists(dst.path(name)):
                 try:
-                    os.link(src, dst)
+                    os.link(src.path(name), dst.path(name))
                 except OSError:
                     pass  # other file system: the engine rebuilds the cache
         self.info('Copied the state of %s (epoch %s) into %s'
@@ -615,7 +589,7 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
         flex.setAttr('trainDir', trainDir)
         flex.setAttr('gmmFile', self.getGmmFile())
         flex.setAttr('latentFile', self.getLatentFile())
-        flex.setAttr('configFile', os.path.join(trainDir, 'config.json'))
+        flex.setAttr('configFile', TrainFolder(trainDir).config)
         flex.setAttr('particlesStar', self.getParticlesStar())
         flex.setAttr('changes', ','.join(e['changes']))
         flex.setAttr('symmetry', e['symmetry'])
@@ -665,20 +639,6 @@ def _samplingErrors(name: str, vol, box: int, apix: float) -> list[str]:
         errors.append('%s: %.4f A/px but the particles are %.4f A/px; resample one of them.'
                       % (name, vApix, apix))
     return errors
-
-
-def _q(path: str) -> str:
-    return "'%s'" % path if ' ' in str(path) else str(path)
-
-
-def _norm(v):
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    if isinstance(v, float):
-        return round(v, 12)
-    if isinstance(v, str):
-        return v.strip().upper()
-    return v
 
 
 def _fmt(v) -> str:

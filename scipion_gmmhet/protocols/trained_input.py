@@ -3,14 +3,13 @@ orientations") share: finding the training folder, the star it trained on, and e
 particle's latent vector -- always by particle id."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .. import convert
-from ..constants import TRAIN_DIR_ATTR
 from ..engine.errors import InputError
+from ..engine.io.outputs import TrainFolder
 
 
 class TrainedParticlesInput:
@@ -47,20 +46,24 @@ class TrainedParticlesInput:
         parts = self.inputParticles.get()
         if parts is None:
             return None
-        attr = getattr(parts, TRAIN_DIR_ATTR, None)
-        if attr is not None and attr.get():
-            return attr.get()
-        if hasattr(parts, 'getFlexInfo'):
-            try:
-                value = parts.getFlexInfo().getAttr('trainDir')
-                if value:
-                    return value
-            except AttributeError:
-                pass
+        value = convert.trainDirOf(parts)
+        if value:
+            return value
         prot = self.inputParticles.getObjValue()
         if prot is not None and hasattr(prot, 'getTrainDir'):
             return prot.getTrainDir()
         return None
+
+    def _trainDirErrors(self) -> list[str]:
+        """Form errors when the input particles name no finished training folder."""
+        trainDir = self.getTrainDir()
+        if not trainDir:
+            return ['Input particles: they do not name a training folder; give the output '
+                    'of "gmmhet - train heterogeneity".']
+        if not TrainFolder(trainDir).is_finished():
+            return ['Input particles: the training folder %s has no %s; let the training finish.'
+                    % (trainDir, os.path.basename(TrainFolder(trainDir).model))]
+        return []
 
     def _modelGrid(self) -> tuple[int, float] | None:
         """``(box, apix)`` of the trained Gaussian model (the training folder's gmm.npz), else
@@ -83,11 +86,7 @@ class TrainedParticlesInput:
         if prot is not None and hasattr(prot, 'getParticlesStar'):
             return prot.getParticlesStar()
         trainDir = self.getTrainDir()  # the engine records the star it trained on
-        cfg = os.path.join(trainDir or '', 'config.json')
-        if trainDir and os.path.exists(cfg):
-            with open(cfg) as f:
-                return json.load(f).get('particles')
-        return None
+        return TrainFolder(trainDir).read_config().get('particles') if trainDir else None
 
     def _latentsById(self, parts) -> dict[int, np.ndarray]:
         """{particle id: latent vector}: the particles' own ``_zFlex`` when they carry it, else
@@ -105,9 +104,9 @@ class TrainedParticlesInput:
             raise InputError('input particles: no latent vectors and no training star; give the '
                              'output of "gmmhet - train heterogeneity"')
         from .protocol_train import latentRowsById
-        z = np.load(os.path.join(trainDir, 'latent.npy'), mmap_mode='r')
-        with open(os.path.join(trainDir, 'config.json')) as f:
-            nOps = int(json.load(f).get('n_ops', 1))
+        folder = TrainFolder(trainDir)
+        z = folder.read_latents(mmap=True)
+        nOps = int(folder.read_config().get('n_ops', 1))
         rows = latentRowsById(trainStar, z.shape[0], nOps)
         return {pid: np.asarray(z[r], dtype=np.float32) for pid, r in rows.items()}
 

@@ -20,9 +20,9 @@ import pandas as pd
 
 from pwem.protocols import ProtImportParticles, ProtImportVolumes
 
-from ..convert import alignProjToProjection, imageKey
+from ..convert import alignProjToProjection, imageKey, writeRelionImportStar  # noqa: F401 (used by the tests)
 from ..engine import conventions
-from ..engine.io.star import read_star, write_star
+from ..engine.io.star import read_star
 
 #: Star columns of the pose (dropped to make particles "without alignment").
 POSE_COLUMNS = ('rlnAngleRot', 'rlnAngleTilt', 'rlnAnglePsi', 'rlnOriginXAngst',
@@ -52,31 +52,6 @@ def simulateDataset(outDir: str, kind: str = 'conformational', n: int = 48, box:
     result['truth'] = pd.read_csv(truthCsv)
     result.update(apix=float(apix), box=int(box), n=len(result['truth']))
     return result
-
-
-def writeRelionImportStar(starFn: str, outFn: str, dropColumns=()) -> str:
-    """Copy ``starFn`` to ``outFn`` in the form the RELION plugin's importer accepts: image
-    names relative to ``outFn``'s folder (each stack symlinked there; the importer refuses
-    absolute names), without the particle columns ``dropColumns`` (e.g. :data:`POSE_COLUMNS`
-    for particles "without alignment"). Returns ``outFn``."""
-    blocks = read_star(starFn)
-    particles = blocks['particles'].copy()
-    outDir = os.path.dirname(os.path.abspath(outFn))
-    os.makedirs(outDir, exist_ok=True)
-    srcDir = os.path.dirname(os.path.abspath(starFn))
-    names = []
-    for name in particles['rlnImageName'].astype(str):
-        index, _, stack = name.partition('@')
-        src = stack if os.path.isabs(stack) else os.path.join(srcDir, stack)
-        link = os.path.join(outDir, os.path.basename(stack))
-        if os.path.abspath(src) != os.path.abspath(link) and not os.path.lexists(link):
-            os.symlink(os.path.abspath(src), link)
-        names.append('%s@%s' % (index, os.path.basename(stack)))
-    particles['rlnImageName'] = names
-    particles = particles.drop(columns=[c for c in dropColumns if c in particles.columns])
-    blocks['particles'] = particles
-    write_star(outFn, blocks)
-    return outFn
 
 
 def runImportParticlesStar(testCls, starFn: str, label: str = 'import particles (RELION star)',

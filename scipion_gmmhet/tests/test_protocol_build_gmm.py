@@ -25,7 +25,7 @@ from scipion_gmmhet.engine.model import fourier
 from scipion_gmmhet.engine.model.gmm import GMM
 from scipion_gmmhet.engine.io.mrc import read_map, write_map
 from scipion_gmmhet.protocols import ProtGmmhetBuildGmm
-from scipion_gmmhet.protocols.protocol_build_gmm import GMM_FILE_ATTR, readFscCsv
+from scipion_gmmhet.protocols.protocol_build_gmm import GMM_FILE_ATTR
 from scipion_gmmhet.tests.common import runImportVolume, simulateDataset
 
 BOX = 32
@@ -81,7 +81,7 @@ class TestProtocolBuildGmm(BaseTest):
 
     def test_fsc(self):
         prot = self.protBuild
-        fsc = readFscCsv(prot.getFscFile())
+        fsc = prot.getFsc()
         self.assertEqual(len(fsc['shell']), BOX // 2 + 1)
         s = fourier.shell_for_resolution(BOX, APIX, RESOLUTION_A)
         self.assertGreaterEqual(min(fsc['fsc'][1:s + 1]), 0.9, fsc['fsc'][:s + 2])

@@ -89,7 +89,7 @@ class TestProtocolRefine(BaseTest):
         cls.protTrain = cls.launchProtocol(prot)
 
         prot = cls.newProtocol(ProtGmmhetRefine, objLabel='refine orientations', maxAngle=6.0,
-                               levels=2, polishSteps=4, useGpu=False, numberOfThreads=2)
+                               levels=2, maxRounds=2, useGpu=False, numberOfThreads=2)
         prot.inputParticles.set(cls.protTrain)
         prot.inputParticles.setExtended('outputParticles')
         errors = prot.validate()
@@ -146,6 +146,7 @@ class TestProtocolRefine(BaseTest):
     def test_summary_reconstructions_and_viewer(self):
         text = '\n'.join(self.protRefine.summary())
         self.assertIn('Angular change: median', text)
+        self.assertIn('Refine-retrain rounds: ', text)  # the default: automatic rounds
         self.assertIn('Shift change: median', text)
         for which in ('before', 'after'):
             self.assertTrue(os.path.exists(self.protRefine.getReconstruction(which)))
@@ -161,7 +162,7 @@ class TestProtocolRefine(BaseTest):
         """Rounds = 2: refine, retrain on the refined poses, refine again, through the protocol;
         the output poses are still closer to the truth and the summary lists each round."""
         prot = self.newProtocol(ProtGmmhetRefine, objLabel='refine orientations x2', maxAngle=6.0,
-                                levels=2, polishSteps=4, rounds=2, retrainEpochs=1,
+                                levels=2, rounds=2, retrainEpochs=1,
                                 doReconstruct=False, useGpu=False, numberOfThreads=2)
         prot.inputParticles.set(self.protTrain)
         prot.inputParticles.setExtended('outputParticles')
@@ -171,4 +172,4 @@ class TestProtocolRefine(BaseTest):
         self.assertEqual(sorted(before), sorted(after))
         self.assertLess(np.median([v[0] for v in after.values()]), 0.5 * np.median([v[0] for v in before.values()]))
         self.assertTrue(os.path.exists(os.path.join(prot.getRefineDir(), 'round_2', 'particles.star')))
-        self.assertIn('Median angular change per round', '\n'.join(prot.summary()))
+        self.assertIn('Refine-retrain rounds: 2', '\n'.join(prot.summary()))

@@ -45,15 +45,17 @@ from scipion_gmmhet.protocols import (ProtGmmhetBuildGmm, ProtGmmhetCluster,
 from scipion_gmmhet.tests.common import (POSE_COLUMNS, assertPosesMatchTruth,
                                          runImportParticlesStar, runImportVolume,
                                          simulateDataset, writeRelionImportStar)
-from scipion_gmmhet.viewers.latent_selection import (createSubsetFromIds, gmmMapAt,
-                                                     subsetOutput, trainDirOf)
+from scipion_gmmhet.convert import trainDirOf
+from scipion_gmmhet.viewers.latent_selection import createSubsetFromIds, gmmMapAt, subsetOutput
 
 N = 200
 BOX = 32
 APIX = 4.0
 ZDIM = 2
 N_GAUSS = 48
-REAL_CS = '/work/shared/data/real-metadata/cryosparc_J2_particles_exported.cs'
+#: a real cryoSPARC export in the shared data folder next to the checkout (used when present)
+REAL_CS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, os.pardir, 'shared',
+                       'data', 'real-metadata', 'cryosparc_J2_particles_exported.cs')
 
 
 def _setPointer(pointer, prot, extended):

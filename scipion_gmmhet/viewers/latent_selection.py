@@ -41,6 +41,8 @@ from pwem.viewers import EmProtocolViewer
 
 from ..constants import TRAIN_DIR_ATTR
 from ..protocols.labels import GmmhetLabel
+from .. import convert
+from ..engine.io.outputs import TrainFolder
 from ..protocols.protocol_train import ProtGmmhetTrain
 from . import plots
 
@@ -167,21 +169,6 @@ def subsetOutput(prot):
     raise ValueError('%s has no particle output' % prot.getRunName())
 
 
-def trainDirOf(partSet) -> str | None:
-    """The ``gmmhet train`` folder of a particle set from the training (or a subset of it):
-    the set's ``_gmmhet_trainDir`` attribute, else its Flexibility Hub ``trainDir``."""
-    attr = getattr(partSet, TRAIN_DIR_ATTR, None)
-    value = attr.get() if attr is not None and hasattr(attr, 'get') else None
-    if not value and hasattr(partSet, 'getFlexInfo'):
-        flex = partSet.getFlexInfo()
-        try:
-            value = flex.getAttr('trainDir')
-        except Exception:
-            value = getattr(flex, 'trainDir', None)
-            value = value.get() if hasattr(value, 'get') else value
-    return value or None
-
-
 _TRAINED_CACHE: dict = {}
 
 
@@ -189,7 +176,7 @@ def _trained(trainDir: str):
     """``load_trained(trainDir)`` on the CPU, kept while its model.pt is unchanged (a window
     decodes many points)."""
     from ..engine.training.trained import load_trained
-    model = os.path.join(trainDir, 'model.pt')
+    model = TrainFolder(trainDir).model
     key = (os.path.abspath(trainDir), os.path.getmtime(model) if os.path.exists(model) else None)
     if key not in _TRAINED_CACHE:
         _TRAINED_CACHE.clear()
@@ -474,7 +461,7 @@ class LatentSelectionMixin:
         ids, z, values = latentTable(prot.outputParticles, colorBy)
         method = EMBEDDINGS[self.embedding.get()].lower()
         xy, axes = plots.embed_latents(z, method)
-        trainDir = trainDirOf(prot.outputParticles) or prot.getTrainDir()
+        trainDir = convert.trainDirOf(prot.outputParticles) or prot.getTrainDir()
         project = self.getProject()
 
         def onCreateSubset(sel, label):

@@ -16,13 +16,14 @@ belong to the same particle; callers build them from one table, never by pairing
 """
 from __future__ import annotations
 
-import csv
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from scipion_gmmhet.engine.io.outputs import read_loss_csv  # absolute: plots.py also loads standalone
 
 __all__ = [
     "embed_latents", "read_loss_csv",
@@ -42,7 +43,8 @@ def embed_latents(z: np.ndarray, method: str = "pca", n_components: int = 2,
     """2-D (or ``n_components``-D) embedding of latent vectors ``z`` (N x K) for display.
 
     ``method``: ``'pca'`` (centred, principal axes sorted by variance; axis labels give the
-    explained variance) or ``'umap'`` (umap-learn, ``random_state=seed``). A latent space with
+    explained variance) or ``'umap'`` (:func:`scipion_gmmhet.engine.analysis.embedding.umap_embedding`,
+    the same setting as ``gmmhet analyze``, seeded). A latent space with
     fewer than ``n_components`` dimensions is padded with zeros. Returns ``(xy, axis_labels)``
     with ``xy`` float32 of shape (N, n_components), row i = row i of ``z``.
     """
@@ -67,35 +69,15 @@ def embed_latents(z: np.ndarray, method: str = "pca", n_components: int = 2,
                   for i in range(n_components)]
         return xy.astype(np.float32), labels
     if method == "umap":
-        if k < 2 or n < 4:
+        if k < 2 or n < 5:
             # UMAP needs a few points and at least 2 input dimensions; show PCA instead
             return embed_latents(z, "pca", n_components, seed)
-        import umap  # umap-learn; imported here: slow import (numba)
-        reducer = umap.UMAP(n_components=n_components, random_state=seed,
-                            n_neighbors=min(15, n - 1))
-        xy = reducer.fit_transform(z.astype(np.float32))
+        # the engine's one UMAP setting: the same picture as "gmmhet analyze --embedding umap"
+        from scipion_gmmhet.engine.analysis.embedding import umap_embedding
+        xy = umap_embedding(z, seed=seed, n_components=n_components)
         return np.asarray(xy, dtype=np.float32), ["UMAP%d" % (i + 1)
                                                   for i in range(n_components)]
     raise ValueError("method: unknown embedding %r; use 'pca' or 'umap'" % method)
-
-
-def read_loss_csv(path: str) -> dict[str, np.ndarray]:
-    """Columns of a loss table (``epoch,train_loss,val_loss,seconds`` as ``gmmhet train``
-    writes it; any numeric columns) as float arrays; empty cells become NaN."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError("%s: no rows; the training has not finished an epoch yet" % path)
-    out: dict[str, np.ndarray] = {}
-    for name in rows[0].keys():
-        vals = []
-        for r in rows:
-            try:
-                vals.append(float(r[name]))
-            except (TypeError, ValueError):
-                vals.append(np.nan)
-        out[name.strip()] = np.asarray(vals, dtype=np.float64)
-    return out
 
 
 def _xy(xy) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 import pyworkflow.protocol.params as params
 from pwem.viewers.plotter import EmPlotter
 
-from ..protocols.protocol_build_gmm import ProtGmmhetBuildGmm, readFscCsv
+from ..protocols.protocol_build_gmm import ProtGmmhetBuildGmm
 from . import plots
 from .base import GmmhetViewer
 
@@ -40,7 +40,7 @@ def _fscTitle(prot) -> str:
 
 
 def _drawFsc(ax, prot):
-    fsc = readFscCsv(prot.getFscFile())
+    fsc = prot.getFsc()
     if not fsc:
         raise ValueError('%s: no FSC yet; the build has not finished' % prot.getFscFile())
     freq = np.asarray(fsc['freq_invA'])[1:]

@@ -35,6 +35,7 @@ import pyworkflow.protocol.params as params
 from pwem.viewers.plotter import EmPlotter
 
 from ..engine.errors import InputError
+from ..engine.io.outputs import AnalysisFolder, read_fsc_csv
 from ..protocols.protocol_cluster import ProtGmmhetCluster
 from . import chimerax as cx
 from .base import GmmhetViewer
@@ -52,7 +53,7 @@ def _clusterData(prot, embedding: str = 'pca'):
     if emb is None:
         raise ValueError('no %s embedding in %s; choose another embedding or re-run with it'
                          % (embedding.upper(), prot.getAnalysisDir()))
-    labels = np.load(os.path.join(prot.getAnalysisDir(), 'labels.npy')) + 1
+    labels = np.load(AnalysisFolder(prot.getAnalysisDir()).labels) + 1
     if emb.shape[1] < 2:
         emb = np.concatenate([emb, np.zeros_like(emb)], axis=1)
     xy = emb[:, :2]
@@ -106,7 +107,6 @@ def writeClassSizesPng(prot, outPng: str) -> str:
 
 def fscCurves(prot) -> tuple[np.ndarray, dict]:
     """(frequencies in 1/A, {'class k (R A)': half-map FSC}) of the class reconstructions."""
-    from ..engine.analysis.reconstruct import read_fsc_csv
     s = prot.getSummary()
     freq, curves = None, {}
     for c in s['clusters']:
@@ -240,6 +240,47 @@ def writeDisplacementFiles(prot, classA: int, classB: int, outDir: str, model=No
     return out
 
 
+def motionCorrectedFsc(prot) -> tuple[np.ndarray, dict]:
+    """(frequencies in 1/A, {label: FSC}) of the motion-corrected map and of the plain consensus
+    reconstruction of the same particles: half-map FSC, and masked (phase-randomisation
+    corrected) where computed. Empty when the protocol ran without the motion-corrected map."""
+    from ..engine.analysis.reconstruct import read_fsc_csv
+    if not hasattr(prot, 'getMotionMaps'):
+        return None, {}
+    paths = prot.getMotionMaps()
+    freq, curves = None, {}
+    for key, name in (('fsc', 'motion-corrected'), ('plain_fsc', 'plain consensus')):
+        if not os.path.exists(paths[key]):
+            return None, {}
+        t = read_fsc_csv(paths[key])
+        freq = t['freq_invA']
+        curves['%s (%.1f A)' % (name, _res0143(freq, t['fsc']))] = t['fsc']
+        if 'fsc_masked' in t:
+            curves['%s, masked (%.1f A)' % (name, _res0143(freq, t['fsc_masked']))] = t['fsc_masked']
+    return freq, curves
+
+
+def _res0143(freq, fsc) -> float:
+    from ..engine.model.fourier import resolution_at_threshold
+    return float(resolution_at_threshold(freq, fsc, 0.143))
+
+
+def writeMotionCorrectedFscPng(prot, outPng: str) -> str:
+    freq, curves = motionCorrectedFsc(prot)
+    if not curves:
+        raise ValueError('no motion-corrected map (the protocol ran without it)')
+    return plots.plot_fsc_curves(freq, curves, outPng,
+                                 title='Half-map FSC: motion-corrected vs plain consensus')
+
+
+def writeMotionCorrectedChimerax(prot, outCxc: str) -> str:
+    """ChimeraX command file showing the plain consensus and the motion-corrected map side by side."""
+    paths = prot.getMotionMaps()
+    return cx.maps_cxc([os.path.abspath(paths['plain']), os.path.abspath(paths['map'])], outCxc,
+                       names=['plain consensus', 'motion-corrected'], colors=['#a0a0a0', '#3070ff'],
+                       comment='gmmhet: plain consensus vs motion-corrected consensus of the same particles')
+
+
 def writeClusterReport(prot, outDir: str) -> dict[str, str]:
     """All the viewer's figures (PNG) and ChimeraX files (class maps; one volume series per PC
     trajectory, 'trajectory_pc<i>') in ``outDir``; returns {name: path}."""
@@ -253,6 +294,9 @@ def writeClusterReport(prot, outDir: str) -> dict[str, str]:
         out['fsc'] = writeFscPng(prot, os.path.join(outDir, 'class_fsc.png'))
     for name in sorted(prot.getSummary().get('trajectories') or {}):
         out['trajectory_%s' % name] = writeTrajectoryChimerax(prot, int(name[2:]), outDir)
+    if motionCorrectedFsc(prot)[1]:
+        out['motion_fsc'] = writeMotionCorrectedFscPng(prot, os.path.join(outDir, 'motion_corrected_fsc.png'))
+        out['motion_chimerax'] = writeMotionCorrectedChimerax(prot, os.path.join(outDir, 'motion_corrected.cxc'))
     return out
 
 
@@ -277,6 +321,10 @@ class GmmhetClusterViewer(GmmhetViewer):
         form.addParam('displaySizes', params.LabelParam, label='Show the class sizes')
         form.addParam('displayFsc', params.LabelParam, label='Show the FSC curves')
         form.addParam('displayMaps', params.LabelParam, label='Open the class maps in ChimeraX')
+        form.addParam('displayMotionCorrected', params.LabelParam,
+                      label='Motion-corrected consensus vs plain consensus',
+                      help='Their half-map FSC curves (unmasked and masked), and both maps in '
+                           'ChimeraX. Needs the protocol\'s "Motion-corrected consensus map".')
         form.addSection(label='Motions')
         form.addParam('pc', params.IntParam, default=1, validators=[params.GE(1)],
                       label='Principal component',
@@ -297,7 +345,8 @@ class GmmhetClusterViewer(GmmhetViewer):
         return {'displayEmbedding': self._showEmbedding, 'displaySizes': self._showSizes,
                 'displayFsc': self._showFsc, 'displayMaps': self._showMaps,
                 'displayTrajectory': self._showTrajectory,
-                'displayDisplacements': self._showDisplacements}
+                'displayDisplacements': self._showDisplacements,
+                'displayMotionCorrected': self._showMotionCorrected}
 
     def _isReady(self) -> bool:
         return self.protocol.getSummary(missingOk=True) is not None
@@ -357,3 +406,15 @@ class GmmhetClusterViewer(GmmhetViewer):
         ax.imshow(matplotlib.image.imread(files['png']))
         ax.set_axis_off()
         return [plotter] + cx.chimeraxViews(files['cxc'], self, what='the displacements')
+
+    def _showMotionCorrected(self, paramName=None):
+        freq, curves = motionCorrectedFsc(self.protocol)
+        if not curves:
+            return [self.errorMessage('The protocol ran without the motion-corrected consensus map '
+                                      '(Maps tab: Motion-corrected consensus map? = Yes).',
+                                      title='Motion-corrected map')]
+        plotter = EmPlotter(x=1, y=1, figsize=(7, 4.5), windowTitle='Motion-corrected vs plain consensus')
+        plots.draw_fsc(plotter.createSubPlot('', '', ''), freq, curves,
+                       title='Half-map FSC: motion-corrected vs plain consensus')
+        cxc = writeMotionCorrectedChimerax(self.protocol, self._pngPath('motion_corrected.cxc'))
+        return [plotter] + cx.chimeraxViews(cxc, self, what='the consensus maps')

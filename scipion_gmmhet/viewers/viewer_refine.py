@@ -57,7 +57,13 @@ def writeChangesPng(prot, outPng: str) -> str:
     """Histograms of the pose changes and score gains. Returns ``outPng``."""
     fig, axes = plots._new_figure(ncols=3, width_in=4.2, height_in=3.8)
     drawChanges(axes, prot)
-    return plots._save(fig, outPng, suptitle='Pose changes of %d particles' % len(prot.getPoseChanges()['row']))
+    title = 'Pose changes of %d particles' % len(prot.getPoseChanges()['row'])
+    rounds = prot.getRounds()
+    if rounds is not None:
+        title += ' (%d refine-retrain round%s; median change per round %s deg)' % (
+            len(rounds['round']), '' if len(rounds['round']) == 1 else 's',
+            ', '.join('%.2f' % m for m in rounds['angle_median_deg']))
+    return plots._save(fig, outPng, suptitle=title)
 
 
 def fscCurves(prot) -> tuple[np.ndarray | None, dict]:

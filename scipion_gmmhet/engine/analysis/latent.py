@@ -9,16 +9,15 @@ amplitudes (B, N), sigmas_A (B, N))`` and ``gmm_at(z (K,)) -> GMM``.
 
 - Embeddings: :func:`fit_pca` (sklearn PCA kept whole: ``inverse_transform`` maps a point or a
   principal direction back to latent space, hence to Gaussian motions through the decoder),
-  :func:`umap_embedding` (optional, seeded; fitted on at most ``fit_max`` points and the rest
-  transformed).
+  :func:`embedding.umap_embedding` (optional; the package's one UMAP setting).
 - Clustering in the latent space (not in an embedding): :func:`cluster_latents` with k-means
   or a Gaussian mixture; clusters are numbered by decreasing size; each has its centre and the
   on-data particle nearest to it.
 - Trajectories: :func:`pc_trajectory` (cryoDRGN's pc traversal: evenly spaced points along one
   principal component between its 5th and 95th percentiles, the other components at 0, i.e. at
   the latent mean), :func:`direction_trajectory` for any direction through the origin.
-- :func:`gaussian_displacements` between two latent points, written as ChimeraX markers
-  (:func:`write_cmm`) or arrows (:func:`write_bild`).
+- :func:`gaussian_displacements` between two latent points (written as ChimeraX markers or
+  arrows by :mod:`io.chimerax`).
 - :func:`domain_motion`: the unit latent direction ``v`` maximising the generalised Rayleigh
   quotient ``v' M_in v / v' (M_out + eps I) v`` with ``M = mean_z J(z)' J(z)`` the decoder's
   position Jacobian restricted to Gaussians inside (``M_in``) or outside (``M_out``) a domain
@@ -38,8 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..io.atomic import atomic_path, write_text
+from ..io.atomic import atomic_path
 from ..errors import InputError
+from .embedding import check_latents
 from ..model.fourier import fsc_table, resolution_at_threshold
 
 log = logging.getLogger(__name__)
@@ -48,48 +48,13 @@ METHODS = ("kmeans", "gmm")
 
 
 # ----------------------------------------------------------------------------- embeddings
-def _check_latents(latents) -> np.ndarray:
-    z = np.asarray(latents, dtype=np.float64)
-    if z.ndim == 1:
-        z = z[:, None]
-    if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < 1:
-        raise InputError(f"latents: expected an (N, K) array with N >= 2, got shape {z.shape}; "
-                         "give the latent.npy of a finished training")
-    if not np.isfinite(z).all():
-        raise InputError("latents: contain NaN or Inf values; the training diverged, retrain it")
-    return z
-
-
 def fit_pca(latents):
     """sklearn PCA with all ``K`` components fitted on the latents. ``pca.transform(z)`` gives
     the embedding (column j = PC j+1), ``pca.inverse_transform(p)`` maps PC coordinates back to
     latent points, ``pca.components_[j]`` is PC j+1 as a latent direction (unit norm)."""
     from sklearn.decomposition import PCA
-    z = _check_latents(latents)
+    z = check_latents(latents)
     return PCA(n_components=z.shape[1], svd_solver="full").fit(z)
-
-
-def umap_embedding(latents, n_neighbors: int = 30, min_dist: float = 0.1, seed: int = 0,
-                   fit_max: int = 50_000) -> np.ndarray:
-    """``(N, 2)`` float32 UMAP embedding (umap-learn, ``random_state=seed``). With more than
-    ``fit_max`` points, UMAP is fitted on a seeded random subset and the rest transformed."""
-    import umap  # slow import (numba): only when asked for
-    z = _check_latents(latents).astype(np.float32)
-    n = z.shape[0]
-    if n < 5:
-        raise InputError(f"latents: {n} points; UMAP needs at least 5 (use --embedding pca)")
-    reducer = umap.UMAP(n_components=2, n_neighbors=int(min(n_neighbors, n - 1)), min_dist=min_dist,
-                        random_state=seed)
-    if n <= fit_max:
-        return np.asarray(reducer.fit_transform(z), dtype=np.float32)
-    fit_rows = np.sort(np.random.default_rng(seed).choice(n, fit_max, replace=False))
-    reducer.fit(z[fit_rows])
-    out = np.empty((n, 2), dtype=np.float32)
-    out[fit_rows] = reducer.embedding_
-    rest = np.setdiff1d(np.arange(n), fit_rows)
-    for s in range(0, rest.size, 100_000):
-        out[rest[s:s + 100_000]] = reducer.transform(z[rest[s:s + 100_000]])
-    return out
 
 
 # ----------------------------------------------------------------------------- clustering
@@ -130,7 +95,7 @@ def whitened_principal_components(latents) -> np.ndarray:
     compositional gap along another direction (k-means would cut the motion in half), while
     noise-only directions are left out instead of being amplified."""
     from sklearn.decomposition import PCA
-    z = _check_latents(latents)
+    z = check_latents(latents)
     pca = PCA(whiten=True).fit(z)
     keep = max(1, int(np.sum(pca.explained_variance_ratio_ >= WHITEN_MIN_VARIANCE)))
     return pca.transform(z)[:, :keep]
@@ -141,7 +106,7 @@ def cluster_latents(latents, k: int, method: str = "kmeans", seed: int = 0, whit
     of the latents into ``k`` clusters (sklearn, seeded, 10 restarts). With ``whiten`` the
     clustering runs on :func:`whitened_principal_components` and each centre is the mean latent
     of its cluster. Clusters are renumbered by decreasing size."""
-    z = _check_latents(latents)
+    z = check_latents(latents)
     space = whitened_principal_components(z) if whiten else z
     if method not in METHODS:
         raise InputError(f"clustering method {method!r}: use one of {', '.join(METHODS)}")
@@ -178,7 +143,7 @@ def pc_trajectory(pca, latents, pc: int, n_steps: int = 10, lo_pct: float = 5.0,
     """Latent points ``(n_steps, K)`` along principal component ``pc`` (1-based) between the
     ``lo_pct`` and ``hi_pct`` percentiles of the data's PC coordinate, the other components at
     0 (cryoDRGN's pc traversal); also returns the PC coordinates ``(n_steps,)``."""
-    z = _check_latents(latents)
+    z = check_latents(latents)
     if not 1 <= pc <= pca.n_components_:
         raise InputError(f"PC{pc}: the latent space has {pca.n_components_} principal components")
     coord = pca.transform(z)[:, pc - 1]
@@ -192,7 +157,7 @@ def direction_trajectory(latents, direction, n_steps: int = 10, lo_pct: float = 
                          hi_pct: float = 95.0) -> tuple[np.ndarray, np.ndarray]:
     """Points ``t * v`` (a line through the latent origin, ``v`` the unit ``direction``) with
     ``t`` evenly spaced between percentiles of the data's projections ``z . v``."""
-    z = _check_latents(latents)
+    z = check_latents(latents)
     v = np.asarray(direction, dtype=np.float64)
     v = v / np.linalg.norm(v)
     proj = z @ v
@@ -257,7 +222,7 @@ def domain_motion(model, latents, in_mask: np.ndarray, n_samples: int = 256, ste
     ``step`` is the finite-difference step (default 1e-3 of the latents' RMS norm); ``eps``
     regularises ``M_out`` by ``eps * trace(M_out)/K``."""
     from scipy.linalg import eigh
-    z = _check_latents(latents)
+    z = check_latents(latents)
     in_mask = np.asarray(in_mask, dtype=bool)
     if not in_mask.any():
         raise InputError("domain mask: selects no Gaussian; draw the mask over the domain of interest")
@@ -297,55 +262,6 @@ def domain_motion(model, latents, in_mask: np.ndarray, n_samples: int = 256, ste
 
 
 # ----------------------------------------------------------------------------- ChimeraX files
-def _chimerax_xyz(centers_A: np.ndarray, box: int, apix: float) -> np.ndarray:
-    """Engine centres (Angstrom from voxel D//2) -> ChimeraX scene coordinates of a map opened
-    with its default origin (voxel 0 at 0)."""
-    return np.asarray(centers_A, np.float64) + (box // 2) * apix
-
-
-def write_cmm(path: str, centers_A: np.ndarray, displacement_A: np.ndarray | None, box: int, apix: float,
-              radius_A: float | None = None, name: str = "gmm") -> None:
-    """ChimeraX marker file: one marker per Gaussian (at ``centers_A``) and, with
-    ``displacement_A``, a second marker at the displaced position linked to it. Atomic write."""
-    p0 = _chimerax_xyz(centers_A, box, apix)
-    r = radius_A or 0.6 * apix
-    lines = [f'<marker_set name="{name}">']
-    n = len(p0)
-    for i, (x, y, z) in enumerate(p0):
-        lines.append(f'<marker id="{i + 1}" x="{x:.3f}" y="{y:.3f}" z="{z:.3f}" r="0.2" g="0.5" b="1" '
-                     f'radius="{r:.3f}"/>')
-    if displacement_A is not None:
-        p1 = p0 + np.asarray(displacement_A, np.float64)
-        for i, (x, y, z) in enumerate(p1):
-            lines.append(f'<marker id="{n + i + 1}" x="{x:.3f}" y="{y:.3f}" z="{z:.3f}" r="1" g="0.3" '
-                         f'b="0.2" radius="{r:.3f}"/>')
-        for i in range(n):
-            lines.append(f'<link id1="{i + 1}" id2="{n + i + 1}" r="1" g="1" b="0" radius="{r / 3:.3f}"/>')
-    lines.append("</marker_set>")
-    _write_text(path, "\n".join(lines) + "\n")
-
-
-def write_bild(path: str, centers_A: np.ndarray, displacement_A: np.ndarray, box: int, apix: float,
-               min_length_A: float = 0.0, scale: float = 1.0) -> int:
-    """ChimeraX .bild arrows from each Gaussian along its displacement (times ``scale``);
-    arrows shorter than ``min_length_A`` are left out. Returns the number of arrows."""
-    p0 = _chimerax_xyz(centers_A, box, apix)
-    d = np.asarray(displacement_A, np.float64) * scale
-    length = np.linalg.norm(d, axis=1)
-    keep = length > max(min_length_A, 1e-6)
-    r = 0.15 * apix
-    lines = [".color orange"]
-    for (x0, y0, z0), (dx, dy, dz) in zip(p0[keep], d[keep]):
-        lines.append(f".arrow {x0:.3f} {y0:.3f} {z0:.3f} {x0 + dx:.3f} {y0 + dy:.3f} {z0 + dz:.3f} "
-                     f"{r:.3f} {2 * r:.3f} 0.7")
-    _write_text(path, "\n".join(lines) + "\n")
-    return int(keep.sum())
-
-
-def _write_text(path: str, text: str) -> None:
-    write_text(path, text)
-
-
 # ----------------------------------------------------------------------------- reproducibility
 def fsc_area(map1: np.ndarray, map2: np.ndarray, apix: float) -> float:
     """Mean FSC over shells 1..Nyquist (the area under the curve, normalised to 1)."""

@@ -45,27 +45,19 @@ import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, fourier_grid, image_to_fourier, origin_phase
-from ..io.atomic import write_text
+from ..ctf_modes import CTF_MODES, ctf_mode as parse_ctf_mode
+from ..io.outputs import reconstruction_paths, write_fsc_csv
 from ..errors import InputError
 from ..model.fourier import fsc_table, resolution_at_threshold, shell_index_3d
 from ..io.validate import check_images_finite
 
 log = logging.getLogger(__name__)
 
-CTF_MODES = ("full", "premultiplied", "phase_flipped", "none")
-#: names :mod:`features`/``gmmhet train`` use for the same modes
-CTF_MODE_ALIASES = {"ctf": "full", "flipped": "phase_flipped"}
-
-
 def normalise_ctf_mode(mode: str | None) -> str | None:
-    """``None`` or one of :data:`CTF_MODES` (accepting the training's names ``ctf``/``flipped``;
-    ``auto`` means None, i.e. from the metadata)."""
-    if mode is None or mode == "auto":
-        return None
-    mode = CTF_MODE_ALIASES.get(mode, mode)
-    if mode not in CTF_MODES:
-        raise InputError(f"CTF mode {mode!r}: use one of {', '.join(CTF_MODES)}")
-    return mode
+    """``None`` (from the metadata: ``auto`` or None) or one of :data:`ctf_modes.CTF_MODES`
+    (version 0.1 spellings, e.g. from an old training's config, accepted)."""
+    mode = parse_ctf_mode(mode, "CTF mode", quiet=True)
+    return None if mode == "auto" else mode
 DEFAULT_REG_FRAC = 0.01
 #: optics-table flag the Scipion plugin writes for phase-flipped images
 PHASE_FLIPPED_LABEL = "rlnGmmhetPhaseFlipped"
@@ -317,14 +309,11 @@ class Reconstruction:
         """Write ``MAP.mrc``, ``MAP_half1.mrc``, ``MAP_half2.mrc``, ``MAP_fsc.csv`` (atomically);
         returns the paths by role."""
         from ..io.mrc import write_map
-        root = out_path[:-4] if out_path.endswith(".mrc") else out_path
-        paths = {"map": root + ".mrc", "half1": root + "_half1.mrc", "half2": root + "_half2.mrc",
-                 "fsc": root + "_fsc.csv"}
+        paths = reconstruction_paths(out_path, mask=self.mask is not None)
         write_map(paths["map"], self.volume, self.apix)
         write_map(paths["half1"], self.half1, self.apix)
         write_map(paths["half2"], self.half2, self.apix)
         if self.mask is not None:
-            paths["mask"] = root + "_mask.mrc"
             write_map(paths["mask"], self.mask, self.apix)
         write_fsc_csv(paths["fsc"], self.fsc, None if self.fsc_masked is None else self.fsc_masked["fsc"])
         return paths
@@ -334,23 +323,6 @@ class Reconstruction:
                 "resolution_0143_A": float(self.resolution_0143_A),
                 "resolution_0143_masked_A": float(self.resolution_0143_masked_A),
                 "seconds": round(float(self.seconds), 2)}
-
-
-def write_fsc_csv(path: str, table: dict, masked: np.ndarray | None = None) -> None:
-    """FSC table (``shell, freq_invA, resolution_A, fsc`` [, ``fsc_masked``: the corrected
-    masked FSC]) as CSV, atomically."""
-    lines = ["shell,freq_invA,resolution_A,fsc" + (",fsc_masked" if masked is not None else "")]
-    for i, (s, fr, res, c) in enumerate(zip(table["shell"], table["freq_invA"], table["resolution_A"],
-                                            table["fsc"])):
-        extra = f",{masked[i]:.6f}" if masked is not None else ""
-        lines.append(f"{int(s)},{fr:.6g},{res:.6g},{c:.6f}{extra}")
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def read_fsc_csv(path: str) -> dict[str, np.ndarray]:
-    """Inverse of :func:`write_fsc_csv`."""
-    arr = np.genfromtxt(path, delimiter=",", names=True)
-    return {name: np.asarray(arr[name]) for name in arr.dtype.names}
 
 
 def half_assignment(meta, seed: int = 0) -> np.ndarray:

@@ -39,16 +39,18 @@ Objective (MAP, as RELION's local searches)
     with ``s_a = max_angle / 3`` per component and ``s_p = max_shift / 3`` (``prior=False``:
     the score alone).
 
-Search (batched over particles and candidates, no loop over particles)
-    1. Rotation grid: every ``delta`` on a cubic lattice of step ``max_angle/2`` inside the
-       ball (33 candidates). For every candidate ALL integer-pixel shifts inside the shift
-       disk are scored at once: the FRC's denominators do not depend on the shift, so the
-       score as a function of the shift is one inverse FFT of the ring-weighted cross-power
-       spectrum (exact at integer pixels); the peak gets a parabolic sub-pixel correction.
-    2. ``levels`` finer 3x3x3 lattices (step halved each time) around the best rotation,
-       scored exactly at the particle's best sub-pixel shift; then the shift search again.
-    3. ``polish_steps`` Adam steps on the 5 pose parameters (rotation vector + shift, in
-       degrees and pixels) of the exact objective, clamped to the ranges.
+Search (batched over particles and candidates, no loop over particles; :mod:`pose_search`)
+    1. Coarse: every ``delta`` on a cubic lattice of step ``max_angle/2`` inside the ball (33
+       candidates), scored at low resolution (rings up to 30% of the band's top), and for every
+       candidate ALL integer-pixel shifts inside the shift disk at once: the FRC's denominators
+       do not depend on the shift, so the score as a function of the shift is one inverse FFT
+       of the ring-weighted cross-power spectrum (exact at integer pixels); the peak gets a
+       parabolic sub-pixel correction.
+    2. ``levels`` fine levels over the full band (step halved each time): the 6 axis
+       neighbours of the best rotation and the vertex of the per-axis parabola, each with its
+       own best shift.
+    3. Shift polish at the final rotation (sub-pixel lattices on a phase ramp), then optionally
+       ``polish_steps`` Adam steps on the exact objective (default 0).
     4. The best pose seen is kept only if it beats the current pose in score and in objective
        by at least ``min_gain`` nats (default 5.5: a likelihood-ratio test at 95% for the 5 pose
        parameters, since twice the gain a search finds by fitting noise alone is about
@@ -57,6 +59,11 @@ Search (batched over particles and candidates, no loop over particles)
        box-32 particles at SNR 10, against the exact model: median 0.73 deg with
        ``min_gain=0``, 0 with 5.5, where 3% of the particles moved; perturbed poses are corrected
        as well as before).
+    Candidate projections come from :class:`pose_projector.PoseProjector` (the particle's
+    envelopes once per batch, per candidate only phases and one real matrix product, rings
+    only up to the band's top); on CUDA when the particles are there. Box 64, 1,393 Gaussians,
+    one CPU thread: ~10x the particles/s of the earlier per-call :func:`gmm.project` search at
+    the same accuracy (``benchmarks/bench_refine.py``).
 
 Focus mask
     With a mask, only the Gaussians whose (neutral) centres lie inside it are scored: the
@@ -77,12 +84,11 @@ import torch
 
 from ..errors import InputError
 from ..model.fourier import RingBinner
-from ..model.gmm import GMM, project
+from ..model.gmm import project
 
 log = logging.getLogger(__name__)
 
 SCORES = ("wcc", "frc")
-POLISH_LR = 0.05  # Adam step of the polishing (degrees for rotations, pixels for shifts)
 #: default evidence a new pose needs (nats of the MAP objective over the input pose): under the
 #: null hypothesis "the input pose is right", twice the gain of the best of a local search over
 #: the 5 pose parameters is ~chi-square(5), whose 95% quantile is 11.07
@@ -102,20 +108,6 @@ class ParticleModels(Protocol):
 
     def gaussians(self, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``centers_A (B, N, 3)``, ``amplitudes (B, N)``, ``sigmas_A (B, N)`` float32 tensors."""
-
-
-class NeutralModels:
-    """The same GMM for every particle (refinement against the consensus model)."""
-
-    def __init__(self, gmm: GMM):
-        self.gmm = gmm
-        self.neutral_centers_A = gmm.centers_A
-        self.median_sigma_A = float(np.median(gmm.sigmas_A))
-
-    def gaussians(self, rows, device):
-        c, a, s = self.gmm.tensors(device)
-        B = len(rows)
-        return c.expand(B, -1, -1), a.expand(B, -1), s.expand(B, -1)
 
 
 class LatentModels:
@@ -180,29 +172,6 @@ def remove_rigid_motion(centers_A: torch.Tensor, neutral_A: torch.Tensor, weight
     return torch.einsum("bji,bnj->bni", R, centers_A - m) + m0
 
 
-class StateModels:
-    """One of a few GMMs per particle (e.g. the simulator's ground-truth states):
-    ``state_of_row`` ``(n_particles,)`` indexes ``gmms``. GMMs with fewer Gaussians are padded
-    with zero-amplitude ones."""
-
-    def __init__(self, gmms: list[GMM], state_of_row: np.ndarray):
-        n = max(len(g) for g in gmms)
-
-        def pad(x, fill):
-            return np.concatenate([x, np.full((n - len(x),) + x.shape[1:], fill, x.dtype)])
-
-        self.centers = torch.as_tensor(np.stack([pad(g.centers_A, 0.0) for g in gmms]))
-        self.amps = torch.as_tensor(np.stack([pad(g.amplitudes, 0.0) for g in gmms]))
-        self.sigmas = torch.as_tensor(np.stack([pad(g.sigmas_A, 1.0) for g in gmms]))
-        self.state_of_row = np.asarray(state_of_row, dtype=np.int64)
-        self.neutral_centers_A = self.centers[0].numpy()
-        self.median_sigma_A = float(np.median(gmms[0].sigmas_A))
-
-    def gaussians(self, rows, device):
-        k = torch.as_tensor(self.state_of_row[np.asarray(rows)])
-        return self.centers[k].to(device), self.amps[k].to(device), self.sigmas[k].to(device)
-
-
 # ---------------------------------------------------------------------------------------------
 # Geometry helpers
 # ---------------------------------------------------------------------------------------------
@@ -226,13 +195,6 @@ def coarse_rotation_grid(max_angle_deg: float, radius_steps: int = 2) -> torch.T
     pts = pts[(pts * pts).sum(1) <= r * r + 1e-6]
     pts = pts[torch.argsort((pts * pts).sum(1), stable=True)]
     return pts * (max_angle_deg / r)
-
-
-def _local_cube(step: float) -> torch.Tensor:
-    g = torch.tensor([-1.0, 0.0, 1.0])
-    pts = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    pts = pts[torch.argsort((pts * pts).sum(1), stable=True)]  # centre first
-    return pts * step
 
 
 def _clamp_norm(v: torch.Tensor, limit: float) -> torch.Tensor:
@@ -263,6 +225,7 @@ class _Scorer:
         if box % 2 == 0:
             dbl[-1] = 2.0
         self.col_weight = dbl
+        self._band_col_weight = None
         # integer shifts d (pixels) inside the disk, as indices into the irfft2 output
         r = int(math.floor(max_shift_A / apix + 1e-6))
         r = min(r, box // 2 - 2)
@@ -293,8 +256,11 @@ class _Scorer:
 
     def frc(self, Fimg: torch.Tensor, Fmod: torch.Tensor) -> torch.Tensor:
         """The score ``(B,)`` of model transforms against image transforms."""
+        return self.frc_band(self.binner.gather(Fimg), self.binner.gather(Fmod))
+
+    def frc_band(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """:meth:`frc` of band coefficients ``(B, P)`` (:meth:`RingBinner.gather`)."""
         b = self.binner
-        a, m = b.gather(Fimg), b.gather(Fmod)
         cross = b.ring_sums((m * a.conj()).real)
         p1 = b.ring_sums(a.real ** 2 + a.imag ** 2)
         p2 = b.ring_sums(m.real ** 2 + m.imag ** 2)
@@ -309,16 +275,21 @@ class _Scorer:
         """Best integer+sub-pixel shift (pixels, ``(P, 2)`` as dx, dy) of each model transform
         ``Fmod`` ``(P, H, W)`` against its image transform ``Fimg`` (ring powers ``p_img``), and
         the band-mean FRC there ``(P,)``."""
+        return self.shift_scores_band(self.binner.gather(Fimg), p_img, self.binner.gather(Fmod))
+
+    def shift_scores_band(self, a: torch.Tensor, p_img: torch.Tensor, m: torch.Tensor):
+        """:meth:`shift_scores` of band coefficients ``(P, n_band)``."""
         b = self.binner
-        m = b.gather(Fmod)
         p2 = b.ring_sums(m.real ** 2 + m.imag ** 2)
         w_ring = self.ring_coeffs(p_img, p2)  # (P, R)
-        w_pix = torch.zeros(Fmod.shape[0], Fmod.shape[1] * Fmod.shape[2], dtype=w_ring.dtype, device=w_ring.device)
-        w_pix[:, b.flat_index] = w_ring[:, self.ring_of_band]
-        G = (w_pix.reshape(Fmod.shape) * self.col_weight) * (Fmod * Fimg.conj())
+        if self._band_col_weight is None:
+            self._band_col_weight = self.col_weight.expand(self.box, -1).reshape(-1)[b.flat_index]
+        g = (w_ring[:, self.ring_of_band] * self._band_col_weight) * (m * a.conj())
+        D, W = self.box, self.box // 2 + 1
+        G = torch.zeros(m.shape[0], D * W, dtype=g.dtype, device=g.device)
+        G[:, b.flat_index] = g
         # score(d) = Re sum_half conj(I) P exp(+2 pi i k.d) w = D^2/2 irfft2(conj(I) P w')[d]
-        cc = torch.fft.irfft2(G, s=(self.box, self.box)) * (self.box * self.box / 2.0)  # (P, D, D)
-        D = self.box
+        cc = torch.fft.irfft2(G.reshape(-1, D, W), s=(D, D)) * (D * D / 2.0)  # (P, D, D)
         vals = cc[:, self.shift_dy % D, self.shift_dx % D]  # (P, S)
         best, k = vals.max(dim=1)
         dx, dy = self.shift_dx[k], self.shift_dy[k]
@@ -336,7 +307,7 @@ class _Scorer:
         ox, gx = sub(cc[P, dy % D, (dx - 1) % D], best, cc[P, dy % D, (dx + 1) % D])
         oy, gy = sub(cc[P, (dy - 1) % D, dx % D], best, cc[P, (dy + 1) % D, dx % D])
         best = best + gx + gy
-        shift = torch.stack([dx + ox, dy + oy], dim=1).to(Fmod.real.dtype)
+        shift = torch.stack([dx + ox, dy + oy], dim=1).to(m.real.dtype)
         shift = _clamp_norm(shift, self.max_shift_px)
         return shift, best
 
@@ -359,9 +330,10 @@ class RefineResult:
 
 def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.0,
                  max_shift_A: float | None = None, lowres_A: float | None = None, highres_A: float | None = None,
-                 levels: int = 3, polish_steps: int = 10, focus: np.ndarray | None = None,
+                 levels: int = 3, polish_steps: int = 0, focus: np.ndarray | None = None,
                  score: str = "wcc", prior: bool = True, batch_size: int = 64, max_elements: int | None = None,
-                 min_gain: float = MIN_GAIN_NATS, progress: Callable[[int, int], None] | None = None) -> RefineResult:
+                 min_gain: float = MIN_GAIN_NATS, coarse_fraction: float | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> RefineResult:
     """Refine every particle's pose locally (see the module docstring).
 
     ``particles``: :class:`io.data.Particles` without symmetry expansion (images, current
@@ -373,7 +345,8 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
     coarse one; ``polish_steps``: Adam steps on the exact score; ``focus``: Gaussians (bool
     mask or indices) to score with a focus mask, None for all. ``min_gain``: nats of objective
     a new pose must gain over the input pose (module docstring, step 4). ``max_elements`` bounds the
-    projection batch's intermediate size (memory; default 2^23 on CPU, 2^27 on CUDA).
+    projection batch's intermediate size (floats; default 2^21 on CPU, cache-sized, 2^27 on CUDA).
+    ``coarse_fraction``: top ring of the coarse stage as a fraction of the band's (default 0.3).
     """
     n_ops = getattr(particles, "n_ops", 1)
     if n_ops != 1:
@@ -401,8 +374,9 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
         sig = getattr(models, "median_sigma_A", None)
         highres_A = max(2.0 * apix, 2.07 * sig) if sig else 2.0 * apix
     if max_elements is None:
-        max_elements = (1 << 27) if device.type == "cuda" else (1 << 23)
+        max_elements = (1 << 27) if device.type == "cuda" else (1 << 21)
     scorer = _Scorer(box, apix, lowres_A, highres_A, max_shift_A, device, score)
+    scorer_lo = _coarse_scorer(scorer, lowres_A, max_shift_A, coarse_fraction)
     prior_deg = max(max_angle_deg, 1e-3) / PRIOR_FRACTION if prior else None
     prior_px = max(max_shift_A / apix, 1e-3) / PRIOR_FRACTION
     log.info("refine: %d particles, rotation range %.2f deg, shift range %.2f A, score %s over %s-%.1f A",
@@ -415,7 +389,7 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
     t0 = last = time.time()
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(n, start + batch_size))
-        vec, dshift_A, sb, sa = _refine_batch(particles, rows, models, scorer, max_angle_deg, levels,
+        vec, dshift_A, sb, sa = _refine_batch(particles, rows, models, scorer, scorer_lo, max_angle_deg, levels,
                                               polish_steps, focus, max_elements, prior_deg, prior_px, min_gain)
         R = rotvec_to_matrix(torch.as_tensor(vec, dtype=torch.float64)).numpy()
         out_rot[rows] = R @ rot_all[rows]
@@ -432,148 +406,44 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
                         np.linalg.norm(out_org - org_all, axis=1), s_before, s_after)
 
 
-def _refine_batch(particles, rows, models, scorer, max_angle, levels, polish_steps, focus, max_elements,
-                  prior_deg, prior_px, min_gain: float = MIN_GAIN_NATS):
+def _coarse_scorer(scorer, lowres_A, max_shift_A, coarse_fraction):
+    """The coarse stage's scorer: rings up to ``coarse_fraction`` of the band's top ring, at
+    least ``COARSE_MIN_RINGS`` rings (None when that is the whole band or the fraction is >= 1:
+    the coarse stage then uses the full band)."""
+    from .pose_search import COARSE_FRACTION, COARSE_MIN_RINGS
+    f = COARSE_FRACTION if coarse_fraction is None else coarse_fraction
+    b = scorer.binner
+    top = max(int(round(f * b.hi)), b.lo + COARSE_MIN_RINGS - 1)
+    if f >= 1 or top >= b.hi:
+        return None
+    return _Scorer(scorer.box, scorer.apix, lowres_A, scorer.box * scorer.apix / (top + 0.25), max_shift_A,
+                   scorer.device, scorer.score)
+
+
+def _refine_batch(particles, rows, models, scorer, scorer_lo, max_angle, levels, polish_steps, focus,
+                  max_elements, prior_deg, prior_px, min_gain: float = MIN_GAIN_NATS):
+    """One batch: the focus subtraction, then :func:`pose_search.search_batch` (numpy results)."""
+    from .pose_search import search_batch
     device, box, apix = particles.device, particles.box, particles.apix
     b = particles.batch(rows)
     Fimg, A0, o0, C = b.F_img, b.rotations, b.origins_A, b.ctf
-    B = len(rows)
     cen, amp, sig = (t.float() for t in models.gaussians(rows, device))
-    if focus is not None:
-        # subtract the unmasked Gaussians' projection, scaled to the image by least squares
-        full = project(cen, amp, sig, A0, box, apix, o0, C)
-        rest = project(cen[:, ~focus], amp[:, ~focus], sig[:, ~focus], A0, box, apix, o0, C)
-        g = scorer.binner
-        a, f = g.gather(Fimg), g.gather(full)
-        scale = (a * f.conj()).real.sum(1) / (f.real ** 2 + f.imag ** 2).sum(1).clamp_min(1e-20)
-        Fimg = Fimg - scale[:, None, None] * rest
-        cen, amp, sig = cen[:, focus], amp[:, focus], sig[:, focus]
-    y = torch.einsum("bij,bnj->bni", A0, cen)  # Gaussians in the current view frame (B, N, 3)
-    N = y.shape[1]
-    chunk = max(1, max_elements // max(1, N * (2 * box + 1) + box * box))  # projections per call
-    bi = torch.arange(B, device=device)
-    p_img = scorer.image_power(Fimg)  # (B, R)
-    with torch.no_grad():  # noise spectrum of this batch, from the fit at the current poses
-        F0 = project(y, amp, sig, torch.eye(3, device=device).expand(B, 3, 3), box, apix, o0, C)
-        g = scorer.binner
-        m0, a0 = g.gather(F0), g.gather(Fimg)
-        scorer.set_noise(p_img, g.ring_sums((m0 * a0.conj()).real), g.ring_sums(m0.real ** 2 + m0.imag ** 2))
-
-    def exact_chunked(vecs, s_px):
-        """Exact scores of rotation vectors (M, 3) and shifts (M, 2) px, M = B * C (particle-major)."""
-        M = vecs.shape[0]
-        Cn = M // B
-        out = torch.empty(M, device=device)
-        bidx = bi.repeat_interleave(Cn)
-        for s in range(0, M, chunk):
-            sl = slice(s, min(M, s + chunk))
-            j = bidx[sl]
-            F = project(y[j], amp[j], sig[j], rotvec_to_matrix(vecs[sl]), box, apix, o0[j] + s_px[sl] * apix,
-                        None if C is None else C[j])
-            out[sl] = scorer.frc(Fimg[j], F)
-        return out
-
-    def evaluate(vecs):
-        """Rotation vectors (B, C, 3) degrees -> best shift (B, C, 2) px and its score (B, C)."""
-        Cn = vecs.shape[1]
-        shifts = torch.empty(B * Cn, 2, device=device)
-        scores = torch.empty(B * Cn, device=device)
-        flat_v = vecs.reshape(-1, 3)
-        bidx = bi.repeat_interleave(Cn)
-        for s in range(0, B * Cn, chunk):
-            sl = slice(s, min(B * Cn, s + chunk))
-            j = bidx[sl]
-            F = project(y[j], amp[j], sig[j], rotvec_to_matrix(flat_v[sl]), box, apix, o0[j],
-                        None if C is None else C[j])
-            shifts[sl], scores[sl] = scorer.shift_scores(Fimg[j], p_img[j], F)
-        return shifts.reshape(B, Cn, 2), scores.reshape(B, Cn)
-
-    # MAP objective: log-likelihood of the score plus a Gaussian prior on the pose change
-    n_dof = 2.0 * scorer.binner.flat_index.numel()  # real degrees of freedom in the band
-
-    def objective(v, s_px, score):
-        # profile log-likelihood of a correlation over n_dof dimensions (noise level unknown)
-        loglik = -0.5 * n_dof * torch.log1p(-(score * score.abs()).clamp(max=1.0 - 1e-6))
-        if prior_deg is None:
-            return loglik
-        return (loglik - (v * v).sum(-1) / (2.0 * prior_deg ** 2)
-                - (s_px * s_px).sum(-1) / (2.0 * prior_px ** 2))
-
     with torch.no_grad():
-        zero = torch.zeros(1, 3, device=device)
-        grid = coarse_rotation_grid(max_angle).to(device) if max_angle > 0 else zero
-        cand = grid.expand(B, -1, -1)
-        sh, sc = evaluate(cand)
-        k = objective(cand, sh, sc).argmax(1)
-        best_v, best_s = cand[bi, k], sh[bi, k]
-        if scorer.score == "wcc" and max_angle > 0:
-            # noise spectrum again, from the fit at the coarse optimum (a mis-posed fit takes the
-            # poses' own high-resolution signal for noise and whitens it away)
-            Fb = project(y, amp, sig, rotvec_to_matrix(best_v), box, apix, o0 + best_s * apix, C)
-            mb = g.gather(Fb)
-            scorer.set_noise(p_img, g.ring_sums((mb * a0.conj()).real), g.ring_sums(mb.real ** 2 + mb.imag ** 2))
-        best_sc = exact_chunked(best_v, best_s)
-        best_ob = objective(best_v, best_s, best_sc)
-        step = max_angle / 2.0
-        for _ in range(levels if max_angle > 0 else 0):
-            # finer lattices: exact scores at each particle's current best (sub-pixel) shift
-            step /= 2.0
-            cand = _clamp_norm(best_v[:, None, :] + _local_cube(step).to(device)[None], max_angle)
-            Cn = cand.shape[1]
-            s_rep = best_s[:, None, :].expand(B, Cn, 2)
-            sc = exact_chunked(cand.reshape(-1, 3), s_rep.reshape(-1, 2)).reshape(B, Cn)
-            ob = objective(cand, s_rep, sc)
-            k = ob.argmax(1)
-            better = ob[bi, k] > best_ob
-            best_v = torch.where(better[:, None], cand[bi, k], best_v)
-            best_sc = torch.where(better, sc[bi, k], best_sc)
-            best_ob = torch.where(better, ob[bi, k], best_ob)
-        if max_angle > 0 and levels > 0:  # shift again at the final rotation
-            sh, _ = evaluate(best_v[:, None, :])
-            sc = exact_chunked(best_v, sh[:, 0])
-            ob = objective(best_v, sh[:, 0], sc)
-            better = ob > best_ob
-            best_s = torch.where(better[:, None], sh[:, 0], best_s)
-            best_sc = torch.where(better, sc, best_sc)
-            best_ob = torch.where(better, ob, best_ob)
-
-    def exact(v, s_px):
-        F = project(y, amp, sig, rotvec_to_matrix(v), box, apix, o0 + s_px * apix, C)
-        return scorer.frc(Fimg, F)
-
-    with torch.no_grad():
-        zv, zs = torch.zeros(B, 3, device=device), torch.zeros(B, 2, device=device)
-        score0 = exact(zv, zs)
-        ob0 = objective(zv, zs, score0)
-    keep_v, keep_s, keep_sc, keep_ob = best_v.clone(), best_s.clone(), best_sc.clone(), best_ob.clone()
-    if polish_steps > 0:
-        v = best_v.clone().requires_grad_(max_angle > 0)
-        s_px = best_s.clone().requires_grad_(True)
-        opt = torch.optim.Adam([v, s_px] if max_angle > 0 else [s_px], lr=POLISH_LR)
-        for it in range(polish_steps + 1):
-            sc = exact(v, s_px)
-            ob = objective(v, s_px, sc)
-            with torch.no_grad():
-                better = ob > keep_ob
-                keep_v = torch.where(better[:, None], v, keep_v)
-                keep_s = torch.where(better[:, None], s_px, keep_s)
-                keep_sc = torch.where(better, sc, keep_sc)
-                keep_ob = torch.where(better, ob, keep_ob)
-            if it == polish_steps:
-                break
-            opt.zero_grad()
-            (-ob.sum()).backward()
-            opt.step()
-            with torch.no_grad():
-                if max_angle > 0:
-                    v.copy_(_clamp_norm(v, max_angle))
-                s_px.copy_(_clamp_norm(s_px, scorer.max_shift_px))
-        keep_v, keep_s, keep_sc = keep_v.detach(), keep_s.detach(), keep_sc.detach()
-    # never worse than the input pose: the objective must improve (with the prior, that implies
-    # a higher score) and so must the score itself
-    keep = (keep_ob > ob0 + min_gain) & (keep_sc > score0)
-    vec = torch.where(keep[:, None], keep_v, torch.zeros_like(keep_v)).detach()
-    shift_A = torch.where(keep[:, None], keep_s, torch.zeros_like(keep_s)).detach() * apix
-    after = torch.where(keep, keep_sc, score0).detach()
-    return (vec.double().cpu().numpy(), shift_A.double().cpu().numpy(), score0.double().cpu().numpy(),
-            after.double().cpu().numpy())
+        if focus is not None:
+            # subtract the unmasked Gaussians' projection, scaled to the image by least squares
+            full = project(cen, amp, sig, A0, box, apix, o0, C)
+            rest = project(cen[:, ~focus], amp[:, ~focus], sig[:, ~focus], A0, box, apix, o0, C)
+            g = scorer.binner
+            a, f = g.gather(Fimg), g.gather(full)
+            scale = (a * f.conj()).real.sum(1) / (f.real ** 2 + f.imag ** 2).sum(1).clamp_min(1e-20)
+            Fimg = Fimg - scale[:, None, None] * rest
+            cen, amp, sig = cen[:, focus], amp[:, focus], sig[:, focus]
+        y = torch.einsum("bij,bnj->bni", A0.float(), cen)  # Gaussians in the current view frame (B, N, 3)
+    grid = coarse_rotation_grid(max_angle) if max_angle > 0 else torch.zeros(1, 3)
+    vec, shift_px, sb, sa = search_batch(Fimg, y, amp, sig, o0.float(), C, scorer, scorer_lo, max_angle=max_angle,
+                                         levels=levels, polish_steps=polish_steps, max_elements=max_elements,
+                                         prior_deg=prior_deg, prior_px=prior_px, min_gain=min_gain,
+                                         rotvec_to_matrix=rotvec_to_matrix, coarse_grid=grid,
+                                         repeat_first=focus is not None)
+    return (vec.double().cpu().numpy(), (shift_px * apix).double().cpu().numpy(), sb.double().cpu().numpy(),
+            sa.double().cpu().numpy())

@@ -28,7 +28,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -36,6 +35,7 @@ import time
 import numpy as np
 
 from ..io.atomic import make_output_dir, save_npy, write_text
+from ..io.outputs import write_json
 from ..errors import InputError
 
 log = logging.getLogger("gmmhet.analyze")
@@ -79,11 +79,7 @@ def _write_npy(path: str, arr: np.ndarray) -> None:
     save_npy(path, arr)
 
 
-def _write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1, default=float))
-
-
-def _write_cluster_rows(out: str, labels: np.ndarray, k: int, n_ops: int) -> None:
+def _write_cluster_rows(folder, labels: np.ndarray, k: int, n_ops: int) -> None:
     """cluster_XX_rows.txt: the 0-based star rows of each cluster, one per line (the input of
     ``gmmhet reconstruct --indices``). A symmetry-expanded training has n_ops latent rows per
     star row; a star row then goes to the cluster most of its copies fall in."""
@@ -92,7 +88,7 @@ def _write_cluster_rows(out: str, labels: np.ndarray, k: int, n_ops: int) -> Non
     per_row = votes.argmax(1)
     for c in range(k):
         rows = np.nonzero(per_row == c)[0]
-        write_text(os.path.join(out, f"cluster_{c:02d}_rows.txt"), "".join(f"{r}\n" for r in rows))
+        write_text(folder.cluster_rows(c), "".join(f"{r}\n" for r in rows))
 
 
 def _xy(emb: np.ndarray) -> np.ndarray:
@@ -102,10 +98,7 @@ def _xy(emb: np.ndarray) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..analysis import latent as an
-    from ..model.fourier import fsc_table
-    from ..io.mrc import read_map, write_map
-    from ..training.trained import load_trained
+    from ..io.outputs import AnalysisFolder
 
     t0 = time.time()
     out = os.path.abspath(args.out)
@@ -116,12 +109,37 @@ def main(args: argparse.Namespace) -> int:
     if args.traj_steps < 0 or args.traj_steps == 1:
         raise InputError(f"--traj-steps {args.traj_steps}: give 0 (no trajectories) or at least 2")
     make_output_dir(out)
+    folder = AnalysisFolder(out)
+    model, info, n_ops, z, star, meta = _inputs(args)
+    box, apix = model.neutral.box, model.neutral.apix
+
+    summary = {"train": os.path.abspath(args.train), "particles": os.path.abspath(star) if star else None,
+               "n_latents": int(z.shape[0]), "zdim": int(z.shape[1]), "n_ops": n_ops, "box": box, "apix": apix,
+               "method": args.method, "k": args.clusters, "seed": args.seed}
+    pca, cl, clusters, gmm_maps = _embed_and_cluster(args, model, z, n_ops, folder, summary)
+    summary["trajectories"] = _trajectories(args, model, pca, z, folder)
+    if args.domain_mask:
+        summary["domain_motion"] = _domain_motion(args, model, z, folder)
+    _reconstructions(args, meta, n_ops, info, cl, clusters, gmm_maps, folder, apix)
+    summary["clusters"] = clusters
+    if args.even_odd:
+        summary["reproducibility"] = _even_odd(args, model, z, folder, box, apix)
+    _chimerax_script(clusters, folder)
+    summary["seconds"] = round(time.time() - t0, 2)
+    write_json(folder.summary, summary)
+    log.info("wrote %s (%.1f s)", folder.summary, summary["seconds"])
+    return 0
+
+
+def _inputs(args):
+    """The trained model, its training info, symmetry operators per latent row, the latents to
+    analyse, the particle star and its metadata (None when not needed or not given)."""
+    from ..io.outputs import TrainFolder
+    from ..training.trained import load_trained
+
     model = load_trained(args.train, args.device)
     info = dict(getattr(model, "info", {}) or {})
-    cfg_path = os.path.join(args.train, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            info.update(json.load(f))
+    info.update(TrainFolder(args.train).read_config())
     n_ops = int(info.get("n_ops", 1) or 1)
     if args.latents:
         if not args.particles:
@@ -155,30 +173,35 @@ def main(args: argparse.Namespace) -> int:
                              f"{box} at {apix:.4f} A/px; give the star the model was trained on")
     elif not args.no_reconstruct:
         log.warning("no --particles star (and none recorded in the training): skipping reconstructions")
+    return model, info, n_ops, z, star, meta
 
-    summary = {"train": os.path.abspath(args.train), "particles": os.path.abspath(star) if star else None,
-               "n_latents": int(z.shape[0]), "zdim": int(z.shape[1]), "n_ops": n_ops, "box": box, "apix": apix,
-               "method": args.method, "k": args.clusters, "seed": args.seed}
 
-    # embeddings
+def _embed_and_cluster(args, model, z, n_ops, folder, summary):
+    """PCA (and UMAP) embeddings, clustering in the latent space (``--clusters`` > 0), the
+    embedding plots and the decoded GMM map at each cluster centre. Returns (pca, clustering or
+    None, per-cluster info, {cluster: GMM map})."""
+    from ..analysis import latent as an
+    from ..analysis.embedding import umap_embedding
+    from ..io.mrc import write_map
+    box, apix = model.neutral.box, model.neutral.apix
+
     pca = an.fit_pca(z)
     emb_pca = pca.transform(z).astype(np.float32)
-    _write_npy(os.path.join(out, "embedding_pca.npy"), emb_pca)
+    _write_npy(folder.embedding("pca"), emb_pca)
     summary["pca_explained_variance_ratio"] = pca.explained_variance_ratio_.round(4).tolist()
     embeddings = {"pca": emb_pca}
     if args.embedding in ("umap", "both"):
         tu = time.time()
-        emb_umap = an.umap_embedding(z, seed=args.seed)
-        _write_npy(os.path.join(out, "embedding_umap.npy"), emb_umap)
+        emb_umap = umap_embedding(z, seed=args.seed)
+        _write_npy(folder.embedding("umap"), emb_umap)
         embeddings["umap"] = emb_umap
         log.info("UMAP of %d points in %.1f s", z.shape[0], time.time() - tu)
 
-    # clustering
     cl = an.cluster_latents(z, args.clusters, args.method, args.seed, whiten=args.whiten) if args.clusters else None
     if cl is not None:
-        _write_npy(os.path.join(out, "labels.npy"), cl.labels)
-        _write_npy(os.path.join(out, "centers.npy"), cl.centers)
-        _write_cluster_rows(out, cl.labels, args.clusters, n_ops)
+        _write_npy(folder.labels, cl.labels)
+        _write_npy(folder.centers, cl.centers)
+        _write_cluster_rows(folder, cl.labels, args.clusters, n_ops)
     clusters = []
     for c in range(args.clusters):
         clusters.append({"label": c, "size": int(cl.sizes[c]), "fraction": float(cl.sizes[c] / z.shape[0]),
@@ -191,61 +214,82 @@ def main(args: argparse.Namespace) -> int:
         axes = ((f"PC1 ({100 * pca.explained_variance_ratio_[0]:.0f}%)",
                  f"PC2 ({100 * pca.explained_variance_ratio_[1]:.0f}%)" if z.shape[1] > 1 else "")
                 if name == "pca" else ("UMAP1", "UMAP2"))
-        an.plot_clusters_png(os.path.join(out, f"embedding_{name}.png"), _xy(emb), cl.labels, cxy, axes,
+        an.plot_clusters_png(folder.embedding_png(name), _xy(emb), cl.labels, cxy, axes,
                              f"{args.method} clusters, {name.upper()}")
 
-    # maps from the model
     gmm_maps = {}
     if not args.no_gmm_maps and cl is not None:
         for c, vol in enumerate(an.render_at(model, cl.centers, box, apix)):
-            path = os.path.join(out, f"cluster_{c:02d}_gmm.mrc")
+            path = folder.cluster_gmm_map(c)
             write_map(path, vol, apix)
             gmm_maps[c] = vol
             clusters[c]["gmm_map"] = os.path.basename(path)
+    return pca, cl, clusters, gmm_maps
+
+
+def _trajectories(args, model, pca, z, folder) -> dict:
+    """Maps along the first principal components and their Gaussian motions (ChimeraX arrows,
+    markers, quiver plot)."""
+    from ..analysis import latent as an
+    from ..io import chimerax as cx
+    from ..io.mrc import write_map
+    box, apix = model.neutral.box, model.neutral.apix
     trajectories = {}
     if args.traj_steps:
         for pc in range(1, min(args.pcs, z.shape[1]) + 1):
             pts, t = an.pc_trajectory(pca, z, pc, args.traj_steps)
             names = []
             for s, vol in enumerate(an.render_at(model, pts, box, apix)):
-                path = os.path.join(out, f"pc{pc}_{s:02d}.mrc")
+                path = folder.trajectory_map(pc, s)
                 write_map(path, vol, apix)
                 names.append(os.path.basename(path))
             c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
-            an.write_bild(os.path.join(out, f"pc{pc}_motion.bild"), c0, d, box, apix, min_length_A=0.5)
-            an.write_cmm(os.path.join(out, f"pc{pc}_motion.cmm"), c0, d, box, apix, name=f"pc{pc}")
-            an.plot_quiver_png(os.path.join(out, f"pc{pc}_motion.png"), c0, d,
+            cx.displacement_bild(c0, c0 + d, folder.trajectory_motion(pc, "bild"), box, apix, min_length_A=0.5)
+            cx.displacement_cmm(c0, c0 + d, folder.trajectory_motion(pc, "cmm"), box, apix, name=f"pc{pc}")
+            an.plot_quiver_png(folder.trajectory_motion(pc, "png"), c0, d,
                                f"PC{pc}: Gaussian motion, {100 - 2 * 5}% range")
-            _write_npy(os.path.join(out, f"pc{pc}_points.npy"), pts)
+            _write_npy(folder.trajectory_points(pc), pts)
             trajectories[f"pc{pc}"] = {"maps": names, "pc_coordinates": t.round(5).tolist(),
                                        "max_displacement_A": float(np.linalg.norm(d, axis=1).max())}
         log.info("trajectories: %s", ", ".join(f"{k} ({len(v['maps'])} maps, max Gaussian motion %.1f A)"
                                                 % v["max_displacement_A"] for k, v in trajectories.items()))
-    summary["trajectories"] = trajectories
+    return trajectories
 
-    if args.domain_mask:
-        from ..io.validate import check_mask_matches
-        mask, mask_apix = read_map(args.domain_mask)
-        check_mask_matches(mask.shape, mask_apix, (box,) * 3, apix, f"--domain-mask {args.domain_mask}",
-                           "the Gaussian model")
-        inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
-        dm = an.domain_motion(model, z, inside, seed=args.seed)
-        pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))
-        names = []
-        for s, vol in enumerate(an.render_at(model, pts, box, apix)):
-            path = os.path.join(out, f"domain_{s:02d}.mrc")
-            write_map(path, vol, apix)
-            names.append(os.path.basename(path))
-        c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
-        an.write_bild(os.path.join(out, "domain_motion.bild"), c0, d, box, apix, min_length_A=0.5)
-        _write_npy(os.path.join(out, "domain_direction.npy"), dm.direction)
-        summary["domain_motion"] = {"direction": dm.direction.round(5).tolist(), "rayleigh_ratio": dm.ratio,
-                                    "n_gaussians_in_mask": int(inside.sum()), "rms_in_A_per_unit": dm.rms_in_A,
-                                    "rms_out_A_per_unit": dm.rms_out_A, "maps": names}
-        log.info("domain motion: %d Gaussians in the mask, in/out motion ratio %.2f", inside.sum(),
-                 dm.rms_in_A / max(1e-12, dm.rms_out_A))
 
-    # reconstructions from the particles
+def _domain_motion(args, model, z, folder) -> dict:
+    """The latent direction that moves the --domain-mask domain most and the rest least."""
+    from ..analysis import latent as an
+    from ..io import chimerax as cx
+    from ..io.mrc import read_map, write_map
+    from ..io.validate import check_mask_matches
+    box, apix = model.neutral.box, model.neutral.apix
+    mask, mask_apix = read_map(args.domain_mask)
+    check_mask_matches(mask.shape, mask_apix, (box,) * 3, apix, f"--domain-mask {args.domain_mask}",
+                       "the Gaussian model")
+    inside = an.gaussians_in_mask(model.neutral.centers_A, mask, apix)
+    dm = an.domain_motion(model, z, inside, seed=args.seed)
+    pts, t = an.direction_trajectory(z, dm.direction, max(2, args.traj_steps or 10))
+    names = []
+    for s, vol in enumerate(an.render_at(model, pts, box, apix)):
+        path = folder.domain_map(s)
+        write_map(path, vol, apix)
+        names.append(os.path.basename(path))
+    c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
+    cx.displacement_bild(c0, c0 + d, folder.domain_motion, box, apix, min_length_A=0.5)
+    _write_npy(folder.domain_direction, dm.direction)
+    result = {"direction": dm.direction.round(5).tolist(), "rayleigh_ratio": dm.ratio,
+              "n_gaussians_in_mask": int(inside.sum()), "rms_in_A_per_unit": dm.rms_in_A,
+              "rms_out_A_per_unit": dm.rms_out_A, "maps": names}
+    log.info("domain motion: %d Gaussians in the mask, in/out motion ratio %.2f", inside.sum(),
+             dm.rms_in_A / max(1e-12, dm.rms_out_A))
+    return result
+
+
+def _reconstructions(args, meta, n_ops, info, cl, clusters, gmm_maps, folder, apix) -> None:
+    """Each cluster's particles reconstructed from the images (half maps, FSC); fills
+    ``clusters``."""
+    from ..analysis import latent as an
+    from ..model.fourier import fsc_table
     recon_tables = {}
     if args.no_reconstruct:
         meta = None
@@ -263,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
                 continue
             rec = reconstruct_particles(meta, rows, halves=halves, device=args.device, ctf_mode=ctf_mode,
                                         seed=args.seed)
-            paths = rec.write(os.path.join(out, f"cluster_{c:02d}.mrc"))
+            paths = rec.write(folder.cluster_map(c))
             recon_tables[f"cluster {c}"] = rec.fsc
             clusters[c].update({"map": os.path.basename(paths["map"]),
                                 "half1": os.path.basename(paths["half1"]),
@@ -278,21 +322,25 @@ def main(args: argparse.Namespace) -> int:
             log.info("cluster %d: reconstruction from %d particles, FSC 0.143 resolution %.2f A (masked %.2f A) "
                      "(%.1f s)", c, rows.size, rec.resolution_0143_A, rec.resolution_0143_masked_A, rec.seconds)
         if recon_tables:
-            an.plot_fsc_png(os.path.join(out, "fsc.png"), recon_tables, "half-map FSC per cluster")
-    summary["clusters"] = clusters
+            an.plot_fsc_png(folder.fsc_png, recon_tables, "half-map FSC per cluster")
 
-    # even/odd reproducibility
-    if args.even_odd:
-        model_b = load_trained(args.even_odd, args.device)
-        rep = an.even_odd_report(model, z, model_b, np.asarray(model_b.latents()), args.clusters, args.method,
-                                 args.seed, box, apix)
-        _write_json(os.path.join(out, "reproducibility.json"), rep)
-        summary["reproducibility"] = {"max_population_diff": rep["max_population_diff"],
-                                      "min_fsc_area": rep["min_fsc_area"]}
-        log.info("even/odd: matched clusters' FSC area >= %.3f, population difference <= %.1f%%",
-                 rep["min_fsc_area"], 100 * rep["max_population_diff"])
 
-    # ChimeraX command file opening the cluster maps together
+def _even_odd(args, model, z, folder, box, apix) -> dict:
+    """The even/odd reproducibility test against the --even-odd training."""
+    from ..analysis import latent as an
+    from ..training.trained import load_trained
+    model_b = load_trained(args.even_odd, args.device)
+    rep = an.even_odd_report(model, z, model_b, np.asarray(model_b.latents()), args.clusters, args.method,
+                             args.seed, box, apix)
+    write_json(folder.reproducibility, rep)
+    result = {"max_population_diff": rep["max_population_diff"], "min_fsc_area": rep["min_fsc_area"]}
+    log.info("even/odd: matched clusters' FSC area >= %.3f, population difference <= %.1f%%",
+             rep["min_fsc_area"], 100 * rep["max_population_diff"])
+    return result
+
+
+def _chimerax_script(clusters, folder) -> None:
+    """ChimeraX command file opening the cluster maps together."""
     lines = []
     for c, cinfo in enumerate(clusters):
         for key in ("map", "gmm_map"):
@@ -300,8 +348,4 @@ def main(args: argparse.Namespace) -> int:
                 lines.append(f"open {cinfo[key]}")
     if lines:
         lines += ["volume all step 1", "tile"]
-        write_text(os.path.join(out, "chimerax_clusters.cxc"), "\n".join(lines) + "\n")
-    summary["seconds"] = round(time.time() - t0, 2)
-    _write_json(os.path.join(out, "summary.json"), summary)
-    log.info("wrote %s (%.1f s)", os.path.join(out, "summary.json"), summary["seconds"])
-    return 0
+        write_text(folder.chimerax_script, "\n".join(lines) + "\n")

@@ -26,7 +26,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
@@ -52,18 +51,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
 
 
-def write_fsc_csv(path: str, table: dict) -> None:
-    """Write ``fourier.fsc_table`` as CSV (shell, freq_invA, resolution_A, fsc), atomically."""
-    from ..io.atomic import write_text
-
-    rows = [f"{int(s)},{fr:.6g},{r:.6g},{c:.6f}\n"
-            for s, fr, r, c in zip(table["shell"], table["freq_invA"], table["resolution_A"], table["fsc"])]
-    write_text(path, "shell,freq_invA,resolution_A,fsc\n" + "".join(rows))
-
-
 def main(args) -> int:
     from ..io import validate
-    from ..io.atomic import write_text
+    from ..io.outputs import BuildFolder, write_fsc_csv, write_json
     from ..model.build import build_gmm
     from ..io.mrc import read_map, write_map
 
@@ -82,14 +72,15 @@ def main(args) -> int:
                     seed=args.seed, steps=args.steps)
     gmm = res.gmm
     gmm.info.update(source_map=os.path.abspath(args.map))
-    gmm.save(os.path.join(args.out, "gmm.npz"))
-    write_map(os.path.join(args.out, "gmm_map.mrc"), gmm.render(), apix)
-    write_fsc_csv(os.path.join(args.out, "fsc.csv"), res.fsc)
+    folder = BuildFolder(args.out)
+    gmm.save(folder.gmm)
+    write_map(folder.gmm_map, gmm.render(), apix)
+    write_fsc_csv(folder.fsc, res.fsc)
     summary = dict(n_gauss=len(gmm), target_resolution_A=args.resolution,
                    fsc05_resolution_A=res.fsc05_resolution_A, box=gmm.box, apix=gmm.apix,
                    seconds=round(res.seconds, 2), map=os.path.abspath(args.map),
                    mask=os.path.abspath(args.mask) if args.mask else None, stages=res.history)
-    write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1, default=float))
+    write_json(folder.summary, summary)
     log.info("N = %d Gaussians; FSC(model, map) < 0.5 at %.3g A (target %.3g A); wrote %s",
              len(gmm), res.fsc05_resolution_A, args.resolution, args.out)
     return 0

@@ -19,14 +19,17 @@ Examples:
   gmmhet refine --train train/ --particles particles.star --max-angle 4 --max-shift 6 \\
       --device cuda --out refine_fine/
   gmmhet refine --train train_arm/ --particles particles.star --mask arm_mask.mrc --out refine_arm/
-  gmmhet refine --train train_armfixed/ --particles particles.star --mask core_mask.mrc --rounds 3 \\
-      --out refine_iter/      # train (arm mobile) -> refine the core's pose -> retrain -> ...
+  gmmhet refine --train train/ --particles particles.star --rounds 1 --out refine_once/
 
-Iteration (--rounds): e2gmm's Extended Data Fig. 1. A network trained on particles with pose
-errors partly explains them as deformations, so one refinement against its decoded models
-corrects only part of the error; retraining on the refined poses gives models that explain less
-of it, and the next refinement corrects more. The log reports the median change per round
-(it falls as the iteration converges).
+Iteration (--rounds, default auto): e2gmm's Extended Data Fig. 1. A network trained on particles
+with pose errors partly explains them as deformations, so one refinement against its decoded
+models corrects only part of the error; retraining on the refined poses gives models that
+explain less of it, and the next refinement corrects more. By default the command iterates until
+a round's median angular change falls below the search's angular precision (at most
+--max-rounds refinements; at exact poses the first round changes nothing and no retraining
+runs) when the network holds the particle's frame (trained with --mask on the moving part); a
+network with every Gaussian free is refined once, since its rounds drift. The log and
+OUT/rounds.csv give the median change per round.
 """
 from __future__ import annotations
 
@@ -36,7 +39,9 @@ import os
 
 import numpy as np
 
+from ..ctf_modes import CTF_CHOICES, ctf_mode as ctf_mode_name
 from ..io.atomic import atomic_write, make_output_dir
+from ..io.outputs import RefineFolder, pose_change_summary as summary
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -68,30 +73,33 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="evidence a new pose needs over the input pose, in nats of the objective (default 5.5: "
                         "a 95%% likelihood-ratio test for the 5 pose parameters; 0: take any improvement)")
     p.add_argument("--levels", type=int, default=3, help="finer rotation lattices after the coarse one (default 3)")
-    p.add_argument("--polish-steps", type=int, default=10, help="Adam steps on the exact score (default 10)")
+    p.add_argument("--polish-steps", type=int, default=0,
+                   help="Adam steps on the exact score after the search (default 0: the lattice search and shift polish suffice)")
     p.add_argument("--latents", default=None, metavar="Z.npy",
                    help="latent vectors (n_particles x K .npy, row i = particle row i of STAR); default: the "
                         "training latents when STAR is the training star, else the particles are encoded")
     p.add_argument("--encode", action="store_true", help="encode the particles instead of using the training latents")
-    p.add_argument("--ctf", dest="ctf_mode", choices=["auto", "ctf", "flipped", "premultiplied", "none"],
-                   default=None, help="CTF mode of the images (default: the training run's)")
+    p.add_argument("--ctf", dest="ctf_mode", choices=CTF_CHOICES, default=None,
+                   help="how the images carry the CTF: full, phase_flipped, premultiplied, none or auto "
+                        "(default: the training run's; ctf and flipped: old names of full and phase_flipped)")
     p.add_argument("--batch-size", type=int, default=64, help="particles per batch (default 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="refine, retrain on the refined poses, refine again... N refinements in all (e2gmm's "
-                        "iteration; default 1: refine once). Round r goes to OUT/round_r/ (particles.star, "
-                        "pose_changes.csv, train/); OUT/particles.star holds the last round's poses, "
-                        "OUT/pose_changes.csv the changes from the input poses, OUT/rounds.csv the median change "
-                        "per round")
+    p.add_argument("--rounds", default="auto", metavar="N|auto",
+                   help="auto (default): refine, retrain on the refined poses, refine again... until a round's "
+                        "median angular change falls below the search's angular precision (--max-angle / "
+                        "2^(levels+1), 0.375 deg at the defaults), at most --max-rounds refinements, for a network "
+                        "trained with --mask (one refinement for a network with every Gaussian free: its rounds "
+                        "drift); N: exactly N "
+                        "refinements (1: refine once, written straight into OUT). With more than one possible "
+                        "round, round r goes to OUT/round_r/ (particles.star, pose_changes.csv, train/); "
+                        "OUT/particles.star holds the last round's poses, OUT/pose_changes.csv the changes from "
+                        "the input poses, OUT/rounds.csv the median change per round")
+    p.add_argument("--max-rounds", type=int, default=3, help="most refinements with --rounds auto (default 3)")
     p.add_argument("--retrain-epochs", type=int, default=None,
                    help="epochs of each retraining (default: the trained run's)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out with the same settings: keep its finished "
                         "rounds (round_r/refine_result.npz) and resume a retraining from its last checkpoint")
-
-
-def _write_csv_atomic(path: str, df) -> None:
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def main(args) -> int:
@@ -102,47 +110,84 @@ def main(args) -> int:
         raise InputError(f"--max-angle {args.max_angle}: must be >= 0 degrees; e.g. 6")
     if args.max_shift is not None and not args.max_shift >= 0:
         raise InputError(f"--max-shift {args.max_shift}: must be >= 0 Angstrom; e.g. 2 pixels' worth")
-    if args.rounds < 1:
-        raise InputError(f"--rounds {args.rounds}: give at least 1 (refine once)")
+    auto, n_rounds = _parse_rounds(args.rounds, args.max_rounds)
+    if args.ctf_mode is not None:
+        args.ctf_mode = ctf_mode_name(args.ctf_mode, "--ctf")
     if args.retrain_epochs is not None and args.retrain_epochs < 1:
         raise InputError(f"--retrain-epochs {args.retrain_epochs}: give at least 1")
     device = resolve_device(args.device)
     tm = load_trained(args.train, device)
     make_output_dir(args.out)
-    if args.rounds > 1 and len(np.asarray(tm.mobile)) == len(tm.neutral):
-        log.warning("refine: --rounds %d with a network trained without a focus mask: every Gaussian may move, so "
-                    "nothing holds the particle's frame and the poses can drift from round to round; train with "
-                    "--mask on the moving part and refine the rest (--mask) for the iteration", args.rounds)
+    precision = angular_precision(args.max_angle, args.levels)
+    if auto and n_rounds > 1 and len(np.asarray(tm.mobile)) == len(tm.neutral):
+        # measured (README, bench_refine.py): with every Gaussian free nothing holds the particle's
+        # frame, and refine-retrain rounds drift (median angular error 2.76 -> 2.53 -> 3.05 -> 3.14 deg)
+        log.info("refine: --rounds auto: the network was trained without a focus mask (every Gaussian may move), "
+                 "so nothing holds the particle's frame and further rounds drift; refining once (train with --mask "
+                 "on the moving part to iterate, or give --rounds N)")
+        n_rounds, frame_free = 1, True
+    else:
+        frame_free = False
     resume = _resumable(args)
     star, latents_arg, encode = args.particles, args.latents, args.encode
     meta0 = None
     history = []
-    for r in range(1, args.rounds + 1):
-        round_dir = args.out if args.rounds == 1 else os.path.join(args.out, f"round_{r}")
+    for r in range(1, n_rounds + 1):
+        round_dir = args.out if n_rounds == 1 else RefineFolder(args.out).round(r).folder
         os.makedirs(round_dir, exist_ok=True)
         kept = _load_round(star, round_dir) if resume else None
         if kept is not None:
             meta, out_meta, res = kept
-            log.info("refine round %d/%d: finished before the interruption; kept %s", r, args.rounds, round_dir)
+            log.info("refine round %d: finished before the interruption; kept %s", r, round_dir)
         else:
             meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir)
             _save_round(res, round_dir)
         if meta0 is None:
             meta0, score0 = meta, res.score_before
         s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
-        history.append({"round": r, **s})
-        log.info("refine round %d/%d: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)",
-                 r, args.rounds, s["angle_median_deg"], s["shift_median_A"], s["angle_p90_deg"], s["shift_p90_A"])
-        star = os.path.join(round_dir, "particles.star")
-        if r < args.rounds:  # e2gmm's iteration: retrain on the refined poses, refine again
-            tm = _retrain(tm, star, args, device, os.path.join(round_dir, "train"), resume)
-            latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
-    if args.rounds > 1:
+        converged = s["angle_median_deg"] < precision
+        history.append({"round": r, **s, "converged": converged})
+        log.info("refine round %d/%s: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)%s",
+                 r, f"<={n_rounds}" if auto else n_rounds, s["angle_median_deg"], s["shift_median_A"],
+                 s["angle_p90_deg"], s["shift_p90_A"],
+                 f"; below the angular precision {precision:.3f} deg: done" if auto and converged else "")
+        star = RefineFolder(round_dir).particles
+        if r == n_rounds or (auto and converged):
+            break
+        # e2gmm's iteration: retrain on the refined poses, refine again
+        tm = _retrain(tm, star, args, device, RefineFolder(round_dir).train.folder, resume)
+        latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
+    if n_rounds > 1:
         _write_overall(meta0, out_meta, score0, res.score_after, args.out)
-        _write_csv_atomic(os.path.join(args.out, "rounds.csv"), __import__("pandas").DataFrame(history))
-        log.info("refine: %d rounds; median change per round (deg): %s", args.rounds,
+    if n_rounds > 1 or auto:
+        history[-1]["stop"] = ("converged" if history[-1]["converged"] else
+                               "one round: network trained without a focus mask" if frame_free else "round limit")
+        RefineFolder(args.out).write_rounds(__import__("pandas").DataFrame(history))
+        log.info("refine: %d round(s)%s; median change per round (deg): %s", len(history),
+                 " (converged)" if history[-1]["converged"] else "",
                  ", ".join(f"{h['angle_median_deg']:.3f}" for h in history))
     return 0
+
+
+def angular_precision(max_angle_deg: float, levels: int) -> float:
+    """The search's angular precision (degrees): the step of its finest rotation lattice,
+    ``max_angle / 2^(levels + 1)``; ``--rounds auto`` stops when a round's median change falls below it."""
+    return float(max_angle_deg) / 2.0 ** (int(levels) + 1)
+
+
+def _parse_rounds(rounds, max_rounds: int) -> tuple[bool, int]:
+    """``--rounds`` -> (automatic?, most refinements)."""
+    if str(rounds).strip().lower() == "auto":
+        if max_rounds < 1:
+            raise InputError(f"--max-rounds {max_rounds}: give at least 1")
+        return True, int(max_rounds)
+    try:
+        n = int(rounds)
+    except ValueError:
+        raise InputError(f"--rounds {rounds}: give auto or a number of refinements (1: refine once)") from None
+    if n < 1:
+        raise InputError(f"--rounds {rounds}: give at least 1 (refine once)")
+    return False, n
 
 
 def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str):
@@ -208,7 +253,8 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     same = (res.delta_angle_deg == 0) & (res.delta_shift_A == 0)  # unchanged: keep the exact input values
     euler[same], origins[same] = meta.euler_deg()[same], meta.origins_A()[same]
     out_meta = meta.with_poses(euler, origins)
-    metadata.write_particles(os.path.join(out_dir, "particles.star"), out_meta)
+    folder = RefineFolder(out_dir)
+    metadata.write_particles(folder.particles, out_meta)
     table = pd.DataFrame({"row": np.arange(n)})
     if "rlnGmmhetParticleId" in meta.particles.columns:
         table["particle_id"] = meta.particles["rlnGmmhetParticleId"].to_numpy()
@@ -218,14 +264,13 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     table["score_after"] = res.score_after
     table["rot"], table["tilt"], table["psi"] = euler[:, 0], euler[:, 1], euler[:, 2]
     table["origin_x_A"], table["origin_y_A"] = origins[:, 0], origins[:, 1]
-    _write_csv_atomic(os.path.join(out_dir, "pose_changes.csv"), table)
+    folder.write_pose_changes(table)
     s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
     log.info("refine: pose changes: angle median %.3f deg, 90th percentile %.3f deg; shift median %.3f A, "
              "90th percentile %.3f A; %d of %d particles moved; mean score %.4f -> %.4f",
              s["angle_median_deg"], s["angle_p90_deg"], s["shift_median_A"], s["shift_p90_A"], s["n_moved"], n,
              s["score_before_mean"], s["score_after_mean"])
-    log.info("refine: wrote %s and %s", os.path.join(out_dir, "particles.star"),
-             os.path.join(out_dir, "pose_changes.csv"))
+    log.info("refine: wrote %s and %s", folder.particles, folder.pose_changes)
     return meta, out_meta, res
 
 
@@ -235,10 +280,11 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
     ``resume``: a finished retraining (model.pt) is loaded, an interrupted one goes on from its
     last checkpoint."""
     from ..io.data import Particles
+    from ..io.outputs import TrainFolder
     from ..training.config import TrainConfig
     from ..training.train import train
     from ..training.trained import load_trained
-    if resume and os.path.exists(os.path.join(out_dir, "model.pt")):
+    if resume and TrainFolder(out_dir).is_finished():
         log.info("refine: retraining in %s finished before the interruption; loading it", out_dir)
         return load_trained(out_dir, device)
 
@@ -253,7 +299,8 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
 
 #: Settings that must not change for --resume to keep earlier rounds (the rest: device, batch size).
 _RESUME_KEYS = ("train", "particles", "latents", "encode", "mask", "max_angle", "max_shift", "lowres", "highres",
-                "levels", "polish_steps", "score", "prior", "min_gain", "ctf_mode", "rounds", "retrain_epochs")
+                "levels", "polish_steps", "score", "prior", "min_gain", "ctf_mode", "rounds", "max_rounds",
+                "retrain_epochs")
 
 
 def _resumable(args) -> bool:
@@ -262,7 +309,7 @@ def _resumable(args) -> bool:
     import json
 
     from ..io.atomic import write_text
-    path = os.path.join(args.out, "refine_settings.json")
+    path = RefineFolder(args.out).settings
     now = {k: getattr(args, k, None) for k in _RESUME_KEYS}
     now = json.loads(json.dumps(now, default=str))
     same = False
@@ -279,26 +326,24 @@ def _resumable(args) -> bool:
     return same
 
 
-_ROUND_FILE = "refine_result.npz"
-
-
 def _save_round(res, round_dir: str) -> None:
     """The round's exact result (written last: its presence marks a finished round)."""
     from dataclasses import asdict
-    atomic_write(os.path.join(round_dir, _ROUND_FILE), lambda tmp: np.savez(tmp, **asdict(res)), suffix=".tmp.npz")
+    atomic_write(RefineFolder(round_dir).round_result, lambda tmp: np.savez(tmp, **asdict(res)), suffix=".tmp.npz")
 
 
 def _load_round(star: str, round_dir: str):
     """(input metadata, output metadata, RefineResult) of a finished round, or None."""
     from ..analysis.refine import RefineResult
     from ..io import metadata
-    path = os.path.join(round_dir, _ROUND_FILE)
-    if not (os.path.exists(path) and os.path.exists(os.path.join(round_dir, "particles.star"))):
+    folder = RefineFolder(round_dir)
+    path = folder.round_result
+    if not (os.path.exists(path) and os.path.exists(folder.particles)):
         return None
     with open(path, "rb") as f:
         with np.load(f, allow_pickle=False) as z:
             res = RefineResult(**{k: z[k] for k in z.files})
-    return (metadata.read_particles(star), metadata.read_particles(os.path.join(round_dir, "particles.star")),
+    return (metadata.read_particles(star), metadata.read_particles(folder.particles),
             res)
 
 
@@ -310,7 +355,8 @@ def _write_overall(meta0, out_meta, score_before, score_after, out_dir: str) -> 
 
     from ..io import metadata
     from ..conventions import angular_distance_deg
-    metadata.write_particles(os.path.join(out_dir, "particles.star"), out_meta)
+    folder = RefineFolder(out_dir)
+    metadata.write_particles(folder.particles, out_meta)
     ang = angular_distance_deg(out_meta.rotation_matrices(), meta0.rotation_matrices())
     sh = np.linalg.norm(out_meta.origins_A() - meta0.origins_A(), axis=1)
     table = pd.DataFrame({"row": np.arange(len(meta0))})
@@ -321,13 +367,4 @@ def _write_overall(meta0, out_meta, score_before, score_after, out_dir: str) -> 
     euler = out_meta.euler_deg()
     table["rot"], table["tilt"], table["psi"] = euler[:, 0], euler[:, 1], euler[:, 2]
     table["origin_x_A"], table["origin_y_A"] = out_meta.origins_A()[:, 0], out_meta.origins_A()[:, 1]
-    _write_csv_atomic(os.path.join(out_dir, "pose_changes.csv"), table)
-
-
-def summary(delta_angle_deg, delta_shift_A, score_before, score_after) -> dict:
-    """Median / 90th-percentile pose changes and mean scores (also used by the protocol)."""
-    a, s = np.asarray(delta_angle_deg, float), np.asarray(delta_shift_A, float)
-    return {"angle_median_deg": float(np.median(a)), "angle_p90_deg": float(np.percentile(a, 90)),
-            "shift_median_A": float(np.median(s)), "shift_p90_A": float(np.percentile(s, 90)),
-            "n_moved": int(np.count_nonzero((a > 0) | (s > 0))),
-            "score_before_mean": float(np.mean(score_before)), "score_after_mean": float(np.mean(score_after))}
+    folder.write_pose_changes(table)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..ctf_modes import CTF_CHOICES, ctf_mode as ctf_mode_name
 from ..errors import InputError
 
 
@@ -59,9 +60,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     p.add_argument("--features", choices=["cache", "onthefly"], default=d.features,
                    help="gradient features cached once in OUT/features.f16 (default) or computed every batch")
-    p.add_argument("--ctf", dest="ctf_mode", choices=["auto", "ctf", "flipped", "premultiplied", "none"],
-                   default="auto", help="how images relate to the CTF: raw (ctf), phase-flipped, "
-                                        "CTF-premultiplied, or none; auto reads the star")
+    p.add_argument("--ctf", dest="ctf_mode", choices=CTF_CHOICES, default="auto",
+                   help="how the images carry the CTF: full (raw images), phase_flipped, premultiplied, or "
+                        "none; auto reads the star (ctf and flipped: old names of full and phase_flipped)")
     p.add_argument("--lowres", type=float, default=d.lowres_A, help="FRC band low-resolution limit, A (default 100)")
     p.add_argument("--highres", type=float, default=None,
                    help="FRC band high-resolution limit, A (default: chosen from the data: last ring where the "
@@ -106,6 +107,7 @@ def main(args) -> int:
         raise InputError(f"--zdim {args.zdim}: the latent dimension must be at least 1")
     if not 0 <= args.val_fraction < 0.5:
         raise InputError(f"--val-fraction {args.val_fraction}: give a fraction in [0, 0.5)")
+    args.ctf_mode = ctf_mode_name(args.ctf_mode, "--ctf")
     cfg = TrainConfig(zdim=args.zdim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       changes=parse_changes(args.changes), seed=args.seed, features=args.features,
                       ctf_mode=args.ctf_mode, symmetry=args.symmetry, mask=args.mask, lowres_A=args.lowres,

@@ -226,3 +226,22 @@ def torch_save(obj, path, fsync: bool = True) -> None:
 
     with atomic_path(path, fsync=fsync) as tmp:
         torch.save(obj, tmp)
+
+
+def reserve_space(path) -> None:
+    """Allocate a (memory-mapped) file's blocks now with ``posix_fallocate``, so that a full
+    disk is an ENOSPC here (an InputError through :func:`atomic_path`) rather than a SIGBUS when
+    a page of the map is written. A file system that cannot preallocate (EOPNOTSUPP, EINVAL) is
+    left as it is."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL_ERRNOS:
+            raise
+    finally:
+        os.close(fd)

@@ -6,11 +6,11 @@ poses, origins and CTF (moved to the device once), optional symmetry expansion a
 cropping, and serves batches of items (:class:`HostBatch` in host memory, :class:`Batch` on
 the device).
 
-CTF of the model projection (``ctf_mode``): ``ctf`` multiplies by RELION's CTF (raw images);
-``flipped`` by ``|CTF|`` (phase-flipped images); ``premultiplied`` by ``CTF^2`` (images
-already multiplied by the CTF, ``rlnCtfDataAreCtfPremultiplied``); ``none`` applies none.
-``auto`` picks ``premultiplied`` for stars that say so, ``ctf`` when the star has CTF
-parameters, else ``none``.
+CTF of the model projection (``ctf_mode``, the vocabulary of :mod:`ctf_modes`): ``full``
+multiplies by RELION's CTF (raw images); ``phase_flipped`` by ``|CTF|``; ``premultiplied`` by
+``CTF^2`` (images already multiplied by the CTF, ``rlnCtfDataAreCtfPremultiplied``); ``none``
+applies none. ``auto`` picks ``premultiplied`` for stars that say so, ``full`` when the star
+has CTF parameters, else ``none``.
 
 Reading a batch has a host half (:meth:`Particles.read`: images into host memory, pinned when
 the device is CUDA; no device work, so it may run on the prefetch thread of
@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, fourier_grid, image_to_fourier
+from ..ctf_modes import ctf_mode as parse_ctf_mode
 from ..device import pinned
 from ..errors import InputError
 from .loader import read_rows
@@ -35,7 +36,6 @@ from .mrc import open_stack
 
 log = logging.getLogger(__name__)
 
-CTF_MODES = ("auto", "ctf", "flipped", "premultiplied", "none")
 _CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kv", "cs_mm", "amplitude_contrast",
              "phase_shift_deg", "bfactor", "scale")
 
@@ -154,14 +154,15 @@ class Particles:
     with operator ``s``, see :mod:`symmetry`)."""
 
     def __init__(self, images, rotations: np.ndarray, origins_A: np.ndarray, box: int, apix: float,
-                 ctf: dict | None = None, ctf_mode: str = "ctf", sym_ops: np.ndarray | None = None,
+                 ctf: dict | None = None, ctf_mode: str = "full", sym_ops: np.ndarray | None = None,
                  device="cpu"):
         self.images = images
         self.box, self.apix = int(box), float(apix)
         self.n_particles = int(np.asarray(rotations).shape[0])
         self.device = torch.device(device)
-        if ctf_mode not in CTF_MODES or ctf_mode == "auto":
-            raise ValueError(f"ctf_mode must be one of {CTF_MODES[1:]}, got {ctf_mode!r}")
+        ctf_mode = parse_ctf_mode(ctf_mode, "ctf_mode", quiet=True)  # 0.1 spellings of old configs too
+        if ctf_mode == "auto":
+            raise ValueError("ctf_mode: give the images' mode (full, phase_flipped, premultiplied, none), not auto")
         if ctf_mode != "none" and ctf is None:
             from .validate import ctf_missing_message
             raise InputError(ctf_missing_message("particles"))
@@ -215,6 +216,7 @@ class Particles:
         from . import metadata
         from ..model.symmetry import symmetry_operators
         meta = metadata.read_particles(star_path)
+        ctf_mode = parse_ctf_mode(ctf_mode, "ctf_mode", quiet=True)
         has_ctf = bool(meta.has_ctf())
         meta.validate(require_alignment=True, require_ctf=has_ctf and ctf_mode != "none", check_images=check_files)
         from .validate import resolve_ctf_mode  # no CTF: refused unless ctf_mode == "none"
@@ -285,7 +287,7 @@ class Particles:
         if self.ctf is not None:
             p = {k: v[rows] for k, v in self.ctf.items()}
             ctf = ctf_2d(self.ky, self.kx, **p)
-            if self.ctf_mode == "flipped":
+            if self.ctf_mode == "phase_flipped":
                 ctf = ctf.abs()
             elif self.ctf_mode == "premultiplied":
                 ctf = ctf * ctf

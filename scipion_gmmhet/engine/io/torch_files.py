@@ -137,11 +137,13 @@ def convert_trusted_folder(old_dir: str, new_dir: str) -> list[str]:
     for folders you trust. The feature cache is not copied (it is rebuilt). Returns the
     converted files."""
     import torch
-    if not os.path.isfile(os.path.join(old_dir, "model.pt")) and not os.path.isdir(os.path.join(old_dir, "checkpoints")):
+    from .outputs import TrainFolder
+    old = TrainFolder(old_dir)
+    if not os.path.isfile(old.model) and not os.path.isdir(old.checkpoint_dir):
         raise InputError(f"--trusted {old_dir}: no model.pt or checkpoints/ there; give a gmmhet training folder")
     if os.path.exists(new_dir):
         raise InputError(f"--out {new_dir}: exists already; give a new folder (the old one is never modified)")
-    shutil.copytree(old_dir, new_dir, ignore=shutil.ignore_patterns("features.f16", "features.json", "*.tmp"))
+    shutil.copytree(old_dir, new_dir, ignore=shutil.ignore_patterns(*TrainFolder.CACHE_FILES, "*.tmp"))
     done = []
     for root, _, files in os.walk(new_dir):
         for name in sorted(files):

@@ -91,7 +91,7 @@ def ctf_missing_message(name: str, option: str = CTF_OPTION) -> str:
 
 def resolve_ctf_mode(has_ctf: bool, ctf_mode: str | None, name: str, premultiplied: bool = False,
                      option: str = CTF_OPTION) -> str:
-    """The CTF mode to use: ``auto``/``None`` -> ``premultiplied`` or ``ctf`` when the particles have
+    """The CTF mode to use: ``auto``/``None`` -> ``premultiplied`` or ``full`` when the particles have
     CTF parameters; ``none`` stays ``none``; any mode but ``none`` on particles without CTF
     parameters is refused (:func:`ctf_missing_message`): ignoring the CTF is an explicit choice."""
     mode = "auto" if ctf_mode is None else str(ctf_mode)
@@ -100,7 +100,7 @@ def resolve_ctf_mode(has_ctf: bool, ctf_mode: str | None, name: str, premultipli
     if not has_ctf:
         raise InputError(ctf_missing_message(name, option))
     if mode == "auto":
-        return "premultiplied" if premultiplied else "ctf"
+        return "premultiplied" if premultiplied else "full"
     return mode
 
 
@@ -219,9 +219,8 @@ def mask_grid_message(name: str, mask_shape, mask_apix: float | None, map_shape,
 def model_grid(train_or_gmm: str) -> tuple[int, float] | None:
     """``(box, apix)`` of the Gaussian model in a training folder, a build folder or a gmm.npz
     (read without torch, for the GUI); None when there is none or it cannot be read."""
-    path = train_or_gmm
-    if path and os.path.isdir(path):
-        path = os.path.join(path, "gmm.npz")
+    from .outputs import gmm_file
+    path = gmm_file(train_or_gmm) if train_or_gmm else train_or_gmm
     if not path or not os.path.isfile(path):
         return None
     try:

@@ -64,7 +64,7 @@ import torch
 
 from ..errors import InputError
 from .fourier import fsc_table, lowpass_map, resolution_at_threshold, shell_for_resolution
-from .gmm import GMM, projection_weights, render_map
+from .gmm import GMM, projection_weights
 
 log = logging.getLogger("gmmhet.build")
 
@@ -463,9 +463,3 @@ def _build(vol, apix, resolution_A, mask, n_gauss, device, seed, steps, final_st
     log.info("build: %d Gaussians; FSC(model, map) drops below 0.5 at %.3g A (target %.3g A); %.1f s",
              len(gmm), res05, resolution_A, time.time() - t0)
     return BuildResult(gmm, table, res05, history, time.time() - t0)
-
-
-def render_model_map(gmm: GMM, box: int, apix: float, device: str = "cpu") -> np.ndarray:
-    """The model rendered on a ``box``-px grid of ``apix`` A/px (float32, [z, y, x])."""
-    c, a, s = gmm.tensors(device)
-    return render_map(c, a, s, box, apix).cpu().numpy()

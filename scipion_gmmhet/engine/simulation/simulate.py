@@ -55,13 +55,15 @@ Output files in ``out_dir`` (all written atomically)
                          ``conf_000`` ... (``n_states_maps`` evenly spaced c from 0 to 1);
                          ``with_subunit``, ``without_subunit``; for mixed
                          ``conf_000_with_subunit`` ... (the product set)
+                         ``neutral``: the conformation a neutral model represents (the arm at
+                         c = 0.5, the subunit when most particles carry it), to score
+                         motion-corrected maps
     ``truth_gmm/*.npz``  the same states as :class:`gmm.GMM` files
     ``simulation.json``  every parameter, the states (name, c, composition, files), the
                          Gaussian index ranges of the domains, noise level and timings
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -75,7 +77,7 @@ import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, euler_to_matrix, fourier_grid, fourier_to_image, matrix_to_euler
-from ..io.atomic import atomic_path, atomic_write, write_text
+from ..io.atomic import atomic_path, atomic_write, reserve_space, write_text
 from ..errors import InputError
 from ..model.gmm import GMM, project, render_map
 from ..io.mrc import write_map
@@ -345,26 +347,6 @@ def project_particles(mol: Molecule, truth: pd.DataFrame, kind: str, ctf: bool =
 
 # ----------------------------------------------------------------------------- writers
 
-def _reserve_space(path: str) -> None:
-    """Allocate a memory-mapped file's blocks now, so that a full disk is an ENOSPC here (an
-    InputError through ``atomic``) rather than a SIGBUS when a page of the map is written."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise
-        # the file system cannot preallocate (EOPNOTSUPP, EINVAL): write as before
-    finally:
-        os.close(fd)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    write_text(path, text)
-
-
 def _star_tables(truth: pd.DataFrame, box: int, apix: float, rng: np.random.Generator) -> dict:
     n = len(truth)
     optics = pd.DataFrame({
@@ -468,6 +450,34 @@ def _check(kind, n, box, apix, snr, n_states_maps, subunit_fraction, max_shift_p
         raise InputError(f"max_shift_px {max_shift_px}: must be in [0, box/10]; pass e.g. 2")
 
 
+def _write_states(mol, renderer, kind: str, n_states_maps: int, out_dir: str, apix: float):
+    """Ground-truth GMM (``truth_gmm/NAME.npz``) and map (``truth_maps/NAME.mrc``) of each state.
+    Returns ({state: map path}, {state: GMM path}, [state records for simulation.json])."""
+    maps, gmms, states = {}, {}, []
+    for name, c, with_sub in _states(kind, n_states_maps):
+        g = mol.state_gmm(c, with_sub, {"kind": kind, "state": name, "conformation": c,
+                                        "composition": int(with_sub)})
+        gmms[name] = os.path.join(out_dir, "truth_gmm", name + ".npz")
+        g.save(gmms[name])
+        maps[name] = os.path.join(out_dir, "truth_maps", name + ".mrc")
+        write_map(maps[name], renderer.state(c, with_sub), apix)
+        states.append({"name": name, "conformation": c, "composition": int(with_sub),
+                       "map": os.path.relpath(maps[name], out_dir), "gmm": os.path.relpath(gmms[name], out_dir),
+                       "n_gaussians": len(g)})
+    return maps, gmms, states
+
+
+def _write_neutral(mol, renderer, truth, kind: str, out_dir: str, apix: float) -> tuple[str, str]:
+    """The truth map and GMM of the conformation a neutral model represents (the arm mid-path,
+    the subunit as most particles have it): ``truth_maps/neutral.mrc``, ``truth_gmm/neutral.npz``."""
+    neutral_sub = bool(truth["composition"].mean() > 0.5)
+    map_path = os.path.join(out_dir, "truth_maps", "neutral.mrc")
+    write_map(map_path, renderer.state(0.5, neutral_sub), apix)
+    gmm_path = os.path.join(out_dir, "truth_gmm", "neutral.npz")
+    mol.state_gmm(0.5, neutral_sub, {"kind": kind, "state": "neutral"}).save(gmm_path)
+    return map_path, gmm_path
+
+
 def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float = 3.0, snr: float = 0.1,
              seed: int = 0, n_states_maps: int = 5, subunit_fraction: float = 0.5, molecule_seed: int = 0,
              max_shift_px: float = 2.0, ctf: bool = True, n_gaussians: int = 1600,
@@ -504,7 +514,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     noise_sigma, signal_var = 0.0, None
     with atomic_path(stack_path) as tmp:  # InputError on a full disk; no stray .tmp
         with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
-            _reserve_space(tmp)
+            reserve_space(tmp)
             def images(i0, i1):
                 out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf, device).cpu().numpy()
                        for j in range(i0, i1, batch_size)]
@@ -540,20 +550,11 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     csv_path = os.path.join(out_dir, "truth.csv")
     atomic_write(csv_path, lambda tmp: truth.to_csv(tmp, index=False, na_rep="nan"))
 
-    maps, gmms, states = {}, {}, []
     renderer = StateRenderer(mol)
-    for name, c, with_sub in _states(kind, n_states_maps):
-        g = mol.state_gmm(c, with_sub, {"kind": kind, "state": name, "conformation": c,
-                                        "composition": int(with_sub)})
-        gmms[name] = os.path.join(out_dir, "truth_gmm", name + ".npz")
-        g.save(gmms[name])
-        maps[name] = os.path.join(out_dir, "truth_maps", name + ".mrc")
-        write_map(maps[name], renderer.state(c, with_sub), apix)
-        states.append({"name": name, "conformation": c, "composition": int(with_sub),
-                       "map": os.path.relpath(maps[name], out_dir), "gmm": os.path.relpath(gmms[name], out_dir),
-                       "n_gaussians": len(g)})
+    maps, gmms, states = _write_states(mol, renderer, kind, n_states_maps, out_dir, apix)
     consensus_path = os.path.join(out_dir, "consensus.mrc")
     write_map(consensus_path, renderer.consensus(truth, kind), apix)
+    maps["neutral"], gmms["neutral"] = _write_neutral(mol, renderer, truth, kind, out_dir, apix)
 
     dom = mol.domain
     arm = mol.arm_centers(torch.tensor([0.0, 1.0])).numpy()
@@ -589,7 +590,7 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
         "summary": summary,
     }
     json_path = os.path.join(out_dir, "simulation.json")
-    _atomic_text(json_path, json.dumps(params, indent=2) + "\n")
+    write_text(json_path, json.dumps(params, indent=2) + "\n")
     log.info("simulated %d %s particles (box %d, %.3g A/px, SNR %s) in %.1f s -> %s", n, kind, box, apix,
              summary["snr"], summary["seconds_total"], out_dir)
     return {"out_dir": out_dir, "star": star_path, "stack": stack_path, "consensus": consensus_path,

@@ -47,6 +47,7 @@ import torch
 from ..device import AdaptiveBatch
 from ..errors import InputError
 from ..io.data import Particles
+from ..io.outputs import gmm_file
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project
 
@@ -105,7 +106,7 @@ class TrainConfig:
 
 def load_gmm(path: str) -> GMM:
     """A GMM from ``gmm.npz`` or a directory holding one (``gmmhet build``'s output)."""
-    p = os.path.join(path, "gmm.npz") if os.path.isdir(path) else path
+    p = gmm_file(path)
     if not os.path.exists(p):
         raise InputError(f"--gmm {path}: no gmm.npz there; give the output folder of 'gmmhet build' or its gmm.npz")
     try:

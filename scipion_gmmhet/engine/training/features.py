@@ -36,8 +36,9 @@ import torch
 
 from ..device import AdaptiveBatch, pinned
 from ..errors import InputError
-from ..io.atomic import atomic_path, write_text
+from ..io.atomic import atomic_path, reserve_space, write_text
 from ..io.data import Batch, HostBatch, Particles
+from ..io.outputs import TrainFolder
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project
 
@@ -141,8 +142,9 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str):
-        self.path = os.path.join(directory, "features.f16")
-        self.meta_path = os.path.join(directory, "features.json")
+        folder = TrainFolder(directory)
+        self.path = folder.feature_cache
+        self.meta_path = folder.feature_cache_meta
         self.array = None
 
     def load(self, fingerprint: dict) -> bool:
@@ -204,7 +206,7 @@ class FeatureCache:
         try:
             with open(path, "wb") as f:
                 f.truncate(n * nf * 2)
-            _reserve_space(path)
+            reserve_space(path)
         except OSError as exc:
             err = disk_full_error(path, exc)
             if err is not None:
@@ -282,24 +284,6 @@ class FeatureSource:
 
     def __call__(self, items: np.ndarray):
         return self.load(self.read(items))
-
-
-def _reserve_space(path: str) -> None:
-    """Allocate a file's blocks now (as ``simulate._reserve_space``): a full disk is an ENOSPC
-    here rather than a SIGBUS when a page of its memory map is written."""
-    import errno
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise
-    finally:
-        os.close(fd)
 
 
 def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:

@@ -48,7 +48,6 @@ model + config), ``latent.npy`` (float32, n_items x zdim; row ``i * n_ops + s`` 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import math
@@ -61,10 +60,10 @@ import torch
 
 from ..device import AdaptiveBatch, is_oom
 from ..errors import InputError
-from ..io import atomic
 from ..io.data import HostBatch, Particles
-from ..io.torch_files import json_field, load_torch_file, save_torch_file
 from ..io.loader import BatchLoader, block_shuffled_order
+from ..io.outputs import TrainFolder
+from ..io.torch_files import json_field, load_torch_file
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM, project, projection_precision
 from ..model.networks import HetModel, parse_changes
@@ -77,19 +76,6 @@ from .prefetch import Prefetcher
 from .trained import MODEL_FILE_VERSION, encode_items, model_payload
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_save(obj, path: str) -> None:
-    """A model.pt or checkpoint in format 2 (tensors and plain containers; see io/torch_files.py)."""
-    save_torch_file(obj, path)
-
-
-def _atomic_text(text: str, path: str) -> None:
-    atomic.write_text(path, text)
-
-
-def _atomic_npy(arr: np.ndarray, path: str) -> None:
-    atomic.save_npy(path, arr)
 
 
 def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, noise: float, gen,
@@ -164,10 +150,6 @@ def _train_batch(model, ddp, binner, source: FeatureSource, host: HostBatch, pos
     return total
 
 
-def _checkpoints(out_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "epoch_*.pt")))
-
-
 @dataclass
 class _Run:
     """What one training run's steps share (built by :func:`train`)."""
@@ -198,10 +180,11 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     dist = dist if dist is not None else Dist(device=particles.device)
     main = dist.is_main
     device = particles.device
+    folder = TrainFolder(out_dir)
     auto_batch = cfg.batch_size == 0
     amp, frc_curve = _settle_config(particles, neutral, cfg, star_path)
     fingerprint = run_fingerprint(cfg, particles, neutral, star_path)
-    auto_batch = _prepare_out_dir(out_dir, cfg, fingerprint, resume, dist, auto_batch)
+    auto_batch = _prepare_out_dir(folder, cfg, fingerprint, resume, dist, auto_batch)
 
     mobile_np = focus_mask_gaussians(neutral, cfg.mask)
     mobile = torch.as_tensor(mobile_np, device=device)
@@ -215,22 +198,22 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             "n_processes": dist.world_size, "particle_frc_per_ring": frc_curve,
             "model_file_version": MODEL_FILE_VERSION}
     if main:
-        neutral.save(os.path.join(out_dir, "gmm.npz"))
+        neutral.save(folder.gmm)
     log.info("training on %d particles x %d symmetry operators, %d Gaussians (%d may change: %s), %d features, "
              "band %.1f-%.1f A (rings %d-%d, Fourier crop %d -> %d px), ctf %s, device %s, %d process(es)",
              particles.n_particles, particles.n_ops, len(neutral), mobile.numel(), ",".join(cfg.changes),
              feats.n_features, cfg.lowres_A, cfg.highres_A, binner.lo, binner.hi, particles.box, particles.fbox,
              particles.ctf_mode, device, dist.world_size)
-    source = _feature_source(particles, feats, cfg, out_dir, fingerprint, dist)
+    source = _feature_source(particles, feats, cfg, folder, fingerprint, dist)
 
     train_items, val_items = split_items(particles.n_particles, particles.n_ops, cfg.val_fraction, cfg.seed)
     run = _Run(particles, cfg, dist, device, amp, binner, source, *_new_model(feats, neutral, mobile, cfg, device))
-    history, start_epoch, resumed_chunk = _resume_state(run, out_dir, resume)
+    history, start_epoch, resumed_chunk = _resume_state(run, folder, resume)
     if auto_batch and not history:
         _choose_batch(run, train_items)  # one GPU: short probe; CPU and several processes: 64
     info["train"] = cfg.to_dict()
     if main:
-        _atomic_text(json.dumps(info, indent=1), os.path.join(out_dir, "config.json"))
+        folder.write_config(info)
     dist.barrier()  # nobody reads a checkpoint that rank 0 is about to replace
     amp.install(run.model)
     compiled = bool(cfg.compile) and compile_mlps(run.model, feats.n_features, device, amp)
@@ -254,7 +237,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
         log.info("epoch %d/%d  train loss %.5f  val loss %.5f  %.0f particles/s  ETA %.0f s", epoch + 1, cfg.epochs,
                  train_loss, val_loss, rate, eta)
         if main:
-            _save_checkpoint(run, history, epoch, out_dir)
+            _save_checkpoint(run, history, epoch, folder)
 
     t_lat = time.time()
     n_all = len(particles)
@@ -262,11 +245,11 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     z = encode_items(run.model, source, np.arange(lo, hi), max(cfg.batch_size, 256))
     z = dist.gather_rows(z, n_all)
     if main:
-        _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
-        _atomic_npy(z, os.path.join(out_dir, "latent.npy"))
-        _atomic_save(model_payload(run.model, cfg, feats, mobile_np, info), os.path.join(out_dir, "model.pt"))
+        folder.write_loss(history)
+        folder.write_latents(z)
+        folder.write_model(model_payload(run.model, cfg, feats, mobile_np, info))
     dist.barrier()
-    log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", os.path.join(out_dir, "latent.npy"), z.shape[0],
+    log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", folder.latent, z.shape[0],
              z.shape[1], time.time() - t_lat, time.time() - t_train)
     return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info, "chunk_size": run.chunk.size,
             "compiled": compiled}
@@ -308,41 +291,36 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
     return amp, frc_curve
 
 
-def _prepare_out_dir(out_dir: str, cfg: TrainConfig, fingerprint: dict, resume: bool, dist: Dist,
+def _prepare_out_dir(folder: TrainFolder, cfg: TrainConfig, fingerprint: dict, resume: bool, dist: Dist,
                      auto_batch: bool = False) -> bool:
-    """Create ``out_dir/checkpoints``; with ``resume``, refuse a folder of another run (other
-    inputs or settings); without it, remove old checkpoints. Collective under ``dist``. A resumed
-    run with an automatic batch size takes the old run's batch size and rate. Returns whether the
-    batch size is still to be chosen."""
+    """Create the checkpoint folder; with ``resume``, refuse a folder of another run (other
+    inputs or settings: :meth:`outputs.TrainFolder.resume_error`); without it, remove old
+    checkpoints. Collective under ``dist``. A resumed run with an automatic batch size takes the
+    old run's batch size and rate. Returns whether the batch size is still to be chosen."""
     main = dist.is_main
     if main:
-        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(folder.checkpoint_dir, exist_ok=True)
     err = None
-    if resume and os.path.exists(os.path.join(out_dir, "config.json")):
-        with open(os.path.join(out_dir, "config.json")) as f:
-            old = json.load(f)
-        if auto_batch:
-            cfg.batch_size, cfg.lr, auto_batch = int(old["train"]["batch_size"]), float(old["train"]["lr"]), False
-        if old.get("fingerprint") != fingerprint or any(
-                old["train"].get(k) != cfg.to_dict()[k] for k in ("zdim", "batch_size", "lr", "hidden", "layers",
-                                                                   "latent_noise", "latent_reg", "val_fraction")):
-            err = InputError(f"--resume: {out_dir} holds a run with other inputs or settings; give the same "
-                             "settings, or a new --out without --resume")
+    if resume:
+        old = folder.read_config().get("train")
+        if auto_batch and old:
+            cfg.batch_size, cfg.lr, auto_batch = int(old["batch_size"]), float(old["lr"]), False
+        why = folder.resume_error(cfg.to_dict(), fingerprint)
+        err = InputError(why) if why else None
     dist.raise_if_any(err)
     if not resume and main:
-        for p in _checkpoints(out_dir):
+        for p in folder.checkpoints():
             os.remove(p)
     return auto_batch
 
 
-def _feature_source(particles: Particles, feats: GradientFeatures, cfg: TrainConfig, out_dir: str,
+def _feature_source(particles: Particles, feats: GradientFeatures, cfg: TrainConfig, folder: TrainFolder,
                     fingerprint: dict, dist: Dist) -> FeatureSource:
     """Feature normalisation statistics (a seeded sample; every process computes the same, or
     reads ``feature_stats.npz``), then the feature cache (``--features cache``) or none."""
     main, device = dist.is_main, particles.device
     big = max(cfg.batch_size, FEATURE_BATCH_CUDA if device.type == "cuda" else 64)  # gradients in large GPU batches
-    stats_path = os.path.join(out_dir, "feature_stats.npz")
-    stats = _load_stats(stats_path, fingerprint)
+    stats = folder.read_feature_stats(fingerprint)
     if stats is None:
         t0 = time.time()
         rng = np.random.default_rng([int(cfg.seed), 11])
@@ -350,7 +328,7 @@ def _feature_source(particles: Particles, feats: GradientFeatures, cfg: TrainCon
         sample = np.sort(rng.choice(n_items, size=min(cfg.n_stats, n_items), replace=False))
         stats = feats.estimate_stats(particles, sample, big if device.type == "cuda" else cfg.batch_size)
         if main:
-            _save_stats(stats, fingerprint, stats_path)
+            folder.write_feature_stats(stats, fingerprint)
         log.info("feature statistics from %d particles in %.1f s (rms: %s)", len(sample), time.time() - t0,
                  ", ".join(f"{k} {v:.3g}" for k, v in stats["scale"].items()))
     else:
@@ -358,7 +336,7 @@ def _feature_source(particles: Particles, feats: GradientFeatures, cfg: TrainCon
     dist.barrier()
     cache = None
     if cfg.features == "cache":
-        cache = FeatureCache(out_dir)
+        cache = FeatureCache(folder.folder)
         ok = cache.load(fingerprint)
         if dist.enabled:  # all processes must agree before rank 0 may rebuild it
             flag = dist.all_reduce_sum(torch.tensor([float(ok)], device=dist._coll_device()))
@@ -431,12 +409,12 @@ def _new_model(feats: GradientFeatures, neutral: GMM, mobile: torch.Tensor, cfg:
     return model, opt
 
 
-def _resume_state(run: _Run, out_dir: str, resume: bool):
+def _resume_state(run: _Run, folder: TrainFolder, resume: bool):
     """With ``resume``, load the last checkpoint into the model, optimiser and loss scaler.
     Returns (history, first epoch to run, chunk size of the checkpoint or None)."""
     history, start_epoch, resumed_chunk = [], 0, None
     if resume:
-        ckpts = _checkpoints(out_dir)
+        ckpts = folder.checkpoints()
         if ckpts:
             ck = load_torch_file(ckpts[-1], "checkpoint", map_location=run.device, require_format=False)
             run.model.load_state_dict(ck["model"])
@@ -448,7 +426,7 @@ def _resume_state(run: _Run, out_dir: str, resume: bool):
             resumed_chunk = ck.get("chunk_size")
             log.info("resuming from %s (epoch %d done)", ckpts[-1], start_epoch)
         else:
-            log.info("--resume: no checkpoint in %s; starting from scratch", out_dir)
+            log.info("--resume: no checkpoint in %s; starting from scratch", folder.folder)
     return history, start_epoch, resumed_chunk
 
 
@@ -534,40 +512,18 @@ def _check_finite(loss: float, epoch: int, cfg: TrainConfig) -> None:
                          "--lr, and check the particles for extreme values")
 
 
-def _save_checkpoint(run: _Run, history: list, epoch: int, out_dir: str) -> None:
-    """``checkpoints/epoch_NNNN.pt`` after epoch ``epoch`` (0-based; the last
-    ``keep_checkpoints`` are kept) and ``loss.csv`` so far."""
+def _save_checkpoint(run: _Run, history: list, epoch: int, folder: TrainFolder) -> None:
+    """The checkpoint after epoch ``epoch`` (0-based; the last ``keep_checkpoints`` are kept)
+    and the loss table so far."""
     cfg, amp = run.cfg, run.amp
-    ck_path = os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1:04d}.pt")
-    _atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch + 1,
-                  "history_json": json.dumps(history), "config_json": json.dumps(cfg.to_dict()),
-                  "chunk_size": int(run.chunk.size),
-                  "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None}, ck_path)
-    for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
+    folder.write_checkpoint(epoch + 1, {
+        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch + 1,
+        "history_json": json.dumps(history), "config_json": json.dumps(cfg.to_dict()),
+        "chunk_size": int(run.chunk.size),
+        "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None})
+    for old in folder.checkpoints()[:-max(1, cfg.keep_checkpoints)]:
         os.remove(old)
-    _write_loss_csv(history, os.path.join(out_dir, "loss.csv"))
-
-
-def _write_loss_csv(history: list, path: str) -> None:
-    lines = ["epoch,train_loss,val_loss,seconds"]
-    lines += [f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['seconds']:.3f}" for h in history]
-    _atomic_text("\n".join(lines) + "\n", path)
-
-
-def _save_stats(stats: dict, fingerprint: dict, path: str) -> None:
-    atomic.atomic_write(path, lambda tmp: np.savez(tmp, mean=stats["mean"], scale_json=json.dumps(stats["scale"]),
-                                                   n_sample=stats["n_sample"],
-                                                   fingerprint=json.dumps(fingerprint, sort_keys=True)),
-                        suffix=".tmp.npz")
-
-
-def _load_stats(path: str, fingerprint: dict):
-    if not os.path.exists(path):
-        return None
-    with np.load(path) as z:
-        if str(z["fingerprint"]) != json.dumps(fingerprint, sort_keys=True):
-            return None
-        return {"mean": z["mean"], "scale": json.loads(str(z["scale_json"])), "n_sample": int(z["n_sample"])}
+    folder.write_loss(history)
 
 
 @torch.no_grad()

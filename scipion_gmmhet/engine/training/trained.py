@@ -21,6 +21,7 @@ import torch
 from ..device import AdaptiveBatch, resolve_device
 from ..errors import InputError
 from ..io.data import Particles
+from ..io.outputs import TrainFolder
 from ..io.torch_files import CONVERT_HINT, json_field, load_torch_file
 from ..model.fourier import RingBinner
 from ..model.gmm import GMM
@@ -70,12 +71,13 @@ class TrainedModel:
     """
 
     def __init__(self, train_dir: str, device="cpu"):
-        path = os.path.join(train_dir, "model.pt")
+        folder = TrainFolder(train_dir)
+        path = folder.model
         if not os.path.exists(path):
             raise InputError(f"--train {train_dir}: no model.pt; give the output folder of a finished 'gmmhet train'")
         self.train_dir = train_dir
         self.device = resolve_device(device)
-        payload = load_torch_file(path, "model.pt")  # weights_only=True: runs no code from the file
+        payload = load_torch_file(path, os.path.basename(path))  # weights_only=True: runs no code from the file
         try:
             self.config = json_field(payload, "config_json", path)
             self.info = json_field(payload, "info_json", path, {})
@@ -87,7 +89,7 @@ class TrainedModel:
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: incomplete model.pt (missing {exc}); {CONVERT_HINT}") from None
         self.payload = payload
-        self.neutral = GMM.load(os.path.join(train_dir, "gmm.npz"))
+        self.neutral = GMM.load(folder.gmm)
         self.zdim = int(self.config["zdim"])
         c0, a0, s0 = self.neutral.tensors(self.device)
         self.model = HetModel(n_features, self.zdim, c0, a0, s0,
@@ -121,7 +123,7 @@ class TrainedModel:
 
     def latents(self) -> np.ndarray:
         """``latent.npy`` ``(n_items, K)`` of the training run."""
-        return np.load(os.path.join(self.train_dir, "latent.npy"))
+        return TrainFolder(self.train_dir).read_latents()
 
     def encode_particles(self, star_path: str, device=None, batch_size: int = 256) -> np.ndarray:
         """Latents of the particles of any star (same box/pixel size as the model), with the
