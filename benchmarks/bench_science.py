@@ -50,6 +50,7 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import TrainFolder  # noqa: E402
 from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
 from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
 from scipion_gmmhet.engine.simulation.atomic import SYSTEMS, domain_atoms_mask, simulate_atomic  # noqa: E402
@@ -179,23 +180,19 @@ def run_system(system: str, args) -> dict:
     key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
     run_dir = os.path.join(d, f"train_{args.tag or 'default'}_{key}")
     t0 = time.time()
-    if args.reuse and os.path.exists(os.path.join(run_dir, "model.pt")):
-        latent = np.load(os.path.join(run_dir, "latent.npy"))
+    if args.reuse and TrainFolder(run_dir).is_finished():
+        latent = TrainFolder(run_dir).read_latents()
         summary = {}
     else:
         particles = Particles.from_star(os.path.join(d, "particles.star"), device=args.device)
         summary = train(particles, GMM.load(gmm_path), cfg, run_dir, star_path=os.path.join(d, "particles.star"))
         latent = summary["latent"]
     t_train = time.time() - t0
-    with open(os.path.join(run_dir, "config.json")) as f:
-        info = json.load(f)
+    info = TrainFolder(run_dir).read_config()
     truth = pd.read_csv(os.path.join(d, "truth.csv"))
     m = metrics(system, latent, truth, run_dir, d)
     cfg_used = info.get("train", {})
-    tsum = {}
-    if os.path.exists(os.path.join(run_dir, "summary.json")):
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            tsum = json.load(f)
+    tsum = TrainFolder(run_dir).read_summary()
     row = {"system": system, "tag": args.tag or "default", "n": args.n, "zdim": args.zdim,
            "n_gauss": len(GMM.load(gmm_path)), "highres_A": cfg_used.get("highres_A"),
            "epochs": cfg.epochs, "best_epoch": tsum.get("best_epoch"), "effective_dim": tsum.get("effective_dim"),

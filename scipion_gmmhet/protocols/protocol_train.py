@@ -27,7 +27,6 @@ protocol's folder) and training resumes up to the new number of epochs.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -358,7 +357,6 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
     def _warnings(self):
         warnings = []
         if not self.doContinue and self.inputParticles.get() is not None:
-            parts = self.inputParticles.get()
             if self._ctfMode() == 'none':
                 warnings.append('CTF: None - the CTF is ignored in training (images taken as '
                                 'phase-flipped or CTF-free).')
@@ -402,12 +400,10 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
     def _engineSummaryLines(self):
         """Kept epoch (early stopping), effective latent dimension and band from the engine's
         train/summary.json (none before the training ends)."""
-        path = os.path.join(self.getTrainDir(), 'summary.json')
-        if not os.path.exists(path):
+        s = TrainFolder(self.getTrainDir()).read_summary()
+        if not s:
             return []
         try:
-            with open(path) as f:
-                s = json.load(f)
             return ['Model kept from epoch %d (lowest validation loss)' % s['best_epoch'],
                     'Effective latent dimension: %d of %d (directions carrying signal)'
                     % (s['effective_dim'], s.get('zdim', len(s['latent_pc_variance']))),

@@ -226,6 +226,17 @@ class TrainFolder(_Folder):
     def is_finished(self) -> bool:
         return os.path.exists(self.model)
 
+    @property
+    def summary(self) -> str:
+        return self.path(SUMMARY_JSON)
+
+    def read_summary(self) -> dict:
+        """``summary.json`` (kept epoch, effective dimension, band; ``{}`` before the run ends)."""
+        return read_json(self.summary, {})
+
+    def write_summary(self, summary: dict) -> None:
+        write_text(self.summary, json.dumps(summary, indent=1, default=float))
+
     def read_config(self) -> dict:
         """``config.json`` (``{}`` before the run wrote it)."""
         return read_json(self.config, {})

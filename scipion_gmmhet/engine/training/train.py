@@ -62,7 +62,6 @@ from ..device import AdaptiveBatch, is_oom
 from ..errors import InputError
 from ..io.data import HostBatch, Particles
 from ..io.loader import BatchLoader, block_shuffled_order
-from ..io.atomic import write_text
 from ..io.outputs import TrainFolder
 from ..io.torch_files import json_field, load_torch_file
 from ..model.fourier import LOSSES, RingBinner
@@ -256,7 +255,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     summary = _run_summary(cfg, z, history, info)
     if main:
         folder.write_loss(history)
-        write_text(folder.path("summary.json"), json.dumps(summary, indent=1, default=float))
+        folder.write_summary(summary)
         folder.write_latents(z)
         folder.write_model(model_payload(run.model, cfg, feats, mobile_np, info))
     dist.barrier()
