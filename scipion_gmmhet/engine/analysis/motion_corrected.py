@@ -47,6 +47,12 @@ Half maps: the halves' deformations must come from two models trained independen
 half sets (``rlnRandomSubset``; DynaMight's recipe): one model trained on all particles would
 correlate the halves and inflate the FSC. The full map is reconstructed from both halves' sums;
 FSC, automatic mask and the phase-randomised masked FSC as :func:`reconstruct.reconstruct_particles`.
+
+Significance gate (:mod:`motion_gate`, ``gate_z`` of :func:`half_moves`): a half model whose
+moves do not improve the fit of its particles outside its training band (Fourier rings the
+network never saw) by ``gate_z`` standard errors gets zero displacement, so moves fitted to
+noise cannot pull the noise into the neutral model's shape in both halves (pure-noise half-map
+FSC 0.98 at 192 A without the gate, chance with it).
 """
 from __future__ import annotations
 
