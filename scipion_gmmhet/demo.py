@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
 
 
 def _log(msg: str) -> None:

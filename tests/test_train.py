@@ -49,8 +49,14 @@ def test_short_training_learns_conformation(conf_set, tmp_path):
     rho = abs(spearmanr(pc1, conf_set["truth"]["conformation"]).correlation)
     assert rho > 0.7, rho
     loss = pd.read_csv(os.path.join(out, "loss.csv"))
-    assert list(loss.columns) == ["epoch", "train_loss", "val_loss", "seconds"]
+    assert list(loss.columns) == ["epoch", "train_loss", "val_loss", "seconds", "best"]
     assert len(loss) == 8 and loss["val_loss"].notna().all()
+    # early stopping: the kept model is the epoch of the lowest validation loss
+    assert loss["best"].sum() == 1 and loss["best"].iloc[int(loss["val_loss"].idxmin())] == 1
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["best_epoch"] == int(loss["epoch"][loss["best"] == 1].iloc[0]) == r["info"]["best_epoch"]
+    assert 1 <= summary["effective_dim"] <= 2 and summary["loss"] == "corr" and summary["prior"] == "kl"
+    assert "band_reason" in summary and len(summary["latent_pc_variance"]) == 2
     assert loss["train_loss"].iloc[-1] < loss["train_loss"].iloc[0]
     # the loading API
     tm = load_trained(out)

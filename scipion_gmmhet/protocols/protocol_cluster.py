@@ -124,7 +124,9 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       label='Trajectories along the principal components?',
                       help='Maps at evenly spaced points along each principal component of the '
                            'latent space, between its 5th and 95th percentiles (cryoDRGN\'s '
-                           'PC traversal): how the molecule moves.')
+                           'PC traversal): how the molecule moves. Also maps along the 1-D '
+                           'trajectory that follows the data (diffusion-map ordering of the '
+                           'particles; "PC 0" in the viewer), best for one continuous motion.')
         form.addParam('trajectorySteps', params.IntParam, default=10, condition='doTrajectories',
                       validators=[params.GE(2)], label='Maps per trajectory',
                       help='Number of maps rendered along each principal component, evenly '
@@ -207,16 +209,19 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 gmmVols.append(vol)
             outputs['outputGmmVolumes'] = gmmVols
 
-        traj = summary.get('trajectories') or {}
+        traj = {int(k[2:]): v['maps'] for k, v in (summary.get('trajectories') or {}).items()}
+        manifold = (summary.get('manifold_trajectory') or {}).get('maps') or []
+        if manifold:
+            traj[0] = manifold  # PC 0: the 1-D trajectory along the data manifold
         if traj:
             trajVols = self._createSetOfVolumes('_traj')
             trajVols.setSamplingRate(apix)
-            for name in sorted(traj):
-                pc = int(name[2:])
-                for step, mapName in enumerate(traj[name]['maps']):
+            for pc in sorted(traj):
+                for step, mapName in enumerate(traj[pc]):
                     vol = Volume(location=os.path.join(outDir, mapName))
                     vol.setSamplingRate(apix)
-                    vol.setObjLabel('PC%d step %d' % (pc, step + 1))
+                    vol.setObjLabel(('PC%d step %d' % (pc, step + 1)) if pc else
+                                    'data trajectory step %d' % (step + 1))
                     vol._gmmhetPc = Integer(pc)
                     vol._gmmhetStep = Integer(step + 1)
                     trajVols.append(vol)

@@ -357,7 +357,6 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
     def _warnings(self):
         warnings = []
         if not self.doContinue and self.inputParticles.get() is not None:
-            parts = self.inputParticles.get()
             if self._ctfMode() == 'none':
                 warnings.append('CTF: None - the CTF is ignored in training (images taken as '
                                 'phase-flipped or CTF-free).')
@@ -392,10 +391,25 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
                               last['train_loss'], _fmt(last.get('val_loss'))))
         elif not self.isFinished():
             summary.append('Training has not finished an epoch yet.')
+        summary.extend(self._engineSummaryLines())
         if self.hasAttribute('outputParticles'):
             summary.append('Output: %d particles with latent vectors (SetOfParticlesFlex).'
                            % self.outputParticles.getSize())
         return summary
+
+    def _engineSummaryLines(self):
+        """Kept epoch (early stopping), effective latent dimension and band from the engine's
+        train/summary.json (none before the training ends)."""
+        s = TrainFolder(self.getTrainDir()).read_summary()
+        if not s:
+            return []
+        try:
+            return ['Model kept from epoch %d (lowest validation loss)' % s['best_epoch'],
+                    'Effective latent dimension: %d of %d (directions carrying signal)'
+                    % (s['effective_dim'], s.get('zdim', len(s['latent_pc_variance']))),
+                    'Band %.0f-%.1f A: %s' % (s['band_A'][0], s['band_A'][1], s.get('band_reason') or '')]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return []
 
     def _methods(self):
         if not self.hasAttribute('outputParticles'):

@@ -161,9 +161,12 @@ class TestProtocolCluster(BaseTest):
             self.assertEqual(vol.shape, (BOX, BOX, BOX))
             self.assertGreater(vol.max(), 0)
         traj = prot.outputTrajectories
-        self.assertEqual(traj.getSize(), 2 * STEPS)
+        # PC1, PC2 and (PC 0) the 1-D trajectory along the data manifold
+        self.assertEqual(traj.getSize(), 3 * STEPS)
         pcs = sorted((v._gmmhetPc.get(), v._gmmhetStep.get()) for v in traj.iterItems())
-        self.assertEqual(pcs, [(pc, s) for pc in (1, 2) for s in range(1, STEPS + 1)])
+        self.assertEqual(pcs, [(pc, s) for pc in (0, 1, 2) for s in range(1, STEPS + 1)])
+        labels = [v.getObjLabel() for v in traj.iterItems() if v._gmmhetPc.get() == 0]
+        self.assertEqual(sorted(labels), ['data trajectory step %d' % s for s in range(1, STEPS + 1)])
         for v in traj.iterItems():
             self.assertTrue(os.path.exists(v.getFileName()))
 

@@ -162,6 +162,8 @@ class TestProtocolTrain(BaseTest):
         self.assertIn('Latent dimension: %d' % ZDIM, summary)
         self.assertIn('Particles: %d' % N, summary)
         self.assertIn('final loss', summary)
+        self.assertIn('Effective latent dimension:', summary)   # engine's train/summary.json
+        self.assertIn('(lowest validation loss)', summary)
         self.assertTrue(prot.methods())
         self.assertEqual(prot.getTrainDir(), prot.outputParticles.getFlexInfo().getAttr('trainDir'))
 

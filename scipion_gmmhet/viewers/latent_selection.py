@@ -39,11 +39,9 @@ import pyworkflow.protocol.params as params
 import pyworkflow.viewer as pwviewer
 from pwem.viewers import EmProtocolViewer
 
-from ..constants import TRAIN_DIR_ATTR
 from ..protocols.labels import GmmhetLabel
 from .. import convert
 from ..engine.io.outputs import TrainFolder
-from ..protocols.protocol_train import ProtGmmhetTrain
 from . import plots
 
 EMBEDDINGS = ['PCA', 'UMAP']

@@ -190,9 +190,10 @@ def draw_loss(ax, loss: Mapping[str, np.ndarray] | str, title: str = "Training",
     if val is not None and np.isfinite(np.asarray(val, dtype=np.float64)).any():
         val = np.asarray(val, dtype=np.float64)
         ax.plot(epoch, val, "s-", ms=3, label="validation", color="tab:orange")
-        best = int(np.nanargmin(val))
+        kept = np.asarray(loss.get("best", []), dtype=np.float64)
+        best = int(np.nanargmax(kept)) if kept.size == val.size and np.nansum(kept) > 0 else int(np.nanargmin(val))
         ax.axvline(epoch[best], color="tab:orange", ls=":", lw=1)
-        ax.annotate("best val. %.4g\n(epoch %g)" % (val[best], epoch[best]),
+        ax.annotate("best val. %.4g\n(epoch %g, model kept)" % (val[best], epoch[best]),
                     (epoch[best], val[best]), xytext=(6, 12), textcoords="offset points",
                     fontsize="small")
     allv = np.concatenate([train, val if val is not None else []]).astype(np.float64)

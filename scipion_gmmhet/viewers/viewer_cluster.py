@@ -165,8 +165,16 @@ def writeChimeraxScript(prot, outCxc: str) -> str:
 
 def trajectoryMaps(prot, pc: int) -> list[str]:
     """Absolute paths of the maps along principal component ``pc`` (1-based), in step order
-    (summary.json 'trajectories' -> 'pc<pc>' -> 'maps', written in step order by the analysis)."""
-    traj = prot.getSummary().get('trajectories') or {}
+    (summary.json 'trajectories' -> 'pc<pc>' -> 'maps', written in step order by the analysis);
+    ``pc`` 0: the 1-D trajectory along the data manifold ('manifold_trajectory')."""
+    summary = prot.getSummary()
+    if int(pc) == 0:
+        maps = (summary.get('manifold_trajectory') or {}).get('maps') or []
+        if not maps:
+            raise ValueError('no trajectory along the data in %s; re-run the protocol with '
+                             'trajectories' % prot.getAnalysisDir())
+        return [os.path.abspath(os.path.join(prot.getAnalysisDir(), m)) for m in maps]
+    traj = summary.get('trajectories') or {}
     key = 'pc%d' % int(pc)
     if key not in traj:
         have = ', '.join(sorted(traj)) or 'none'
@@ -244,7 +252,6 @@ def motionCorrectedFsc(prot) -> tuple[np.ndarray, dict]:
     """(frequencies in 1/A, {label: FSC}) of the motion-corrected map and of the plain consensus
     reconstruction of the same particles: half-map FSC, and masked (phase-randomisation
     corrected) where computed. Empty when the protocol ran without the motion-corrected map."""
-    from ..engine.analysis.reconstruct import read_fsc_csv
     if not hasattr(prot, 'getMotionMaps'):
         return None, {}
     paths = prot.getMotionMaps()
@@ -326,9 +333,11 @@ class GmmhetClusterViewer(GmmhetViewer):
                       help='Their half-map FSC curves (unmasked and masked), and both maps in '
                            'ChimeraX. Needs the protocol\'s "Motion-corrected consensus map".')
         form.addSection(label='Motions')
-        form.addParam('pc', params.IntParam, default=1, validators=[params.GE(1)],
-                      label='Principal component',
-                      help='1-based; the protocol computed trajectories for its first PCs.')
+        form.addParam('pc', params.IntParam, default=1, validators=[params.GE(0)],
+                      label='Principal component (0: along the data)',
+                      help='1-based; the protocol computed trajectories for its first PCs. 0: the '
+                           '1-D trajectory along the data manifold (a diffusion-map ordering of '
+                           'the particles, for a continuous motion).')
         form.addParam('displayTrajectory', params.LabelParam, label='Play PC trajectory',
                       help='The maps along this PC as a ChimeraX volume series (Scipion\'s '
                            'volume viewer where ChimeraX is not installed).')

@@ -81,7 +81,7 @@ class PoseProjector:
         Returns the rfft transforms ``(b * C, D, D//2+1)``, particle-major (with ``band_index``:
         the band's coefficients ``(b * C, n_band)``)."""
         b, C = rotations.shape[0], rotations.shape[1]
-        M, N = self.M, self.N
+        M = self.M
         pos = torch.einsum("bcij,bnj->bcin", rotations[:, :, :2, :].float(), self.y[b0:b1])  # (b, C, 2, N)
         org = self.origins_A[b0:b1, None, :].expand(b, C, 2)
         if shifts_px is not None:

@@ -13,7 +13,9 @@ star rows of cluster XX, one per line: `gmmhet reconstruct --indices`), embeddin
 embedding_umap.npy, centers.npy (cluster centres, latent space), cluster_XX_gmm.mrc,
 cluster_XX.mrc + _half1/_half2.mrc + _mask.mrc + _fsc.csv, pcN_SS.mrc, pcN_motion.bild/.cmm/.png
 (Gaussian displacements from the first to the last trajectory point: ChimeraX arrows, markers,
-quiver plot), embedding_*.png and fsc.png, chimerax_clusters.cxc and summary.json (cluster
+quiver plot), trajectory.npy (each row's coordinate in [0, 1] along the data manifold, a
+diffusion-map ordering like cryoDRGN's graph traversal) with traj_SS.mrc maps along it and
+embedding_*_trajectory.png, embedding_*.png and fsc.png, chimerax_clusters.cxc and summary.json (cluster
 sizes, centres, resolutions).
 
 Examples:
@@ -65,6 +67,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="maps per principal-component trajectory (0: none; default 10)")
     parser.add_argument("--pcs", type=int, default=2, metavar="P",
                         help="number of principal components to traverse (default 2)")
+    parser.add_argument("--no-trajectory", action="store_true",
+                        help="skip the 1-D trajectory along the data manifold (diffusion-map coordinate of the "
+                             "latents: trajectory.npy, traj_SS.mrc, embedding_*_trajectory.png)")
     parser.add_argument("--domain-mask", metavar="MASK.mrc",
                         help="mask of a domain: find the latent direction that moves it most and the rest least")
     parser.add_argument("--even-odd", metavar="DIR2",
@@ -118,6 +123,8 @@ def main(args: argparse.Namespace) -> int:
                "method": args.method, "k": args.clusters, "seed": args.seed}
     pca, cl, clusters, gmm_maps = _embed_and_cluster(args, model, z, n_ops, folder, summary)
     summary["trajectories"] = _trajectories(args, model, pca, z, folder)
+    if not args.no_trajectory and z.shape[0] >= 10:
+        summary["manifold_trajectory"] = _manifold_trajectory(model, z, pca, args, folder)
     if args.domain_mask:
         summary["domain_motion"] = _domain_motion(args, model, z, folder)
     _reconstructions(args, meta, n_ops, info, cl, clusters, gmm_maps, folder, apix)
@@ -225,6 +232,41 @@ def _embed_and_cluster(args, model, z, n_ops, folder, summary):
             gmm_maps[c] = vol
             clusters[c]["gmm_map"] = os.path.basename(path)
     return pca, cl, clusters, gmm_maps
+
+
+def _manifold_trajectory(model, z: np.ndarray, pca, args, folder) -> dict:
+    """The 1-D coordinate along the data manifold (analysis.trajectory): trajectory.npy (per row),
+    maps at equal-count bins along it (traj_SS.mrc), its motion (traj_motion.bild) and the
+    embeddings coloured by it (embedding_*_trajectory.png)."""
+    from ..analysis import latent as an
+    from ..analysis.trajectory import manifold_coordinate, plot_coordinate_png, trajectory_points
+    from ..io import chimerax as cx
+    from ..io.mrc import write_map
+
+    tr = manifold_coordinate(z, seed=args.seed)
+    _write_npy(folder.path("trajectory.npy"), tr.coordinate)
+    info = tr.summary()
+    pts, t = trajectory_points(z, tr.coordinate, max(2, args.traj_steps or 10))
+    _write_npy(folder.path("trajectory_points.npy"), pts)
+    names = []
+    if args.traj_steps:
+        box, apix = model.neutral.box, model.neutral.apix
+        for s, vol in enumerate(an.render_at(model, pts, box, apix)):
+            names.append(f"traj_{s:02d}.mrc")
+            write_map(folder.path(names[-1]), vol, apix)
+        c0, d, _ = an.gaussian_displacements(model, pts[0], pts[-1])
+        cx.displacement_bild(c0, c0 + d, folder.path("traj_motion.bild"), box, apix, min_length_A=0.5)
+        info["max_displacement_A"] = float(np.linalg.norm(d, axis=1).max())
+    embeddings = {"pca": pca.transform(z)}
+    if os.path.exists(folder.embedding("umap")):
+        embeddings["umap"] = np.load(folder.embedding("umap"))
+    for name, emb in embeddings.items():
+        path_xy = _xy(pca.transform(pts)) if name == "pca" else None
+        plot_coordinate_png(folder.path(f"embedding_{name}_trajectory.png"), _xy(emb), tr.coordinate, path_xy,
+                            title=f"trajectory coordinate, {name.upper()}")
+    info.update({"maps": names, "coordinates": np.round(t, 4).tolist()})
+    log.info("manifold trajectory: %d maps; rank correlation with PC1 %.3f", len(names), tr.spearman_pc1)
+    return info
 
 
 def _trajectories(args, model, pca, z, folder) -> dict:

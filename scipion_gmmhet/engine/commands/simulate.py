@@ -11,6 +11,11 @@ examples:
   gmmhet simulate --out sim_mixed --kind mixed --n 20000 --box 96 --apix 2.0 --snr 0.05 --seed 3
   gmmhet simulate --out sim_comp --kind compositional --subunit-fraction 0.3 --n 2000 --box 48
   gmmhet simulate --out clean --kind homogeneous --n 100 --snr inf
+  gmmhet simulate --out hinge --kind hinge --pdb tests/data/1ake.pdb --n 6000 --apix 1.5
+
+kinds hinge, two_motions and cyclic move the domains of a real structure (--pdb, adenylate
+kinase numbering as PDB 1AKE: LID 122-159, NMP 30-59) rigidly about their hinges; see
+scipion_gmmhet.engine.simulation.atomic.
 """
 from __future__ import annotations
 
@@ -18,13 +23,21 @@ import argparse
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    from ..simulation.atomic import SYSTEMS
     from ..simulation.simulate import KINDS
 
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
-    parser.add_argument("--kind", required=True, choices=KINDS, help="kind of heterogeneity")
+    parser.add_argument("--kind", required=True, choices=KINDS + SYSTEMS,
+                        help="kind of heterogeneity (synthetic molecule), or a motion of a real structure: "
+                             "hinge (LID and NMP open together), two_motions (independently), cyclic (LID "
+                             "turns a full circle); those need --pdb")
+    parser.add_argument("--pdb", default=None, metavar="FILE",
+                        help="atomic structure for hinge/two_motions/cyclic (adenylate kinase, e.g. "
+                             "tests/data/1ake.pdb)")
     parser.add_argument("--n", type=int, default=5000, help="number of particles (default 5000)")
     parser.add_argument("--box", type=int, default=64, help="box size in pixels, even (default 64)")
-    parser.add_argument("--apix", type=float, default=3.0, help="pixel size in Angstrom (default 3.0)")
+    parser.add_argument("--apix", type=float, default=None,
+                        help="pixel size in Angstrom (default 3.0; 1.5 for the real-structure kinds)")
     parser.add_argument("--snr", type=float, default=0.1,
                         help="signal-to-noise ratio: mean variance of the noiseless CTF-applied images / "
                              "noise variance; 'inf' for no noise (default 0.1)")
@@ -43,15 +56,24 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..device import resolve_device
+    from ..errors import InputError
     from ..io.atomic import make_output_dir
+    from ..simulation.atomic import SYSTEMS, simulate_atomic
     from ..simulation.simulate import simulate
 
+    if args.kind in SYSTEMS and not args.pdb:
+        raise InputError(f"--kind {args.kind}: needs an atomic structure; pass --pdb FILE "
+                         "(e.g. tests/data/1ake.pdb)")
     args.device = str(resolve_device(args.device))  # a one-line error for cuda without a GPU
     make_output_dir(args.out)
-    result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix, snr=args.snr, seed=args.seed,
-                      n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
-                      molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,
-                      device=args.device)
+    if args.kind in SYSTEMS:  # small atomic models: projected on the CPU
+        result = simulate_atomic(args.out, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix or 1.5,
+                                 snr=args.snr, seed=args.seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf)
+    else:
+        result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix or 3.0, snr=args.snr,
+                          seed=args.seed, n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
+                          molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,
+                          device=args.device)
     s = result["summary"]
     print(f"wrote {s['n']} {s['kind']} particles ({s['box']} px, {s['apix']:g} A/px, SNR {s['snr']}) in "
           f"{s['seconds_total']:.1f} s: {result['star']}")

@@ -71,6 +71,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out fraction (default 0.05)")
     p.add_argument("--latent-noise", type=float, default=d.latent_noise, help="latent noise sd during training")
     p.add_argument("--latent-reg", type=float, default=d.latent_reg, help="weight of the latent-norm penalty")
+    p.add_argument("--loss", choices=["corr", "frc"], default=d.loss,
+                   help="similarity of projection and particle: corr (one correlation over all Fourier "
+                        "coefficients of the band: the white-noise likelihood) or frc (e2gmm's ring-averaged "
+                        f"FRC) (default {d.loss})")
+    p.add_argument("--prior", choices=["kl", "l2"], default=d.prior,
+                   help="latent prior: kl (variational, KL to N(0, I): unused latent dimensions collapse) or l2 "
+                        f"(e2gmm's fixed noise --latent-noise and penalty --latent-reg) (default {d.prior})")
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight,
+                   help=f"weight of the KL term (nats) against the similarity, --prior kl (default {d.kl_weight:g})")
     p.add_argument("--hidden", type=int, default=d.hidden, help="units per hidden layer (default 512)")
     p.add_argument("--layers", type=int, default=d.layers, help="hidden layers per network (default 3)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=d.amp,
@@ -115,7 +124,7 @@ def main(args) -> int:
                       latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers,
                       amp=args.amp, compile=args.compile, prefetch=args.prefetch,
                       proj_precision=args.proj_precision, loader_threads=args.loader_threads,
-                      log_every=args.log_every)
+                      log_every=args.log_every, loss=args.loss, prior=args.prior, kl_weight=args.kl_weight)
     resolve_device(args.device)  # a clear error before joining a process group
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:

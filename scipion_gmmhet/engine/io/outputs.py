@@ -226,6 +226,17 @@ class TrainFolder(_Folder):
     def is_finished(self) -> bool:
         return os.path.exists(self.model)
 
+    @property
+    def summary(self) -> str:
+        return self.path(SUMMARY_JSON)
+
+    def read_summary(self) -> dict:
+        """``summary.json`` (kept epoch, effective dimension, band; ``{}`` before the run ends)."""
+        return read_json(self.summary, {})
+
+    def write_summary(self, summary: dict) -> None:
+        write_text(self.summary, json.dumps(summary, indent=1, default=float))
+
     def read_config(self) -> dict:
         """``config.json`` (``{}`` before the run wrote it)."""
         return read_json(self.config, {})
@@ -241,9 +252,11 @@ class TrainFolder(_Folder):
         save_npy(self.latent, z)
 
     def write_loss(self, history: list) -> None:
-        """``loss.csv``: epoch, train_loss, val_loss, seconds (one row per finished epoch)."""
-        lines = ["epoch,train_loss,val_loss,seconds"]
-        lines += [f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['seconds']:.3f}" for h in history]
+        """``loss.csv``: epoch, train_loss, val_loss, seconds, best (one row per finished epoch;
+        ``best`` 1 on the epoch whose model was kept: the lowest validation loss, early stopping)."""
+        lines = ["epoch,train_loss,val_loss,seconds,best"]
+        lines += [f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['seconds']:.3f},{int(h.get('best', 0))}"
+                  for h in history]
         write_text(self.loss, "\n".join(lines) + "\n")
 
     def read_loss(self) -> list[dict]:

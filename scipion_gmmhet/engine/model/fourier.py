@@ -42,6 +42,9 @@ def shell_resolution_A(box: int, apix: float, shells: np.ndarray) -> np.ndarray:
         return box * apix / shells
 
 
+LOSSES = ("corr", "frc")
+
+
 class RingBinner:
     """Sums over Fourier rings of a ``box``-px image's rfft, restricted to a resolution band.
 
@@ -51,8 +54,11 @@ class RingBinner:
     """
 
     def __init__(self, box: int, apix: float, lowres_A: float | None = None, highres_A: float | None = None,
-                 device=None):
+                 device=None, loss: str = "frc"):
         self.box, self.apix = box, apix
+        if loss not in LOSSES:
+            raise ValueError(f"loss {loss!r}: one of {', '.join(LOSSES)}")
+        self.loss = loss
         idx = shell_index_2d(box, device=device)
         lo = 1 if lowres_A is None else max(1, int(math.ceil(box * apix / lowres_A)))
         hi = box // 2 if highres_A is None else min(box // 2, shell_for_resolution(box, apix, highres_A))
@@ -93,6 +99,33 @@ class RingBinner:
     def mean_frc(self, F1: torch.Tensor, F2: torch.Tensor) -> torch.Tensor:
         """e2gmm's score: the FRC averaged over the rings of the band, ``(B,)``."""
         return self.frc(F1, F2).mean(dim=1)
+
+    def band_corr(self, F1: torch.Tensor, F2: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+        """One correlation over every Fourier coefficient of the band, ``(B,)``: the white-noise
+        Gaussian likelihood's score (with the best scale, ``-log L = |y|^2 (1 - corr^2) / 2 s^2``),
+        which weights each ring by its number of pixels and its signal, unlike the ring average.
+        Coefficients stand for themselves and their Hermitian mirror (columns ``0 < kx < D/2``
+        count twice)."""
+        a, b = self.gather(F1), self.gather(F2)
+        w = self._hermitian_weight(a.device)
+        cross = ((a * b.conj()).real * w).sum(1)
+        p1 = ((a.real ** 2 + a.imag ** 2) * w).sum(1)
+        p2 = ((b.real ** 2 + b.imag ** 2) * w).sum(1)
+        return cross / torch.sqrt(p1 * p2 + eps)
+
+    def _hermitian_weight(self, device) -> torch.Tensor:
+        w = getattr(self, "_hw", None)
+        if w is None or w.device != torch.device(device):
+            W = self.box // 2 + 1
+            col = self.flat_index.to(device) % W
+            w = torch.where((col == 0) | (col == W - 1), 1.0, 2.0).to(device)
+            self._hw = w
+        return w
+
+    def score(self, F1: torch.Tensor, F2: torch.Tensor) -> torch.Tensor:
+        """The similarity the training maximises, ``(B,)``: :meth:`band_corr` (``loss = 'corr'``,
+        the training default) or :meth:`mean_frc` (``loss = 'frc'``, e2gmm's)."""
+        return self.mean_frc(F1, F2) if self.loss == "frc" else self.band_corr(F1, F2)
 
 
 def fsc(map1: np.ndarray, map2: np.ndarray) -> np.ndarray:

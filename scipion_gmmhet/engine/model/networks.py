@@ -16,6 +16,8 @@ the focus mask never change.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -52,15 +54,19 @@ def mlp(n_in: int, n_out: int, hidden: int, layers: int, dropout: float = 0.0,
 
 class Encoder(nn.Module):
     """Normalised gradient features ``(B, F)`` -> latents ``(B, K)``. The output layer starts
-    with small weights, so latents start close to (not exactly) zero, as in e2gmm."""
+    with small weights, so latents start close to (not exactly) zero, as in e2gmm.
+    ``variational``: ``(B, 2K)``, the posterior means then log-variances (these start at
+    ``log(0.1^2)``: a posterior width of 0.1 prior standard deviations)."""
 
     def __init__(self, n_features: int, zdim: int, hidden: int = 512, layers: int = 3, dropout: float = 0.0,
-                 batchnorm: bool = False):
+                 batchnorm: bool = False, variational: bool = False):
         super().__init__()
-        self.net = mlp(n_features, zdim, hidden, layers, dropout, batchnorm)
+        self.net = mlp(n_features, zdim * (2 if variational else 1), hidden, layers, dropout, batchnorm)
         with torch.no_grad():
             self.net[-1].weight.mul_(0.1)
             self.net[-1].bias.zero_()
+            if variational:
+                self.net[-1].bias[zdim:] = 2.0 * math.log(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -116,20 +122,38 @@ class HetModel(nn.Module):
 
     def __init__(self, n_features: int, zdim: int, centers_A, amplitudes, sigmas_A, mobile, changes,
                  pos_scale_A: float, hidden: int = 512, layers: int = 3, dropout: float = 0.0,
-                 batchnorm: bool = False):
+                 batchnorm: bool = False, variational: bool = False):
         super().__init__()
-        self.encoder = Encoder(n_features, zdim, hidden, layers, dropout, batchnorm)
+        self.variational = bool(variational)
+        self.encoder = Encoder(n_features, zdim, hidden, layers, dropout, batchnorm, self.variational)
         self.decoder = Decoder(zdim, centers_A, amplitudes, sigmas_A, mobile, changes, pos_scale_A, hidden, layers)
+        self.kl_terms = None
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, K)`` of features: the posterior means when ``variational``."""
+        out = self.encoder(features)
+        return out[:, :out.shape[1] // 2] if self.variational else out
 
     def forward(self, features: torch.Tensor, latent_noise: float = 0.0, generator=None,
                 noise: torch.Tensor | None = None):
         """``noise``: standard normal draws ``(B, K)`` to use (scaled by ``latent_noise``) instead
         of drawing them from ``generator`` (training draws a whole global batch's noise once, so
-        that splitting the batch into chunks or across processes leaves it unchanged)."""
-        z = self.encoder(features)
+        that splitting the batch into chunks or across processes leaves it unchanged).
+
+        ``variational`` (``--prior kl``): ``z`` is the posterior mean; with ``latent_noise > 0``
+        the decoder gets a sample ``z + exp(logvar / 2) * noise`` (the posterior's own width, not
+        ``latent_noise``); ``kl_terms`` ``(B,)`` holds KL(posterior || N(0, I)) in nats."""
+        out = self.encoder(features)
+        logvar = None
+        if self.variational:
+            z, logvar = out.chunk(2, dim=1)
+            logvar = logvar.clamp(-16.0, 4.0)
+            self.kl_terms = 0.5 * (z * z + logvar.exp() - 1.0 - logvar).sum(1)
+        else:
+            z = out
         zn = z
         if latent_noise > 0:
             if noise is None:
                 noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            zn = z + latent_noise * noise
+            zn = z + (torch.exp(0.5 * logvar) if logvar is not None else latent_noise) * noise
         return z, self.decoder(zn)

@@ -71,17 +71,17 @@ import os
 import time
 from dataclasses import dataclass
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 
 from ..conventions import ctf_2d, euler_to_matrix, fourier_grid, fourier_to_image, matrix_to_euler
-from ..io.atomic import atomic_path, atomic_write, reserve_space, write_text
+from ..io.atomic import atomic_write, write_text
 from ..errors import InputError
 from ..model.gmm import GMM, project, render_map
 from ..io.mrc import write_map
 from ..io.star import write_star
+from .stack import write_stack
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ MAX_ASTIGMATISM_A = 400.0
 HINGE_ANGLE_DEG = 60.0
 ARM_SLIDE_L = 0.08           # arm translation end to end, in units of the box length
 CONSENSUS_BINS = 20
-CALIBRATION_PARTICLES = 512
 PARTICLES_PER_MICROGRAPH = 50
 MICROGRAPH_SIZE_PX = 4096
 DOMAIN_NAMES = ("core0", "core1", "core2", "arm", "subunit")
@@ -508,41 +507,10 @@ def simulate(out_dir: str, kind: str, n: int = 5000, box: int = 64, apix: float 
     n_atoms = len(mol.centers_A) if kind in ("compositional", "mixed") else mol.n_without_subunit()
     if batch_size is None:
         batch_size = int(max(8, min(256, 8_000_000 // (n_atoms * box)))) * (8 if str(device).startswith("cuda") else 1)
-    n_cal = min(n, CALIBRATION_PARTICLES, max(16, (1 << 22) // (box * box)))
     stack_path = os.path.join(out_dir, "particles.mrcs")
-    stats = {"min": math.inf, "max": -math.inf, "sum": 0.0, "sumsq": 0.0}
-    noise_sigma, signal_var = 0.0, None
-    with atomic_path(stack_path) as tmp:  # InputError on a full disk; no stray .tmp
-        with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
-            reserve_space(tmp)
-            def images(i0, i1):
-                out = [project_particles(mol, truth.iloc[j:min(j + batch_size, i1)], kind, ctf, device).cpu().numpy()
-                       for j in range(i0, i1, batch_size)]
-                return np.concatenate(out)
-
-            def write(i0, clean):
-                img = clean
-                if noise_sigma > 0:
-                    img = clean + rng_noise.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_sigma)
-                m.data[i0:i0 + len(img)] = img
-                stats["min"] = min(stats["min"], float(img.min()))
-                stats["max"] = max(stats["max"], float(img.max()))
-                stats["sum"] += float(img.sum(dtype=np.float64))
-                stats["sumsq"] += float(np.square(img, dtype=np.float64).sum())
-
-            cal = images(0, n_cal)
-            signal_var = float(cal.reshape(len(cal), -1).var(axis=1, dtype=np.float64).mean())
-            noise_sigma = math.sqrt(signal_var / snr) if math.isfinite(snr) else 0.0
-            write(0, cal)
-            del cal
-            for i0 in range(n_cal, n, batch_size):
-                write(i0, images(i0, min(n, i0 + batch_size)))
-            m.set_image_stack()
-            m.voxel_size = apix
-            count = n * box * box
-            mean = stats["sum"] / count
-            m.header.dmin, m.header.dmax, m.header.dmean = stats["min"], stats["max"], mean
-            m.header.rms = math.sqrt(max(0.0, stats["sumsq"] / count - mean * mean))
+    n_cal, signal_var, noise_sigma = write_stack(
+        stack_path, n, box, apix, snr,
+        lambda rows: project_particles(mol, truth.iloc[rows], kind, ctf, device).cpu().numpy(), rng_noise, batch_size)
     t_stack = time.perf_counter() - t0
 
     star_path = os.path.join(out_dir, "particles.star")

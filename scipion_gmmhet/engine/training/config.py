@@ -21,16 +21,29 @@ Defaults and why (see :class:`TrainConfig`):
 - ``proj_precision 'fp32'``: precision of the projection's matrix product (``bf16``/``fp16``:
   :func:`gmm.project`; float32 geometry and accumulation; benchmarks/results/precision_*.md).
 - ``epochs 30``: the validation loss of 5k-particle sets flattens after 20-30 epochs.
-- ``latent_noise 0.05`` (fixed, non-trainable: e2gmm's continuity noise) and
-  ``latent_reg 1e-3`` (keeps latents near the origin, so that noise of fixed size matters).
+- ``loss corr``: one correlation over every Fourier coefficient of the band (the white-noise
+  Gaussian likelihood with the best scale), in the loss and in the encoder's gradient inputs;
+  e2gmm's ring-averaged FRC (``loss frc``) weights a ring of 6 pixels like one of 70, so the
+  noisy outer rings count as much as the signal-rich inner ones (measurements: README,
+  benchmarks/bench_science.py, 1AKE hinge at zdim 4).
+- ``prior kl``, ``kl_weight``: the encoder gives a posterior mean and width per latent
+  dimension; KL(posterior || N(0, I)) in nats, weighted against the (unitless) similarity, lets
+  a dimension that carries no signal collapse onto the prior (means ~0), so the leading latent
+  direction is the motion; summary.json's effective dimension counts the directions that carry
+  signal. ``prior l2``: e2gmm's fixed ``latent_noise 0.05`` and ``latent_reg 1e-3`` |z|^2
+  penalty (used only then).
+- early stopping: the model of the epoch with the lowest validation loss is kept (latent.npy,
+  model.pt; ``best`` in loss.csv): on 6,000 particles with the l2 prior the validation loss
+  rises after ~12 epochs while the training loss keeps falling.
 - band ``lowres_A = 100`` (e2gmm's default minimum resolution; lower rings hold the
-  particle's overall envelope, shared by every state) to ``highres_A`` chosen from the data
-  (:func:`auto_highres`: the last ring where the mean per-particle FRC of the neutral model
-  is >= min(0.5, 0.6 x its peak), never finer than the GMM's resolution). Rings where one
-  particle has no signal only add noise to an equally-weighted ring average: on simulated
-  SNR 0.1 data (2,000 particles) a 30 A band gave |Spearman| 0.92 where the GMM's 12 A gave
-  0.85, and on 5,000 particles a band one ring finer (27 A instead of 32 A) gave 0.89 instead
-  of 0.92. Give ``highres_A`` to override.
+  particle's overall envelope, shared by every state) to ``highres_A`` from the model and the
+  data (:func:`auto_highres`): the neutral GMM's resolution, or coarser where the particles
+  carry no signal (the mean per-particle FRC of the neutral model below its noise level
+  ``1/sqrt(2 pi k)`` at ring k). The likelihood weights rings by their signal, so the band
+  need not stop early; the old rule (last ring with per-particle FRC >= min(0.5, 0.6 x peak),
+  kept for ``loss frc``, where equal ring weights make noisy rings costly) stopped at 19 A on
+  the 1AKE hinge (8 A GMM, 1.5 A/px). Give ``highres_A`` to override; the reason is logged and
+  written to summary.json.
 - ``val_fraction 0.05``: a seeded 5% of particles (all symmetry copies of a particle go to the
   same side) never trains; its loss is logged every epoch to spot over-fitting.
 """
@@ -54,6 +67,7 @@ from ..model.gmm import GMM, project
 log = logging.getLogger(__name__)
 
 FRC_AUTO_THRESHOLD = 0.5
+PRIORS = ("kl", "l2")
 
 
 @dataclass
@@ -88,6 +102,9 @@ class TrainConfig:
     loader_threads: int = 4
     log_every: int = 200
     proj_precision: str = "fp32"
+    loss: str = "corr"
+    prior: str = "kl"
+    kl_weight: float = 1e-3
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -167,20 +184,35 @@ def auto_highres(particles: Particles, neutral: GMM, cfg: TrainConfig, n_sample:
     curve = (total / len(items)).cpu().numpy()
     lo_ring = max(1, int(np.ceil(particles.box * particles.apix / (cfg.lowres_A or 100.0))))
     peak = float(curve[lo_ring - 1:].max()) if len(curve) >= lo_ring else 0.0
-    threshold = min(FRC_AUTO_THRESHOLD, 0.6 * peak)
+    if cfg.loss == "frc":  # e2gmm's ring average: stop where one particle's rings turn noisy
+        threshold = min(FRC_AUTO_THRESHOLD, 0.6 * peak)
+        rule = f"last ring with per-particle FRC >= {threshold:.2f}"
+    else:  # likelihood: every ring that holds signal; noise rings weigh by their (small) share
+        threshold = 1.0 / np.sqrt(2.0 * np.pi * np.arange(1, len(curve) + 1))
+        rule = "last ring where the per-particle FRC exceeds its noise level 1/sqrt(2 pi k)"
     below = np.nonzero((curve < threshold) & (np.arange(len(curve)) >= lo_ring - 1))[0]
     last_ring = int(below[0]) if below.size else len(curve)  # curve[k] is ring k + 1
     last_ring = max(last_ring, lo_ring + 2)
-    highres = particles.box * particles.apix / last_ring
+    highres = data_limit = particles.box * particles.apix / last_ring
+    model_limit = _gmm_resolution(neutral)
+    reason = f"particles' signal ({rule}) to {data_limit:.1f} A"
+    if model_limit is not None and model_limit > highres:
+        highres = model_limit
+        reason = f"the neutral GMM's resolution {model_limit:.1f} A (the {reason})"
+    log.info("per-particle FRC of the neutral model by ring: %s -> training band up to %.1f A: %s",
+             " ".join(f"{v:.2f}" for v in curve[:max(last_ring + 4, 8)]), highres, reason)
+    cfg.extra = {**(cfg.extra or {}), "band_reason": reason}
+    return float(highres), [round(float(v), 4) for v in curve]
+
+
+def _gmm_resolution(neutral: GMM) -> float | None:
+    """The resolution the neutral GMM was built to (``gmmhet build``'s target), or None."""
     for key in ("target_resolution_A", "resolution_A"):
         try:
-            highres = max(highres, float(neutral.info[key]))
-            break
+            return float(neutral.info[key])
         except (KeyError, TypeError, ValueError):
             continue
-    log.info("per-particle FRC of the neutral model by ring: %s -> training band up to %.1f A (last ring with "
-             "FRC >= %.2f)", " ".join(f"{v:.2f}" for v in curve[:max(last_ring + 4, 8)]), highres, threshold)
-    return float(highres), [round(float(v), 4) for v in curve]
+    return None
 
 
 def split_items(n_particles: int, n_ops: int, val_fraction: float, seed: int):

@@ -87,7 +87,7 @@ class GradientFeatures:
                       "sigmas": self.s0.expand(B, -1).clone().requires_grad_(True)}
             F = project(leaves["centers"], leaves["amplitudes"], leaves["sigmas"], b.rotations, self.box,
                         self.apix, b.origins_A, b.ctf)
-            loss = -self.binner.mean_frc(F, b.F_img)
+            loss = -self.binner.score(F, b.F_img)
             wanted = [leaves[t] for t in self.param_types]
             grads = torch.autograd.grad(loss.sum(), wanted)
         return torch.cat([g[:, self.mobile].reshape(B, -1) for g in grads], dim=1).detach()

@@ -64,15 +64,16 @@ from ..io.data import HostBatch, Particles
 from ..io.loader import BatchLoader, block_shuffled_order
 from ..io.outputs import TrainFolder
 from ..io.torch_files import json_field, load_torch_file
-from ..model.fourier import RingBinner
+from ..model.fourier import LOSSES, RingBinner
 from ..model.gmm import GMM, project, projection_precision
 from ..model.networks import HetModel, parse_changes
 from .acceleration import Amp, autocast, compile_mlps
 from .batching import MIN_STEPS_PER_EPOCH, REFERENCE_BATCH, probe_batch_size, resident_rows, scaled_lr
-from .config import TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
+from .config import PRIORS, TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
 from .distributed import Dist
 from .features import FeatureCache, FeatureSource, GradientFeatures, feature_param_types, focus_mask_gaussians
 from .prefetch import Prefetcher
+from .selection import keep_best as _keep_best, restore_best as _restore_best, run_summary as _run_summary
 from .trained import MODEL_FILE_VERSION, encode_items, model_payload
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, 
               latent_reg: float):
     z, (c, a, s) = model(x, noise, gen)
     F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf)
-    frc = binner.mean_frc(F, b.F_img)
+    frc = binner.score(F, b.F_img)
     loss = -frc.mean()
     if latent_reg > 0:
         loss = loss + latent_reg * (z * z).sum(1).mean()
@@ -90,7 +91,7 @@ def _frc_loss(model: HetModel, binner: RingBinner, x, b, box: int, apix: float, 
 
 
 def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_std: float, noise,
-                latent_reg: float, scale: float, amp: Amp | None = None):
+                latent_reg: float, scale: float, amp: Amp | None = None, kl_weight: float = 0.0):
     """Forward and backward of one chunk of a training batch: the loss is the chunk's SUM of
     per-particle losses (``-FRC + latent_reg |z|^2``) times ``scale`` (1 / global batch size,
     times the number of processes under DDP), so the gradients of a batch's chunks (and
@@ -101,9 +102,12 @@ def _chunk_step(model, binner: RingBinner, x, b, box: int, apix: float, noise_st
         z, (c, a, s) = model(x, noise_std, None, noise)
     z, c, a, s = z.float(), c.float(), a.float(), s.float()  # no-ops without amp
     F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf, precision=_proj(amp))
-    frc = binner.mean_frc(F, b.F_img)
+    frc = binner.score(F, b.F_img)
     loss = -frc.sum()
-    if latent_reg > 0:
+    net = getattr(model, "module", model)  # under DDP
+    if net.variational:
+        loss = loss + kl_weight * net.kl_terms.float().sum()
+    elif latent_reg > 0:
         loss = loss + latent_reg * (z * z).sum()
     if amp is not None:
         amp.backward(loss * scale)
@@ -144,7 +148,8 @@ def _train_batch(model, ddp, binner, source: FeatureSource, host: HostBatch, pos
         sync = contextlib.nullcontext() if (ddp is None or k == len(starts) - 1) else ddp.no_sync()
         with sync:
             frc = _chunk_step(ddp if ddp is not None else model, binner, x, b, box, apix, cfg.latent_noise,
-                              None if my_noise is None else my_noise[sel], cfg.latent_reg, scale, amp)
+                              None if my_noise is None else my_noise[sel], cfg.latent_reg, scale, amp,
+                              cfg.kl_weight)
         if scale > 0:
             total = total + (-frc).sum()
     return total
@@ -164,6 +169,7 @@ class _Run:
     opt: torch.optim.Optimizer
     ddp: object = None
     chunk: AdaptiveBatch | None = None
+    best: dict | None = None     # {'epoch', 'val_loss', 'state'}: the model at the best validation loss
 
 
 def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, resume: bool = False,
@@ -189,7 +195,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     mobile_np = focus_mask_gaussians(neutral, cfg.mask)
     mobile = torch.as_tensor(mobile_np, device=device)
     particles.crop(cfg.highres_A)
-    binner = RingBinner(particles.fbox, particles.fapix, cfg.lowres_A, cfg.highres_A, device=device)
+    binner = RingBinner(particles.fbox, particles.fapix, cfg.lowres_A, cfg.highres_A, device=device, loss=cfg.loss)
     feats = GradientFeatures(neutral, binner, mobile, feature_param_types(cfg.changes), device)
     info = {"train": cfg.to_dict(), "fingerprint": fingerprint, "n_particles": particles.n_particles,
             "n_ops": particles.n_ops, "n_items": len(particles), "n_gaussians": len(neutral),
@@ -232,27 +238,31 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
                                  particles.fapix, dist=dist, amp=amp)
         dt = time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": dt})
+        _keep_best(run, history)
         rate = len(train_items) / max(dt, 1e-9)
         eta = dt * (cfg.epochs - epoch - 1)
         log.info("epoch %d/%d  train loss %.5f  val loss %.5f  %.0f particles/s  ETA %.0f s", epoch + 1, cfg.epochs,
                  train_loss, val_loss, rate, eta)
         if main:
             _save_checkpoint(run, history, epoch, folder)
+    info["best_epoch"] = _restore_best(run, history)
 
     t_lat = time.time()
     n_all = len(particles)
     lo, hi = dist.block(n_all)
     z = encode_items(run.model, source, np.arange(lo, hi), max(cfg.batch_size, 256))
     z = dist.gather_rows(z, n_all)
+    summary = _run_summary(cfg, z, history, info)
     if main:
         folder.write_loss(history)
+        folder.write_summary(summary)
         folder.write_latents(z)
         folder.write_model(model_payload(run.model, cfg, feats, mobile_np, info))
     dist.barrier()
     log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", folder.latent, z.shape[0],
              z.shape[1], time.time() - t_lat, time.time() - t_train)
     return {"history": history, "latent": z, "config": cfg.to_dict(), "info": info, "chunk_size": run.chunk.size,
-            "compiled": compiled}
+            "compiled": compiled, "summary": summary}
 
 
 def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_path: str | None):
@@ -282,6 +292,10 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
     particles.check_finite_sample(256, name=star_path, seed=cfg.seed)
     cfg.changes = parse_changes(cfg.changes)
     cfg.ctf_mode = particles.ctf_mode
+    if cfg.loss not in LOSSES:
+        raise InputError(f"--loss {cfg.loss}: give one of {', '.join(LOSSES)}")
+    if cfg.prior not in PRIORS:
+        raise InputError(f"--prior {cfg.prior}: give one of {', '.join(PRIORS)}")
     frc_curve = None
     if cfg.highres_A is None:
         cfg.highres_A, frc_curve = auto_highres(particles, neutral, cfg)
@@ -401,7 +415,7 @@ def _new_model(feats: GradientFeatures, neutral: GMM, mobile: torch.Tensor, cfg:
     torch.manual_seed(int(cfg.seed))
     c0, a0, s0 = neutral.tensors(device)
     model = HetModel(feats.n_features, cfg.zdim, c0, a0, s0, mobile, cfg.changes, cfg.pos_scale_A, cfg.hidden,
-                     cfg.layers, cfg.dropout, cfg.batchnorm).to(device)
+                     cfg.layers, cfg.dropout, cfg.batchnorm, cfg.prior == "kl").to(device)
     try:  # the fused kernel is ~3x faster than the default on CPU (and on GPU); same algorithm
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -423,6 +437,7 @@ def _resume_state(run: _Run, folder: TrainFolder, resume: bool):
                 run.amp.scaler.load_state_dict(ck["grad_scaler"])
             history = json_field(ck, "history_json", ckpts[-1]) if "history_json" in ck else ck["history"]
             start_epoch = int(ck["epoch"])
+            run.best = ck.get("best")
             resumed_chunk = ck.get("chunk_size")
             log.info("resuming from %s (epoch %d done)", ckpts[-1], start_epoch)
         else:
@@ -519,7 +534,7 @@ def _save_checkpoint(run: _Run, history: list, epoch: int, folder: TrainFolder) 
     folder.write_checkpoint(epoch + 1, {
         "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch + 1,
         "history_json": json.dumps(history), "config_json": json.dumps(cfg.to_dict()),
-        "chunk_size": int(run.chunk.size),
+        "chunk_size": int(run.chunk.size), "best": run.best,
         "grad_scaler": amp.scaler.state_dict() if amp.scaler is not None else None})
     for old in folder.checkpoints()[:-max(1, cfg.keep_checkpoints)]:
         os.remove(old)
@@ -547,7 +562,7 @@ def evaluate_loss(model: HetModel, source, binner: RingBinner, items: np.ndarray
             _, (c, a, s) = model(x)
         c, a, s = c.float(), a.float(), s.float()
         F = project(c, a, s, b.rotations, box, apix, b.origins_A, b.ctf, precision=_proj(amp))
-        total.add_((-binner.mean_frc(F, b.F_img)).sum())
+        total.add_((-binner.score(F, b.F_img)).sum())
 
     AdaptiveBatch(batch_size, "validation loss", binner.onehot.device).run(len(items), step)
     model.train(was)

@@ -45,7 +45,7 @@ def encode_items(model: HetModel, source, items: np.ndarray, batch_size: int) ->
             x = source.cache.get(sel, source.device)
         else:
             x = source.feats(source.particles.batch(sel))
-        out.append(model.encoder(x).float().cpu())
+        out.append(model.encode(x).float().cpu())
 
     AdaptiveBatch(batch_size, "encoding latents", source.device).run(len(items), step)
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.decoder.zdim), np.float32)
@@ -95,7 +95,8 @@ class TrainedModel:
         self.model = HetModel(n_features, self.zdim, c0, a0, s0,
                               torch.as_tensor(self.mobile, device=self.device), tuple(self.config["changes"]),
                               float(self.config["pos_scale_A"]), int(self.config["hidden"]), int(self.config["layers"]),
-                              float(self.config.get("dropout", 0.0)), bool(self.config.get("batchnorm", False)))
+                              float(self.config.get("dropout", 0.0)), bool(self.config.get("batchnorm", False)),
+                              self.config.get("prior", "l2") == "kl")
         self.model.load_state_dict(payload["state_dict"])
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
@@ -139,7 +140,7 @@ class TrainedModel:
                              f"model is box {self.neutral.box} at {self.neutral.apix:.4f} A/px; use matching particles")
         particles.crop(self.config["highres_A"])
         binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
-                            device=dev)
+                            device=dev, loss=self.config.get("loss", "frc"))
         feats = GradientFeatures(self.neutral, binner, torch.as_tensor(self.mobile),
                                  feature_param_types(self.config["changes"]), dev, stats=self.feature_stats)
         source = FeatureSource(particles, feats, None, dev)
@@ -149,3 +150,17 @@ class TrainedModel:
 def load_trained(train_dir: str, device="cpu") -> TrainedModel:
     """Load the output of ``gmmhet train`` (see :class:`TrainedModel`)."""
     return TrainedModel(train_dir, device)
+
+
+def effective_dimension(latents, prior: str) -> dict:
+    """How many latent directions carry signal: the principal variances of the latents
+    (posterior means), counted where >= 0.01 prior variance (``prior 'kl'``: the "active units"
+    of Burda et al. 2016, a collapsed direction has ~0) or >= 5% of the largest (``'l2'``, whose
+    latents have no unit scale). Returns ``{'effective_dim', 'latent_pc_variance', 'threshold'}``."""
+    z = np.asarray(latents, dtype=np.float64)
+    if z.ndim != 2 or len(z) < 2:
+        return {"effective_dim": 0, "latent_pc_variance": [], "threshold": None}
+    ev = np.clip(np.linalg.eigvalsh(np.cov(z, rowvar=False).reshape(z.shape[1], z.shape[1]))[::-1], 0, None)
+    thr = 0.01 if prior == "kl" else 0.05 * float(ev[0])
+    return {"effective_dim": int(np.sum(ev >= thr)) if ev[0] > 0 else 0,
+            "latent_pc_variance": [round(float(v), 6) for v in ev], "threshold": thr}

@@ -1,0 +1,241 @@
+"""Does the method find the real motion at default settings? Latent quality on hard systems.
+
+Systems (simulated, SNR 0.1, CTF, exact poses, 64 px):
+
+- ``hinge``: adenylate kinase (tests/data/1ake.pdb) at 1.5 A/px, LID and NMP opening together
+  (one truth coordinate); metrics |Spearman(PC1, truth)|, |Spearman(trajectory coordinate,
+  truth)| (the 1-D manifold coordinate of ``gmmhet analyze``, when the engine has it), and the
+  kNN R2 (5-fold cross-validated k-nearest-neighbour regression, k = 15, of the truth on the
+  latents: how well the latent space *determines* the motion, whatever its shape).
+- ``two_motions``: LID and NMP independently; for each domain the latent direction that moves
+  that domain's Gaussians most and the rest least (:func:`latent.domain_motion`, masks from the
+  atoms), its |Spearman| with its own motion and with the other one.
+- ``cyclic``: LID turning a full circle; circular correlation (Jammalamadaka-SenGupta) of the
+  angle in the whitened plane of the first two latent PCs with the truth angle, |.|.
+- ``mixed`` / ``conformational``: the five-domain synthetic molecule (3 A/px); ARI of k-means
+  k=2 on the whitened latents, |Spearman| within each composition, as bench_latent_quality.
+
+Pipeline per system: simulate (kept in --workdir) -> ``build_gmm`` on the consensus at
+--resolution (8 A) -> ``train`` (TrainConfig defaults, zdim 4, unless --set) -> metrics.
+Training runs are keyed by their settings and reused with --reuse. Run with 1-2 threads here:
+
+    nice -n 10 python benchmarks/bench_science.py --systems hinge --n 6000
+    nice -n 10 python benchmarks/bench_science.py --systems hinge --n 6000 --set highres_A=8 --tag hr8
+    python benchmarks/bench_science.py --systems hinge,two_motions,cyclic,mixed --device cuda --threads 8
+
+Writes benchmarks/results/science[_TAG].md and .json (one row per system).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score
+from sklearn.model_selection import cross_val_predict, KFold
+from sklearn.neighbors import KNeighborsRegressor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import TrainFolder  # noqa: E402
+from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
+from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
+from scipion_gmmhet.engine.simulation.atomic import SYSTEMS, domain_atoms_mask, simulate_atomic  # noqa: E402
+from scipion_gmmhet.engine.simulation.simulate import simulate  # noqa: E402
+from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
+from scipion_gmmhet.engine.training.config import TrainConfig  # noqa: E402
+from scipion_gmmhet.engine.training.train import train  # noqa: E402
+from scipion_gmmhet.engine.training.trained import TrainedModel  # noqa: E402
+
+log = logging.getLogger("bench_science")
+PDB = os.path.join(common.REPO, "tests", "data", "1ake.pdb")
+TARGETS = {"hinge": "|Spearman| >= 0.98, kNN R2 >= 0.95", "two_motions": "own >= 0.95, other <= 0.2",
+           "cyclic": "circular corr >= 0.95", "mixed": "ARI >= 0.98, within-composition |Spearman| >= 0.95",
+           "conformational": "|Spearman| >= 0.9 (bench_latent_quality)"}
+
+
+# ----------------------------------------------------------------------------- metrics
+def pc1(z: np.ndarray) -> np.ndarray:
+    return PCA(1).fit_transform(z - z.mean(0))[:, 0]
+
+
+def abs_spearman(a, b) -> float:
+    return abs(float(spearmanr(a, b).correlation))
+
+
+def knn_r2(z: np.ndarray, y: np.ndarray, k: int = 15, seed: int = 0) -> float:
+    """5-fold cross-validated R2 of a k-NN regression of ``y`` on the (PCA-whitened) latents."""
+    zw = PCA(whiten=True).fit_transform(z - z.mean(0))
+    pred = cross_val_predict(KNeighborsRegressor(k), zw, y, cv=KFold(5, shuffle=True, random_state=seed))
+    return float(1.0 - np.mean((pred - y) ** 2) / np.var(y))
+
+
+def circular_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Jammalamadaka-SenGupta circular correlation of angles ``a``, ``b`` (radians)."""
+    def centred(x):
+        return np.sin(x - np.angle(np.mean(np.exp(1j * x))))
+    sa, sb = centred(a), centred(b)
+    return float(np.sum(sa * sb) / np.sqrt(np.sum(sa * sa) * np.sum(sb * sb)))
+
+
+def trajectory_coordinate(z: np.ndarray):
+    """The engine's 1-D manifold coordinate, when it has one (``analysis.trajectory``)."""
+    try:
+        from scipion_gmmhet.engine.analysis.trajectory import manifold_coordinate
+    except ImportError:
+        return None
+    return manifold_coordinate(z).coordinate
+
+
+def metrics(system: str, z: np.ndarray, truth: pd.DataFrame, run_dir: str, sim_dir: str) -> dict:
+    out = {"pc1_variance": float(PCA().fit(z - z.mean(0)).explained_variance_ratio_[0])}
+    if system in ("hinge", "conformational"):
+        y = truth["conformation"].to_numpy()
+        out["spearman_pc1"] = abs_spearman(pc1(z), y)
+        out["knn_r2"] = knn_r2(z, y)
+        t = trajectory_coordinate(z)
+        if t is not None:
+            out["spearman_trajectory"] = abs_spearman(t, y)
+    if system == "mixed":
+        white = PCA(whiten=True).fit_transform(z - z.mean(0))
+        out["ari"] = float(adjusted_rand_score(truth["composition"], KMeans(2, n_init=10, random_state=0).fit_predict(white)))
+        out["ari_raw"] = float(adjusted_rand_score(truth["composition"], KMeans(2, n_init=10, random_state=0).fit_predict(z)))
+        for comp in (0, 1):
+            sel = (truth["composition"] == comp).to_numpy()
+            out[f"spearman_comp{comp}"] = abs_spearman(pc1(z[sel]), truth["conformation"][sel])
+    if system == "cyclic":
+        xy = PCA(2, whiten=True).fit_transform(z - z.mean(0))
+        out["circular_corr"] = abs(circular_correlation(np.arctan2(xy[:, 1], xy[:, 0]),
+                                                        np.radians(truth["angle_deg"].to_numpy())))
+    if system == "two_motions":
+        out.update(two_motion_metrics(z, truth, run_dir, sim_dir))
+    return out
+
+
+def two_motion_metrics(z: np.ndarray, truth: pd.DataFrame, run_dir: str, sim_dir: str) -> dict:
+    from scipion_gmmhet.engine.analysis.latent import domain_motion
+    model = TrainedModel(run_dir)
+    out = {}
+    for dom, own, other in (("LID", "motion_lid", "motion_nmp"), ("NMP", "motion_nmp", "motion_lid")):
+        mask = domain_atoms_mask(os.path.join(sim_dir, "simulation.json"), PDB, model.neutral.centers_A, dom)
+        v = domain_motion(model, z, mask).direction
+        proj = z @ v
+        out[f"{dom.lower()}_own"] = abs_spearman(proj, truth[own])
+        out[f"{dom.lower()}_other"] = abs_spearman(proj, truth[other])
+    return out
+
+
+# ----------------------------------------------------------------------------- pipeline
+def dataset(system: str, args) -> str:
+    apix = args.apix if system in SYSTEMS else 3.0
+    d = os.path.join(args.workdir, f"{system}_n{args.n}_box{args.box}_apix{apix:g}_snr{args.snr:g}_seed{args.seed}")
+    if not os.path.exists(os.path.join(d, "simulation.json")):
+        if system in SYSTEMS:
+            simulate_atomic(d, system, PDB, n=args.n, box=args.box, apix=apix, snr=args.snr, seed=args.seed)
+        else:
+            simulate(d, system, n=args.n, box=args.box, apix=apix, snr=args.snr, seed=args.seed)
+    return d
+
+
+def neutral_gmm(d: str, args) -> str:
+    path = os.path.join(d, f"gmm_{args.resolution:g}A.npz")
+    if not os.path.exists(path):
+        vol, apix = read_map(os.path.join(d, "consensus.mrc"))
+        build_gmm(vol, apix, args.resolution, device=args.device, seed=args.seed).gmm.save(path)
+    return path
+
+
+def parse_set(items) -> dict:
+    """``key=value`` TrainConfig overrides (values parsed as JSON where possible)."""
+    out = {}
+    for item in items or []:
+        k, _, v = item.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def run_system(system: str, args) -> dict:
+    d = dataset(system, args)
+    gmm_path = neutral_gmm(d, args)
+    kw = {"zdim": args.zdim, "seed": args.seed, **parse_set(args.set)}
+    if args.epochs:
+        kw["epochs"] = args.epochs
+    cfg = TrainConfig(**kw)
+    key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    run_dir = os.path.join(d, f"train_{args.tag or 'default'}_{key}")
+    t0 = time.time()
+    if args.reuse and TrainFolder(run_dir).is_finished():
+        latent = TrainFolder(run_dir).read_latents()
+        summary = {}
+    else:
+        particles = Particles.from_star(os.path.join(d, "particles.star"), device=args.device)
+        summary = train(particles, GMM.load(gmm_path), cfg, run_dir, star_path=os.path.join(d, "particles.star"))
+        latent = summary["latent"]
+    t_train = time.time() - t0
+    info = TrainFolder(run_dir).read_config()
+    truth = pd.read_csv(os.path.join(d, "truth.csv"))
+    m = metrics(system, latent, truth, run_dir, d)
+    cfg_used = info.get("train", {})
+    tsum = TrainFolder(run_dir).read_summary()
+    row = {"system": system, "tag": args.tag or "default", "n": args.n, "zdim": args.zdim,
+           "n_gauss": len(GMM.load(gmm_path)), "highres_A": cfg_used.get("highres_A"),
+           "epochs": cfg.epochs, "best_epoch": tsum.get("best_epoch"), "effective_dim": tsum.get("effective_dim"),
+           "loss": cfg_used.get("loss", "frc"), "prior": cfg_used.get("prior", "l2"),
+           **{k: round(v, 4) for k, v in m.items()},
+           "seconds_train": round(t_train, 1), "run_dir": os.path.relpath(run_dir, common.REPO)}
+    log.info("%s", row)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--systems", default="hinge", help="comma list of hinge,two_motions,cyclic,mixed,conformational")
+    p.add_argument("--n", type=int, default=6000)
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--apix", type=float, default=1.5, help="pixel size of the atomic systems (default 1.5 A)")
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--zdim", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
+    p.add_argument("--resolution", type=float, default=8.0, help="neutral GMM build resolution, A (default 8)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="TrainConfig override (repeatable)")
+    p.add_argument("--tag", default="", help="name of this setting in the results")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", action="store_true", help="reuse finished training runs (metrics only)")
+    p.add_argument("--workdir", default=os.path.join(common.SCRATCH, "science"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.workdir, exist_ok=True)
+    rows = [run_system(s.strip(), args) for s in args.systems.split(",") if s.strip()]
+    info = common.machine_info()
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "run_dir"))
+    md = "\n".join([f"# Science benchmark ({args.tag or 'default'})", "", common.machine_line(info), "",
+                    f"SNR {args.snr}, CTF, exact poses, box {args.box}; GMM built at {args.resolution} A; targets: "
+                    + "; ".join(f"{s}: {TARGETS[s]}" for s in dict.fromkeys(r['system'] for r in rows)), "",
+                    common.markdown_table(rows, [(c, c) for c in cols]), ""])
+    print(md)
+    name = "science" + (f"_{args.tag}" if args.tag else "")
+    common.write_results(name, md, {"machine": info, "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Tests of simulation/atomic.py: rigid-domain motions of a real structure (tests/data/1ake.pdb,
+adenylate kinase) and `gmmhet simulate --kind hinge|two_motions|cyclic`."""
+from __future__ import annotations
+
+import json
+import os
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scipion_gmmhet.engine import cli
+from scipion_gmmhet.engine.conventions import euler_to_matrix, fourier_to_image
+from scipion_gmmhet.engine.errors import InputError
+from scipion_gmmhet.engine.io import star
+from scipion_gmmhet.engine.model.gmm import GMM, project
+from scipion_gmmhet.engine.simulation.atomic import (build_system, domain_atoms_mask, read_pdb,
+                                                      simulate_atomic)
+
+PDB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "1ake.pdb")
+
+
+def _at(system, **coords):
+    c = np.array([[coords.get(name, 0.0) for name in system.coords]])
+    return system.centers(c)[0].numpy()
+
+
+def test_read_pdb_heavy_atoms_and_domains():
+    atoms = read_pdb(PDB)
+    assert 1500 < len(atoms["xyz_A"]) <= 1661  # heavy atoms of chain A
+    assert atoms["resseq"].min() == 1 and atoms["resseq"].max() == 214
+    s = build_system("hinge", PDB)
+    counts = {d: int(np.sum(s.domain == d)) for d in ("CORE", "LID", "NMP")}
+    assert counts["LID"] > 250 and counts["NMP"] > 200 and counts["CORE"] > counts["LID"] + counts["NMP"]
+
+
+def test_hinge_opens_both_domains_and_keeps_core_and_linkers():
+    s = build_system("hinge", PDB)
+    x0, x1 = _at(s, conformation=0.0), _at(s, conformation=1.0)
+    core = s.domain == "CORE"
+    np.testing.assert_allclose(x0[core], x1[core], atol=1e-4)
+    core_c = x0[core].mean(0)
+    for dom, min_shift in (("LID", 5.0), ("NMP", 2.5)):
+        sel = s.domain == dom
+        # rigid: distances inside the domain kept
+        d0 = np.linalg.norm(x0[sel][:50, None] - x0[sel][None, :50], axis=-1)
+        d1 = np.linalg.norm(x1[sel][:50, None] - x1[sel][None, :50], axis=-1)
+        np.testing.assert_allclose(d0, d1, atol=1e-3)
+        assert np.linalg.norm(x1[sel].mean(0) - x0[sel].mean(0)) > min_shift
+        # opening: the domain's centroid moves away from the core's
+        assert np.linalg.norm(x1[sel].mean(0) - core_c) > np.linalg.norm(x0[sel].mean(0) - core_c)
+    # the hinge axis passes through the C-alpha atoms at the domain ends: they do not move
+    atoms = read_pdb(PDB)
+    for r in (122, 159, 30, 59):
+        i = np.flatnonzero((atoms["resseq"] == r) & (atoms["name"] == "CA"))[0]
+        np.testing.assert_allclose(x0[i], x1[i], atol=1e-3)
+
+
+def test_two_motions_are_independent():
+    s = build_system("two_motions", PDB)
+    assert s.coords == ("motion_lid", "motion_nmp")
+    base = _at(s)
+    lid_only = _at(s, motion_lid=1.0)
+    nmp_only = _at(s, motion_nmp=1.0)
+    lid, nmp = s.domain == "LID", s.domain == "NMP"
+    np.testing.assert_allclose(lid_only[~lid], base[~lid], atol=1e-4)
+    np.testing.assert_allclose(nmp_only[~nmp], base[~nmp], atol=1e-4)
+    assert np.abs(lid_only[lid] - base[lid]).max() > 5 and np.abs(nmp_only[nmp] - base[nmp]).max() > 3
+
+
+def test_cyclic_turn_closes_a_circle():
+    s = build_system("cyclic", PDB)
+    lid = s.domain == "LID"
+    np.testing.assert_allclose(_at(s, turn=0.0), _at(s, turn=1.0), atol=1e-3)
+    cents = np.array([_at(s, turn=t)[lid].mean(0) for t in np.arange(12) / 12])
+    radius = np.linalg.norm(cents - cents.mean(0), axis=1)
+    assert radius.min() > 7.0 and radius.max() - radius.min() < 0.5  # a circle of ~10 A
+    # every state is distinct
+    d = np.linalg.norm(cents[:, None] - cents[None], axis=-1) + np.eye(12) * 99
+    assert d.min() > 3.0
+
+
+@pytest.fixture(scope="module")
+def hinge_clean(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hinge")
+    res = simulate_atomic(str(out), "hinge", PDB, n=24, box=64, apix=1.5, snr=float("inf"), seed=3, ctf=False)
+    return out, res
+
+
+def test_files_truth_and_images(hinge_clean):
+    out, res = hinge_clean
+    truth = pd.read_csv(res["truth_csv"])
+    assert list(truth.columns[:3]) == ["particle", "conformation", "composition"]
+    assert truth["conformation"].between(0, 1).all() and (truth["composition"] == 0).all()
+    parts = star.read_star(res["star"])["particles"]
+    assert len(parts) == 24 and (parts["rlnImageName"] == truth["image_name"]).all()
+    params = json.load(open(res["json"]))
+    assert params["truth_coordinates"] == ["conformation"] and len(params["motions"]) == 2
+    assert {m["domain"] for m in params["motions"]} == {"LID", "NMP"}
+    assert len(res["truth_maps"]) == 5 and os.path.exists(res["consensus"])
+    with mrcfile.open(res["stack"]) as m:
+        data = np.array(m.data)
+        assert data.shape == (24, 64, 64) and abs(float(m.voxel_size.x) - 1.5) < 1e-4
+    # noiseless, no CTF: image i is the projection of the truth GMM at its conformation and pose
+    s = build_system("hinge", PDB)
+    for i in (0, 7):
+        r = truth.iloc[i]
+        g = s.gmm([r["conformation"]], box=64, apix=1.5)
+        A = torch.as_tensor(euler_to_matrix(np.array([r["rot"]]), np.array([r["tilt"]]), np.array([r["psi"]])),
+                            dtype=torch.float32)
+        c, a, sg = g.tensors()
+        F = project(c, a, sg, A, 64, 1.5, origins_A=torch.tensor([[r["origin_x_A"], r["origin_y_A"]]],
+                                                                   dtype=torch.float32))
+        img = fourier_to_image(F, 64)[0].numpy()
+        assert np.abs(img - data[i]).max() < 1e-3 * np.abs(img).max()
+
+
+def test_consensus_is_between_the_states(hinge_clean):
+    out, res = hinge_clean
+    from scipion_gmmhet.engine.io.mrc import read_map
+    cons = read_map(res["consensus"])[0]
+    ends = [read_map(res["truth_maps"][k])[0] for k in ("conf_000", "conf_004")]
+    assert abs(cons.sum() - ends[0].sum()) < 1e-3 * ends[0].sum()  # mass kept
+    assert np.abs(cons - ends[0]).max() < np.abs(ends[1] - ends[0]).max()
+
+
+def test_cyclic_and_two_motions_truth_columns(tmp_path):
+    res = simulate_atomic(str(tmp_path / "c"), "cyclic", PDB, n=10, snr=1.0, seed=0)
+    t = pd.read_csv(res["truth_csv"])
+    np.testing.assert_allclose(t["angle_deg"], 360 * t["turn"])
+    np.testing.assert_allclose(t["conformation"], t["turn"])
+    res = simulate_atomic(str(tmp_path / "t"), "two_motions", PDB, n=10, snr=1.0, seed=0)
+    t = pd.read_csv(res["truth_csv"])
+    assert {"motion_lid", "motion_nmp"} <= set(t.columns) and len(res["truth_maps"]) == 9
+    assert abs(np.corrcoef(t["motion_lid"], t["motion_nmp"])[0, 1]) < 0.9
+
+
+def test_domain_mask_selects_the_domain(hinge_clean):
+    out, res = hinge_clean
+    g = GMM.load(res["truth_gmm"]["conf_002"])
+    s = build_system("hinge", PDB)
+    lid = domain_atoms_mask(res["json"], PDB, g.centers_A, "LID")
+    np.testing.assert_array_equal(lid, s.domain == "LID")
+
+
+def test_bad_input_and_cli(tmp_path, capsys):
+    with pytest.raises(InputError, match="box 32"):
+        simulate_atomic(str(tmp_path / "small"), "hinge", PDB, n=5, box=32)
+    with pytest.raises(InputError, match="--pdb"):
+        simulate_atomic(str(tmp_path / "x"), "hinge", str(tmp_path / "missing.pdb"), n=5)
+    with pytest.raises(InputError, match="system"):
+        simulate_atomic(str(tmp_path / "x"), "helix", PDB, n=5)
+    assert cli.main(["simulate", "--out", str(tmp_path / "nopdb"), "--kind", "hinge", "--n", "5"]) == 2
+    assert "--pdb" in capsys.readouterr().err
+    rc = cli.main(["simulate", "--out", str(tmp_path / "ok"), "--kind", "two_motions", "--pdb", PDB, "--n", "6",
+                   "--snr", "inf"])
+    assert rc == 0 and "6 two_motions particles (64 px, 1.5 A/px" in capsys.readouterr().out
