@@ -231,7 +231,7 @@ def test_gate_zeroes_noise_fitted_moves(noise_halves, tmp_path):
         moved = (model.decode(z)[0] - model.neutral.tensors()[0]).norm(dim=-1)
         assert float(moved.max()) > 0.0  # the network does decode moves
         g = gate_model(model)
-        assert g.n == 150 and not g.passed and g.z < 3.0  # z -0.3, -0.5 here
+        assert g.n == 150 and not g.passed and g.z < 3.0  # z +0.7, -0.6 here
     paths = {}
     for name, extra in (("plain", []), ("gated", ["--motion-corrected"]),
                         ("ungated", ["--motion-corrected", "--gate-z", "0"])):
