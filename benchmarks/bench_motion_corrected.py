@@ -141,6 +141,24 @@ def train_halves(d, gmm_path, epochs, args, tag):
     return dirs
 
 
+def gates(dirs, args):
+    """The significance gate (motion_gate) of both half models: ``{half: {passed, z, gain, n}}``."""
+    from scipion_gmmhet.engine.analysis.motion_gate import gate_model
+    from scipion_gmmhet.engine.training.trained import load_trained
+    out = {}
+    for h, d in dirs.items():
+        g = gate_model(load_trained(d, args.device), device=args.device)
+        out[h] = {"passed": g.passed, "z": g.z, "gain": g.gain, "n": g.n, "reason": g.reason}
+    return out
+
+
+def gate_row(label, g):
+    return {"check": f"{label}: significance gate of the half models (FRC gain outside the training band, "
+                     "standard errors; passes at >= 3)",
+            "value": " / ".join(f"half {h}: {v['z']:+.1f} ({'kept' if v['passed'] else 'zeroed'})"
+                                for h, v in sorted(g.items())), "target": "report", "pass": ""}
+
+
 def reconstructions(d, dirs, args, tag):
     star = os.path.join(d, "particles.star")
     out = {}
@@ -190,6 +208,7 @@ def main(argv=None) -> int:
         dirs = train_halves(d, gmm_path, args.epochs, args, "train")
         t_train = time.time() - t0
         rec = reconstructions(d, dirs, args, "conf")
+        gate = gates(dirs, args)
         truth, apix = read_map(os.path.join(d, "truth_maps", "neutral.mrc"))
         g = GMM.load(os.path.join(d, "truth_gmm", "neutral.npz"))
         dom = json.load(open(os.path.join(d, "simulation.json")))["domains"]
@@ -219,7 +238,9 @@ def main(argv=None) -> int:
         n = args.n
         r.update(train_seconds=t_train, plain_particles_per_s=n / rec["plain"][1], mc_particles_per_s=n / rec["mc"][1],
                  mc_rs_particles_per_s=n / rec["mc_rs"][1])
+        r["gate"] = gate
         res["conformational"] = r
+        rows.append(gate_row("conformational", gate))
         rows.append({"check": "arm FSC0.5 vs truth (A): plain -> motion-corrected",
                      "value": f"{r['arm_plain_A']:.1f} -> {r['arm_mc_A']:.1f} "
                               f"({100 * r['arm_improvement']:.0f}% finer)",
@@ -249,7 +270,8 @@ def main(argv=None) -> int:
         dirs = train_halves(d, gmm_path, args.epochs_control, args, "train")
         rec = reconstructions(d, dirs, args, "noise")
         counts = np.bincount(shell_index_3d(args.box).reshape(-1))
-        res["noise"] = {}
+        res["noise"] = {"gate": gates(dirs, args)}
+        rows.append(gate_row("pure noise", res["noise"]["gate"]))
         for name, label in (("plain", "plain"), ("mc", "motion-corrected"), ("mc_rs", "real_space")):
             fsc = read_fsc_csv(reconstruction_paths(rec[name][0])["fsc"])["fsc"]
             chance = 3.0 / np.sqrt(np.maximum(1, counts[:len(fsc)] / 2.0))
@@ -268,7 +290,8 @@ def main(argv=None) -> int:
         dirs = train_halves(d, gmm_path, args.epochs_control, args, "train")
         rec = reconstructions(d, dirs, args, "homog")
         a = read_map(rec["plain"][0])[0]
-        res["homogeneous"] = {}
+        res["homogeneous"] = {"gate": gates(dirs, args)}
+        rows.append(gate_row("homogeneous", res["homogeneous"]["gate"]))
         for name, label in (("mc", "hybrid"), ("mc_rs", "real_space")):
             t = fsc_table(a, read_map(rec[name][0])[0], args.apix)
             upto = (np.arange(len(t["fsc"])) <= len(t["fsc"]) // 2)

@@ -130,6 +130,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         refine_extra += ["--highres", str(args.highres)]
     if not args.prior:
         refine_extra.append("--no-prior")
+    if not args.gate:
+        refine_extra.append("--no-gate")
     if args.refine_mask == "core":
         refine_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "core_mask.mrc"), invert=True)]
     tag = f"{args.n}_{args.box}_{args.epochs}_{args.train_mask}_{args.changes.replace(',', '-')}"
@@ -145,7 +147,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         if not TrainFolder(train_dir).is_finished():
             if cli.main(["train", "--particles", star, "--gmm", neutral, "--out", train_dir] + train_extra):
                 raise SystemExit("training failed")
-        out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}_r{args.rounds}_g{args.min_gain:g}")
+        out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}_r{args.rounds}_g{args.min_gain:g}"
+                                      f"{'' if args.gate else '_nogate'}")
         t0 = time.time()
         if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
             raise SystemExit("refine failed")
@@ -259,6 +262,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-prior", dest="prior", action="store_false")
     ap.add_argument("--min-gain", type=float, default=refine.MIN_GAIN_NATS,
                     help="evidence (nats) a new pose needs (gmmhet refine --min-gain)")
+    ap.add_argument("--no-gate", dest="gate", action="store_false",
+                    help="gmmhet refine --no-gate (keep the refined poses without the gold-standard check)")
     ap.add_argument("--skip-true", action="store_true", help="skip the no-harm run from the true poses")
     ap.add_argument("--model", default="truth,trained",
                     help="comma-separated: truth (each particle's ground-truth GMM), trained (the network)")

@@ -132,6 +132,33 @@ def test_latent_models_remove_rigid_motion_only_for_models_trained_without_a_mas
     np.testing.assert_allclose(c_masked[0].numpy(), c0 + shift.numpy(), atol=1e-4)
 
 
+def test_latent_models_gauge_undoes_the_translation_and_optionally_the_rotation():
+    """Default gauge: the decoded model's robust translation is undone, its rotation kept (the
+    rotation mixes pose error with the hinge motion); ``gauge_rotation=True`` undoes both."""
+    from scipion_gmmhet.engine.model.gmm import GMM
+    rng = np.random.default_rng(5)
+    c0 = rng.normal(size=(60, 3)) * 15.0
+    neutral = GMM(c0, np.ones(60), np.full(60, 3.0), 32, 3.0, {})
+    R = refine.rotvec_to_matrix(torch.tensor([0.0, 0.0, 5.0], dtype=torch.float64)).float()
+    shift = torch.tensor([1.5, -2.0, 1.0])
+    moved = torch.as_tensor(c0, dtype=torch.float32) @ R.T + shift
+
+    class Moved:
+        def __init__(self):
+            self.neutral, self.mobile = neutral, np.arange(60)
+
+        def decode(self, z):
+            B = z.shape[0]
+            return moved.expand(B, -1, -1), torch.ones(B, 60), torch.full((B, 60), 3.0)
+
+    c_t = refine.LatentModels(Moved(), np.zeros((1, 2))).gaussians(np.arange(1), "cpu")[0][0].numpy()
+    c_r = refine.LatentModels(Moved(), np.zeros((1, 2)), gauge_rotation=True).gaussians(np.arange(1), "cpu")[0][0].numpy()
+    np.testing.assert_allclose(c_r, c0, atol=1e-3)
+    np.testing.assert_allclose(c_t.mean(0), c0.mean(0), atol=1e-3)  # translation undone
+    expect = (moved - moved.mean(0)).numpy() + c0.mean(0)  # rotation kept
+    np.testing.assert_allclose(c_t, expect, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- refinement
 def test_refinement_recovers_perturbed_poses(sim):
     rot_p, org_p = perturb(sim["rot"], sim["org"], seed=11)
@@ -323,8 +350,8 @@ def _arm_mask(mol, path: str) -> str:
 
 
 def test_cli_refine_auto_rounds_stop_rule(sim, tmp_path):
-    """Default --rounds auto. A network trained without a focus mask is refined once (its rounds
-    drift; rounds.csv says why). One trained with a mask on the moving arm iterates: refine,
+    """Default --rounds auto. A network trained without a focus mask iterates too (its decoded
+    models in the translation gauge). One trained with a mask on the moving arm iterates: refine,
     retrain, refine... until a round's median change is below the angular precision or
     --max-rounds is reached; rounds.csv says which, and a retraining follows every round but the last."""
     from scipion_gmmhet.engine import cli
@@ -332,10 +359,12 @@ def test_cli_refine_auto_rounds_stop_rule(sim, tmp_path):
     star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=8, id_step=1)
     out = str(tmp_path / "auto_free")
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
-                     "--device", "cpu", "--out", out]) == 0
+                     "--max-rounds", "2", "--retrain-epochs", "1", "--device", "cpu", "--out", out]) == 0
     rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
-    assert list(rounds["round"]) == [1] and "without a focus mask" in rounds["stop"].iloc[-1]
-    assert not os.path.exists(os.path.join(out, "round_1")) and os.path.exists(os.path.join(out, "particles.star"))
+    below = rounds["angle_median_deg"] < angular_precision(4.0, 1)
+    assert 1 <= len(rounds) <= 2 and not below[:-1].any()
+    assert rounds["stop"].iloc[-1] == ("converged" if below.iloc[-1] else "round limit")
+    assert os.path.exists(os.path.join(out, "round_1", "particles.star")) and os.path.exists(os.path.join(out, "particles.star"))
 
     masked = str(tmp_path / "train_arm")
     gmm = os.path.join(sim["dir"], "truth_gmm", sorted(os.listdir(os.path.join(sim["dir"], "truth_gmm")))[2])
@@ -407,3 +436,58 @@ def test_rigid_core_finds_the_moving_domain(sim):
     anchored = AnchoredCoreModels(Models(), core)
     c, _, _ = anchored.gaussians(np.arange(5), "cpu")
     np.testing.assert_allclose(c[:, core].numpy(), np.repeat(c0[None, core], 5, 0))
+
+
+# ----------------------------------------------------------------------------- gold-standard check
+def test_gold_standard_gate_keeps_right_poses_and_takes_corrections(sim):
+    """The half maps agree better with the true poses than with perturbed ones: a 'refinement'
+    that moves right poses away is rejected, one that corrects wrong poses is kept."""
+    from scipion_gmmhet.engine.analysis.refine_gate import gold_standard_gate
+    rot_p, org_p = perturb(sim["rot"], sim["org"], deg_rms=4.0, px_rms=1.0, seed=21)
+    true_meta = sim["meta"].with_poses(np.stack(matrix_to_euler(sim["rot"]), 1), sim["org"])
+    pert_meta = sim["meta"].with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p)
+    g = gold_standard_gate(true_meta, pert_meta)
+    print(f"true -> perturbed: half-map FSC {g.fsc_input:.4f} -> {g.fsc_refined:.4f}")
+    assert not g.accepted and g.fsc_refined < g.fsc_input
+    g2 = gold_standard_gate(pert_meta, true_meta)
+    assert g2.accepted
+    assert g2.fsc_input == pytest.approx(g.fsc_refined) and g2.fsc_refined == pytest.approx(g.fsc_input)
+
+
+def test_unchanged_result_restores_the_input_poses(sim):
+    rot_p, org_p = perturb(sim["rot"][:8], sim["org"][:8], seed=2)
+    res = refine.RefineResult(rot_p, org_p, np.ones((8, 3)), np.full(8, 1.7), np.full(8, 0.5), np.full(8, 0.3),
+                              np.full(8, 0.4))
+
+    class Gate:
+        fsc_input, fsc_refined = 0.5, 0.4
+    back = refine.unchanged_result(res, sim["rot"][:8], sim["org"][:8], Gate())
+    np.testing.assert_allclose(back.rotations, sim["rot"][:8])
+    np.testing.assert_allclose(back.origins_A, sim["org"][:8])
+    assert not back.delta_rotvec_deg.any() and not back.delta_angle_deg.any() and not back.delta_shift_A.any()
+    np.testing.assert_allclose(back.score_after, back.score_before)
+    assert back.gate_kept_input and (back.gate_fsc_input, back.gate_fsc_refined) == (0.5, 0.4)
+
+
+def test_cli_refine_gold_standard_check_decides_between_input_and_refined_poses(sim, tmp_path):
+    """The gated run writes either the --no-gate run's poses (the half maps agree better with
+    them) or every input pose unchanged (they do not); rounds.csv records both half-map FSCs
+    and the decision."""
+    from scipion_gmmhet.engine import cli
+    star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=9, id_step=1, deg_rms=1.5, px_rms=0.5)
+    args = ["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1", "--device", "cpu"]
+    free = str(tmp_path / "nogate")
+    assert cli.main(args + ["--no-gate", "--out", free]) == 0
+    assert (pd.read_csv(os.path.join(free, "pose_changes.csv"))["delta_angle_deg"] > 0).any()
+    out = str(tmp_path / "gate")
+    assert cli.main(args + ["--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    f_in, f_ref, kept = rounds["gate_fsc_input"].iloc[0], rounds["gate_fsc_refined"].iloc[0], rounds["gate_kept_input"].iloc[0]
+    assert 0 < f_in < 1 and 0 < f_ref < 1 and bool(kept) == (not f_ref > f_in)
+    old = metadata.read_particles(star)
+    new = metadata.read_particles(os.path.join(out, "particles.star"))
+    ref = old if kept else metadata.read_particles(os.path.join(free, "particles.star"))
+    np.testing.assert_array_equal(new.euler_deg(), ref.euler_deg())
+    np.testing.assert_array_equal(new.origins_A(), ref.origins_A())
+    table = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+    assert (table["delta_angle_deg"].any() or table["delta_shift_A"].any()) == (not kept)

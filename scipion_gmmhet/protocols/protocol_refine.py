@@ -98,8 +98,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                            'angular change falls below the search\'s angular precision (the finest '
                            'rotation step, 0.375 deg at the defaults), at most "Most rounds" '
                            'refinements; particles already at their best poses stop after one round, '
-                           'without retraining; a network trained without a focus mask (every Gaussian '
-                           'free) is refined once, because its rounds drift. N >= 1: exactly N '
+                           'without retraining. N >= 1: exactly N '
                            'refinements. A network trained on '
                            'particles with pose errors explains part of them as motions, so each round '
                            'corrects more; the summary and the viewer give the median change per round.')
@@ -256,6 +255,11 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 summary.append('Refine-retrain rounds: %d%s; median angular change per round: %s deg'
                                % (len(med), ' (%s)' % stop if stop and stop != 'nan' else '',
                                   ', '.join('%.2f' % m for m in med)))
+                if 'gate_kept_input' in rounds and str(rounds['gate_kept_input'][-1]) == 'True':
+                    summary.append('Gold-standard check: the half maps agree better with the input poses '
+                                   '(mean FSC %.4f vs %.4f with the refined ones); every particle kept its '
+                                   'input pose' % (float(rounds['gate_fsc_input'][-1]),
+                                                   float(rounds['gate_fsc_refined'][-1])))
             res = {w: self.getResolution(w) for w in ('before', 'after')}
             if all(r is not None for r in res.values()):
                 summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'

@@ -105,6 +105,76 @@ class Xvfb:
         self.proc = None
 
 
+# ---------------------------------------------------------------------------- Tk hygiene
+# All harness modules run in one process (``python -m scipion tests scipion_gmmhet.tests``):
+# a GUI test must leave no Tk state behind that a later one trips over.
+
+def quietBackgroundErrors(widget):
+    """A Tk background error (e.g. a stale ``after`` script) printed to stderr instead of Tk's
+    modal error dialog, which nobody closes under Xvfb (the whole test run would hang)."""
+    widget.tk.eval('proc bgerror {msg} {puts stderr "Tk background error: $msg"}')
+
+
+def cancelAfterCallbacks(widget):
+    """Cancel every pending ``after``/``after_idle`` callback of ``widget``'s Tcl interpreter:
+    Tcl timers of every interpreter fire in any later Tk event loop of the thread, also in
+    another test module's, once the window they served is gone."""
+    import tkinter as tk
+    try:
+        pending = widget.tk.splitlist(widget.tk.call('after', 'info'))
+    except tk.TclError:
+        return
+    for afterId in pending:
+        try:
+            widget.after_cancel(afterId)
+        except (tk.TclError, ValueError):
+            pass
+
+
+def resetPyworkflowTk():
+    """Forget the Tk objects pyworkflow caches per process: ``pyworkflow.gui.gui.image_cache``
+    (PhotoImages) and its named fonts belong to the Tk interpreter they were made in; once it
+    is destroyed, a new ``tk.Tk`` gets 'image "pyimage3" doesn't exist' from them."""
+    from pyworkflow.gui import gui
+    gui.image_cache.clear()
+    for name in (gui.FONT_NORMAL, gui.FONT_BOLD, gui.FONT_ITALIC, gui.FONT_FIXED, gui.FONT_BIG,
+                 'fontButton'):
+        vars(gui).pop(name, None)
+
+
+def newMainWindow(title: str):
+    """A pyworkflow main ``Window`` (hidden ``tk.Tk`` + its Toplevel, as the project window)
+    on a fresh Tk interpreter, with no stale pyworkflow images or fonts of an earlier one.
+    Close it with :func:`closeTk`."""
+    import tkinter as tk
+    importlib.import_module('pyworkflow.gui.project')  # imports gui.form without a cycle
+    from pyworkflow.gui import Window
+    if tk._default_root is not None:   # left by an earlier test: a new interpreter of our own
+        closeTk(tk._default_root)
+    resetPyworkflowTk()
+    window = Window(title)
+    quietBackgroundErrors(window.root)
+    return window
+
+
+def closeTk(widget):
+    """Close a test's Tk interpreter for good: cancel its pending callbacks, destroy its root
+    (every window of it), forget pyworkflow's caches."""
+    import tkinter as tk
+    if widget is None:
+        return
+    root = widget._root()
+    cancelAfterCallbacks(root)
+    try:
+        root.destroy()
+    except tk.TclError:
+        pass
+    cancelAfterCallbacks(root)   # any scheduled by <Destroy> handlers
+    if tk._default_root is root:
+        tk._default_root = None
+    resetPyworkflowTk()
+
+
 def grabWindow(tkWindow, display: str, outPng: str) -> str:
     """Screenshot of a mapped Tk window (its screen rectangle on ``display``) to ``outPng``
     (written atomically)."""
@@ -148,10 +218,8 @@ class TestGuiForms(BaseTest):
     @classmethod
     def tearDownClass(cls):
         if cls.mainWindow is not None:  # the hidden tk.Tk and its (hidden) main Toplevel
-            tkRoot = cls.mainWindow.root.master
-            cls.mainWindow.root.destroy()
-            if tkRoot is not None:
-                tkRoot.destroy()
+            closeTk(cls.mainWindow.root)
+            cls.mainWindow = None
         if cls.oldDisplay is None:
             os.environ.pop('DISPLAY', None)
         else:
@@ -171,15 +239,18 @@ class TestGuiForms(BaseTest):
         self.assertLess(stats['dominant'], 0.98, (name, stats))
         return out, stats
 
-    def _openForm(self, protClass):
-        importlib.import_module('pyworkflow.gui.project')  # imports gui.form without a cycle
-        from pyworkflow.gui import Window
-        from pyworkflow.gui.form import FormWindow
-        cls = type(self)
+    @classmethod
+    def _mainWindow(cls):
         if cls.mainWindow is None:
             # one hidden main window for all forms, as the project window is in Scipion (Tk
-            # images are cached per interpreter: one tk.Tk for the whole test)
-            cls.mainWindow = Window('gmmhet form screenshots')
+            # images are cached per interpreter: one tk.Tk for the whole test class)
+            cls.mainWindow = newMainWindow('gmmhet form screenshots')
+        return cls.mainWindow
+
+    def _openForm(self, protClass):
+        cls = type(self)
+        cls._mainWindow()   # imports pyworkflow.gui.project first (gui.form has an import cycle)
+        from pyworkflow.gui.form import FormWindow
         prot = self.proj.newProtocol(protClass)
         win = FormWindow('Protocol Run: ' + prot.getClassLabel(), prot,
                          lambda *args, **kwargs: None, master=cls.mainWindow)
@@ -229,7 +300,7 @@ class TestGuiForms(BaseTest):
         grid = np.indices((24, 24, 24)).astype(np.float32) - 12
         write_map(mapFn, np.exp(-(grid ** 2).sum(0) / 20.0).astype(np.float32), 4.0)
 
-        root = tk.Toplevel() if tk._default_root is not None else tk.Tk()
+        root = tk.Toplevel(self._mainWindow().root)
         root.withdraw()
         try:
             win = LatentSelectionWindow(root, ids, xy, ('PC1', 'PC2'),
@@ -250,9 +321,14 @@ class TestGuiForms(BaseTest):
             self.assertEqual(created[0][0], sorted(ids[xy[:, 0] < 0].tolist()))
             self.assertEqual(created[0][1], 'left cluster')
             self._save(win.root, 'latent_selection')
+            pending = set(root.tk.splitlist(root.tk.call('after', 'info')))
             win.mode.set('rectangle')
             win._setMode()
-            m2 = win.applyRectangle((1, -5), (5, 5))
+            m2 = win.applyRectangle((1, -5), (5, 5))   # leaves a redraw pending: see below
             self.assertEqual(int(m2.sum()), int((xy[:, 0] >= 1).sum()))
+            win.root.destroy()
+            # the window cancels its pending redraws when closed (else: "invalid command name
+            # ...idle_draw" from the next event loop, or Tk's error dialog)
+            self.assertLessEqual(set(root.tk.splitlist(root.tk.call('after', 'info'))), pending)
         finally:
             root.destroy()

@@ -34,8 +34,8 @@ import numpy as np
 
 from pyworkflow.tests import BaseTest, setupTestProject
 
-from scipion_gmmhet.tests.test_gui_forms import (XVFB_MISSING, Xvfb, docsScreenshotDir, grabWindow,
-                                                 pngStats)
+from scipion_gmmhet.tests.test_gui_forms import (XVFB_MISSING, Xvfb, closeTk, docsScreenshotDir,
+                                                 grabWindow, newMainWindow, pngStats)
 
 PROJECT = 'gmmhet_demo_gui'
 DEMO_ARGS = ['--n', '300', '--box', '48', '--epochs', '4', '--clusters', '2']
@@ -82,8 +82,14 @@ class TestNewcomerGui(BaseTest):
         cls.demoDir = os.environ.get('GMMHET_GUI_TEST_DEMO') or os.path.abspath(cls.proj.getPath('demo'))
         cls.printed = cls._demo()
 
+    mainWindow = None
+    demo = None
+
     @classmethod
     def tearDownClass(cls):
+        if cls.mainWindow is not None:   # its windows, pending callbacks, pyworkflow's image cache
+            closeTk(cls.mainWindow.root)
+            cls.mainWindow = None
         if cls.oldDisplay is None:
             os.environ.pop('DISPLAY', None)
         else:
@@ -186,16 +192,25 @@ class TestNewcomerGui(BaseTest):
         outcome = {}
 
         def run():
+            form = getattr(viewer, 'formWindow', None)
+            if form is None or form is mainWindow:   # visualize() failed: no form (see below)
+                return
             try:
                 outcome['result'] = check(viewer)
             except BaseException as exc:  # re-raised below, outside Tk
                 outcome['error'] = exc
             finally:
-                viewer.formWindow.root.quit()
+                form.root.quit()
 
-        mainWindow.root.after(300, run)
-        viewer.visualize(prot, windows=mainWindow)
-        viewer.formWindow.root.destroy()
+        afterId = mainWindow.root.after(300, run)
+        try:
+            viewer.visualize(prot, windows=mainWindow)
+        finally:
+            # never left pending: it would fire in a later test's event loop
+            mainWindow.root.after_cancel(afterId)
+            form = getattr(viewer, 'formWindow', None)
+            if form is not None and form is not mainWindow:
+                form.root.destroy()
         if 'error' in outcome:
             raise outcome['error']
         return outcome['result']
@@ -213,6 +228,13 @@ class TestNewcomerGui(BaseTest):
                 continue  # test_3 drives it
             views = show(key)
             self.assertTrue(views, key)
+            doMotion = getattr(viewer.protocol, 'doMotionCorrected', None)
+            if key == 'displayMotionCorrected' and not (doMotion is not None and doMotion.get()):
+                # an option the demo leaves off: the entry says how to turn it on
+                self.assertEqual(len(views), 1, key)
+                self.assertIn('Motion-corrected consensus map? = Yes', views[0]._msg)
+                seen[key] = 'hint'
+                continue
             kinds = []
             for i, v in enumerate(views):
                 if isinstance(v, EmPlotter):
@@ -236,17 +258,14 @@ class TestNewcomerGui(BaseTest):
 
     def _demoProject(self):
         from pyworkflow.project import Manager
-        if getattr(type(self), 'demo', None) is None:
+        if type(self).demo is None:
             type(self).demo = Manager().loadProject(PROJECT)
         return self.demo
 
     def _mainWindow(self):
-        import importlib
-        importlib.import_module('pyworkflow.gui.project')
-        from pyworkflow.gui import Window
         cls = type(self)
-        if getattr(cls, 'mainWindow', None) is None:
-            cls.mainWindow = Window('gmmhet demo project (test)')
+        if cls.mainWindow is None:   # a fresh Tk interpreter (earlier GUI tests closed theirs)
+            cls.mainWindow = newMainWindow('gmmhet demo project (test)')
         return cls.mainWindow
 
     def _prot(self, className):

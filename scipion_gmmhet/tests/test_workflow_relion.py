@@ -324,7 +324,8 @@ class TestWorkflowRelion(BaseTest):
         clicked point writes its map (+ ChimeraX files)."""
         import shutil
         from scipion_gmmhet.tests.test_gui_forms import XVFB_MISSING, Xvfb, grabWindow, pngStats
-        from scipion_gmmhet.tests.test_gui_forms import docsScreenshotDir
+        from scipion_gmmhet.tests.test_gui_forms import (closeTk, docsScreenshotDir,
+                                                         quietBackgroundErrors)
         from scipion_gmmhet.viewers.latent_selection import GmmhetLatentSelectionViewer
         if shutil.which('Xvfb') is None:
             self.skipTest(XVFB_MISSING)
@@ -334,6 +335,7 @@ class TestWorkflowRelion(BaseTest):
         import tkinter as tk
         root = tk.Tk()
         root.withdraw()
+        quietBackgroundErrors(root)
         try:
             viewer = GmmhetLatentSelectionViewer(project=self.proj, protocol=self.protTrain)
             viewer.setProtocol(self.protTrain)
@@ -376,7 +378,7 @@ class TestWorkflowRelion(BaseTest):
             self.assertEqual(prot.getObjLabel(), 'left half (GUI)')
             self.assertEqual(sorted(subsetOutput(prot).getIdSet()), want)
         finally:
-            root.destroy()
+            closeTk(root)   # and its pending callbacks: none may fire in a later test
             if old is None:
                 os.environ.pop('DISPLAY', None)
             else:

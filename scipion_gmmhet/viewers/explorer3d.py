@@ -85,6 +85,15 @@ class LatentExplorer:
         return max(1.0, float(np.percentile(top, 95)))
 
 
+def cancelIdleDraw(canvas):
+    """Cancel a matplotlib Tk canvas's pending ``draw_idle`` (matplotlib's own figure manager
+    does this when it closes a window; an embedded canvas must do it itself)."""
+    idleId = getattr(canvas, '_idle_draw_id', None)
+    if idleId:
+        canvas.get_tk_widget().after_cancel(idleId)
+        canvas._idle_draw_id = None
+
+
 class Explorer3DPanel:
     """Tk frame: a 3D scatter of the decoded Gaussians, coloured by displacement from neutral,
     that :meth:`moveTo` updates; buttons save the map at the current point and open it in
@@ -103,6 +112,7 @@ class Explorer3DPanel:
         self.seconds = 0.0
         self._pending = None
         self._scheduled = False
+        self._flushId = None
         self.lastMap = None
 
         bar = tk.Frame(self.frame)
@@ -187,10 +197,10 @@ class Explorer3DPanel:
         self._pending = (x, y)
         if not self._scheduled:
             self._scheduled = True
-            self.frame.after_idle(self._flush)
+            self._flushId = self.frame.after_idle(self._flush)
 
     def _flush(self):
-        self._scheduled = False
+        self._scheduled, self._flushId = False, None
         if self._pending is not None:
             x, y = self._pending
             self._pending = None
@@ -208,6 +218,14 @@ class Explorer3DPanel:
         self.seconds += time.perf_counter() - t0
         self.updates += 1
         return z
+
+    def cancelPending(self):
+        """Drop the queued pointer update and redraw (the window is closing: their Tk commands
+        go with it, and Tk would report "invalid command name" from a later event loop)."""
+        if self._flushId is not None:
+            self.frame.after_cancel(self._flushId)
+        self._pending, self._scheduled, self._flushId = None, False, None
+        cancelIdleDraw(self.canvas)
 
     def updatesPerSecond(self) -> float:
         return self.updates / self.seconds if self.seconds > 0 else 0.0

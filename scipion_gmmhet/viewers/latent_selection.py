@@ -283,6 +283,17 @@ class LatentSelectionWindow:
         self._clickId = None
         self._setMode()
         self.canvas.draw()
+        self.root.bind('<Destroy>', self._onDestroy, '+')
+
+    def _onDestroy(self, event):
+        """Closing the window cancels its queued redraws (else a later Tk event loop runs
+        them on deleted widgets: "invalid command name ...idle_draw")."""
+        if event.widget is not self.root:
+            return   # a child's <Destroy>, seen through the toplevel's bindings
+        from .explorer3d import cancelIdleDraw
+        cancelIdleDraw(self.canvas)
+        if self.explorer3d is not None:
+            self.explorer3d.cancelPending()
 
     # -- modes
     def _setMode(self):

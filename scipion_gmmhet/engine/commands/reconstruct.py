@@ -73,6 +73,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="hybrid (default): plain Fourier inversion + real-space backprojection of what the "
                         "deformation changes (equals the plain map without motion); real_space: deformed "
                         "real-space backprojection alone")
+    g.add_argument("--gate-z", type=float, default=3.0, metavar="Z",
+                   help="significance gate: a half model whose moves do not improve the fit of its particles "
+                        "outside its training band by Z standard errors gets zero displacement, so noise-fitted "
+                        "moves cannot inflate the FSC (default 3; 0 turns the gate off)")
     g.add_argument("--field-sigma", type=float, default=None, metavar="A",
                    help="width of the Gaussian interpolation of the moves, Angstrom (default: the neutral "
                         "Gaussians' median width, at least 2 pixels)")
@@ -150,7 +154,7 @@ def _motion_corrected(args, meta, rows, ctf_mode, out):
     else:
         hdir = args.halves_dir or out[:-4] + "_halves"
         dirs = mc.train_half_models(meta, halves, args.train, hdir, device=dev, epochs=args.half_epochs)
-    moves = mc.half_moves(meta, halves, dirs, device=dev)
+    moves = mc.half_moves(meta, halves, dirs, device=dev, gate_z=args.gate_z)
     return mc.reconstruct_motion_corrected(meta, moves, rows, halves=halves, seed=args.seed, reg_frac=args.reg_frac,
                                            batch_size=args.batch_size, device=dev, ctf_mode=ctf_mode,
                                            field_sigma_A=args.field_sigma, formulation=args.formulation,
