@@ -190,7 +190,7 @@ class TestKillAndContinue(BaseTest):
         self.assertTrue(prot.isFinished(), prot.getStatus())
         log = open(prot.getLogPaths()[0]).read()
         self.assertIn('--resume', log)
-        self.assertIn('refine round 1/2: finished before the interruption', log)
+        self.assertIn('refine round 1: finished before the interruption', log)
         self.assertIn('resuming from', log)
         self.assertIn(os.path.basename(present[-1]), log)
         self.assertEqual(os.path.getmtime(os.path.join(roundDir, 'refine_result.npz')), resultBefore)
