@@ -57,7 +57,6 @@ FSC 0.98 at 192 A without the gate, chance with it).
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -67,9 +66,9 @@ import torch.nn.functional as F
 from ..conventions import fourier_to_image
 from ..errors import InputError
 from ..io.validate import check_images_finite
-from ..model.fourier import fsc_table, resolution_at_threshold, shell_index_3d
-from .reconstruct import (CTF_MODES, DEFAULT_REG_FRAC, Backprojector, Reconstruction, auto_mask, ctf_mode_of,
-                          half_assignment, masked_fsc, normalise_ctf_mode, prepare_batch)
+from ..model.fourier import shell_index_3d
+from .reconstruct import (CTF_MODES, DEFAULT_REG_FRAC, Backprojector, Reconstruction, ctf_mode_of,
+                          finish_reconstruction, half_assignment, normalise_ctf_mode, prepare_batch)
 from .motion_gate import DEFAULT_GATE_Z, gate_model
 
 log = logging.getLogger(__name__)
@@ -386,18 +385,7 @@ def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, h
                 log.info("motion-corrected reconstruction: %d / %d particles (%.1f /s)", done, rows.size,
                          done / max(1e-9, time.time() - t0))
                 last_log = time.time()
-    half1, half2 = bps[1].reconstruct(reg_frac), bps[2].reconstruct(reg_frac)
-    full = bps[1].merged(bps[2]).reconstruct(reg_frac)
-    table = fsc_table(half1, half2, apix)
-    res = resolution_at_threshold(table["freq_invA"], table["fsc"], 0.143)
-    rec = Reconstruction(full, half1, half2, apix, int(rows.size), (int((h == 1).sum()), int((h == 2).sum())),
-                         table, res)
-    if mask:
-        lp = max(4.0 * apix, 1.5 * res) if math.isfinite(res) else 4.0 * apix
-        rec.mask = auto_mask(full, apix, lp)
-        rec.fsc_masked = masked_fsc(half1, half2, rec.mask, apix, seed=seed)
-        rec.resolution_0143_masked_A = resolution_at_threshold(rec.fsc_masked["freq_invA"], rec.fsc_masked["fsc"],
-                                                               0.143)
+    rec = finish_reconstruction(bps, h, apix, reg_frac, mask, seed)
     rec.seconds = time.time() - t0
     return rec
 

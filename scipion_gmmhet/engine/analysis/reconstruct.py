@@ -441,20 +441,7 @@ def reconstruct_particles(meta, rows=None, *, images=None, halves: np.ndarray | 
                 rate = done / max(1e-9, time.time() - t0)
                 log.info("reconstruct: %d / %d particles (%.0f /s)", done, rows.size, rate)
                 last_log = time.time()
-    half1 = bps[1].reconstruct(reg_frac)
-    half2 = bps[2].reconstruct(reg_frac)
-    full = bps[1].merged(bps[2]).reconstruct(reg_frac)
-    table = fsc_table(half1, half2, apix)
-    res = resolution_at_threshold(table["freq_invA"], table["fsc"], 0.143)
-    rec = Reconstruction(full, half1, half2, apix, int(rows.size), (int((h == 1).sum()), int((h == 2).sum())),
-                         table, res)
-    if mask:
-        # mask from the full map low-passed to 1.5x the unmasked resolution (at least 4 px)
-        lp = max(4.0 * apix, 1.5 * res) if math.isfinite(res) else 4.0 * apix
-        rec.mask = auto_mask(full, apix, lp)
-        rec.fsc_masked = masked_fsc(half1, half2, rec.mask, apix, seed=seed)
-        rec.resolution_0143_masked_A = resolution_at_threshold(rec.fsc_masked["freq_invA"],
-                                                               rec.fsc_masked["fsc"], 0.143)
+    rec = finish_reconstruction(bps, h, apix, reg_frac, mask, seed)
     rec.seconds = time.time() - t0
     return rec
 
@@ -495,3 +482,24 @@ def nyquist_fraction_at(table: dict, threshold: float) -> float:
     res = resolution_at_threshold(table["freq_invA"], table["fsc"], threshold)
     nyq = table["freq_invA"][-1]
     return float(min(1.0, (1.0 / res) / nyq)) if math.isfinite(res) and res > 0 else 0.0
+
+
+def finish_reconstruction(bps: dict, halves: np.ndarray, apix: float, reg_frac: float, mask: bool,
+                          seed: int) -> "Reconstruction":
+    """Half maps, full map and FSC from the two half-set inserters ``bps`` ({1: ..., 2: ...});
+    with ``mask``, the automatic mask (the full map low-passed to 1.5x the unmasked resolution, at
+    least 4 px) and the masked, phase-randomisation-corrected FSC. ``halves``: each used row's
+    half (1 or 2). ``apix`` in A/px."""
+    half1, half2 = bps[1].reconstruct(reg_frac), bps[2].reconstruct(reg_frac)
+    full = bps[1].merged(bps[2]).reconstruct(reg_frac)
+    table = fsc_table(half1, half2, apix)
+    res = resolution_at_threshold(table["freq_invA"], table["fsc"], 0.143)
+    rec = Reconstruction(full, half1, half2, apix, int(halves.size),
+                         (int((halves == 1).sum()), int((halves == 2).sum())), table, res)
+    if mask:
+        lp = max(4.0 * apix, 1.5 * res) if math.isfinite(res) else 4.0 * apix
+        rec.mask = auto_mask(full, apix, lp)
+        rec.fsc_masked = masked_fsc(half1, half2, rec.mask, apix, seed=seed)
+        rec.resolution_0143_masked_A = resolution_at_threshold(rec.fsc_masked["freq_invA"],
+                                                               rec.fsc_masked["fsc"], 0.143)
+    return rec
