@@ -150,3 +150,19 @@ def test_save_refuses_what_would_not_load(tmp_path):
     with pytest.raises(InputError) as e:
         torch_files.load_torch_file(str(tmp_path / "bad.pt"), "model.pt")
     _one_line(e, "not a readable model.pt")
+
+
+def test_converter_runs_no_code_from_a_crafted_old_file(trained, tmp_path):
+    """The converter of old folders reads with weights_only=True + numpy only: a crafted model.pt
+    in the folder to convert is refused in one line and its os.system call never runs."""
+    old = tmp_path / "old_train"
+    shutil.copytree(trained["dir"], old)
+    _as_v1(old)
+    marker = tmp_path / "marker"
+    torch.save({"version": 1, "state_dict": {}, "payload": _SystemCall("touch %s" % marker)}, old / "model.pt")
+    assert torch_files.main(["--trusted", str(old), "--out", str(tmp_path / "new_train")]) == 2
+    with pytest.raises(InputError) as e:
+        torch_files.convert_trusted_folder(str(old), str(tmp_path / "new_train2"))
+    _one_line(e, "model.pt", "Python objects other than tensors and numpy arrays")
+    assert not marker.exists()
+    assert not (tmp_path / "new_train").exists() and not (tmp_path / "new_train2").exists()

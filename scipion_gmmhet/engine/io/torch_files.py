@@ -131,31 +131,58 @@ def convert_checkpoint_v1(old: dict) -> dict:
     return new
 
 
+def _numpy_globals() -> list:
+    """numpy's array/scalar/dtype rebuilding callables (what a gmmhet 0.1 file names besides
+    tensors), for ``torch.serialization.safe_globals``; numpy 1.x and 2.x."""
+    import importlib
+    core = importlib.import_module("numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core")
+    dtype_classes = [type(np.dtype(t)) for t in (np.float32, np.float64, np.int64, np.int32, np.bool_)]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype] + dtype_classes
+
+
+def _load_v1(path: str) -> dict:
+    """A gmmhet 0.1 ``model.pt``/checkpoint read with ``weights_only=True`` allowing numpy arrays
+    and scalars only (no other Python object is resolved, nothing is run)."""
+    import torch
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: holds Python objects other than tensors and numpy arrays (not a gmmhet 0.1 "
+                         "file); retrain with gmmhet train") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: not a gmmhet training file (holds a {type(obj).__name__})")
+    return obj
+
+
 def convert_trusted_folder(old_dir: str, new_dir: str) -> list[str]:
     """Copy the training folder ``old_dir`` to ``new_dir`` (which must not exist) with its
-    ``model.pt`` and checkpoints in format 2. Loads the old files with weights_only=False: ONLY
-    for folders you trust. The feature cache is not copied (it is rebuilt). Returns the
-    converted files."""
-    import torch
+    ``model.pt`` and checkpoints in format 2. The old files are read with ``weights_only=True``
+    plus numpy's array-rebuilding functions (:func:`_load_v1`), so a crafted file runs no code
+    here either. The feature cache is not copied (it is rebuilt). Returns the converted files."""
     from .outputs import TrainFolder
     old = TrainFolder(old_dir)
     if not os.path.isfile(old.model) and not os.path.isdir(old.checkpoint_dir):
         raise InputError(f"--trusted {old_dir}: no model.pt or checkpoints/ there; give a gmmhet training folder")
     if os.path.exists(new_dir):
         raise InputError(f"--out {new_dir}: exists already; give a new folder (the old one is never modified)")
-    shutil.copytree(old_dir, new_dir, ignore=shutil.ignore_patterns(*TrainFolder.CACHE_FILES, "*.tmp"))
+    tmp_dir = new_dir.rstrip("/") + ".tmp"  # the new folder appears only when every file converted
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    shutil.copytree(old_dir, tmp_dir, ignore=shutil.ignore_patterns(*TrainFolder.CACHE_FILES, "*.tmp"))
     done = []
-    for root, _, files in os.walk(new_dir):
-        for name in sorted(files):
-            if not name.endswith(".pt"):
-                continue
-            path = os.path.join(root, name)
-            old = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user
-            if isinstance(old, dict) and old.get("format") == FORMAT:
-                continue
-            new = convert_model_v1(old) if "state_dict" in old else convert_checkpoint_v1(old)
-            save_torch_file(new, path)
-            done.append(path)
+    try:
+        for root, _, files in os.walk(tmp_dir):
+            for name in sorted(f for f in files if f.endswith(".pt")):
+                path = os.path.join(root, name)
+                old = _load_v1(path)
+                if old.get("format") == FORMAT:
+                    continue
+                save_torch_file(convert_model_v1(old) if "state_dict" in old else convert_checkpoint_v1(old), path)
+                done.append(os.path.join(new_dir, os.path.relpath(path, tmp_dir)))
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    os.rename(tmp_dir, new_dir)
     return done
 
 
