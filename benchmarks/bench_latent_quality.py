@@ -44,6 +44,8 @@ from sklearn.metrics import adjusted_rand_score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
 
 from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
 from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
@@ -197,10 +199,7 @@ def write_results(rows: list, args) -> None:
         md.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in r.tolist()) + " |")
     for path, text in ((args.out + ".md", "\n".join(md) + "\n"),
                        (args.out + ".json", json.dumps({"hardware": hw, "rows": rows}, indent=1, default=str))):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        common._atomic_write(path, text)
     print(f"wrote {args.out}.md and .json")
 
 

@@ -29,6 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 # ``--speed-worker ROOT``: time the refinement of the engine checked out at ROOT (the speed
 # comparison runs the old and the new engine in subprocesses of one run, alternately)
 if "--speed-worker" in sys.argv:
@@ -278,7 +281,7 @@ def main(argv=None) -> int:
                          "so the network cannot explain pose errors as motions of the whole particle); "
                          "none: every Gaussian may move")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--work", default="/tmp/gmmhet_bench_refine")
+    ap.add_argument("--work", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".scratch", "refine"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "refine.md"))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--speed-baseline", default="",
@@ -379,10 +382,7 @@ def main(argv=None) -> int:
     lines += speed_lines
     lines += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, args.out)
+    common._atomic_write(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

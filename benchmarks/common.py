@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -382,10 +383,23 @@ def markdown_table(rows: list, columns: list) -> str:
     return "\n".join(lines)
 
 
+#: an absolute path up to a folder of a checkout of this repository (this one, a worktree, a clone)
+_CHECKOUT_PREFIX = re.compile(r"(?<![\w.])/[^\s\"'|,;()`]*?/(?=(?:benchmarks|scipion_gmmhet|tests|docs|demo-output|\.venv|\.scipion)/)")
+_TMP_PREFIX = re.compile(r"(?<![\w.])/tmp/")
+
+
+def portable(text: str) -> str:
+    """``text`` with machine paths made portable: a checkout's absolute prefix dropped (paths
+    relative to the repository) and the temporary folder written ``$TMPDIR``, so a result file
+    names no path of the machine that wrote it."""
+    return _TMP_PREFIX.sub("$TMPDIR/", _CHECKOUT_PREFIX.sub("", text))
+
+
 def _atomic_write(path: str, text: str) -> None:
+    """Write ``text`` (made :func:`portable`) to ``path`` atomically."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(text)
+        f.write(portable(text))
     os.replace(tmp, path)
 
 
