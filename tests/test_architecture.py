@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,16 @@ def test_no_absolute_machine_path_in_the_code():
                     and node.value.startswith(roots) and node.value not in roots:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
     assert not offenders, f"absolute machine paths: {offenders}"
+
+
+def test_no_machine_path_in_committed_results_and_docs():
+    """Benchmark result files and docs name paths relative to the repository (benchmarks/common.portable)."""
+    pattern = re.compile(r"(?<![\w.$])/(?:work|home|root|Users|scratch|tmp)/\S")
+    offenders = []
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*")) + sorted((ROOT / "docs").rglob("*.md")) + \
+            [ROOT / "README.md"]:
+        if path.is_file() and path.suffix in (".md", ".json", ".csv", ".txt"):
+            for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{lineno}")
+    assert not offenders, f"machine paths in committed files: {offenders[:20]}"
