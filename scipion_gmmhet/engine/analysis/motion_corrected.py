@@ -65,10 +65,9 @@ import torch.nn.functional as F
 
 from ..conventions import fourier_to_image
 from ..errors import InputError
-from ..io.validate import check_images_finite
 from ..model.fourier import shell_index_3d
 from .reconstruct import (CTF_MODES, DEFAULT_REG_FRAC, Backprojector, Reconstruction, ctf_mode_of,
-                          finish_reconstruction, half_assignment, normalise_ctf_mode, prepare_batch)
+                          finish_reconstruction, normalise_ctf_mode, particle_batches, select_rows)
 from .motion_gate import DEFAULT_GATE_Z, gate_model
 
 log = logging.getLogger(__name__)
@@ -338,53 +337,32 @@ def reconstruct_motion_corrected(meta, moves: dict, rows=None, *, images=None, h
     :data:`FORMULATIONS` (module docstring). Returns a
     :class:`reconstruct.Reconstruction`."""
     t0 = time.time()
-    n_all = len(meta)
-    rows = np.arange(n_all) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-    if rows.size < 2:
-        raise InputError(f"particle subset: {rows.size} particle(s); a reconstruction with half maps needs "
-                         "at least 2")
-    if images is None:
-        from ..io.data import ParticleImages
-        images = ParticleImages(meta)
-    halves = half_assignment(meta, seed) if halves is None else np.asarray(halves)
-    h = halves[rows]
+    rows, images, h = select_rows(meta, rows, images, halves, seed)
     if not ((h == 1).any() and (h == 2).any()):
         raise InputError("particle subset: all particles fall in one half set; a motion-corrected map needs both")
     ctf_mode = normalise_ctf_mode(ctf_mode) or ctf_mode_of(meta)
     box, apix = int(meta.box), float(meta.apix)
-    rot_all = np.asarray(meta.rotation_matrices(), dtype=np.float32)
-    org_all = np.asarray(meta.origins_A(), dtype=np.float32)
-    ctf_all = meta.ctf_params() if ctf_mode != "none" else None
-    premult_all = np.asarray(meta.ctf_premultiplied(), dtype=bool) if ctf_mode == "full" else None
     bs = batch_size or max(1, min(64, (1 << 22) // box ** 3))
     dev = torch.device(device)
     bps = {h: DeformedBackprojector(box, apix, dev, formulation=formulation) for h in (1, 2)}
-    done, last_log = 0, time.time()
-    for half in (1, 2):
+    done, last_log, fields = 0, time.time(), {}
+    for half, r, Fimg, R, ctf, pm in particle_batches(meta, images, rows, h, ctf_mode, bs, dev):
         mv = moves[half]
-        sigma = field_sigma_A or default_field_sigma_A(np.asarray(torch.as_tensor(mv.sigmas_A).cpu()), apix)
-        field = DisplacementField(torch.as_tensor(mv.centers_A).cpu().numpy(),
-                                  torch.as_tensor(mv.amplitudes).cpu().numpy(), box, apix, sigma, dev)
-        sel = rows[h == half]
-        for s in range(0, sel.size, bs):
-            r = np.sort(sel[s:s + bs])
-            batch = np.asarray(images.get(r), dtype=np.float32)
-            check_images_finite(batch, name="particles", rows=r)
-            imgs = torch.as_tensor(batch, device=dev)
-            ctfp = None if ctf_all is None else {k: np.asarray(v)[r] for k, v in ctf_all.items()}
-            Fimg, ctf = prepare_batch(imgs, torch.as_tensor(org_all[r], device=dev), ctfp, apix)
-            pm = None if premult_all is None else torch.as_tensor(premult_all[r])
-            R = torch.as_tensor(rot_all[r], device=dev)
-            if getattr(mv, "zero", False):  # gated: no deformation (the plain insertion)
-                bps[half].insert(Fimg, R, ctf, ctf_mode, pm)
-            else:
-                bps[half].insert(Fimg, R, ctf, ctf_mode, pm, field.projected_px(mv(r), R, field.support),
-                                 field.support)
-            done += r.size
-            if progress and time.time() - last_log > 10:
-                log.info("motion-corrected reconstruction: %d / %d particles (%.1f /s)", done, rows.size,
-                         done / max(1e-9, time.time() - t0))
-                last_log = time.time()
+        if half not in fields:  # one field per half model, built when its half starts
+            sigma = field_sigma_A or default_field_sigma_A(np.asarray(torch.as_tensor(mv.sigmas_A).cpu()), apix)
+            fields[half] = DisplacementField(torch.as_tensor(mv.centers_A).cpu().numpy(),
+                                             torch.as_tensor(mv.amplitudes).cpu().numpy(), box, apix, sigma, dev)
+        field = fields[half]
+        if getattr(mv, "zero", False):  # gated: no deformation (the plain insertion)
+            bps[half].insert(Fimg, R, ctf, ctf_mode, pm)
+        else:
+            bps[half].insert(Fimg, R, ctf, ctf_mode, pm, field.projected_px(mv(r), R, field.support),
+                             field.support)
+        done += r.size
+        if progress and time.time() - last_log > 10:
+            log.info("motion-corrected reconstruction: %d / %d particles (%.1f /s)", done, rows.size,
+                     done / max(1e-9, time.time() - t0))
+            last_log = time.time()
     rec = finish_reconstruction(bps, h, apix, reg_frac, mask, seed)
     rec.seconds = time.time() - t0
     return rec

@@ -400,47 +400,20 @@ def reconstruct_particles(meta, rows=None, *, images=None, halves: np.ndarray | 
     (:func:`masked_fsc`), as RELION's post-processing reports it.
     """
     t0 = time.time()
-    n_all = len(meta)
-    rows = np.arange(n_all) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-    if rows.size and (rows.min() < 0 or rows.max() >= n_all):
-        raise InputError(f"particle indices: must be 0-based rows in [0, {n_all - 1}], got "
-                         f"{rows.min()}..{rows.max()}; fix the index file")
-    if rows.size < 2:
-        raise InputError(f"particle subset: {rows.size} particle(s); a reconstruction with half maps needs "
-                         "at least 2")
-    if images is None:
-        from ..io.data import ParticleImages
-        images = ParticleImages(meta)
-    halves = half_assignment(meta, seed) if halves is None else np.asarray(halves)
-    h = halves[rows]
+    rows, images, h = select_rows(meta, rows, images, halves, seed)
     if not ((h == 1).any() and (h == 2).any()):  # a tiny subset may fall in one half
         h = np.where(np.arange(rows.size) % 2 == 0, 1, 2)
     ctf_mode = normalise_ctf_mode(ctf_mode) or ctf_mode_of(meta)
     box, apix = int(meta.box), float(meta.apix)
-    rot_all = np.asarray(meta.rotation_matrices(), dtype=np.float32)
-    org_all = np.asarray(meta.origins_A(), dtype=np.float32)
-    ctf_all = meta.ctf_params() if ctf_mode != "none" else None
-    premult_all = np.asarray(meta.ctf_premultiplied(), dtype=bool) if ctf_mode == "full" else None
-    bs = batch_size or auto_batch_size(box)
     bps = {1: Backprojector(box, apix, pad, device), 2: Backprojector(box, apix, pad, device)}
-    dev = torch.device(device)
     done, last_log = 0, time.time()
-    for half in (1, 2):
-        sel = rows[h == half]
-        for s in range(0, sel.size, bs):
-            r = np.sort(sel[s:s + bs])
-            batch = np.asarray(images.get(r), dtype=np.float32)
-            check_images_finite(batch, name="particles", rows=r)  # host-side, before the transfer
-            imgs = torch.as_tensor(batch, device=dev)
-            ctfp = None if ctf_all is None else {k: np.asarray(v)[r] for k, v in ctf_all.items()}
-            F, ctf = prepare_batch(imgs, torch.as_tensor(org_all[r], device=dev), ctfp, apix)
-            pm = None if premult_all is None else torch.as_tensor(premult_all[r])
-            bps[half].insert(F, torch.as_tensor(rot_all[r], device=dev), ctf, ctf_mode, pm)
-            done += r.size
-            if progress and time.time() - last_log > 10:
-                rate = done / max(1e-9, time.time() - t0)
-                log.info("reconstruct: %d / %d particles (%.0f /s)", done, rows.size, rate)
-                last_log = time.time()
+    for half, r, F, R, ctf, pm in particle_batches(meta, images, rows, h, ctf_mode,
+                                                   batch_size or auto_batch_size(box), device):
+        bps[half].insert(F, R, ctf, ctf_mode, pm)
+        done += r.size
+        if progress and time.time() - last_log > 10:
+            log.info("reconstruct: %d / %d particles (%.0f /s)", done, rows.size, done / max(1e-9, time.time() - t0))
+            last_log = time.time()
     rec = finish_reconstruction(bps, h, apix, reg_frac, mask, seed)
     rec.seconds = time.time() - t0
     return rec
@@ -503,3 +476,46 @@ def finish_reconstruction(bps: dict, halves: np.ndarray, apix: float, reg_frac: 
         rec.resolution_0143_masked_A = resolution_at_threshold(rec.fsc_masked["freq_invA"],
                                                                rec.fsc_masked["fsc"], 0.143)
     return rec
+
+
+def select_rows(meta, rows, images, halves, seed: int):
+    """``(rows, images, half of each row)`` for a reconstruction from the star rows ``rows``
+    (0-based; all when None); InputError for rows outside the star or fewer than 2 particles.
+    ``images`` defaults to the star's memory-mapped stacks, ``halves`` to
+    :func:`half_assignment`."""
+    n_all = len(meta)
+    rows = np.arange(n_all) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= n_all):
+        raise InputError(f"particle indices: must be 0-based rows in [0, {n_all - 1}], got "
+                         f"{rows.min()}..{rows.max()}; fix the index file")
+    if rows.size < 2:
+        raise InputError(f"particle subset: {rows.size} particle(s); a reconstruction with half maps needs "
+                         "at least 2")
+    if images is None:
+        from ..io.data import ParticleImages
+        images = ParticleImages(meta)
+    halves = half_assignment(meta, seed) if halves is None else np.asarray(halves)
+    return rows, images, halves[rows]
+
+
+def particle_batches(meta, images, rows: np.ndarray, h: np.ndarray, ctf_mode: str, batch_size: int, device):
+    """Half set 1 then half set 2 in sorted batches of ``batch_size`` rows: yields ``(half, rows,
+    F, R, ctf, premultiplied)`` with the centred Fourier images ``F`` (shifts undone), rotation
+    matrices ``R`` (RELION convention) and CTFs on ``device``. Images are checked for NaN/Inf on
+    the host before the transfer."""
+    apix, dev = float(meta.apix), torch.device(device)
+    rot_all = np.asarray(meta.rotation_matrices(), dtype=np.float32)
+    org_all = np.asarray(meta.origins_A(), dtype=np.float32)
+    ctf_all = meta.ctf_params() if ctf_mode != "none" else None
+    premult_all = np.asarray(meta.ctf_premultiplied(), dtype=bool) if ctf_mode == "full" else None
+    for half in (1, 2):
+        sel = rows[h == half]
+        for s in range(0, sel.size, batch_size):
+            r = np.sort(sel[s:s + batch_size])
+            batch = np.asarray(images.get(r), dtype=np.float32)
+            check_images_finite(batch, name="particles", rows=r)
+            ctfp = None if ctf_all is None else {k: np.asarray(v)[r] for k, v in ctf_all.items()}
+            F, ctf = prepare_batch(torch.as_tensor(batch, device=dev), torch.as_tensor(org_all[r], device=dev),
+                                   ctfp, apix)
+            pm = None if premult_all is None else torch.as_tensor(premult_all[r])
+            yield half, r, F, torch.as_tensor(rot_all[r], device=dev), ctf, pm
