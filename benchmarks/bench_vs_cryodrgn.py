@@ -60,6 +60,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from scipion_gmmhet.engine.io.outputs import BuildFolder, TrainFolder  # noqa: E402
+from scipion_gmmhet.engine.io.safe_pickle import load_array_pickle  # noqa: E402
 
 CRYODRGN_VERSION = "4.3.1"
 DEFAULT_VENV = os.path.join(common.HERE, ".cryodrgn-venv")
@@ -226,14 +227,6 @@ def latent_quality(z: np.ndarray, conformation: np.ndarray, composition: np.ndar
     return out
 
 
-_Z_TO_NPY = r"""
-import pickle, sys, numpy as np
-with open(sys.argv[1], "rb") as f:
-    z = pickle.load(f)
-np.save(sys.argv[2], np.asarray(z, dtype=np.float32))
-"""
-
-
 # ----------------------------------------------------------------------------- steps
 def simulate(args, work: str) -> dict:
     sim = os.path.join(work, "sim")
@@ -302,7 +295,8 @@ def cryodrgn_train(args, venv, work, sim, ind_pkl, n_sub, name, epochs, invert_f
     z_pkl = os.path.join(out, "z.pkl")
     if os.path.exists(z_pkl):
         npy = os.path.join(out, "z.npy")
-        venv_python(venv, _Z_TO_NPY, z_pkl, npy)
+        z = load_array_pickle(z_pkl, "cryoDRGN's z.pkl, an (N, zdim) numpy array")  # runs no code
+        np.save(npy, np.asarray(z, dtype=np.float32))
         r["latent"] = npy
     r["particles"] = n_sub
     if r.get("epoch_s"):
