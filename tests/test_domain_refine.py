@@ -117,3 +117,77 @@ def test_domain_must_be_part_of_the_model(data):
     for bad in (np.zeros_like(data["arm"]), np.ones_like(data["arm"])):
         with pytest.raises(InputError, match="domain"):
             domain_refine.refine_domain(parts, data["models"], bad)
+
+
+def test_cli_refine_domain_writes_poses_and_maps(tmp_path):
+    """`gmmhet refine-domain` with a domain mask on a tiny trained network: the star of domain
+    poses, the per-row table, both maps with half maps, masks and FSC, and the summary; a mask
+    that selects nothing is one line and exit status 2."""
+    import json
+
+    import pandas as pd
+
+    from scipion_gmmhet.engine import cli
+    from scipion_gmmhet.engine.io.mrc import write_map
+    box, apix = 32, 3.0
+    d = str(tmp_path / "sim")
+    simulate.simulate(d, "conformational", n=48, box=box, apix=apix, snr=10.0, seed=2, n_gaussians=300)
+    star = os.path.join(d, "particles.star")
+    gmm = os.path.join(d, "truth_gmm", sorted(os.listdir(os.path.join(d, "truth_gmm")))[2])
+    train_dir = str(tmp_path / "train")
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    mol = simulate.build_molecule(box, apix, 0, 300)
+    arm_c = mol.centers_A[mol.arm_slice()]
+    grid = (np.arange(box) - box // 2) * apix
+    zz, yy, xx = np.meshgrid(grid, grid, grid, indexing="ij")
+    pts = np.stack([xx, yy, zz], -1).reshape(-1, 3)
+    near = np.min(np.linalg.norm(pts[:, None] - arm_c[None], axis=-1), axis=1) < 6.0
+    mask_path = str(tmp_path / "arm_mask.mrc")
+    write_map(mask_path, near.reshape(box, box, box).astype(np.float32), apix)
+    out = str(tmp_path / "domain")
+    assert cli.main(["refine-domain", "--train", train_dir, "--particles", star, "--domain-mask", mask_path,
+                     "--max-angle", "4", "--levels", "1", "--device", "cpu", "--out", out]) == 0
+    new, old = metadata.read_particles(os.path.join(out, "domain_particles.star")), metadata.read_particles(star)
+    assert len(new) == len(old)
+    table = pd.read_csv(os.path.join(out, "domain_poses.csv"))
+    assert list(table["row"]) == list(range(len(old)))
+    assert (table["score_after"] >= table["score_before"] - 1e-6).all() and table["search_angle_deg"].max() <= 4.01
+    for name in ("domain", "plain"):
+        for suffix in (".mrc", "_half1.mrc", "_half2.mrc", "_mask.mrc", "_fsc.csv"):
+            assert os.path.exists(os.path.join(out, name + suffix)), name + suffix
+    with open(os.path.join(out, "domain_summary.json")) as f:
+        s = json.load(f)
+    assert s["n_particles"] == len(old) and 0 < s["n_domain_gaussians"] < s["n_gaussians"]
+    assert -1.0 <= s["domain_fsc_masked_mean"] <= 1.0 and -1.0 <= s["plain_fsc_masked_mean"] <= 1.0
+    empty = str(tmp_path / "empty.mrc")
+    write_map(empty, np.zeros((box, box, box), np.float32), apix)
+    assert cli.main(["refine-domain", "--train", train_dir, "--particles", star, "--domain-mask", empty,
+                     "--out", str(tmp_path / "d2")]) == 2
+
+
+def test_automatic_domain_is_what_the_decoder_moves(data):
+    """Without a mask the domain is the Gaussians the decoded models move (here: the arm)."""
+    neutral, arm = data["models"], data["arm"]
+    c0 = np.asarray(neutral.neutral_centers_A, dtype=np.float32)
+    rng = np.random.default_rng(3)
+
+    class Moving:
+        neutral_centers_A, median_sigma_A, latents = c0, neutral.median_sigma_A, np.zeros((64, 1))
+
+        def gaussians(self, rows, device):
+            c = np.repeat(c0[None], len(rows), 0)
+            c[:, arm] += rng.normal(size=(len(rows), 1, 3)) * 5.0
+            t = torch.as_tensor(c)
+            return t, torch.ones(t.shape[:2]), torch.full(t.shape[:2], 3.0)
+
+    dom = domain_refine.domain_from_motion(Moving())
+    assert dom[arm].all() and not dom[~arm].any()
+
+    class Still(Moving):
+        def gaussians(self, rows, device):
+            t = torch.as_tensor(np.repeat(c0[None], len(rows), 0))
+            return t, torch.ones(t.shape[:2]), torch.full(t.shape[:2], 3.0)
+
+    with pytest.raises(InputError, match="no moving domain"):
+        domain_refine.domain_from_motion(Still())

@@ -57,15 +57,45 @@ class DomainResult:
     domain: np.ndarray            # (N,) bool: the domain's Gaussians
 
 
-def domain_from_motion(models, n_sample: int = 1024, device="cpu") -> np.ndarray:
-    """The Gaussians the decoder moves: the complement of the automatic rigid core
-    (:func:`rigid_core.rigid_core`). InputError when nothing moves (no domain to refine)."""
-    from .rigid_core import rigid_core
-    dom = ~rigid_core(models, n_sample=n_sample, device=device)
+MIN_DOMAIN_MOTION_A = 1.0  # a Gaussian of the automatic domain moves at least this much (RMS, Angstrom)
+
+
+def domain_from_motion(models, n_sample: int = 1024, device="cpu", min_motion_A: float = MIN_DOMAIN_MOTION_A,
+                       link_sigmas: float = 2.5) -> np.ndarray:
+    """The domain the decoder moves, as a bool mask ``(N,)``: the Gaussians outside the automatic
+    rigid core (motion across the latent space above ``median + 3 x 1.4826 MAD``, at most the half
+    that moves most; :mod:`rigid_core`) that move at least ``min_motion_A`` (RMS, A), then the one
+    spatially connected group of them (neutral centres closer than ``link_sigmas`` median widths
+    link) with the largest summed motion. InputError when nothing moves."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    from .rigid_core import CORE_K, CORE_MIN_FRACTION, gaussian_motion_A
+    motion = gaussian_motion_A(models, n_sample, device)
+    med = float(np.median(motion))
+    mad = float(np.median(np.abs(motion - med))) * 1.4826
+    dom = motion > med + CORE_K * mad
+    n_max = int(np.floor((1.0 - CORE_MIN_FRACTION) * len(motion)))
+    if dom.sum() > n_max:
+        dom = np.zeros_like(dom)
+        dom[np.argsort(-motion, kind="stable")[:n_max]] = True
+    dom &= motion >= min_motion_A
     if not dom.any():
-        raise InputError("the decoded models show no moving domain (every Gaussian is in the rigid core); "
-                         "give --domain-mask MASK.mrc")
-    log.info("refine-domain: automatic domain: the %d of %d Gaussians the decoder moves", int(dom.sum()), len(dom))
+        raise InputError(f"the decoded models show no moving domain (no Gaussian moves {min_motion_A:g} A across "
+                         f"the latent space beyond the rest; largest motion {float(motion.max()):.2f} A); give "
+                         "--domain-mask MASK.mrc")
+    idx = np.flatnonzero(dom)
+    c = np.asarray(models.neutral_centers_A, dtype=np.float64)[idx]
+    link = link_sigmas * float(getattr(models, "median_sigma_A", 3.0))
+    pairs = cKDTree(c).query_pairs(link, output_type="ndarray")  # (P, 2), sparse: no N x N array
+    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(idx), len(idx)))
+    _, lab = connected_components(adj, directed=False)
+    best = int(np.argmax(np.bincount(lab, weights=motion[idx])))
+    dom = np.zeros_like(dom)
+    dom[idx[lab == best]] = True
+    log.info("refine-domain: automatic domain: %d of %d Gaussians (RMS motion across the latent space %.2f-%.2f A; "
+             "median of all %.2f A)", int(dom.sum()), len(dom), float(motion[dom].min()), float(motion[dom].max()), med)
     return dom
 
 
