@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                          "no per-particle truth GMM for the atomic structure)")
     if args.kind == "hinge":
         from scipion_gmmhet.engine.simulation.atomic import simulate_atomic
-        sim_dir = os.path.join(args.work, f"hinge_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}")
+        sim_dir = os.path.join(args.work, f"hinge_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}")
         if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
             simulate_atomic(sim_dir, "hinge", args.pdb, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
                             seed=args.seed)

@@ -57,43 +57,49 @@ class DomainResult:
     domain: np.ndarray            # (N,) bool: the domain's Gaussians
 
 
-MIN_DOMAIN_MOTION_A = 1.0  # a Gaussian of the automatic domain moves at least this much (RMS, Angstrom)
+MIN_DOMAIN_MOTION_A = 1.0  # the automatic domain's seeds move at least this much (RMS, Angstrom)
+MIN_DOMAIN_GAUSSIANS = 6   # fewer Gaussians do not define a domain's rigid motion
+GROW_FRACTION = 0.25       # the domain grows through Gaussians moving at least this fraction of the seeds' median
 
 
 def domain_from_motion(models, n_sample: int = 1024, device="cpu", min_motion_A: float = MIN_DOMAIN_MOTION_A,
-                       link_sigmas: float = 2.5) -> np.ndarray:
-    """The domain the decoder moves, as a bool mask ``(N,)``: the Gaussians outside the automatic
-    rigid core (motion across the latent space above ``median + 3 x 1.4826 MAD``, at most the half
-    that moves most; :mod:`rigid_core`) that move at least ``min_motion_A`` (RMS, A), then the one
-    spatially connected group of them (neutral centres closer than ``link_sigmas`` median widths
-    link) with the largest summed motion. InputError when nothing moves."""
+                       grow_k: float = 1.0, link_spacings: float = 1.25) -> np.ndarray:
+    """The domain the decoder moves, as a bool mask ``(N,)``, by hysteresis on each Gaussian's
+    RMS motion across the latent space (:func:`rigid_core.gaussian_motion_A`, after each
+    decoded model's affine fit is removed): seeds move more than the rigid core's bound
+    (``median + 3 x 1.4826 MAD``) and at least ``min_motion_A``; the domain grows from them
+    through neighbouring Gaussians (neutral centres within ``link_spacings`` times the 90th
+    percentile of the nearest-neighbour distances) that move more than ``median + grow_k x
+    1.4826 MAD`` and than ``GROW_FRACTION`` of the seeds' median motion (a hinged domain moves
+    less near its hinge). Of the connected groups holding a seed (on adenylate kinase's hinge
+    data LID and NMP are two), the one with the largest summed motion is the domain. InputError when nothing moves or the group is smaller
+    than ``MIN_DOMAIN_GAUSSIANS``."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
-    from .rigid_core import CORE_K, CORE_MIN_FRACTION, gaussian_motion_A
+    from .rigid_core import CORE_K, gaussian_motion_A
     motion = gaussian_motion_A(models, n_sample, device)
     med = float(np.median(motion))
     mad = float(np.median(np.abs(motion - med))) * 1.4826
-    dom = motion > med + CORE_K * mad
-    n_max = int(np.floor((1.0 - CORE_MIN_FRACTION) * len(motion)))
-    if dom.sum() > n_max:
-        dom = np.zeros_like(dom)
-        dom[np.argsort(-motion, kind="stable")[:n_max]] = True
-    dom &= motion >= min_motion_A
-    if not dom.any():
+    seed = (motion > med + CORE_K * mad) & (motion >= min_motion_A)
+    if not seed.any():
         raise InputError(f"the decoded models show no moving domain (no Gaussian moves {min_motion_A:g} A across "
                          f"the latent space beyond the rest; largest motion {float(motion.max()):.2f} A); give "
                          "--domain-mask MASK.mrc")
-    idx = np.flatnonzero(dom)
-    c = np.asarray(models.neutral_centers_A, dtype=np.float64)[idx]
-    link = link_sigmas * float(getattr(models, "median_sigma_A", 3.0))
-    pairs = cKDTree(c).query_pairs(link, output_type="ndarray")  # (P, 2), sparse: no N x N array
+    grow = seed | (motion > max(med + grow_k * mad, GROW_FRACTION * float(np.median(motion[seed]))))
+    idx = np.flatnonzero(grow)
+    c_all = np.asarray(models.neutral_centers_A, dtype=np.float64)
+    nn = cKDTree(c_all).query(c_all, k=2)[0][:, 1]
+    pairs = cKDTree(c_all[idx]).query_pairs(link_spacings * float(np.percentile(nn, 90)), output_type="ndarray")
     adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(idx), len(idx)))
     _, lab = connected_components(adj, directed=False)
-    best = int(np.argmax(np.bincount(lab, weights=motion[idx])))
-    dom = np.zeros_like(dom)
-    dom[idx[lab == best]] = True
+    score = np.bincount(lab, weights=motion[idx]) * (np.bincount(lab, weights=seed[idx].astype(float)) > 0)
+    dom = np.zeros(len(motion), dtype=bool)
+    dom[idx[lab == int(np.argmax(score))]] = True
+    if dom.sum() < MIN_DOMAIN_GAUSSIANS:
+        raise InputError(f"the decoded models' moving group has {int(dom.sum())} Gaussian(s) (fewer than "
+                         f"{MIN_DOMAIN_GAUSSIANS}: no rigid domain); give --domain-mask MASK.mrc")
     log.info("refine-domain: automatic domain: %d of %d Gaussians (RMS motion across the latent space %.2f-%.2f A; "
              "median of all %.2f A)", int(dom.sum()), len(dom), float(motion[dom].min()), float(motion[dom].max()), med)
     return dom
@@ -135,9 +141,9 @@ def refine_domain(particles, models, domain, *, max_angle_deg: float = 6.0, max_
     c0_all = np.asarray(models.neutral_centers_A, dtype=np.float32)
     domain = np.asarray(domain)
     dom = domain.copy() if domain.dtype == bool else np.isin(np.arange(len(c0_all)), domain)
-    if not dom.any() or dom.all():
+    if dom.sum() < MIN_DOMAIN_GAUSSIANS or dom.all():
         raise InputError(f"domain: selects {int(dom.sum())} of {len(dom)} Gaussians; give a mask over part of "
-                         "the model (one domain)")
+                         f"the model (one domain, at least {MIN_DOMAIN_GAUSSIANS} Gaussians)")
     max_shift_A = 2.0 * apix if max_shift_A is None else float(max_shift_A)
     if not (max_angle_deg >= 0 and max_shift_A >= 0):
         raise InputError("--max-angle/--max-shift: give ranges >= 0 (degrees, Angstrom)")
