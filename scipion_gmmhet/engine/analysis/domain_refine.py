@@ -17,7 +17,7 @@ Steps, batched over particles (no loop over particles; on the particles' device)
     3. Local search (:func:`pose_search.search_batch`, the pose refinement's batched lattice
        search and acceptance test): the particle with the projection of its decoded rest
        (the Gaussians outside the domain, at the particle pose, CTF applied, scaled to the
-       image by least squares) subtracted, against the projection of the NEUTRAL domain
+       image by least squares jointly with the decoded domain, :func:`rest_scale`) subtracted, against the projection of the NEUTRAL domain
        Gaussians (the decoded amplitudes and widths). Rotations ``R(delta)`` are about the
        domain's centre (the mass-weighted centroid of its neutral Gaussians), not the box
        centre, so a rotation does not displace the domain; as a RELION pose the result is
@@ -156,7 +156,10 @@ def refine_domain(particles, models, domain, *, max_angle_deg: float = 6.0, max_
     scorer_lo = _coarse_scorer(scorer, lowres_A, max_shift_A, None)
     prior = (max(max_angle_deg, 1e-3) / PRIOR_FRACTION, max(max_shift_A / apix, 1e-3) / PRIOR_FRACTION)
     grid = coarse_rotation_grid(max_angle_deg) if max_angle_deg > 0 else torch.zeros(1, 3)
-    ctx = dict(dom=torch.as_tensor(dom, device=device), c0=torch.as_tensor(c0_all[dom], device=device),
+    neutral = getattr(getattr(models, "model", None), "neutral", None)  # the template's amplitudes and widths
+    tmpl = None if neutral is None else tuple(torch.as_tensor(np.asarray(v, dtype=np.float32)[dom], device=device)
+                                              for v in (neutral.amplitudes, neutral.sigmas_A))
+    ctx = dict(dom=torch.as_tensor(dom, device=device), c0=torch.as_tensor(c0_all[dom], device=device), tmpl=tmpl,
                scorer=scorer, scorer_lo=scorer_lo, max_angle=max_angle_deg, levels=levels, prior=prior,
                min_gain=min_gain, max_elements=max_elements, grid=grid, decoded_start=decoded_start)
     out = {k: [] for k in ("R", "o", "R0", "o0", "dang", "dsh", "dec", "sb", "sa")}
@@ -183,12 +186,10 @@ def _domain_batch(particles, rows, models, ctx) -> dict:
     cen, amp, sig = (t.float() for t in models.gaussians(rows, device))
     dom, c0 = ctx["dom"], ctx["c0"]
     with torch.no_grad():
-        full = project(cen, amp, sig, A0, box, apix, o0, C)
         rest = project(cen[:, ~dom], amp[:, ~dom], sig[:, ~dom], A0, box, apix, o0, C)
+        part = project(cen[:, dom], amp[:, dom], sig[:, dom], A0, box, apix, o0, C)
         g = ctx["scorer"].binner
-        a, f = g.gather(Fimg), g.gather(full)
-        scale = (a * f.conj()).real.sum(1) / (f.real ** 2 + f.imag ** 2).sum(1).clamp_min(1e-20)
-        Fimg = Fimg - scale[:, None, None] * rest
+        Fimg = Fimg - rest_scale(g.gather(Fimg), g.gather(rest), g.gather(part))[:, None, None] * rest
         w = amp.mean(0)[dom]
         if ctx["decoded_start"]:
             Q, t = fit_domain_motion(cen[:, dom], c0, w)
@@ -199,7 +200,11 @@ def _domain_batch(particles, rows, models, ctx) -> dict:
         g0 = ((w / w.sum()).to(c0.dtype)[:, None] * c0).sum(0)  # domain centre (neutral frame, A)
         gv = torch.einsum("bij,j->bi", A_d, g0)  # ... in each particle's view frame
         y = torch.einsum("bij,nj->bni", A_d, c0) - gv[:, None]
-    vec, shift_px, sb, sa = search_batch(Fimg, y, amp[:, dom], sig[:, dom], o_d - gv[:, :2], C, ctx["scorer"],
+    if ctx["tmpl"] is not None:  # the neutral domain: neutral centres, amplitudes and widths
+        t_amp, t_sig = (v.expand(len(rows), -1) for v in ctx["tmpl"])
+    else:
+        t_amp, t_sig = amp[:, dom], sig[:, dom]
+    vec, shift_px, sb, sa = search_batch(Fimg, y, t_amp, t_sig, o_d - gv[:, :2], C, ctx["scorer"],
                                          ctx["scorer_lo"], max_angle=ctx["max_angle"], levels=ctx["levels"],
                                          polish_steps=0, max_elements=ctx["max_elements"], prior_deg=ctx["prior"][0],
                                          prior_px=ctx["prior"][1], min_gain=ctx["min_gain"],
@@ -211,6 +216,19 @@ def _domain_batch(particles, rows, models, ctx) -> dict:
     np64 = lambda x: x.detach().double().cpu().numpy()  # noqa: E731
     return {"R": np64(A_new), "o": np64(o_new), "R0": np64(A_d), "o0": np64(o_d), "dang": np64(vec.norm(dim=1)),
             "dsh": np64(shift_px.norm(dim=1) * apix), "dec": np64(_angle_deg(Q)), "sb": np64(sb), "sa": np64(sa)}
+
+
+def rest_scale(a: torch.Tensor, rest: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Scale ``(B,)`` of the rest's projection in the particle: the joint least-squares fit
+    ``a ~ s_r rest + s_d domain`` of the image coefficients ``a`` ``(B, P)`` to the projections of
+    the rest and of the (decoded) domain ``(B, P)``. Fitting both keeps a misplaced decoded domain
+    from lowering ``s_r`` (one scale for the whole model would under-subtract the rest)."""
+    def dot(x, y):
+        return (x * y.conj()).real.sum(1)
+    rr, dd, rd = dot(rest, rest), dot(part, part), dot(rest, part)
+    ar, ad = dot(a, rest), dot(a, part)
+    det = (rr * dd - rd * rd).clamp_min(1e-12 * (rr * dd).clamp_min(1e-30))
+    return (ar * dd - ad * rd) / det
 
 
 def domain_mask_map(models, domain: np.ndarray, box: int, apix: float) -> np.ndarray:
@@ -246,8 +264,9 @@ class DomainSignalImages:
         cen, amp, sig = (t.float() for t in self.models.gaussians(rows, p.device))
         r = self.rest
         with torch.no_grad():
-            full = project(cen, amp, sig, b.rotations, p.box, p.apix, b.origins_A, b.ctf)
             rest = project(cen[:, r], amp[:, r], sig[:, r], b.rotations, p.box, p.apix, b.origins_A, b.ctf)
-            s = (b.F_img * full.conj()).real.sum((1, 2)) / (full.real ** 2 + full.imag ** 2).sum((1, 2)).clamp_min(1e-20)
+            part = project(cen[:, ~r], amp[:, ~r], sig[:, ~r], b.rotations, p.box, p.apix, b.origins_A, b.ctf)
+            n = len(rows)
+            s = rest_scale(b.F_img.reshape(n, -1), rest.reshape(n, -1), part.reshape(n, -1))
             img = fourier_to_image(b.F_img - s[:, None, None] * rest, p.box)
         return img.float().cpu().numpy()
