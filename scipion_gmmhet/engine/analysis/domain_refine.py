@@ -1,28 +1,33 @@
 """Local refinement of one domain per particle (e2gmm's focused / heterogeneous refinement).
 
-A flexible domain is blurred in a consensus map because it sits at a slightly different
-orientation in every particle. Here each particle gets a *domain pose*: the RELION pose
-(``A_dom``, ``origin_dom``) under which the neutral model's domain projects onto where that
-particle's domain is. A reconstruction with the domain poses is sharp over the domain (and
-blurred elsewhere; its map is read under the domain mask).
+A flexible domain is blurred in a consensus map because it sits at a different orientation in
+every particle. Here each particle gets a *domain pose*: the RELION pose (``A_dom``,
+``origin_dom``) under which the neutral model's domain projects onto where that particle's
+domain is. The particles with the rest of the model subtracted (:class:`DomainSignalImages`,
+RELION's signal subtraction), reconstructed with the domain poses, give a map of the domain in
+the neutral model's frame, read under the domain's mask.
 
 Steps, batched over particles (no loop over particles; on the particles' device)
     1. Domain: the Gaussians whose neutral centres lie in ``--domain-mask`` (> 0.5), or, without
-       a mask, the ones the decoder moves (:func:`domain_from_motion`: the complement of
-       :func:`rigid_core.rigid_core`).
+       a mask, the connected group the decoder moves most (:func:`domain_from_motion`).
     2. Decoded start: each particle's decoded domain is fitted rigidly to the neutral domain
        (weighted Kabsch, ``c_dec ~ Q c0 + t``), so the start pose is ``A_dom = A Q``,
        ``origin_dom = origin - (A t)_xy`` (``A`` the particle's RELION matrix, origins in
        Angstrom): the motion the network learnt, composed with the particle pose.
     3. Local search (:func:`pose_search.search_batch`, the pose refinement's batched lattice
-       search and acceptance test): the particle with the projection of its decoded rest
-       (the Gaussians outside the domain, at the particle pose, CTF applied, scaled to the
-       image by least squares jointly with the decoded domain, :func:`rest_scale`) subtracted, against the projection of the NEUTRAL domain
-       Gaussians (the decoded amplitudes and widths). Rotations ``R(delta)`` are about the
-       domain's centre (the mass-weighted centroid of its neutral Gaussians), not the box
-       centre, so a rotation does not displace the domain; as a RELION pose the result is
-       ``A_new = R A_dom``, ``origin_new = origin_dom + d + ((R - I) A_dom g)_xy`` (``g`` the
-       centre, ``d`` the shift found).
+       search, MAP objective and acceptance test): the particle minus the projection of its
+       decoded rest (the Gaussians outside the domain at the particle pose, CTF applied, scaled
+       by :func:`rest_scale`) against the projection of the NEUTRAL domain (the neutral model's
+       centres, amplitudes and widths). Rotations ``R(delta)`` are about the domain's centre
+       ``g`` (mass-weighted centroid of its neutral Gaussians), so a rotation does not displace
+       the domain; as a RELION pose ``A_new = R A_dom``, ``origin_new = origin_dom + d +
+       ((R - I) A_dom g)_xy`` (``d`` the shift found).
+
+Measured (``benchmarks/bench_refine_domain.py``, simulator's hinged arm, 1000 particles at SNR 1,
+network trained without a mask, arm mask): the arm's median projected error 5.82 A with the
+particle poses, 2.67 A from the decoded start alone, 1.46 A from the search alone (12 deg from
+the particle pose), 1.38 A with both (2.09 A with each particle's decoded amplitudes as the
+template instead of the neutral ones).
 """
 from __future__ import annotations
 
