@@ -26,7 +26,7 @@ Steps, batched over particles (no loop over particles; on the particles' device)
 Measured (``benchmarks/bench_refine_domain.py``, simulator's hinged arm, 1000 particles at SNR 1,
 network trained without a mask, arm mask): the arm's median projected error 5.82 A with the
 particle poses, 2.67 A from the decoded start alone, 1.46 A from the search alone (12 deg from
-the particle pose), 1.38 A with both (2.09 A with each particle's decoded amplitudes as the
+the particle pose), 1.37 A with both (2.09 A with each particle's decoded amplitudes as the
 template instead of the neutral ones).
 """
 from __future__ import annotations
@@ -164,7 +164,8 @@ def refine_domain(particles, models, domain, *, max_angle_deg: float = 6.0, max_
     neutral = getattr(getattr(models, "model", None), "neutral", None)  # the template's amplitudes and widths
     tmpl = None if neutral is None else tuple(torch.as_tensor(np.asarray(v, dtype=np.float32)[dom], device=device)
                                               for v in (neutral.amplitudes, neutral.sigmas_A))
-    ctx = dict(dom=torch.as_tensor(dom, device=device), c0=torch.as_tensor(c0_all[dom], device=device), tmpl=tmpl,
+    w = tmpl[0] if tmpl is not None else torch.ones(int(dom.sum()), device=device)  # weights of the fit and centre
+    ctx = dict(dom=torch.as_tensor(dom, device=device), c0=torch.as_tensor(c0_all[dom], device=device), tmpl=tmpl, w=w,
                scorer=scorer, scorer_lo=scorer_lo, max_angle=max_angle_deg, levels=levels, prior=prior,
                min_gain=min_gain, max_elements=max_elements, grid=grid, decoded_start=decoded_start)
     out = {k: [] for k in ("R", "o", "R0", "o0", "dang", "dsh", "dec", "sb", "sa")}
@@ -195,7 +196,7 @@ def _domain_batch(particles, rows, models, ctx) -> dict:
         part = project(cen[:, dom], amp[:, dom], sig[:, dom], A0, box, apix, o0, C)
         g = ctx["scorer"].binner
         Fimg = Fimg - rest_scale(g.gather(Fimg), g.gather(rest), g.gather(part))[:, None, None] * rest
-        w = amp.mean(0)[dom]
+        w = ctx["w"]
         if ctx["decoded_start"]:
             Q, t = fit_domain_motion(cen[:, dom], c0, w)
         else:
