@@ -26,7 +26,7 @@ Steps, batched over particles (no loop over particles; on the particles' device)
 Measured (``benchmarks/bench_refine_domain.py``, simulator's hinged arm, 1000 particles at SNR 1,
 network trained without a mask, arm mask): the arm's median projected error 5.82 A with the
 particle poses, 2.67 A from the decoded start alone, 1.46 A from the search alone (12 deg from
-the particle pose), 1.37 A with both (2.09 A with each particle's decoded amplitudes as the
+the particle pose), 1.37 A with both (2.08 A with each particle's decoded amplitudes as the
 template instead of the neutral ones).
 """
 from __future__ import annotations
