@@ -32,16 +32,18 @@ standard errors (noise passes by chance 0.1 % of the time). A model that fails i
 displacement: its half map is the plain reconstruction. Only one bit (kept / zeroed) of the
 other half reaches a half map, which cannot inflate the half-map FSC.
 
-Why not the simpler tests (measured, docs/motion_corrected.md):
+Why not the simpler tests (measured on half models trained with the current defaults,
+``benchmarks/bench_motion_gate.py``; z of half 1 / half 2, docs/motion_corrected.md):
 
-- held-out particles of the model's own half scored inside the band: the encoder reads the
-  held-out image, so its decoded model beats the neutral one by fitting that image's noise
-  (pure noise, 50 validation particles: gain +0.15, 8 standard errors); the same holds for the
-  other half's particles encoded from the full band;
-- the model's own particles scored on rings outside the training band (gmmhet 0.2 before the
-  likelihood band): once the band reaches the neutral GMM's resolution (``--loss corr``) the
-  rings left hold little signal, and real motion was rejected at 1,000 particles
-  (arm swing, SNR 0.1: z -2.7 and -0.3; this test: z > 10, benchmarks/results/motion_corrected_*.md).
+- held-out particles scored where the encoder looked (the other half encoded from the whole
+  band, or the training's validation particles): the encoder reads the image it is scored on,
+  so its decoded model beats the neutral one by fitting that image's noise (pure noise,
+  2,000 particles: z +44 / +40; homogeneous: +33 / +32);
+- the model's own particles scored on the rings just finer than the training band (the first
+  gate): honest, but once the band reaches the neutral GMM's resolution (``--loss corr``) those
+  rings hold little signal and real motion was rejected (arm swing, SNR 0.1, 1,000 particles:
+  z -5.2 / -3.9; 5,000: +0.8 / +2.0). This test: +15.8 / +17.3 and +42.0 / +42.4; homogeneous
+  -13.3 / -14.9; pure noise -1.0 / -1.6 (four more noise sets: -0.6 ... +2.0).
 """
 from __future__ import annotations
 
