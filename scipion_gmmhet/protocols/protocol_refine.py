@@ -440,6 +440,19 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         vol._gmmhetDomainMask = String(paths['mask'])
         return vol
 
+    def getDomainMap(self, which: str) -> str | None:
+        """The domain step's map from the particle poses ('plain') or the domain poses ('domain')."""
+        if not self.doDomain:
+            return None
+        folder = DomainFolder(self.getDomainDir())
+        return folder.plain_map if which == 'plain' else folder.domain_map
+
+    def getDomainFsc(self, which: str) -> dict | None:
+        """Half-map FSC table (with the domain-masked FSC) of a domain-step map, None when absent."""
+        fn = self.getDomainMap(which)
+        fsc = reconstruction_paths(fn)['fsc'] if fn else None
+        return read_fsc_csv(fsc) if fsc and os.path.exists(fsc) else None
+
     def getDomainSummary(self) -> dict | None:
         """The engine's domain_summary.json (None before the domain step ends)."""
         fn = DomainFolder(self.getDomainDir()).summary

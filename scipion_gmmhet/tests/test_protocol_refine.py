@@ -209,3 +209,8 @@ class TestProtocolRefine(BaseTest):
         text = '\n'.join(prot.summary())
         self.assertIn('Domain-masked half-map FSC 0.143', text)
         self.assertIn('(mask)', text)
+        from scipion_gmmhet.viewers.viewer_refine import writeRefineReport
+        out = writeRefineReport(prot, self.proj.getPath('refine_domain_report'))
+        assertPngNotBlank(self, out['fsc'])  # the two domain-masked FSC curves
+        with open(out['chimerax']) as f:
+            self.assertEqual(f.read().count('open '), 2)  # domain maps from particle and domain poses
