@@ -104,7 +104,8 @@ def evaluate(m_in, m_out, rot_true, org_true, truth_map, device, seconds, d_ang,
     after = pose_errors(m_out.rotation_matrices(), m_out.origins_A(), rot_true, org_true, apix)
     return dict(before=before, after=after, fsc_before=fsc_vs_truth(m_in, truth_map, device),
                 fsc_after=fsc_vs_truth(m_out, truth_map, device), seconds=seconds,
-                change_med=float(np.median(d_ang)), change_shift_med_px=float(np.median(d_shift_A) / apix))
+                change_med=float(np.median(d_ang)), change_shift_med_px=float(np.median(d_shift_A) / apix),
+                unchanged_pct=float(100 * np.mean((np.abs(d_ang) < 0.01) & (np.abs(d_shift_A) < 0.01))))
 
 
 def summary_line(r: dict) -> str:
@@ -125,17 +126,28 @@ def hinge_neutral_gmm(sim_dir: str, resolution_A: float, device) -> str:
     return path
 
 
+def neutral_truth_gmm(sim_dir: str) -> str:
+    """The simulator's neutral GMM: ``truth_gmm/neutral.npz`` (the arm at c = 0.5), else (older
+    simulations) the middle ``conf_*`` state."""
+    path = os.path.join(sim_dir, "truth_gmm", "neutral.npz")
+    if os.path.exists(path):
+        return path
+    states = sorted(f for f in os.listdir(os.path.join(sim_dir, "truth_gmm")) if f.startswith("conf_"))
+    return os.path.join(sim_dir, "truth_gmm", states[len(states) // 2])
+
+
 def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, truth_map, device, apix):
     """The user's recipe through the ``gmmhet`` command: train (``--train-mask arm``: only the
     arm's Gaussians may move), then ``gmmhet refine --rounds R`` (``--refine-mask core``: the
     core's pose, the arm's decoded projection subtracted), on the perturbed particles; and the
     same recipe on the unperturbed particles (its own training) for the no-harm check."""
     from scipion_gmmhet.engine import cli
-    states = sorted(os.listdir(os.path.join(sim_dir, "truth_gmm")))
-    neutral = os.path.join(sim_dir, "truth_gmm", states[len(states) // 2])
     if args.kind == "hinge":  # an atomic truth: the neutral GMM is built from the consensus, as a user would
         neutral = hinge_neutral_gmm(sim_dir, args.resolution, device)
-        states = [f"(gmmhet build of consensus.mrc at {args.resolution:g} A)"]
+        neutral_note = f"gmmhet build of consensus.mrc at {args.resolution:g} A"
+    else:
+        neutral = neutral_truth_gmm(sim_dir)
+        neutral_note = "simulator truth_gmm/" + os.path.basename(neutral)
     train_extra = ["--zdim", "4", "--epochs", str(args.epochs), "--changes", args.changes, "--device", device]
     if args.train_mask == "arm":
         train_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "arm_mask.mrc"))]
@@ -183,8 +195,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
                 rows[label]["rounds"].append(pose_errors(m_r.rotation_matrices(), m_r.origins_A(), rot_true, org_true,
                                                          apix)["ang_med"])
         print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
-    note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = simulator "
-            f"state {states[len(states) // 2]}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
+    note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = "
+            f"{neutral_note}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
             f"then `gmmhet refine --rounds {args.rounds}` (refine, retrain on the refined poses, refine...; focus mask: "
             f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}); the no-harm row trains its "
             "own network on the unperturbed particles")
@@ -408,7 +420,7 @@ def main(argv=None) -> int:
                          + " -> ".join(f"{v:.2f}" for v in [p["before"]["ang_med"]] + p["rounds"]) + " deg.")
         if t:
             lines.append(f"True-pose start (no harm): median pose change {t['change_med']:.2f} deg and "
-                         f"{t['change_shift_med_px']:.3f} px; FSC mean {t['fsc_before']['fsc_mean']:.4f} -> "
+                         f"{t['change_shift_med_px']:.3f} px, {t['unchanged_pct']:.1f}% unchanged (< 0.01 deg and 0.01 A); FSC mean {t['fsc_before']['fsc_mean']:.4f} -> "
                          f"{t['fsc_after']['fsc_mean']:.4f}.")
         lines.append("")
     lines += speed_lines
