@@ -64,6 +64,9 @@ if os.path.exists(f.rounds):
         p = f.round(r).particles
         mr = metadata.read_particles(p if os.path.exists(p) else f.particles)
         rounds.append(br.pose_errors(mr.rotation_matrices(), mr.origins_A(), rot_true, org_true, apix)["ang_med"])
+from scipion_gmmhet.engine.io.mrc import read_map
+truth_map, _ = read_map(os.path.join(sim, "consensus.mrc"))
+f0, f1 = br.fsc_vs_truth(m0, truth_map, "cpu"), br.fsc_vs_truth(m1, truth_map, "cpu")
 moved = np.mean(np.any(np.abs(m1.euler_deg() - m0.euler_deg()) > 1e-3, 1) | np.any(np.abs(m1.origins_A() - m0.origins_A()) > 1e-3, 1)) * 100
 print(f"RESULT | {metric} k={k:g} {' '.join(extra)} | core {sel.sum()} of {len(sel)} (arm in core {(sel & arm).sum()} of {arm.sum()}) | "
-      f"{e0['ang_med']:.2f} -> {e1['ang_med']:.2f} deg ({100*(e1['ang_med']/max(e0['ang_med'],1e-9)-1):+.0f}%) | {e0['sh_med_px']:.3f} -> {e1['sh_med_px']:.3f} px | rounds {' -> '.join(f'{v:.2f}' for v in rounds)} | {moved:.1f}% changed |", flush=True)
+      f"{e0['ang_med']:.2f} -> {e1['ang_med']:.2f} deg ({100*(e1['ang_med']/max(e0['ang_med'],1e-9)-1):+.0f}%) | {e0['sh_med_px']:.3f} -> {e1['sh_med_px']:.3f} px | rounds {' -> '.join(f'{v:.2f}' for v in rounds)} | {moved:.1f}% changed | FSC mean vs truth {f0['fsc_mean']:.4f} -> {f1['fsc_mean']:.4f} |", flush=True)
