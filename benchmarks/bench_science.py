@@ -138,7 +138,7 @@ def two_motion_metrics(z: np.ndarray, truth: pd.DataFrame, run_dir: str, sim_dir
     return out
 
 
-def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 600, grid: int = 41) -> float:
+def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int = 41) -> float:
     """The best |Spearman| any per-particle estimate can reach on the ``hinge`` data: each of ``n``
     particles (every (N/n)-th) is scored against the TRUE atomic model at ``grid`` values of the
     truth coordinate, at its exact pose and CTF, by the band correlation over ``band_A`` =
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse finished training runs (metrics only)")
     p.add_argument("--ceiling", action="store_true",
                    help="hinge: also the Bayes ceiling (ranking by the true atomic model at exact poses, in the "
-                        "training band and over the whole image; about 1 CPU minute per 600 particles)")
+                        "training band and over the whole image; about 3 CPU minutes)")
     p.add_argument("--workdir", default=os.path.join(common.SCRATCH, "science"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
