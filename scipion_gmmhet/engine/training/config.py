@@ -37,11 +37,10 @@ Defaults and why (see :class:`TrainConfig`):
   rises after ~12 epochs while the training loss keeps falling.
 - band ``lowres_A = 100`` (e2gmm's default minimum resolution; lower rings hold the
   particle's overall envelope, shared by every state) to ``highres_A`` from the model and the
-  data (:func:`auto_highres`): the last ring where the neutral model's projections still
-  match the particles (the mean per-particle FRC of the neutral model above its noise level
-  ``1/sqrt(2 pi k)`` at ring k; this already stops where the model has no power, so it may
-  pass the build's nominal resolution: 6.9 A for the 8 A GMM of the 1AKE hinge). The
-  likelihood weights rings by their signal, so the band need not stop early; the old rule (last ring with per-particle FRC >= min(0.5, 0.6 x peak),
+  data (:func:`auto_highres`): the neutral GMM's resolution, or coarser where the particles
+  carry no signal (the mean per-particle FRC of the neutral model below its noise level
+  ``1/sqrt(2 pi k)`` at ring k). The likelihood weights rings by their signal, so the band
+  need not stop early; the old rule (last ring with per-particle FRC >= min(0.5, 0.6 x peak),
   kept for ``loss frc``, where equal ring weights make noisy rings costly) stopped at 19 A on
   the 1AKE hinge (8 A GMM, 1.5 A/px). Give ``highres_A`` to override; the reason is logged and
   written to summary.json.
@@ -164,10 +163,8 @@ def auto_highres(particles: Particles, neutral: GMM, cfg: TrainConfig, n_sample:
     very noisy data whose per-particle FRC never reaches 0.5. Finer rings hold mostly noise for
     one particle and,
     since the loss averages rings with equal weight, they only dilute the signal of
-    domain-level heterogeneity. ``loss 'frc'``: never finer than the GMM's resolution (when
-    recorded). ``loss 'corr'``: the last ring where the per-particle FRC exceeds its noise level
-    (see the module doc). Never finer than Nyquist; at least 3 rings above the low-resolution
-    limit. Returns (highres_A, curve).
+    domain-level heterogeneity. Never finer than the GMM's resolution (when recorded) or
+    Nyquist; at least 3 rings above the low-resolution limit. Returns (highres_A, curve).
     """
     rng = np.random.default_rng([int(cfg.seed), 13])
     n_items = len(particles)
@@ -199,14 +196,9 @@ def auto_highres(particles: Particles, neutral: GMM, cfg: TrainConfig, n_sample:
     highres = data_limit = particles.box * particles.apix / last_ring
     model_limit = _gmm_resolution(neutral)
     reason = f"particles' signal ({rule}) to {data_limit:.1f} A"
-    if cfg.loss == "frc" and model_limit is not None and model_limit > highres:
+    if model_limit is not None and model_limit > highres:
         highres = model_limit
         reason = f"the neutral GMM's resolution {model_limit:.1f} A (the {reason})"
-    elif model_limit is not None and model_limit > highres:
-        # the likelihood keeps the rings where the neutral model's projections still match the
-        # particles above noise, even past the build's nominal resolution (1AKE hinge, 8 A GMM:
-        # band to 6.9 A, |Spearman| +0.002 / +0.003 on two seeds; results/science3_init_width.md)
-        reason = f"{reason}, finer than the neutral GMM's nominal {model_limit:.1f} A"
     log.info("per-particle FRC of the neutral model by ring: %s -> training band up to %.1f A: %s",
              " ".join(f"{v:.2f}" for v in curve[:max(last_ring + 4, 8)]), highres, reason)
     cfg.extra = {**(cfg.extra or {}), "band_reason": reason}
