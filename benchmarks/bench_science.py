@@ -10,7 +10,8 @@ Systems (simulated, SNR 0.1, CTF, exact poses, 64 px):
 - ``two_motions``: LID and NMP independently; for each domain the latent direction that moves
   that domain's Gaussians most and the rest least (:func:`latent.domain_motion`, masks from the
   atoms), its |Spearman| with its own motion and with the other one.
-- ``cyclic``: LID turning a full circle; circular correlation (Jammalamadaka-SenGupta) of the
+- ``cyclic``: LID turning a full circle; circular agreement (mean cosine of the residual after the
+  best rotation and reflection: :func:`circular_agreement`; the median residual in degrees) of the
   angle in the whitened plane of the first two latent PCs with the truth angle, |.|.
 - ``mixed`` / ``conformational``: the five-domain synthetic molecule (3 A/px); ARI of k-means
   k=2 on the whitened latents, |Spearman| within each composition, as bench_latent_quality.
@@ -84,11 +85,29 @@ def knn_r2(z: np.ndarray, y: np.ndarray, k: int = 15, seed: int = 0) -> float:
 
 
 def circular_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Jammalamadaka-SenGupta circular correlation of angles ``a``, ``b`` (radians)."""
+    """Jammalamadaka-SenGupta circular correlation of angles ``a``, ``b`` (radians). Centred on
+    each sample's circular mean, which is undefined for angles spread evenly round the circle:
+    there it swings between -1 and 1 for a perfect relation (kept for comparison only)."""
     def centred(x):
         return np.sin(x - np.angle(np.mean(np.exp(1j * x))))
     sa, sb = centred(a), centred(b)
     return float(np.sum(sa * sb) / np.sqrt(np.sum(sa * sa) * np.sum(sb * sb)))
+
+
+def circular_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """How well angle ``b`` recovers angle ``a`` (radians) up to the latent's free rotation and
+    reflection: ``(mean cos(residual), median |residual| deg)`` after the best offset ``c`` and
+    sign ``s`` (``residual = b - s a - c``); the mean cosine is the mean resultant length of the
+    differences: 1 for a perfect relation, ~0 (1/sqrt(n)) for independent angles. Unlike the
+    Jammalamadaka-SenGupta coefficient it is defined for angles spread round the whole circle."""
+    best = None
+    for sign in (1.0, -1.0):
+        r = np.mean(np.exp(1j * (b - sign * a)))
+        if best is None or abs(r) > abs(best[0]):
+            best = (r, sign)
+    r, sign = best
+    resid = np.angle(np.exp(1j * (b - sign * a - np.angle(r))))
+    return float(abs(r)), float(np.degrees(np.median(np.abs(resid))))
 
 
 def trajectory_coordinate(z: np.ndarray):
@@ -118,8 +137,9 @@ def metrics(system: str, z: np.ndarray, truth: pd.DataFrame, run_dir: str, sim_d
             out[f"spearman_comp{comp}"] = abs_spearman(pc1(z[sel]), truth["conformation"][sel])
     if system == "cyclic":
         xy = PCA(2, whiten=True).fit_transform(z - z.mean(0))
-        out["circular_corr"] = abs(circular_correlation(np.arctan2(xy[:, 1], xy[:, 0]),
-                                                        np.radians(truth["angle_deg"].to_numpy())))
+        latent_angle, true_angle = np.arctan2(xy[:, 1], xy[:, 0]), np.radians(truth["angle_deg"].to_numpy())
+        out["circular_corr"], out["angle_error_deg"] = circular_agreement(true_angle, latent_angle)
+        out["js_circular_corr"] = abs(circular_correlation(latent_angle, true_angle))
     if system == "two_motions":
         out.update(two_motion_metrics(z, truth, run_dir, sim_dir))
     return out
