@@ -104,7 +104,8 @@ def evaluate(m_in, m_out, rot_true, org_true, truth_map, device, seconds, d_ang,
     after = pose_errors(m_out.rotation_matrices(), m_out.origins_A(), rot_true, org_true, apix)
     return dict(before=before, after=after, fsc_before=fsc_vs_truth(m_in, truth_map, device),
                 fsc_after=fsc_vs_truth(m_out, truth_map, device), seconds=seconds,
-                change_med=float(np.median(d_ang)), change_shift_med_px=float(np.median(d_shift_A) / apix))
+                change_med=float(np.median(d_ang)), change_shift_med_px=float(np.median(d_shift_A) / apix),
+                unchanged_pct=float(100 * np.mean((np.abs(d_ang) < 0.01) & (np.abs(d_shift_A) < 0.01))))
 
 
 def summary_line(r: dict) -> str:
@@ -115,14 +116,38 @@ def summary_line(r: dict) -> str:
                 r["fsc_after"]["res05_A"], r["change_med"], r["change_shift_med_px"], r["seconds"]))
 
 
+def hinge_neutral_gmm(sim_dir: str, resolution_A: float, device) -> str:
+    """The neutral GMM of the hinge data: ``build_gmm`` (``gmmhet build``) of its consensus map."""
+    from scipion_gmmhet.engine.model.build import build_gmm
+    path = os.path.join(sim_dir, f"gmm_{resolution_A:g}A.npz")
+    if not os.path.exists(path):
+        vol, apix = read_map(os.path.join(sim_dir, "consensus.mrc"))
+        build_gmm(vol, apix, resolution_A, device=device, seed=0).gmm.save(path)
+    return path
+
+
+def neutral_truth_gmm(sim_dir: str) -> str:
+    """The simulator's neutral GMM: ``truth_gmm/neutral.npz`` (the arm at c = 0.5), else (older
+    simulations) the middle ``conf_*`` state."""
+    path = os.path.join(sim_dir, "truth_gmm", "neutral.npz")
+    if os.path.exists(path):
+        return path
+    states = sorted(f for f in os.listdir(os.path.join(sim_dir, "truth_gmm")) if f.startswith("conf_"))
+    return os.path.join(sim_dir, "truth_gmm", states[len(states) // 2])
+
+
 def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, truth_map, device, apix):
     """The user's recipe through the ``gmmhet`` command: train (``--train-mask arm``: only the
     arm's Gaussians may move), then ``gmmhet refine --rounds R`` (``--refine-mask core``: the
     core's pose, the arm's decoded projection subtracted), on the perturbed particles; and the
     same recipe on the unperturbed particles (its own training) for the no-harm check."""
     from scipion_gmmhet.engine import cli
-    states = sorted(os.listdir(os.path.join(sim_dir, "truth_gmm")))
-    neutral = os.path.join(sim_dir, "truth_gmm", states[len(states) // 2])
+    if args.kind == "hinge":  # an atomic truth: the neutral GMM is built from the consensus, as a user would
+        neutral = hinge_neutral_gmm(sim_dir, args.resolution, device)
+        neutral_note = f"gmmhet build of consensus.mrc at {args.resolution:g} A"
+    else:
+        neutral = neutral_truth_gmm(sim_dir)
+        neutral_note = "simulator truth_gmm/" + os.path.basename(neutral)
     train_extra = ["--zdim", "4", "--epochs", str(args.epochs), "--changes", args.changes, "--device", device]
     if args.train_mask == "arm":
         train_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "arm_mask.mrc"))]
@@ -170,8 +195,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
                 rows[label]["rounds"].append(pose_errors(m_r.rotation_matrices(), m_r.origins_A(), rot_true, org_true,
                                                          apix)["ang_med"])
         print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
-    note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = simulator "
-            f"state {states[len(states) // 2]}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
+    note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = "
+            f"{neutral_note}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
             f"then `gmmhet refine --rounds {args.rounds}` (refine, retrain on the refined poses, refine...; focus mask: "
             f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}); the no-harm row trains its "
             "own network on the unperturbed particles")
@@ -249,6 +274,13 @@ def speed_rows(args, sim_dir) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", default="conformational", choices=("conformational", "hinge"),
+                    help="conformational: the simulator's pseudo-atomic molecule; hinge: adenylate kinase (--pdb) "
+                         "with LID and NMP opening (gmmhet simulate --kind hinge), neutral GMM built from its "
+                         "consensus at --resolution (needs --model trained --train-mask none --refine-mask none)")
+    ap.add_argument("--pdb", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                  "tests", "data", "1ake.pdb"))
+    ap.add_argument("--resolution", type=float, default=8.0, help="hinge: gmmhet build resolution, A (default 8)")
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--apix", type=float, default=3.0)
@@ -297,10 +329,21 @@ def main(argv=None) -> int:
 
     # 1. data
     t0 = time.time()
-    sim_dir = os.path.join(args.work, f"sim_{args.box}_{args.n}_{args.snr:g}_{args.n_gaussians}")
-    if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
-        simulate.simulate(sim_dir, "conformational", n=args.n, box=args.box, apix=args.apix, snr=args.snr,
-                          seed=args.seed, n_gaussians=args.n_gaussians)
+    if args.kind == "hinge" and (args.train_mask != "none" or args.refine_mask != "none" or
+                                 any(m.strip() == "truth" for m in args.model.split(","))):
+        raise SystemExit("--kind hinge: give --model trained --train-mask none --refine-mask none (no arm mask and "
+                         "no per-particle truth GMM for the atomic structure)")
+    if args.kind == "hinge":
+        from scipion_gmmhet.engine.simulation.atomic import simulate_atomic
+        sim_dir = os.path.join(args.work, f"hinge_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}")
+        if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
+            simulate_atomic(sim_dir, "hinge", args.pdb, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
+                            seed=args.seed)
+    else:
+        sim_dir = os.path.join(args.work, f"sim_{args.box}_{args.n}_{args.snr:g}_{args.n_gaussians}")
+        if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
+            simulate.simulate(sim_dir, "conformational", n=args.n, box=args.box, apix=args.apix, snr=args.snr,
+                              seed=args.seed, n_gaussians=args.n_gaussians)
     times["simulate_s"] = time.time() - t0
     info = json.load(open(os.path.join(sim_dir, "simulation.json")))
     truth = pd.read_csv(os.path.join(sim_dir, "truth.csv"))
@@ -313,7 +356,8 @@ def main(argv=None) -> int:
     star_p = os.path.join(args.work, "perturbed.star")
     metadata.write_particles(star_p, meta_p)
     rot_p = meta_p.rotation_matrices()  # as written (Euler round trip)
-    mol = simulate.build_molecule(box, apix, int(info.get("molecule_seed", 0)), args.n_gaussians)
+    mol = (simulate.build_molecule(box, apix, int(info.get("molecule_seed", 0)), args.n_gaussians)
+           if args.kind == "conformational" else None)
 
     # 2. the particle-specific models, and the refinements
     truth_map, _ = read_map(os.path.join(sim_dir, "consensus.mrc"))
@@ -349,7 +393,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else (platform.processor() or "CPU")
     lines = [
         "# Orientation refinement benchmark (`benchmarks/bench_refine.py`)", "",
-        f"Data: simulated conformational set, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
+        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase hinge set (LID and NMP opening; ' + common.portable(args.pdb) + ')'}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
         f"poses perturbed by {args.perturb_deg:g} deg RMS rotations and {args.perturb_px:g} px RMS shifts. "
         f"Search: max angle {args.max_angle:g} deg, max shift {args.max_shift_px:g} px, score {args.score}, "
         f"prior {'on' if args.prior else 'off'}, evidence to move {args.min_gain:g} nats. Device: {device} ({dev_name}, {os.cpu_count()} cores). "
@@ -376,7 +420,7 @@ def main(argv=None) -> int:
                          + " -> ".join(f"{v:.2f}" for v in [p["before"]["ang_med"]] + p["rounds"]) + " deg.")
         if t:
             lines.append(f"True-pose start (no harm): median pose change {t['change_med']:.2f} deg and "
-                         f"{t['change_shift_med_px']:.3f} px; FSC mean {t['fsc_before']['fsc_mean']:.4f} -> "
+                         f"{t['change_shift_med_px']:.3f} px, {t['unchanged_pct']:.1f}% unchanged (< 0.01 deg and 0.01 A); FSC mean {t['fsc_before']['fsc_mean']:.4f} -> "
                          f"{t['fsc_after']['fsc_mean']:.4f}.")
         lines.append("")
     lines += speed_lines

@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     try:
         r = simulate(os.path.join(scratch, "data"), "conformational", n=args.n, box=args.box, apix=5.0, snr=1.0,
                      seed=3, n_gaussians=128)
-        gmm = sorted(r["truth_gmm"].values())[len(r["truth_gmm"]) // 2]
+        confs = sorted(v for k, v in r["truth_gmm"].items() if k.startswith("conf_"))
+        gmm = r["truth_gmm"].get("neutral") or confs[len(confs) // 2]  # the arm at c = 0.5
         logging.basicConfig(level=logging.WARNING)
         eng = logging.getLogger("scipion_gmmhet")
         eng.setLevel(logging.INFO)

@@ -14,7 +14,7 @@ import sys
 
 from .errors import InputError
 
-COMMANDS = ["simulate", "convert", "build", "train", "eval", "analyze", "reconstruct", "refine"]
+COMMANDS = ["simulate", "convert", "build", "train", "eval", "analyze", "reconstruct", "refine", "refine-domain"]
 
 DESCRIPTION = """\
 gmmhet: conformational and compositional heterogeneity of cryo-EM particles with a Gaussian
@@ -69,7 +69,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(name: str):
-    return importlib.import_module(f"scipion_gmmhet.engine.commands.{name}")
+    return importlib.import_module(f"scipion_gmmhet.engine.commands.{name.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = _load(name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"scipion_gmmhet.engine.commands.{name}":
+            if exc.name != f"scipion_gmmhet.engine.commands.{name.replace('-', '_')}":
                 raise
             continue
         doc = (module.__doc__ or "").strip()
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     try:
-        if getattr(args, "device", None) == "auto" and args.command not in ("train", "refine"):
+        if getattr(args, "device", None) == "auto" and args.command not in ("train", "refine", "refine-domain"):
             from .device import resolve_device
             args.device = str(resolve_device("auto"))
         rc = args._main(args)

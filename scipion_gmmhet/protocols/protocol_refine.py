@@ -19,7 +19,9 @@ acquisition, latent vectors and every other attribute are kept.
 
 Output: ``outputParticles`` (same set type as the input: a SetOfParticlesFlex stays one, so
 "cluster and reconstruct" can follow) with the refined 3D alignment; each particle carries
-``_gmmhetDeltaAngle`` (degrees) and ``_gmmhetDeltaShift`` (Angstrom), its pose change.
+``_gmmhetDeltaAngle`` (degrees) and ``_gmmhetDeltaShift`` (Angstrom), its pose change. With
+"Refine one domain?", ``gmmhet refine-domain`` then runs on the refined particles and
+``outputDomainVolume`` (a Volume with half maps) is that domain's map from the domain poses.
 """
 from __future__ import annotations
 
@@ -31,13 +33,14 @@ import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
 from pyworkflow.mapper.sqlite_db import SqliteDb
 from pyworkflow.object import Float, String
-from pwem.objects import SetOfParticles, SetOfParticlesFlex
+from pwem.objects import SetOfParticles, SetOfParticlesFlex, Volume
 from pwem.protocols import ProtAnalysis3D
 
 from .. import Plugin, convert
 from ..constants import TRAIN_DIR_ATTR
 from ..engine.errors import InputError
-from ..engine.io.outputs import RefineFolder, pose_change_summary, read_fsc_csv, reconstruction_paths
+from ..engine.io.outputs import (DomainFolder, RefineFolder, pose_change_summary, read_fsc_csv,
+                                 reconstruction_paths)
 from .trained_input import TrainedParticlesInput
 from .gpu import cudaAvailable, gpuErrors
 from .validation import maskGridErrors
@@ -55,7 +58,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     everything but their alignment, which is replaced by the refined one.
     """
     _label = 'refine orientations'
-    _possibleOutputs = {'outputParticles': SetOfParticles}
+    _possibleOutputs = {'outputParticles': SetOfParticles, 'outputDomainVolume': Volume}
 
     def __init__(self, **kwargs):
         ProtAnalysis3D.__init__(self, **kwargs)
@@ -113,6 +116,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       help='Reconstruct the particles with their input poses and with the refined '
                            'poses (direct Fourier inversion with CTF correction, half maps and '
                            'FSC), to see what the refinement gained.')
+        self._defineDomainParams(form)
 
         form.addParam('highRes', params.FloatParam, default=-1.0, expertLevel=params.LEVEL_ADVANCED,
                       label='High-resolution limit (A)',
@@ -156,6 +160,8 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         if self.doReconstruct:
             for which in ('before', 'after'):
                 self._insertFunctionStep(self.reconstructStep, which)
+        if self.doDomain:
+            self._insertFunctionStep(self.refineDomainStep, self._getDomainArgs())
         self._insertFunctionStep(self.createOutputStep)
 
     # -------------------------- STEPS functions ------------------------------
@@ -196,8 +202,12 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         trainDir = self.getTrainDir()
         if trainDir:
             setattr(outSet, TRAIN_DIR_ATTR, String(trainDir))
-        self._defineOutputs(outputParticles=outSet)
-        self._defineSourceRelation(self.inputParticles, outSet)
+        outputs = {'outputParticles': outSet}
+        if self.doDomain:
+            outputs['outputDomainVolume'] = self._domainVolume(parts.getSamplingRate())
+        self._defineOutputs(**outputs)
+        for out in outputs.values():
+            self._defineSourceRelation(self.inputParticles, out)
         self.info('Refined poses of %d particles' % n)
 
     def _createOutputSet(self, parts):
@@ -227,6 +237,11 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         mask = self.mask.get()
         if mask is not None:  # the check and text of gmmhet refine --mask
             errors += maskGridErrors('Focus mask', mask, self._modelGrid(), 'the Gaussian model')
+        domainMask = self.domainMask.get() if self.doDomain else None
+        if domainMask is not None:  # the check and text of gmmhet refine-domain --domain-mask
+            errors += maskGridErrors('Domain mask', domainMask, self._modelGrid(), 'the Gaussian model')
+        if self.doDomain and (self.domainMaxAngle.get() is None or self.domainMaxAngle.get() < 0):
+            errors.append('Domain angular range: give 0 or more degrees.')
         if self.usesGpu() and not self.getGpuList():
             errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors
@@ -264,6 +279,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             if all(r is not None for r in res.values()):
                 summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'
                                % (res['before'], res['after']))
+            summary += self._domainSummary()
         elif not self.isFinished():
             summary.append('Outputs not ready yet.')
         return summary
@@ -373,4 +389,93 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             self.inputParticles.getObjValue().getObjId() if parts is not None else None,
             self.inputParticles.getExtended(), parts.getSize() if parts is not None else 0)
 
+    # -------------------------- local refinement of a domain -----------------
+    def _defineDomainParams(self, form):
+        form.addParam('doDomain', params.BooleanParam, default=False,
+                      label='Refine one domain?',
+                      help='After the refinement, refine the orientation of one domain in every '
+                           'particle (e2gmm\'s focused refinement: the domain\'s decoded motion, '
+                           'then a local search against the neutral domain with the rest of the '
+                           'model subtracted) and reconstruct the domain from the subtracted '
+                           'particles with those domain poses: output "domain map" (with half '
+                           'maps). The same particles with their particle poses are reconstructed '
+                           'too; the summary compares the two under the domain mask.')
+        form.addParam('domainMask', params.PointerParam, pointerClass='VolumeMask, Volume', allowsNull=True,
+                      condition='doDomain', label='Domain mask (optional)',
+                      help='A mask on the domain (same box and sampling as the particles). Empty: '
+                           'the connected group of Gaussians the trained network moves most.')
+        form.addParam('domainMaxAngle', params.FloatParam, default=6.0, condition='doDomain',
+                      label='Domain angular search range (deg)',
+                      help='Largest rotation of the domain, about its centre, away from its decoded '
+                           'orientation.')
 
+    def getDomainDir(self) -> str:
+        return self._getExtraPath('domain')
+
+    def _getDomainArgs(self) -> str:
+        args = ['--train %s' % shlex.quote(self.getTrainDir() or ''),
+                '--particles %s' % shlex.quote(self.getOutputStar()),
+                '--latents %s' % shlex.quote(self.getLatentsFile()),
+                '--max-angle %g' % self.domainMaxAngle.get(),
+                '--batch-size %d' % self.batchSize.get(),
+                '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
+                '--out %s' % shlex.quote(self.getDomainDir())]
+        mask = self.domainMask.get()
+        if mask is not None:
+            args.append('--domain-mask %s' % shlex.quote(convert.cleanFileName(mask.getFileName())))
+        return ' '.join(args)
+
+    def refineDomainStep(self, args):
+        Plugin.runGmmhet(self, 'refine-domain', args,
+                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+
+    def _domainVolume(self, apix):
+        folder = DomainFolder(self.getDomainDir())
+        paths = reconstruction_paths(folder.domain_map)
+        vol = Volume(location=paths['map'])
+        vol.setSamplingRate(apix)
+        vol.setHalfMaps([paths['half1'], paths['half2']])
+        vol.setObjLabel('domain map')
+        vol._gmmhetPlainMap = String(folder.plain_map)
+        vol._gmmhetDomainMask = String(paths['mask'])
+        return vol
+
+    def getDomainMap(self, which: str) -> str | None:
+        """The domain step's map from the particle poses ('plain') or the domain poses ('domain')."""
+        if not self.doDomain:
+            return None
+        folder = DomainFolder(self.getDomainDir())
+        return folder.plain_map if which == 'plain' else folder.domain_map
+
+    def getDomainFsc(self, which: str) -> dict | None:
+        """Half-map FSC table (with the domain-masked FSC) of a domain-step map, None when absent."""
+        fn = self.getDomainMap(which)
+        fsc = reconstruction_paths(fn)['fsc'] if fn else None
+        return read_fsc_csv(fsc) if fsc and os.path.exists(fsc) else None
+
+    def getDomainSummary(self) -> dict | None:
+        """The engine's domain_summary.json (None before the domain step ends)."""
+        fn = DomainFolder(self.getDomainDir()).summary
+        if not os.path.exists(fn):
+            return None
+        import json
+        with open(fn) as f:
+            return json.load(f)
+
+    def _domainSummary(self) -> list:
+        s = self.getDomainSummary() if self.doDomain else None
+        if not s:
+            return []
+
+        def res(v):
+            return 'n/a' if v is None else '%.2f A' % v
+        return ['Domain: %d of %d Gaussians (%s); decoded domain rotation median %.2f deg; the local '
+                'search moved %d of %d particles' % (s['n_domain_gaussians'], s['n_gaussians'],
+                                                     'mask' if s['domain_from'] != 'decoder motion'
+                                                     else 'from the decoder\'s motions',
+                                                     s['decoded_angle_median_deg'], s['n_moved_by_search'],
+                                                     s['n_particles']),
+                'Domain-masked half-map FSC 0.143: %s with the particle poses, %s with the domain poses '
+                '(mean FSC %.3f -> %.3f)' % (res(s['plain_resolution_0143_masked_A']),
+                                             res(s['domain_resolution_0143_masked_A']),
+                                             s['plain_fsc_masked_mean'], s['domain_fsc_masked_mean'])]

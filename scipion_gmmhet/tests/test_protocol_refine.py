@@ -173,3 +173,44 @@ class TestProtocolRefine(BaseTest):
         self.assertLess(np.median([v[0] for v in after.values()]), 0.5 * np.median([v[0] for v in before.values()]))
         self.assertTrue(os.path.exists(os.path.join(prot.getRefineDir(), 'round_2', 'particles.star')))
         self.assertIn('Refine-retrain rounds: 2', '\n'.join(prot.summary()))
+
+    def test_refine_domain_output_volume(self):
+        """"Refine one domain?" with a mask on the molecule's arm: the refined particles plus a
+        "domain map" Volume with half maps; the summary compares the domain-masked half-map FSC
+        of the particle poses and of the domain poses."""
+        from scipion_gmmhet.engine.io.mrc import write_map
+        from scipion_gmmhet.engine.simulation.simulate import build_molecule
+        mol = build_molecule(BOX, APIX, 0, 300)
+        arm = mol.centers_A[mol.arm_slice()]
+        g = (np.arange(BOX) - BOX // 2) * APIX
+        zz, yy, xx = np.meshgrid(g, g, g, indexing='ij')
+        pts = np.stack([xx, yy, zz], -1).reshape(-1, 3)
+        near = np.min(np.linalg.norm(pts[:, None] - arm[None], axis=-1), axis=1) < 2 * APIX
+        maskFn = os.path.join(self.dataDir, 'arm_mask.mrc')
+        write_map(maskFn, near.reshape((BOX,) * 3).astype(np.float32), APIX)
+        protMask = runImportVolume(self, maskFn, APIX, label='arm mask')
+        prot = self.newProtocol(ProtGmmhetRefine, objLabel='refine + domain', maxAngle=4.0, levels=1, rounds=1,
+                                doReconstruct=False, doDomain=True, domainMaxAngle=4.0, useGpu=False,
+                                numberOfThreads=2)
+        prot.inputParticles.set(self.protTrain)
+        prot.inputParticles.setExtended('outputParticles')
+        prot.domainMask.set(protMask)
+        prot.domainMask.setExtended('outputVolume')
+        self.assertEqual(prot.validate(), [])
+        prot = self.launchProtocol(prot)
+        self.assertEqual(prot.outputParticles.getSize(), self.protTrain.outputParticles.getSize())
+        vol = prot.outputDomainVolume
+        self.assertTrue(os.path.exists(vol.getFileName()))
+        self.assertAlmostEqual(vol.getSamplingRate(), APIX, places=3)
+        self.assertTrue(vol.hasHalfMaps())
+        for fn in vol.getHalfMaps(asList=True):
+            self.assertTrue(os.path.exists(fn), fn)
+        self.assertTrue(os.path.exists(vol._gmmhetPlainMap.get()))
+        text = '\n'.join(prot.summary())
+        self.assertIn('Domain-masked half-map FSC 0.143', text)
+        self.assertIn('(mask)', text)
+        from scipion_gmmhet.viewers.viewer_refine import writeRefineReport
+        out = writeRefineReport(prot, self.proj.getPath('refine_domain_report'))
+        assertPngNotBlank(self, out['fsc'])  # the two domain-masked FSC curves
+        with open(out['chimerax']) as f:
+            self.assertEqual(f.read().count('open '), 2)  # domain maps from particle and domain poses

@@ -77,6 +77,12 @@ def fscCurves(prot) -> tuple[np.ndarray | None, dict]:
         freq = t['freq_invA']
         curve = t['fsc_masked'] if 'fsc_masked' in t else t['fsc']
         curves['%s (%.2f A)' % (name, prot.getResolution(which))] = curve
+    for which, name in (('plain', 'domain mask, particle poses'), ('domain', 'domain mask, domain poses')):
+        t = prot.getDomainFsc(which)
+        if t is None or (freq is not None and len(t['freq_invA']) != len(freq)):
+            continue
+        freq = t['freq_invA']
+        curves[name] = t['fsc_masked'] if 'fsc_masked' in t else t['fsc']
     return freq, curves
 
 
@@ -84,11 +90,16 @@ def writeFscPng(prot, outPng: str) -> str:
     freq, curves = fscCurves(prot)
     if not curves:
         raise ValueError('no reconstructions (the protocol ran without them)')
-    return plots.plot_fsc_curves(freq, curves, outPng, title='Half-map FSC before / after refinement')
+    poses = any(not k.startswith('domain mask') for k in curves)
+    domain = any(k.startswith('domain mask') for k in curves)
+    title = ' ; '.join(t for t, on in (('Half-map FSC before / after refinement', poses),
+                                       ('domain maps (domain-masked FSC)', domain)) if on)
+    return plots.plot_fsc_curves(freq, curves, outPng, title=title)
 
 
 def writeChimeraxScript(prot, outCxc: str) -> str:
-    """ChimeraX command file opening the reconstructions from the input and the refined poses."""
+    """ChimeraX command file opening the reconstructions from the input and the refined poses (and,
+    with "Refine one domain?", the domain maps from the particle and the domain poses)."""
     lines = ['# gmmhet refine orientations: reconstructions before / after']
     n = 0
     for which, color in (('before', '#bbbbbb'), ('after', '#4477aa')):
@@ -97,6 +108,12 @@ def writeChimeraxScript(prot, outCxc: str) -> str:
             n += 1
             lines += ['open "%s"' % os.path.abspath(fn), 'volume #%d color %s' % (n, color),
                       'rename #%d "%s"' % (n, 'input poses' if which == 'before' else 'refined poses')]
+    for which, color in (('plain', '#bbbbbb'), ('domain', '#cc6677')):
+        fn = prot.getDomainMap(which)
+        if fn and os.path.exists(fn):
+            n += 1
+            lines += ['open "%s"' % os.path.abspath(fn), 'volume #%d color %s' % (n, color),
+                      'rename #%d "%s"' % (n, 'domain: particle poses' if which == 'plain' else 'domain: domain poses')]
     lines += ['tile', 'view']
     tmp = outCxc + '.tmp'
     with open(tmp, 'w') as f:

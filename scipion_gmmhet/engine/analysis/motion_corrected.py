@@ -48,11 +48,12 @@ half sets (``rlnRandomSubset``; DynaMight's recipe): one model trained on all pa
 correlate the halves and inflate the FSC. The full map is reconstructed from both halves' sums;
 FSC, automatic mask and the phase-randomised masked FSC as :func:`reconstruct.reconstruct_particles`.
 
-Significance gate (:mod:`motion_gate`, ``gate_z`` of :func:`half_moves`): a half model whose
-moves do not improve the fit of its particles outside its training band (Fourier rings the
-network never saw) by ``gate_z`` standard errors gets zero displacement, so moves fitted to
-noise cannot pull the noise into the neutral model's shape in both halves (pure-noise half-map
-FSC 0.98 at 192 A without the gate, chance with it).
+Significance gate (:mod:`motion_gate`, ``gate_z`` of :func:`half_moves`): each half model is
+scored on the other half's particles (never trained on), encoded from one set of angular
+sectors of the training band and scored on the other; a model whose decoded moves do not beat
+the neutral model there by ``gate_z`` standard errors gets zero displacement, so moves fitted
+to noise cannot pull the noise into the neutral model's shape in both halves (pure-noise
+half-map FSC 0.98 at 192 A without the gate, chance with it).
 """
 from __future__ import annotations
 
@@ -408,9 +409,9 @@ def half_moves(meta, halves: np.ndarray, half_dirs: dict, device="cpu", gate_z: 
                ) -> dict:
     """``{1: ModelMoves, 2: ModelMoves}`` from two training folders, each trained on its own
     half set; every particle of a half must be in its model's training star. ``gate_z``: the
-    significance gate of :mod:`motion_gate` (a half model whose moves do not predict its
-    particles outside the training band by ``gate_z`` standard errors gets zero displacement);
-    None or 0: no gate."""
+    significance gate of :mod:`motion_gate` (a half model whose moves do not predict the other
+    half's particles, split in Fourier space, by ``gate_z`` standard errors gets zero
+    displacement); None or 0: no gate."""
     from ..training.trained import load_trained
     out = {}
     for h, d in half_dirs.items():
@@ -425,7 +426,7 @@ def half_moves(meta, halves: np.ndarray, half_dirs: dict, device="cpu", gate_z: 
                              f"inflated. Train it on the half-{h} particles only")
         out[h] = ModelMoves(load_trained(d, device), lat)
         if gate_z:
-            out[h].gate = gate_model(out[h].model, gate_z, device)
+            out[h].gate = gate_model(out[h].model, meta, np.flatnonzero(halves != h), gate_z, device)
             out[h].zero = not out[h].gate.passed
             log.info("half %d model %s: %s", h, d, out[h].gate.reason)
     return out

@@ -74,9 +74,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "deformation changes (equals the plain map without motion); real_space: deformed "
                         "real-space backprojection alone")
     g.add_argument("--gate-z", type=float, default=3.0, metavar="Z",
-                   help="significance gate: a half model whose moves do not improve the fit of its particles "
-                        "outside its training band by Z standard errors gets zero displacement, so noise-fitted "
-                        "moves cannot inflate the FSC (default 3; 0 turns the gate off)")
+                   help="significance gate: a half model whose moves do not improve the fit of the other half's "
+                        "particles (encoded from half of the band's Fourier sectors, scored on the rest) by Z "
+                        "standard errors gets zero displacement, so noise-fitted moves cannot inflate the FSC "
+                        "(default 3; 0 turns the gate off)")
     g.add_argument("--field-sigma", type=float, default=None, metavar="A",
                    help="width of the Gaussian interpolation of the moves, Angstrom (default: the neutral "
                         "Gaussians' median width, at least 2 pixels)")

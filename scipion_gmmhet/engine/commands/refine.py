@@ -212,27 +212,7 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
         raise InputError(f"--particles {star}: box {parts.box} at {parts.apix:.4f} A/px but the model is "
                          f"box {tm.neutral.box} at {tm.neutral.apix:.4f} A/px; use the particles the model was trained on")
 
-    latents = None
-    if latents_path:
-        try:
-            latents = np.load(latents_path)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"--latents {latents_path}: not a readable .npy file ({exc}); give an n x K array") from None
-        if latents.ndim != 2 or latents.shape != (n, tm.zdim):
-            raise InputError(f"--latents {latents_path}: shape {latents.shape}, expected ({n}, {tm.zdim}) "
-                             "(one row per particle of --particles, the model's latent dimension)")
-    elif not encode:
-        z = tm.latents()
-        if z.shape[0] == n * n_ops:
-            latents = z[::n_ops]  # particle row i, identity operator
-            if n_ops > 1:
-                log.warning("refine: the model was trained with symmetry %s; each particle is refined against the "
-                            "GMM decoded at its identity-operator latent", sym)
-        else:
-            log.info("refine: %s has %d particles, the training latents %d rows; encoding the particles",
-                     star, n, z.shape[0])
-    if latents is None:
-        latents = tm.encode_particles(star, device=str(device))[::n_ops]
+    latents = particle_latents(tm, star, n, n_ops, latents_path, encode, device)
     models = refine.LatentModels(tm, latents)
     focus = focus_mask_gaussians(tm.neutral, args.mask) if args.mask else None
     lowres = args.lowres if args.lowres is not None else cfg.get("lowres_A")
@@ -277,6 +257,35 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
              s["score_before_mean"], s["score_after_mean"])
     log.info("refine: wrote %s and %s", folder.particles, folder.pose_changes)
     return meta, out_meta, res
+
+
+def particle_latents(tm, star: str, n: int, n_ops: int, latents_path, encode: bool, device) -> np.ndarray:
+    """Latent vectors ``(n, K)`` of the ``n`` particles of ``star``: ``latents_path`` (.npy, row i
+    = particle row i); else the training latents when ``star`` has the training run's particles
+    (identity-operator rows with symmetry); otherwise (or with ``encode``) encoded."""
+    sym = tm.config.get("symmetry")
+    latents = None
+    if latents_path:
+        try:
+            latents = np.load(latents_path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--latents {latents_path}: not a readable .npy file ({exc}); give an n x K array") from None
+        if latents.ndim != 2 or latents.shape != (n, tm.zdim):
+            raise InputError(f"--latents {latents_path}: shape {latents.shape}, expected ({n}, {tm.zdim}) "
+                             "(one row per particle of --particles, the model's latent dimension)")
+    elif not encode:
+        z = tm.latents()
+        if z.shape[0] == n * n_ops:
+            latents = z[::n_ops]  # particle row i, identity operator
+            if n_ops > 1:
+                log.warning("refine: the model was trained with symmetry %s; each particle is refined against the "
+                            "GMM decoded at its identity-operator latent", sym)
+        else:
+            log.info("refine: %s has %d particles, the training latents %d rows; encoding the particles",
+                     star, n, z.shape[0])
+    if latents is None:
+        latents = tm.encode_particles(star, device=str(device))[::n_ops]
+    return latents
 
 
 def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):

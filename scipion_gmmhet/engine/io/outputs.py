@@ -451,6 +451,35 @@ class RefineFolder(_Folder):
         return {c: df[c].to_numpy() for c in df.columns}
 
 
+
+class DomainFolder(_Folder):
+    """``gmmhet refine-domain``'s output folder (local refinement of a domain)."""
+
+    @property
+    def particles(self) -> str:
+        """``domain_particles.star``: the input star with each particle's DOMAIN pose."""
+        return self.path("domain_particles.star")
+
+    @property
+    def domain_poses(self) -> str:
+        """``domain_poses.csv``: per row the decoded domain rotation, the search's change and scores."""
+        return self.path("domain_poses.csv")
+
+    @property
+    def domain_map(self) -> str:
+        """``domain.mrc`` (+ ``_half1/_half2/_mask/_fsc``): the domain poses' reconstruction."""
+        return self.path("domain.mrc")
+
+    @property
+    def plain_map(self) -> str:
+        """``plain.mrc`` (+ halves, mask, FSC): the same subtracted particles at the particle poses."""
+        return self.path("plain.mrc")
+
+    @property
+    def summary(self) -> str:
+        return self.path("domain_summary.json")
+
+
 def pose_change_summary(delta_angle_deg, delta_shift_A, score_before, score_after) -> dict:
     """Median / 90th-percentile pose changes (degrees, Angstrom), how many particles moved, and
     mean scores: what the refine command logs and the protocol's summary shows."""
