@@ -10,7 +10,7 @@ import torch
 
 from scipion_gmmhet.engine.conventions import image_to_fourier
 from scipion_gmmhet.engine.model.fourier import RingBinner, shell_index_2d
-from scipion_gmmhet.engine.model.networks import HetModel
+from scipion_gmmhet.engine.model.networks import POSTERIOR_INIT_WIDTH, HetModel
 from scipion_gmmhet.engine.training.trained import effective_dimension
 
 
@@ -56,11 +56,11 @@ def test_variational_latents_and_kl():
     z2, _ = m(x)
     torch.testing.assert_close(z, z2)
     assert m.kl_terms.shape == (8,) and (m.kl_terms >= 0).all()
-    # KL(N(mu, s^2) || N(0, 1)) = 0.5 * sum(mu^2 + s^2 - 1 - log s^2); initial s ~ 0.1
+    # KL(N(mu, s^2) || N(0, 1)) = 0.5 * sum(mu^2 + s^2 - 1 - log s^2); initial s ~ POSTERIOR_INIT_WIDTH (1)
     mu, logvar = m.encoder(x).detach().chunk(2, dim=1)
     want = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)
     torch.testing.assert_close(m.kl_terms.detach(), want, rtol=1e-5, atol=1e-5)
-    assert abs(float(logvar.mean()) - 2 * math.log(0.1)) < 0.5
+    assert abs(float(logvar.mean()) - 2 * math.log(POSTERIOR_INIT_WIDTH)) < 0.5
     # sampling uses the posterior width, not latent_noise: same noise, same decoded sample
     noise = torch.randn(8, 3)
     (_, (c1, _, _)), (_, (c2, _, _)) = m(x, 0.05, noise=noise), m(x, 0.5, noise=noise)

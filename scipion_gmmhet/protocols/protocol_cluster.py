@@ -375,8 +375,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 '--seed %d' % self.seed.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
                 '--out %s' % shlex.quote(self.getAnalysisDir())]
-        if self.whiten:
-            args.append('--whiten')
+        args.append('--whiten' if self.whiten else '--no-whiten')
         if not self.doReconstruct:
             args.append('--no-reconstruct')
         if not self.doGmmMaps:

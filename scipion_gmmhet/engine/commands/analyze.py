@@ -55,10 +55,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="number of clusters (default 0: embeddings and trajectories only)")
     parser.add_argument("--method", choices=["kmeans", "gmm"], default="kmeans",
                         help="clustering: k-means or Gaussian mixture (default kmeans)")
-    parser.add_argument("--whiten", action="store_true",
+    parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
                         help="cluster on the whitened principal components of the latents (those with >= 5%% "
                              "of the variance, scaled to unit variance): separates a compositional gap from a "
-                             "wider conformational motion")
+                             "wider conformational motion (default on, as in the cluster protocol; "
+                             "--no-whiten: the raw latents)")
     parser.add_argument("--embedding", choices=["pca", "umap", "both"], default="pca",
                         help="2-D embeddings to compute and plot (default pca; umap is slower)")
     parser.add_argument("--no-reconstruct", action="store_true", help="skip the per-cluster reconstructions")
