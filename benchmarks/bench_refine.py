@@ -160,6 +160,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         refine_extra.append("--no-prior")
     if not args.gate:
         refine_extra.append("--no-gate")
+    if args.refine_core != "none":
+        refine_extra += ["--core", args.refine_core]
     if args.refine_mask == "core":
         refine_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "core_mask.mrc"), invert=True)]
     tag = f"{args.n}_{args.box}_{args.epochs}_{args.train_mask}_{args.changes.replace(',', '-')}"
@@ -175,7 +177,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         if not TrainFolder(train_dir).is_finished():
             if cli.main(["train", "--particles", star, "--gmm", neutral, "--out", train_dir] + train_extra):
                 raise SystemExit("training failed")
-        out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}_r{args.rounds}_g{args.min_gain:g}"
+        out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}{'_core' if args.refine_core != 'none' else ''}"
+                                      f"_r{args.rounds}_g{args.min_gain:g}"
                                       f"{'' if args.gate else '_nogate'}")
         t0 = time.time()
         if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
@@ -198,7 +201,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = "
             f"{neutral_note}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
             f"then `gmmhet refine --rounds {args.rounds}` (refine, retrain on the refined poses, refine...; focus mask: "
-            f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}); the no-harm row trains its "
+            f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}"
+            f"{', --core auto' if args.refine_core != 'none' else ''}); the no-harm row trains its "
             "own network on the unperturbed particles")
     return rows, note
 
@@ -304,6 +308,8 @@ def main(argv=None) -> int:
                     help="comma-separated: truth (each particle's ground-truth GMM), trained (the network)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--changes", default="positions", help="what the network may change (gmmhet train --changes)")
+    ap.add_argument("--refine-core", choices=["none", "auto"], default="none",
+                    help="gmmhet refine --core (without --refine-mask core): auto scores the automatic rigid core")
     ap.add_argument("--refine-mask", default="core", choices=("core", "none"),
                     help="core: refine the core's pose with the arm's decoded projection subtracted; none: whole model")
     ap.add_argument("--rounds", default="3", help="gmmhet refine --rounds (refine-retrain iterations; auto: the "

@@ -491,3 +491,28 @@ def test_cli_refine_gold_standard_check_decides_between_input_and_refined_poses(
     np.testing.assert_array_equal(new.origins_A(), ref.origins_A())
     table = pd.read_csv(os.path.join(out, "pose_changes.csv"))
     assert (table["delta_angle_deg"].any() or table["delta_shift_A"].any()) == (not kept)
+
+
+def test_refinement_core_is_the_part_that_does_not_move(sim):
+    """The refinement's default focus (``gmmhet refine --core auto``): decoded models whose arm
+    swings with the latent while the body stays put -> the focus is the body, not the arm, and a
+    model whose Gaussians all stay put keeps every Gaussian."""
+    from scipion_gmmhet.engine.analysis.rigid_core import core_from_motion, refinement_core
+    mol = sim["mol"]
+    c0 = torch.as_tensor(mol.centers_A[: mol.n_without_subunit()], dtype=torch.float32)
+    arm = np.zeros(len(c0), bool)
+    arm[mol.arm_slice()] = True
+    arm_t = torch.as_tensor(arm)
+
+    class Trained:
+        def decode(self, z):
+            c = c0.expand(len(z), -1, -1).clone()
+            c[:, arm_t] += z[:, :1, None] * torch.tensor([8.0, -3.0, 2.0])  # the arm follows z[0]
+            c += 0.05 * z[:, 1:2, None]  # a slight common drift from z[1]
+            return c, torch.ones(c.shape[:2]), torch.full(c.shape[:2], 4.0)
+
+    z = np.random.default_rng(1).normal(size=(500, 2)).astype(np.float32)
+    focus = refinement_core(Trained(), z)
+    assert focus.dtype == np.int64 and not arm[focus].any()
+    assert len(focus) >= 0.5 * (~arm).sum()
+    assert core_from_motion(np.zeros(40), 1.0).all()  # nothing moves: every Gaussian is the core

@@ -94,6 +94,14 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       help='A mask on one region (same box and sampling as the particles): only '
                            'the Gaussians inside it are scored and the rest of the model is '
                            'subtracted from the particles, so the refined pose is that region\'s.')
+        form.addParam('autoCore', params.BooleanParam, default=False,
+                      condition='not mask', expertLevel=params.LEVEL_ADVANCED,
+                      label='Focus on the automatic rigid core?',
+                      help='Without a focus mask: score only the Gaussians that move least across the '
+                           'trained network\'s models (the rest, decoded for each particle, is subtracted), '
+                           'so a flexible part the network got wrong cannot pull the pose (gmmhet refine '
+                           '--core auto: larger corrections on a big swinging domain, but it moves some exact '
+                           'poses). No (default): score every Gaussian.')
         form.addParam('rounds', params.IntParam, default=0, validators=[params.GE(0)],
                       label='Refine-retrain rounds',
                       help='0 (default, automatic): e2gmm\'s iteration - refine, retrain the network on '
@@ -376,6 +384,8 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         mask = self.mask.get()
         if mask is not None:
             args.append('--mask %s' % shlex.quote(convert.cleanFileName(mask.getFileName())))
+        elif self.autoCore.get():
+            args.append('--core auto')
         rounds = self.rounds.get() or 0
         args.append('--rounds %s' % ('auto --max-rounds %d' % (self.maxRounds.get() or 3) if rounds == 0
                                      else '%d' % rounds))
