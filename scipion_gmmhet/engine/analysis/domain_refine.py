@@ -41,7 +41,8 @@ import torch
 
 from ..errors import InputError
 from ..model.gmm import project
-from .refine import MIN_GAIN_NATS, PRIOR_FRACTION, _coarse_scorer, _Scorer, coarse_rotation_grid, rotvec_to_matrix
+from .refine import (MIN_GAIN_NATS, PRIOR_FRACTION, _coarse_scorer, _Scorer, coarse_rotation_grid, rotvec_to_matrix,
+                     search_limits)
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,7 @@ def refine_domain(particles, models, domain, *, max_angle_deg: float = 6.0, max_
     max_shift_A = 2.0 * apix if max_shift_A is None else float(max_shift_A)
     if not (max_angle_deg >= 0 and max_shift_A >= 0):
         raise InputError("--max-angle/--max-shift: give ranges >= 0 (degrees, Angstrom)")
-    if highres_A is None:
-        sig = getattr(models, "median_sigma_A", None)
-        highres_A = max(2.0 * apix, 2.07 * sig) if sig else 2.0 * apix
-    if max_elements is None:
-        max_elements = (1 << 27) if device.type == "cuda" else (1 << 21)
+    highres_A, max_elements = search_limits(models, apix, device, highres_A, max_elements)
     scorer = _Scorer(box, apix, lowres_A, highres_A, max_shift_A, device, score)
     scorer_lo = _coarse_scorer(scorer, lowres_A, max_shift_A, None)
     prior = (max(max_angle_deg, 1e-3) / PRIOR_FRACTION, max(max_shift_A / apix, 1e-3) / PRIOR_FRACTION)

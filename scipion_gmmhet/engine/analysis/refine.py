@@ -356,6 +356,19 @@ def unchanged_result(res: RefineResult, rotations: np.ndarray, origins_A: np.nda
                         float("nan") if gate is None else gate.fsc_refined, True)
 
 
+def search_limits(models, apix: float, device: torch.device, highres_A: float | None = None,
+                  max_elements: int | None = None) -> tuple[float, int]:
+    """The pose search's defaults: ``highres_A`` where the median Gaussian's transform falls to 1%
+    (2.07 sigma, Angstrom), at least Nyquist; ``max_elements`` per scoring chunk (2^27 on CUDA,
+    2^21 on the CPU). Given values are kept."""
+    if highres_A is None:
+        sig = getattr(models, "median_sigma_A", None)
+        highres_A = max(2.0 * apix, 2.07 * sig) if sig else 2.0 * apix
+    if max_elements is None:
+        max_elements = (1 << 27) if device.type == "cuda" else (1 << 21)
+    return float(highres_A), int(max_elements)
+
+
 def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.0,
                  max_shift_A: float | None = None, lowres_A: float | None = None, highres_A: float | None = None,
                  levels: int = 3, polish_steps: int = 0, focus: np.ndarray | None = None,
@@ -398,11 +411,7 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
         if not focus.any():
             raise InputError("--mask: the focus mask selects no Gaussian; give a mask covering part of the model")
         focus = torch.as_tensor(focus, device=device)
-    if highres_A is None:
-        sig = getattr(models, "median_sigma_A", None)
-        highres_A = max(2.0 * apix, 2.07 * sig) if sig else 2.0 * apix
-    if max_elements is None:
-        max_elements = (1 << 27) if device.type == "cuda" else (1 << 21)
+    highres_A, max_elements = search_limits(models, apix, device, highres_A, max_elements)
     scorer = _Scorer(box, apix, lowres_A, highres_A, max_shift_A, device, score)
     scorer_lo = _coarse_scorer(scorer, lowres_A, max_shift_A, coarse_fraction)
     prior_deg = max(max_angle_deg, 1e-3) / PRIOR_FRACTION if prior else None
