@@ -124,7 +124,9 @@ def neutral_gmm(d, args, truth_name):
     return path
 
 
-def train_halves(d, gmm_path, epochs, args, tag):
+def train_halves(d, gmm_path, epochs, args, tag, extra=()):
+    """One ``gmmhet train`` per half set (``rlnRandomSubset``) in ``d/TAG_halfH_eE`` (reused when
+    finished); ``extra``: more ``gmmhet train`` arguments. Returns ``{half: folder}``."""
     meta = read_particles(os.path.join(d, "particles.star"))
     h = np.asarray(meta.particles["rlnRandomSubset"]).astype(int)
     dirs = {}
@@ -136,7 +138,8 @@ def train_halves(d, gmm_path, epochs, args, tag):
         star = os.path.join(d, f"half{half}.star")
         write_particles(star, meta.subset(np.flatnonzero(h == half)))
         if gmmhet(["train", "--particles", star, "--gmm", gmm_path, "--zdim", str(args.zdim), "--epochs",
-                   str(epochs), "--seed", str(args.seed + half), "--device", args.device, "--out", out]):
+                   str(epochs), "--seed", str(args.seed + half), "--device", args.device, "--out", out,
+                   *extra]):
             raise SystemExit(f"training half {half} of {d} failed")
     return dirs
 

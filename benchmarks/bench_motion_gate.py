@@ -127,27 +127,6 @@ def score_set(label, d, dirs, kind):
     return out
 
 
-def train_wide(d, gmm, epochs, a, highres_A):
-    """Half models trained with the band forced to ``highres_A`` (as wide as the arm swing's)."""
-    from scipion_gmmhet.engine.cli import main as gmmhet
-    from scipion_gmmhet.engine.io.metadata import write_particles
-    from scipion_gmmhet.engine.io.outputs import TrainFolder
-    meta = read_particles(os.path.join(d, "particles.star"))
-    h = np.asarray(meta.particles["rlnRandomSubset"]).astype(int)
-    dirs = {}
-    for half in (1, 2):
-        out = os.path.join(d, f"wide{highres_A:g}_half{half}_e{epochs}")
-        dirs[half] = out
-        if TrainFolder(out).is_finished():
-            continue
-        star = os.path.join(d, f"half{half}.star")
-        write_particles(star, meta.subset(np.flatnonzero(h == half)))
-        if gmmhet(["train", "--particles", star, "--gmm", gmm, "--zdim", str(a.zdim), "--epochs", str(epochs),
-                   "--highres", f"{highres_A:g}", "--seed", str(a.seed + half), "--device", a.device, "--out", out]):
-            raise SystemExit(f"training half {half} of {d} failed")
-    return dirs
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=os.path.join(HERE, ".scratch", "motion_corrected"))
@@ -172,7 +151,8 @@ def main(argv=None) -> int:
         d = bmc.dataset(args.workdir, kind, n, a, noise=noise)
         src = d[:-len("_noise")] if noise else d
         gmm = bmc.neutral_gmm(src, a, "state" if kind == "homogeneous" else "neutral")
-        dirs = train_wide(d, gmm, epochs, a, wide[0]) if wide else bmc.train_halves(d, gmm, epochs, a, "train")
+        dirs = (bmc.train_halves(d, gmm, epochs, a, f"wide{wide[0]:g}", ["--highres", f"{wide[0]:g}"]) if wide
+                else bmc.train_halves(d, gmm, epochs, a, "train"))
         results.append(score_set(label, d, dirs, truth))
     rows = []
     for r in results:

@@ -302,3 +302,12 @@ def test_whitened_clustering_separates_composition_from_a_wider_motion():
     assert adjusted_rand_score(comp, raw.labels) < 0.2
     assert adjusted_rand_score(comp, white.labels) > 0.95
     assert sorted(np.round(white.centers[:, 1]).tolist()) == [0.0, 1.0]
+
+
+def test_analyze_clusters_whitened_latents_by_default_like_the_protocol():
+    """`gmmhet analyze` whitens by default (the cluster protocol's default); --no-whiten turns it off."""
+    from scipion_gmmhet.engine.cli import build_parser
+    base = ["analyze", "--train", "t", "--clusters", "2", "--out", "a"]
+    assert build_parser().parse_args(base).whiten is True
+    assert build_parser().parse_args(base + ["--no-whiten"]).whiten is False
+    assert build_parser().parse_args(base + ["--whiten"]).whiten is True

@@ -113,29 +113,42 @@ def test_motion_corrected_needs_both_halves_and_rejects_wrong_half_models(tmp_pa
         mc.latents_for_rows(None, str(tmp_path))
 
 
+def _tiny_simulation(sim_dir, out, n: int, seed: int, keep_seed: int):
+    """A conformational simulation (box 24, 8 A/px, SNR 1) in ``sim_dir`` and a small neutral GMM
+    (48 of the truth's Gaussians, wider) in ``out/neutral.npz``: ``(simulate's result, gmm path)``."""
+    from scipion_gmmhet.engine.simulation.simulate import simulate
+    r = simulate(str(sim_dir), "conformational", n=n, box=24, apix=8.0, snr=1.0, seed=seed)
+    sim = GMM.load(r["truth_gmm"]["neutral"])
+    keep = np.random.default_rng(keep_seed).choice(len(sim), 48, replace=False)
+    gmm_path = str(out / "neutral.npz")
+    GMM(sim.centers_A[keep], sim.amplitudes[keep] * 4, sim.sigmas_A[keep] * 1.6, 24, 8.0).save(gmm_path)
+    return r, gmm_path
+
+
+def _train_half_models(star: str, gmm_path: str, out, epochs: int, *extra) -> dict:
+    """A small network (zdim 2, one hidden layer of 32) trained on each half set
+    (``rlnRandomSubset``) of ``star``: ``{half: training folder}``."""
+    from scipion_gmmhet.engine.cli import main
+    from scipion_gmmhet.engine.io.metadata import read_particles, write_particles
+    meta = read_particles(star)
+    h = np.asarray(meta.particles["rlnRandomSubset"]).astype(int)
+    dirs = {}
+    for half in (1, 2):
+        hstar = str(out / f"half{half}.star")
+        write_particles(hstar, meta.subset(np.flatnonzero(h == half)))
+        dirs[half] = str(out / f"t{half}")
+        assert main(["train", "--particles", hstar, "--gmm", gmm_path, "--epochs", str(epochs), "--zdim", "2",
+                     "--hidden", "32", "--layers", "1", "--device", "cpu", "--out", dirs[half], *extra]) == 0
+    return dirs
+
+
 @pytest.fixture(scope="module")
 def trained_halves(tmp_path_factory):
     """200 simulated conformational particles, a small neutral GMM, two half models (20 epochs:
     enough to learn the arm swing, gate z +7 / +6.5)."""
-    from scipion_gmmhet.engine.cli import main
-    from scipion_gmmhet.engine.io.metadata import read_particles, write_particles
-    from scipion_gmmhet.engine.simulation.simulate import simulate
     out = tmp_path_factory.mktemp("mc_sim")
-    r = simulate(str(out), "conformational", n=200, box=24, apix=8.0, snr=1.0, seed=4)
-    sim = GMM.load(r["truth_gmm"]["neutral"])
-    keep = np.random.default_rng(0).choice(len(sim), 48, replace=False)
-    gmm_path = str(out / "neutral.npz")
-    GMM(sim.centers_A[keep], sim.amplitudes[keep] * 4, sim.sigmas_A[keep] * 1.6, 24, 8.0).save(gmm_path)
-    meta = read_particles(r["star"])
-    h = np.asarray(meta.particles["rlnRandomSubset"]).astype(int)
-    dirs = {}
-    for half in (1, 2):
-        star = str(out / f"half{half}.star")
-        write_particles(star, meta.subset(np.flatnonzero(h == half)))
-        dirs[half] = str(out / f"t{half}")
-        assert main(["train", "--particles", star, "--gmm", gmm_path, "--epochs", "20", "--zdim", "2", "--hidden",
-                     "32", "--layers", "1", "--device", "cpu", "--out", dirs[half]]) == 0
-    return r, dirs
+    r, gmm_path = _tiny_simulation(out, out, n=200, seed=4, keep_seed=0)
+    return r, _train_half_models(r["star"], gmm_path, out, 20)
 
 
 def test_cli_motion_corrected_with_half_models(trained_halves, tmp_path):
@@ -185,15 +198,9 @@ def noise_halves(tmp_path_factory):
     """The tiny conformational simulation's star with images of pure noise, and two half models
     trained on them (5 epochs): whatever they decode is fitted to noise."""
     import mrcfile
-    from scipion_gmmhet.engine.cli import main
     from scipion_gmmhet.engine.io.metadata import read_particles, write_particles
-    from scipion_gmmhet.engine.simulation.simulate import simulate
     out = tmp_path_factory.mktemp("mc_noise")
-    r = simulate(str(out / "sim"), "conformational", n=300, box=24, apix=8.0, snr=1.0, seed=5)
-    sim = GMM.load(r["truth_gmm"]["neutral"])
-    keep = np.random.default_rng(1).choice(len(sim), 48, replace=False)
-    gmm_path = str(out / "neutral.npz")
-    GMM(sim.centers_A[keep], sim.amplitudes[keep] * 4, sim.sigmas_A[keep] * 1.6, 24, 8.0).save(gmm_path)
+    r, gmm_path = _tiny_simulation(out / "sim", out, n=300, seed=5, keep_seed=1)
     meta = read_particles(r["star"])
     with mrcfile.new(str(out / "noise.mrcs")) as m:
         m.set_data(np.random.default_rng(2).normal(0, 1, (len(meta), 24, 24)).astype(np.float32))
@@ -203,15 +210,7 @@ def noise_halves(tmp_path_factory):
     meta.root = str(out)
     star = str(out / "noise.star")
     write_particles(star, meta)
-    h = np.asarray(meta.particles["rlnRandomSubset"]).astype(int)
-    dirs = {}
-    for half in (1, 2):
-        hstar = str(out / f"half{half}.star")
-        write_particles(hstar, meta.subset(np.flatnonzero(h == half)))
-        dirs[half] = str(out / f"t{half}")
-        assert main(["train", "--particles", hstar, "--gmm", gmm_path, "--epochs", "5", "--zdim", "2", "--hidden",
-                     "32", "--layers", "1", "--highres", "32", "--device", "cpu", "--out", dirs[half]]) == 0
-    return star, dirs
+    return star, _train_half_models(star, gmm_path, out, 5, "--highres", "32")
 
 
 def test_gate_zeroes_noise_fitted_moves(noise_halves, tmp_path):

@@ -119,7 +119,8 @@ def refinement_core(tm, latents: np.ndarray, k: float = FOCUS_K, n_sample: int =
                     batch: int = 512) -> np.ndarray:
     """Indices (int64) of the Gaussians ``gmmhet refine`` scores by default: the core of the
     trained model ``tm`` (a :class:`training.trained.TrainedModel`) by the raw RMS motion of its
-    decoded centres over up to ``n_sample`` evenly spaced ``latents`` rows (module docstring)."""
+    decoded centres over up to ``n_sample`` evenly spaced ``latents`` rows (the training latents
+    in ``gmmhet refine``; module docstring)."""
     z = np.asarray(latents, dtype=np.float32)
     rows = np.unique(np.linspace(0, len(z) - 1, min(len(z), n_sample)).round().astype(np.int64))
     s1 = s2 = None

@@ -142,13 +142,10 @@ def main(args) -> int:
     star, latents_arg, encode = args.particles, args.latents, args.encode
     meta0 = None
     history = []
-    core = None  # the automatic focus: found from the first network, kept for every round
+    core = None  # the automatic focus: from the first network's training latents, kept for every round
     if args.mask is None and getattr(args, "core", "none") == "auto":
         from ..analysis.rigid_core import refinement_core
-        n_ops = _n_symmetry_ops(tm)
-        from ..io import metadata
-        n = len(metadata.read_particles(star))
-        core = refinement_core(tm, particle_latents(tm, star, n, n_ops, latents_arg, encode, device))
+        core = refinement_core(tm, tm.latents())
     for r in range(1, n_rounds + 1):
         round_dir = args.out if n_rounds == 1 else RefineFolder(args.out).round(r).folder
         os.makedirs(round_dir, exist_ok=True)
@@ -207,14 +204,6 @@ def _parse_rounds(rounds, max_rounds: int) -> tuple[bool, int]:
     return False, n
 
 
-def _n_symmetry_ops(tm) -> int:
-    sym = tm.config.get("symmetry")
-    if sym and str(sym).upper() not in ("C1", "NONE"):
-        from ..model.symmetry import symmetry_operators
-        return len(symmetry_operators(sym))
-    return 1
-
-
 def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str, core=None):
     """One refinement of the particles of ``star`` against ``tm``'s decoded GMMs; writes
     ``out_dir/particles.star`` and ``out_dir/pose_changes.csv``. Returns (input metadata,
@@ -228,7 +217,11 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     from ..training.features import focus_mask_gaussians
 
     cfg = tm.config
-    n_ops = _n_symmetry_ops(tm)
+    n_ops = 1
+    sym = cfg.get("symmetry")
+    if sym and str(sym).upper() not in ("C1", "NONE"):
+        from ..model.symmetry import symmetry_operators
+        n_ops = len(symmetry_operators(sym))
     ctf_mode = args.ctf_mode or cfg.get("ctf_mode", "auto")
     parts = Particles.from_star(star, ctf_mode=ctf_mode, device=device)
     meta = metadata.read_particles(star)
