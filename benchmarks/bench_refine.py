@@ -162,6 +162,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         refine_extra.append("--no-gate")
     if args.refine_core != "none":
         refine_extra += ["--core", args.refine_core]
+    refine_extra += ["--reference", args.reference]
     if args.refine_mask == "core":
         refine_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "core_mask.mrc"), invert=True)]
     tag = f"{args.n}_{args.box}_{args.epochs}_{args.train_mask}_{args.changes.replace(',', '-')}"
@@ -179,7 +180,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
                 raise SystemExit("training failed")
         out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}{'_core' if args.refine_core != 'none' else ''}"
                                       f"_r{args.rounds}_g{args.min_gain:g}"
-                                      f"{'' if args.gate else '_nogate'}")
+                                      f"{'' if args.gate else '_nogate'}{'' if args.reference == 'auto' else '_' + args.reference}")
         t0 = time.time()
         if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
             raise SystemExit("refine failed")
@@ -202,7 +203,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
             f"{neutral_note}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
             f"then `gmmhet refine --rounds {args.rounds}` (refine, retrain on the refined poses, refine...; focus mask: "
             f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}"
-            f"{', --core auto' if args.refine_core != 'none' else ''}); the no-harm row trains its "
+            f"{', --core auto' if args.refine_core != 'none' else ''}, --reference {args.reference}); the no-harm row trains its "
             "own network on the unperturbed particles")
     return rows, note
 
@@ -310,6 +311,9 @@ def main(argv=None) -> int:
     ap.add_argument("--changes", default="positions", help="what the network may change (gmmhet train --changes)")
     ap.add_argument("--refine-core", choices=["none", "auto"], default="none",
                     help="gmmhet refine --core (without --refine-mask core): auto scores the automatic rigid core")
+    ap.add_argument("--reference", choices=["auto", "decoded"], default="auto",
+                    help="gmmhet refine --reference (auto: a finer reference deformed by the decoded motion from "
+                         "the second round on; decoded: the decoded models in every round)")
     ap.add_argument("--refine-mask", default="core", choices=("core", "none"),
                     help="core: refine the core's pose with the arm's decoded projection subtracted; none: whole model")
     ap.add_argument("--rounds", default="3", help="gmmhet refine --rounds (refine-retrain iterations; auto: the "

@@ -174,6 +174,43 @@ class TestProtocolRefine(BaseTest):
         self.assertTrue(os.path.exists(os.path.join(prot.getRefineDir(), 'round_2', 'particles.star')))
         self.assertIn('Refine-retrain rounds: 2', '\n'.join(prot.summary()))
 
+    def test_refine_fine_reference_from_the_second_round(self):
+        """A neutral GMM that records its build resolution (as "build Gaussian model" writes it, here
+        a coarse 40 A): from the second round on the particles are aligned to a finer GMM of their
+        reconstruction, deformed by the decoded motion; the summary names it per round. Advanced
+        "Finer reference" = No passes --reference decoded."""
+        from scipion_gmmhet.engine.model.gmm import GMM
+        gmmDir = os.path.join(self.data['out_dir'], 'truth_gmm')
+        g = GMM.load(os.path.join(gmmDir, sorted(os.listdir(gmmDir))[0]))
+        coarseFn = os.path.join(self.dataDir, 'neutral_40A.npz')
+        GMM(g.centers_A, g.amplitudes, g.sigmas_A, g.box, g.apix, {**g.info, 'target_resolution_A': '40'}).save(coarseFn)
+        protVol = runImportVolume(self, self.data['consensus'], APIX, label='consensus + 40 A GMM')
+        vol = protVol.outputVolume
+        setattr(vol, GMM_FILE_ATTR, String(coarseFn))
+        self.proj.mapper.store(vol)
+        self.proj.mapper.commit()
+        protVol = self.proj.getProtocol(protVol.getObjId())
+        prot = self.newProtocol(ProtGmmhetTrain, objLabel='train (40 A GMM)', zDim=2, numberOfEpochs=1, batchSize=32,
+                                seed=1, useGpu=False, numberOfThreads=2)
+        prot.inputParticles.set(self.protParts)
+        prot.inputParticles.setExtended('outputParticles')
+        prot.inputGmm.set(protVol)
+        prot.inputGmm.setExtended('outputVolume')
+        protTrain = self.launchProtocol(prot)
+        for fine in (True, False):
+            prot = self.newProtocol(ProtGmmhetRefine, objLabel='refine, finer reference %s' % fine, maxAngle=6.0,
+                                    levels=2, rounds=2, retrainEpochs=1, fineReference=fine,
+                                    doReconstruct=False, useGpu=False, numberOfThreads=2)
+            prot.inputParticles.set(protTrain)
+            prot.inputParticles.setExtended('outputParticles')
+            self.assertEqual('--reference decoded' in prot._getRefineArgs(), not fine)
+            prot = self.launchProtocol(prot)
+            refs = [str(r) for r in prot.getRounds()['reference']]
+            self.assertEqual(refs[0], 'decoded models')
+            self.assertEqual('Gaussians at' in refs[1], fine)
+            self.assertEqual('Reference per round' in '\n'.join(prot.summary()), fine)
+            self.assertEqual(prot.outputParticles.getSize(), N)
+
     def test_refine_domain_output_volume(self):
         """"Refine one domain?" with a mask on the molecule's arm: the refined particles plus a
         "domain map" Volume with half maps; the summary compares the domain-masked half-map FSC

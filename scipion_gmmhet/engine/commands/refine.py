@@ -34,6 +34,15 @@ error 2.76 -> 2.17 -> 1.99 -> 1.95 deg over three rounds (with the earlier rigid
 drifted, 2.53 -> 3.05 -> 3.14 deg, and such networks were refined once). The log and
 OUT/rounds.csv give the median change per round.
 
+Finer reference (--reference auto, default): the neutral GMM the network deforms is built at
+the training resolution (e.g. 8 A), coarse for a pose search. From the second round on, the
+particles are reconstructed at the refined poses and, when that map is finer than 0.8 x the
+neutral GMM's build resolution, a GMM of it (at its FSC 0.143 resolution, no finer than 0.6 x
+the neutral's) is deformed by each particle's decoded motion and used as its reference
+(:mod:`fine_reference`). Not in the first round: a reconstruction at the input poses is blurred
+by their errors and was worse than the decoded models. --reference decoded: the decoded models
+in every round. OUT/rounds.csv says which reference each round used.
+
 ``--core auto`` (opt-in) scores the automatic rigid core instead of every Gaussian: the
 Gaussians that move least across the first network's decoded models, found once and kept for
 every round; the rest of each particle's decoded model is subtracted from its image, so a
@@ -70,6 +79,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(the rest, decoded per particle, is subtracted), so a flexible part cannot pull the "
                         "pose (larger corrections on a big swinging domain, but moves some exact poses: see "
                         "rigid_core.refinement_core)")
+    p.add_argument("--reference", choices=["auto", "decoded"], default="auto",
+                   help="what each particle is aligned to after the first round: auto (default): a finer GMM of "
+                        "the reconstruction at the refined poses, deformed by the particle's decoded motion, when "
+                        "that reconstruction is finer than the neutral GMM (scipion_gmmhet.engine.analysis."
+                        "fine_reference); decoded: the decoded models themselves in every round")
     p.add_argument("--max-angle", type=float, default=6.0, metavar="DEG",
                    help="largest rotation away from the current pose, degrees (default 6)")
     p.add_argument("--max-shift", type=float, default=None, metavar="A",
@@ -146,6 +160,7 @@ def main(args) -> int:
     if args.mask is None and getattr(args, "core", "none") == "auto":
         from ..analysis.rigid_core import refinement_core
         core = refinement_core(tm, tm.latents())
+    fine = None  # the finer reference (from the second round on, --reference auto)
     for r in range(1, n_rounds + 1):
         round_dir = args.out if n_rounds == 1 else RefineFolder(args.out).round(r).folder
         os.makedirs(round_dir, exist_ok=True)
@@ -154,14 +169,16 @@ def main(args) -> int:
             meta, out_meta, res = kept
             log.info("refine round %d: finished before the interruption; kept %s", r, round_dir)
         else:
-            meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir, core)
+            meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir, core, fine)
             _save_round(res, round_dir)
         if meta0 is None:
             meta0, score0 = meta, res.score_before
         s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
         converged = s["angle_median_deg"] < precision
-        history.append({"round": r, **s, "converged": converged, "gate_fsc_input": float(res.gate_fsc_input),
-                        "gate_fsc_refined": float(res.gate_fsc_refined), "gate_kept_input": bool(res.gate_kept_input)})
+        history.append({"round": r, **s, "converged": converged,
+                        "reference": fine.describe() if fine is not None else "decoded models",
+                        "gate_fsc_input": float(res.gate_fsc_input), "gate_fsc_refined": float(res.gate_fsc_refined),
+                        "gate_kept_input": bool(res.gate_kept_input)})
         log.info("refine round %d/%s: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)%s",
                  r, f"<={n_rounds}" if auto else n_rounds, s["angle_median_deg"], s["shift_median_A"],
                  s["angle_p90_deg"], s["shift_p90_A"],
@@ -172,6 +189,12 @@ def main(args) -> int:
         # e2gmm's iteration: retrain on the refined poses, refine again
         tm = _retrain(tm, star, args, device, RefineFolder(round_dir).train.folder, resume)
         latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
+        if getattr(args, "reference", "auto") == "auto":
+            from ..analysis.fine_reference import build_fine_reference
+            from ..io import metadata
+            fine = build_fine_reference(metadata.read_particles(star), tm.neutral, device=device,
+                                        ctf_mode=args.ctf_mode or tm.config.get("ctf_mode"),
+                                        label=f"round {r}'s refined poses") or fine
     if n_rounds > 1:
         _write_overall(meta0, out_meta, score0, res.score_after, args.out)
     if n_rounds > 1 or auto:
@@ -204,8 +227,9 @@ def _parse_rounds(rounds, max_rounds: int) -> tuple[bool, int]:
     return False, n
 
 
-def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str, core=None):
-    """One refinement of the particles of ``star`` against ``tm``'s decoded GMMs; writes
+def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str, core=None, fine=None):
+    """One refinement of the particles of ``star`` against ``tm``'s decoded GMMs (with ``fine``, a
+    :class:`fine_reference.FineReference`: that GMM deformed by them); writes
     ``out_dir/particles.star`` and ``out_dir/pose_changes.csv``. Returns (input metadata,
     output metadata, :class:`refine.RefineResult`)."""
     import pandas as pd
@@ -233,6 +257,13 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     latents = particle_latents(tm, star, n, n_ops, latents_path, encode, device)
     models = refine.LatentModels(tm, latents)
     focus = focus_mask_gaussians(tm.neutral, args.mask) if args.mask else core
+    if fine is not None:
+        from ..analysis.fine_reference import WarpedModels
+        models = WarpedModels(models, fine)
+        if args.mask:
+            focus = focus_mask_gaussians(fine.gmm, args.mask)
+        elif core is not None:  # a fine Gaussian belongs to the core when its nearest coarse one does
+            focus = np.flatnonzero(np.isin(models.nearest_coarse(), np.asarray(core)))
     lowres = args.lowres if args.lowres is not None else cfg.get("lowres_A")
     highres = args.highres  # default: the model's own resolution (refine.refine_poses), finer than
     # the training band, which is chosen for the deformations rather than for the pose
@@ -330,7 +361,7 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
 
 
 #: Settings that must not change for --resume to keep earlier rounds (the rest: device, batch size).
-_RESUME_KEYS = ("train", "particles", "latents", "encode", "mask", "core", "max_angle", "max_shift", "lowres", "highres",
+_RESUME_KEYS = ("train", "particles", "latents", "encode", "mask", "core", "reference", "max_angle", "max_shift", "lowres", "highres",
                 "levels", "polish_steps", "score", "prior", "min_gain", "ctf_mode", "rounds", "max_rounds",
                 "retrain_epochs", "gate")
 

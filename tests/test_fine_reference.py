@@ -1,0 +1,123 @@
+"""Tests of engine/analysis/fine_reference.py and `gmmhet refine --reference` (the finer reference
+deformed by the decoded motion, used from the second refinement round on)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scipion_gmmhet.engine.analysis import refine
+from scipion_gmmhet.engine.analysis.fine_reference import (FineReference, WarpedModels, build_fine_reference,
+                                                           neutral_resolution_A)
+from scipion_gmmhet.engine.io import metadata
+from scipion_gmmhet.engine.model.gmm import GMM
+from scipion_gmmhet.engine.simulation import simulate
+
+BOX, APIX = 32, 3.0
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("fine_sim"))
+    simulate.simulate(d, "conformational", n=64, box=BOX, apix=APIX, snr=100.0, seed=3, n_gaussians=300)
+    return d
+
+
+def _neutral_with_resolution(sim_dir: str, resolution_A, path: str) -> str:
+    """The simulator's middle-state GMM, recorded as built at ``resolution_A`` (as gmmhet build does)."""
+    g = GMM.load(os.path.join(sim_dir, "truth_gmm", sorted(os.listdir(os.path.join(sim_dir, "truth_gmm")))[2]))
+    info = dict(g.info)
+    if resolution_A is not None:
+        info["target_resolution_A"] = str(resolution_A)
+    GMM(g.centers_A, g.amplitudes, g.sigmas_A, g.box, g.apix, info).save(path)
+    return path
+
+
+class _DomainMove:
+    """A decoder (masked run: no rigid gauge) that moves the coarse Gaussians with x > 0 by
+    ``shift`` and doubles their amplitudes; the rest stay at the neutral model."""
+
+    def __init__(self, neutral: GMM, shift):
+        self.neutral, self.mobile = neutral, np.arange(5)
+        self.shift = torch.as_tensor(shift, dtype=torch.float32)
+        self.domain = torch.as_tensor(neutral.centers_A[:, 0] > 0)
+
+    def decode(self, z):
+        B, n = z.shape[0], len(self.neutral)
+        c = torch.as_tensor(self.neutral.centers_A, dtype=torch.float32).expand(B, -1, -1).clone()
+        a = torch.as_tensor(self.neutral.amplitudes, dtype=torch.float32).expand(B, -1).clone()
+        c[:, self.domain] += self.shift
+        a[:, self.domain] *= 2.0
+        return c, a, torch.full((B, n), 3.0)
+
+
+def test_warped_models_carry_the_decoded_motion_onto_the_fine_gaussians():
+    """Fine Gaussians deep inside the moving domain move with it (and take its amplitude change);
+    those far from it stay; widths are the fine model's."""
+    rng = np.random.default_rng(0)
+    coarse = GMM(rng.uniform(-30, 30, size=(300, 3)), np.ones(300), np.full(300, 3.0), 32, 3.0, {})
+    fine_c = rng.uniform(-25, 25, size=(900, 3))
+    fine = GMM(fine_c, np.full(900, 0.5), np.full(900, 1.5), 32, 3.0, {})
+    shift = np.array([2.0, -1.0, 0.5])
+    decoded = refine.LatentModels(_DomainMove(coarse, shift), np.zeros((3, 2)))
+    assert not decoded.rigid_gauge
+    warped = WarpedModels(decoded, FineReference(fine, 4.8, "test"))
+    c, a, s = warped.gaussians(np.arange(3), "cpu")
+    assert c.shape == (3, 900, 3) and a.shape == (3, 900) and s.shape == (3, 900)
+    inside, outside = fine_c[:, 0] > 15.0, fine_c[:, 0] < -15.0
+    np.testing.assert_allclose(c[0, inside].numpy() - fine_c[inside], np.broadcast_to(shift, (inside.sum(), 3)), atol=1e-3)
+    np.testing.assert_allclose(c[1, outside].numpy(), fine_c[outside], atol=1e-3)
+    np.testing.assert_allclose(a[2, inside].numpy(), 1.0, atol=1e-3)
+    np.testing.assert_allclose(a[2, outside].numpy(), 0.5, atol=1e-3)
+    np.testing.assert_allclose(s.numpy(), 1.5)
+    np.testing.assert_allclose(warped.neutral_centers_A, fine_c, atol=1e-5)
+    assert warped.median_sigma_A == pytest.approx(1.5)
+    assert warped.nearest_coarse().shape == (900,)
+
+
+def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_model(sim, tmp_path):
+    meta = metadata.read_particles(os.path.join(sim, "particles.star"))
+    none = GMM.load(_neutral_with_resolution(sim, None, str(tmp_path / "none.npz")))
+    assert neutral_resolution_A(none) is None
+    assert build_fine_reference(meta, none) is None  # no recorded build resolution: decoded models
+    sharp = GMM.load(_neutral_with_resolution(sim, 7.0, str(tmp_path / "sharp.npz")))
+    assert build_fine_reference(meta, sharp) is None  # 64 particles cannot beat 0.8 x 7 A
+    coarse = GMM.load(_neutral_with_resolution(sim, 40.0, str(tmp_path / "coarse.npz")))
+    ref = build_fine_reference(meta, coarse)
+    assert ref is not None and len(ref.gmm) > 0
+    assert 0.6 * 40.0 - 1e-6 <= ref.resolution_A < 0.8 * 40.0  # no finer than 0.6 x the neutral's
+    assert ref.gmm.box == BOX and ref.gmm.apix == pytest.approx(APIX)
+    assert "Gaussians at" in ref.describe()
+
+
+@pytest.mark.parametrize("reference", ["auto", "decoded"])
+def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, reference):
+    """With a neutral GMM recorded as built at a coarse resolution, round 2 aligns to the
+    deformed fine reference (rounds.csv says which); --reference decoded keeps the decoded models."""
+    from scipion_gmmhet.engine import cli
+    from test_refine import perturb
+    from scipion_gmmhet.engine.conventions import euler_to_matrix, matrix_to_euler
+    truth = pd.read_csv(os.path.join(sim, "truth.csv"))
+    meta = metadata.read_particles(os.path.join(sim, "particles.star"))
+    rot = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
+    rot_p, org_p = perturb(rot, truth[["origin_x_A", "origin_y_A"]].to_numpy(), seed=11)
+    star = str(tmp_path / "perturbed.star")
+    metadata.write_particles(star, meta.with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p))
+    gmm = _neutral_with_resolution(sim, 40.0, str(tmp_path / "neutral.npz"))
+    train_dir = str(tmp_path / "train")
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    out = str(tmp_path / f"refine_{reference}")
+    assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
+                     "--rounds", "2", "--retrain-epochs", "1", "--reference", reference, "--device", "cpu",
+                     "--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    assert rounds["reference"].iloc[0] == "decoded models"
+    if reference == "auto":
+        assert "Gaussians at" in rounds["reference"].iloc[1] and "round 1" in rounds["reference"].iloc[1]
+    else:
+        assert rounds["reference"].iloc[1] == "decoded models"
+    assert len(metadata.read_particles(os.path.join(out, "particles.star"))) == len(meta)
