@@ -142,7 +142,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     core's pose, the arm's decoded projection subtracted), on the perturbed particles; and the
     same recipe on the unperturbed particles (its own training) for the no-harm check."""
     from scipion_gmmhet.engine import cli
-    if args.kind == "hinge":  # an atomic truth: the neutral GMM is built from the consensus, as a user would
+    if args.kind == "hinge" or args.neutral == "build":  # built from the consensus, as a user would
         neutral = hinge_neutral_gmm(sim_dir, args.resolution, device)
         neutral_note = f"gmmhet build of consensus.mrc at {args.resolution:g} A"
     else:
@@ -166,6 +166,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     if args.refine_mask == "core":
         refine_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "core_mask.mrc"), invert=True)]
     tag = f"{args.n}_{args.box}_{args.epochs}_{args.train_mask}_{args.changes.replace(',', '-')}"
+    if args.kind != "hinge" and args.neutral == "build":
+        tag += f"_built{args.resolution:g}A"
     starts = [("perturbed", star_p, meta_p)]
     if not args.skip_true:
         star_t = os.path.join(args.work, "true.star")
@@ -285,7 +287,12 @@ def main(argv=None) -> int:
                          "consensus at --resolution (needs --model trained --train-mask none --refine-mask none)")
     ap.add_argument("--pdb", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                   "tests", "data", "1ake.pdb"))
-    ap.add_argument("--resolution", type=float, default=8.0, help="hinge: gmmhet build resolution, A (default 8)")
+    ap.add_argument("--resolution", type=float, default=8.0,
+                    help="hinge and --neutral build: gmmhet build resolution, A (default 8)")
+    ap.add_argument("--neutral", choices=["truth", "build"], default="truth",
+                    help="conformational: the neutral GMM of the trained network: the simulator's truth_gmm/neutral.npz "
+                         "(default) or gmmhet build of the consensus at --resolution, as a user would (the hinge "
+                         "always builds)")
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--apix", type=float, default=3.0)

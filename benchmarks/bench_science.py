@@ -293,6 +293,7 @@ def main(argv=None) -> int:
                         "poses, in the training band and over the whole image; about 3 CPU minutes for the hinge, "
                         "10 for two_motions)")
     p.add_argument("--workdir", default=os.path.join(common.SCRATCH, "science"))
+    p.add_argument("--name", default=None, help="results file name (default science[_TAG])")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
                     + "; ".join(f"{s}: {TARGETS[s]}" for s in dict.fromkeys(r['system'] for r in rows)), "",
                     common.markdown_table(rows, [(c, c) for c in cols]), ""])
     print(md)
-    name = "science" + (f"_{args.tag}" if args.tag else "")
+    name = args.name or "science" + (f"_{args.tag}" if args.tag else "")
     common.write_results(name, md, {"machine": info, "args": vars(args), "rows": rows})
     return 0
 

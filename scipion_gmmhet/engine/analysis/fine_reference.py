@@ -24,7 +24,8 @@ rigid gauge, :class:`refine.LatentModels`), weights ``exp(-|x_i - x_j|^2 / (2 rh
 amplitude changes, when the network makes them, scale the fine amplitudes by the same weighted
 mean of the coarse ratios. Widths stay the fine model's.
 
-Which resolution: the reconstruction's gold-standard FSC = 0.143 resolution, but no finer than
+Which resolution: where the reconstruction's half maps agree at FSC = 0.5 (masked; the signal
+dominates the noise there), but no finer than
 :data:`FINEST` x the neutral's (8 A -> 4.8 A: about 4.6x the Gaussians, the search's cost; 4 and
 5 A gave the same 0.79-0.80 deg) nor than 2.5 px; the reference is used only when that is finer than :data:`FINER_THAN` x the neutral GMM's
 build resolution (``target_resolution_A`` in its info; a GMM without one is kept as it is).
@@ -40,6 +41,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+FSC_THRESHOLD = 0.5     #: the map is modelled to where its half maps agree at FSC 0.5 (signal dominates)
 KERNEL_A = 5.0          #: rho, Angstrom: width of the displacement interpolation kernel
 NEIGHBOURS = 8          #: coarse Gaussians per fine Gaussian in the interpolation
 FINER_THAN = 0.8        #: use a fine reference only when its resolution < 0.8 x the neutral's
@@ -79,12 +81,14 @@ def build_fine_reference(meta, neutral, *, device="cpu", ctf_mode: str | None = 
     if coarse is None:
         log.info("refine: the neutral GMM records no build resolution; refining against the decoded models")
         return None
+    from ..model.fourier import resolution_at_threshold
     rec = reconstruct_particles(meta, device=str(device), ctf_mode=normalise_ctf_mode(ctf_mode), progress=False,
                                 seed=seed)
-    res = rec.resolution_0143_masked_A if np.isfinite(rec.resolution_0143_masked_A) else rec.resolution_0143_A
+    table = rec.fsc_masked if rec.fsc_masked is not None else rec.fsc
+    res = resolution_at_threshold(table["freq_invA"], table["fsc"], FSC_THRESHOLD)
     res = max(float(res), FINEST * coarse, NYQUIST_MARGIN * 2.0 * float(meta.apix))
     if not (math.isfinite(res) and res < FINER_THAN * coarse):
-        log.info("refine: the reconstruction of %s reaches %.2f A (FSC 0.143), not finer than %.2f x the "
+        log.info("refine: the reconstruction of %s reaches %.2f A (half-map FSC 0.5), not finer than %.2f x the "
                  "neutral GMM's %.2f A; refining against the decoded models", label, res, FINER_THAN, coarse)
         return None
     vol = np.asarray(rec.volume, dtype=np.float32)
