@@ -450,8 +450,21 @@ def test_gold_standard_gate_keeps_right_poses_and_takes_corrections(sim):
     print(f"true -> perturbed: half-map FSC {g.fsc_input:.4f} -> {g.fsc_refined:.4f}")
     assert not g.accepted and g.fsc_refined < g.fsc_input
     g2 = gold_standard_gate(pert_meta, true_meta)
-    assert g2.accepted
+    assert g2.accepted and g2.t > g2.t_min
     assert g2.fsc_input == pytest.approx(g.fsc_refined) and g2.fsc_refined == pytest.approx(g.fsc_input)
+
+
+def test_gate_needs_a_significant_shell_wise_gain():
+    """A tiny mean gain that is not consistent over the shells is rejected; a consistent one is kept."""
+    from scipion_gmmhet.engine.analysis.refine_gate import compare_shells
+    rng = np.random.default_rng(0)
+    f_in = np.linspace(0.95, 0.05, 30)
+    noise = rng.normal(0, 0.01, 30)
+    noisy = compare_shells(f_in, f_in + 0.0008 + noise - noise.mean())
+    assert noisy.fsc_refined > noisy.fsc_input and not noisy.accepted and noisy.t < noisy.t_min
+    consistent = compare_shells(f_in, f_in + 0.003 + rng.normal(0, 0.002, 30))
+    assert consistent.accepted and consistent.t_min == pytest.approx(1.699, abs=1e-3)
+    assert not compare_shells(f_in, f_in - 0.01).accepted
 
 
 def test_unchanged_result_restores_the_input_poses(sim):
@@ -475,7 +488,8 @@ def test_cli_refine_gold_standard_check_decides_between_input_and_refined_poses(
     and the decision."""
     from scipion_gmmhet.engine import cli
     star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=9, id_step=1, deg_rms=1.5, px_rms=0.5)
-    args = ["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1", "--device", "cpu"]
+    args = ["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1", "--device", "cpu",
+            "--max-rounds", "1"]  # one refinement each, so the two runs' rounds cannot diverge
     free = str(tmp_path / "nogate")
     assert cli.main(args + ["--no-gate", "--out", free]) == 0
     assert (pd.read_csv(os.path.join(free, "pose_changes.csv"))["delta_angle_deg"] > 0).any()
@@ -483,7 +497,9 @@ def test_cli_refine_gold_standard_check_decides_between_input_and_refined_poses(
     assert cli.main(args + ["--out", out]) == 0
     rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
     f_in, f_ref, kept = rounds["gate_fsc_input"].iloc[0], rounds["gate_fsc_refined"].iloc[0], rounds["gate_kept_input"].iloc[0]
-    assert 0 < f_in < 1 and 0 < f_ref < 1 and bool(kept) == (not f_ref > f_in)
+    t, t_min = rounds["gate_t"].iloc[0], rounds["gate_t_min"].iloc[0]
+    assert 0 < f_in < 1 and 0 < f_ref < 1 and bool(kept) == (not (f_ref > f_in and t >= t_min))
+    assert 1.5 < t_min < 2.0  # one-sided 5% over the shells of a box-32 map
     old = metadata.read_particles(star)
     new = metadata.read_particles(os.path.join(out, "particles.star"))
     ref = old if kept else metadata.read_particles(os.path.join(free, "particles.star"))

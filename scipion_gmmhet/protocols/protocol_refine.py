@@ -291,10 +291,10 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 if any('Gaussians' in r for r in refs):
                     summary.append('Reference per round: %s' % '; '.join(refs))
                 if 'gate_kept_input' in rounds and str(rounds['gate_kept_input'][-1]) == 'True':
-                    summary.append('Gold-standard check: the half maps agree better with the input poses '
-                                   '(mean FSC %.4f vs %.4f with the refined ones); every particle kept its '
-                                   'input pose' % (float(rounds['gate_fsc_input'][-1]),
-                                                   float(rounds['gate_fsc_refined'][-1])))
+                    summary.append('Gold-standard check: the refined poses do not make the half maps agree '
+                                   'significantly better (mean FSC %.4f with the input poses, %.4f with the '
+                                   'refined ones); every particle kept its input pose'
+                                   % (float(rounds['gate_fsc_input'][-1]), float(rounds['gate_fsc_refined'][-1])))
             res = {w: self.getResolution(w) for w in ('before', 'after')}
             if all(r is not None for r in res.values()):
                 summary.append('Half-map FSC 0.143 resolution: %.2f A before, %.2f A after'

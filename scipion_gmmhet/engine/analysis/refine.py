@@ -342,6 +342,8 @@ class RefineResult:
     gate_fsc_input: float = float("nan")    # mean half-map FSC with the input poses (refine_gate)
     gate_fsc_refined: float = float("nan")  # ... with the refined poses
     gate_kept_input: bool = False            # the gold-standard check kept every input pose
+    gate_t: float = float("nan")             # its shell-wise t statistic of the FSC gain
+    gate_t_min: float = float("nan")         # ... and the value it had to reach
 
 
 def unchanged_result(res: RefineResult, rotations: np.ndarray, origins_A: np.ndarray, gate=None) -> RefineResult:
@@ -353,7 +355,8 @@ def unchanged_result(res: RefineResult, rotations: np.ndarray, origins_A: np.nda
                         np.zeros((n, 3)), np.zeros(n), np.zeros(n), res.score_before,
                         np.array(res.score_before, copy=True),
                         float("nan") if gate is None else gate.fsc_input,
-                        float("nan") if gate is None else gate.fsc_refined, True)
+                        float("nan") if gate is None else gate.fsc_refined, True,
+                        float(getattr(gate, "t", float("nan"))), float(getattr(gate, "t_min", float("nan"))))
 
 
 def search_limits(models, apix: float, device: torch.device, highres_A: float | None = None,

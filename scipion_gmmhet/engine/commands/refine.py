@@ -178,7 +178,8 @@ def main(args) -> int:
         history.append({"round": r, **s, "converged": converged,
                         "reference": fine.describe() if fine is not None else "decoded models",
                         "gate_fsc_input": float(res.gate_fsc_input), "gate_fsc_refined": float(res.gate_fsc_refined),
-                        "gate_kept_input": bool(res.gate_kept_input)})
+                        "gate_kept_input": bool(res.gate_kept_input), "gate_t": float(res.gate_t),
+                        "gate_t_min": float(res.gate_t_min)})
         log.info("refine round %d/%s: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)%s",
                  r, f"<={n_rounds}" if auto else n_rounds, s["angle_median_deg"], s["shift_median_A"],
                  s["angle_p90_deg"], s["shift_p90_A"],
@@ -280,6 +281,7 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
         gate = gold_standard_gate(meta, trial, device=str(device), ctf_mode=ctf_mode)
         if gate.accepted:
             res.gate_fsc_input, res.gate_fsc_refined = gate.fsc_input, gate.fsc_refined
+            res.gate_t, res.gate_t_min = gate.t, gate.t_min
         else:
             res = refine.unchanged_result(res, meta.rotation_matrices(), meta.origins_A(), gate)
     euler = np.stack(matrix_to_euler(res.rotations), axis=1)
