@@ -72,21 +72,8 @@ class TestProtocolRefine(BaseTest):
         pert = _perturbedStar(cls.data['star'], os.path.join(cls.dataDir, 'sim', 'perturbed.star'))
         star = writeRelionImportStar(pert, os.path.join(cls.dataDir, 'relion', 'particles.star'))
         cls.protParts = runImportParticlesStar(cls, star)
-        protVol = runImportVolume(cls, cls.data['consensus'], APIX, label='consensus + GMM')
-        vol = protVol.outputVolume
         gmmDir = os.path.join(cls.data['out_dir'], 'truth_gmm')
-        setattr(vol, GMM_FILE_ATTR, String(os.path.join(gmmDir, sorted(os.listdir(gmmDir))[0])))
-        cls.proj.mapper.store(vol)
-        cls.proj.mapper.commit()
-        protVol = cls.proj.getProtocol(protVol.getObjId())
-
-        prot = cls.newProtocol(ProtGmmhetTrain, objLabel='train', zDim=2, numberOfEpochs=1, batchSize=32,
-                               seed=1, useGpu=False, numberOfThreads=2)
-        prot.inputParticles.set(cls.protParts)
-        prot.inputParticles.setExtended('outputParticles')
-        prot.inputGmm.set(protVol)
-        prot.inputGmm.setExtended('outputVolume')
-        cls.protTrain = cls.launchProtocol(prot)
+        cls.protTrain = cls._trainOn(os.path.join(gmmDir, sorted(os.listdir(gmmDir))[0]), 'GMM', 'train')
 
         prot = cls.newProtocol(ProtGmmhetRefine, objLabel='refine orientations', maxAngle=6.0,
                                levels=2, maxRounds=2, useGpu=False, numberOfThreads=2)
@@ -95,6 +82,24 @@ class TestProtocolRefine(BaseTest):
         errors = prot.validate()
         assert errors == [], errors
         cls.protRefine = cls.launchProtocol(prot)
+
+    @classmethod
+    def _trainOn(cls, gmmFn, gmmLabel, label):
+        """Import the consensus map with ``gmmFn`` attached as its Gaussian model and train one
+        epoch on the perturbed particles; returns the train protocol."""
+        protVol = runImportVolume(cls, cls.data['consensus'], APIX, label='consensus + %s' % gmmLabel)
+        vol = protVol.outputVolume
+        setattr(vol, GMM_FILE_ATTR, String(gmmFn))
+        cls.proj.mapper.store(vol)
+        cls.proj.mapper.commit()
+        protVol = cls.proj.getProtocol(protVol.getObjId())
+        prot = cls.newProtocol(ProtGmmhetTrain, objLabel=label, zDim=2, numberOfEpochs=1, batchSize=32,
+                               seed=1, useGpu=False, numberOfThreads=2)
+        prot.inputParticles.set(cls.protParts)
+        prot.inputParticles.setExtended('outputParticles')
+        prot.inputGmm.set(protVol)
+        prot.inputGmm.setExtended('outputVolume')
+        return cls.launchProtocol(prot)
 
     def _errors(self, partSet):
         """{id: (angle error deg, shift error px)} against the truth file, matched by image."""
@@ -184,19 +189,7 @@ class TestProtocolRefine(BaseTest):
         g = GMM.load(os.path.join(gmmDir, sorted(os.listdir(gmmDir))[0]))
         coarseFn = os.path.join(self.dataDir, 'neutral_40A.npz')
         GMM(g.centers_A, g.amplitudes, g.sigmas_A, g.box, g.apix, {**g.info, 'target_resolution_A': '40'}).save(coarseFn)
-        protVol = runImportVolume(self, self.data['consensus'], APIX, label='consensus + 40 A GMM')
-        vol = protVol.outputVolume
-        setattr(vol, GMM_FILE_ATTR, String(coarseFn))
-        self.proj.mapper.store(vol)
-        self.proj.mapper.commit()
-        protVol = self.proj.getProtocol(protVol.getObjId())
-        prot = self.newProtocol(ProtGmmhetTrain, objLabel='train (40 A GMM)', zDim=2, numberOfEpochs=1, batchSize=32,
-                                seed=1, useGpu=False, numberOfThreads=2)
-        prot.inputParticles.set(self.protParts)
-        prot.inputParticles.setExtended('outputParticles')
-        prot.inputGmm.set(protVol)
-        prot.inputGmm.setExtended('outputVolume')
-        protTrain = self.launchProtocol(prot)
+        protTrain = self._trainOn(coarseFn, '40 A GMM', 'train (40 A GMM)')
         for fine in (True, False):
             prot = self.newProtocol(ProtGmmhetRefine, objLabel='refine, finer reference %s' % fine, maxAngle=6.0,
                                     levels=2, rounds=2, retrainEpochs=1, fineReference=fine,
