@@ -93,8 +93,8 @@ def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_m
     assert "Gaussians at" in ref.describe()
 
 
-@pytest.mark.parametrize("reference", ["auto", "decoded"])
-def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, reference):
+@pytest.mark.parametrize("reference,focus", [("auto", None), ("decoded", None), ("auto", "mask"), ("auto", "core")])
+def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, reference, focus):
     """With a neutral GMM recorded as built at a coarse resolution, round 2 aligns to the
     deformed fine reference (rounds.csv says which); --reference decoded keeps the decoded models."""
     from scipion_gmmhet.engine import cli
@@ -111,9 +111,16 @@ def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, referenc
     assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
                      "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
     out = str(tmp_path / f"refine_{reference}")
+    extra = []
+    if focus == "mask":  # the fine Gaussians inside the mask are scored, the rest subtracted
+        from test_refine import _arm_mask
+        mol = simulate.build_molecule(BOX, APIX, 0, 300)
+        extra = ["--mask", _arm_mask(mol, str(tmp_path / "arm.mrc"))]
+    elif focus == "core":  # the automatic core carried to the fine Gaussians
+        extra = ["--core", "auto"]
     assert cli.main(["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1",
                      "--rounds", "2", "--retrain-epochs", "1", "--reference", reference, "--device", "cpu",
-                     "--out", out]) == 0
+                     "--out", out] + extra) == 0
     rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
     assert rounds["reference"].iloc[0] == "decoded models"
     if reference == "auto":
