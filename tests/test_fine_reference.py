@@ -68,7 +68,8 @@ def test_warped_models_carry_the_decoded_motion_onto_the_fine_gaussians():
     c, a, s = warped.gaussians(np.arange(3), "cpu")
     assert c.shape == (3, 900, 3) and a.shape == (3, 900) and s.shape == (3, 900)
     inside, outside = fine_c[:, 0] > 15.0, fine_c[:, 0] < -15.0
-    np.testing.assert_allclose(c[0, inside].numpy() - fine_c[inside], np.broadcast_to(shift, (inside.sum(), 3)), atol=1e-3)
+    np.testing.assert_allclose(c[0, inside].numpy() - fine_c[inside], np.broadcast_to(shift, (inside.sum(), 3)),
+                               atol=1e-3)
     np.testing.assert_allclose(c[1, outside].numpy(), fine_c[outside], atol=1e-3)
     np.testing.assert_allclose(a[2, inside].numpy(), 1.0, atol=1e-3)
     np.testing.assert_allclose(a[2, outside].numpy(), 0.5, atol=1e-3)

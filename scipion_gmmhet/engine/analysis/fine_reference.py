@@ -27,8 +27,9 @@ mean of the coarse ratios. Widths stay the fine model's.
 Which resolution: where the reconstruction's half maps agree at FSC = 0.5 (masked; the signal
 dominates the noise there), but no finer than
 :data:`FINEST` x the neutral's (8 A -> 4.8 A: about 4.6x the Gaussians, the search's cost; 4 and
-5 A gave the same 0.79-0.80 deg) nor than 2.5 px; the reference is used only when that is finer than :data:`FINER_THAN` x the neutral GMM's
-build resolution (``target_resolution_A`` in its info; a GMM without one is kept as it is).
+5 A gave the same 0.79-0.80 deg) nor than 2.5 px; the reference is used only when that is finer
+than :data:`FINER_THAN` x the neutral GMM's build resolution (``target_resolution_A`` in its info;
+a GMM without one is kept as it is).
 """
 from __future__ import annotations
 

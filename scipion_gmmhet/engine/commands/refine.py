@@ -37,8 +37,8 @@ OUT/rounds.csv give the median change per round.
 Finer reference (--reference auto, default): the neutral GMM the network deforms is built at
 the training resolution (e.g. 8 A), coarse for a pose search. From the second round on, the
 particles are reconstructed at the refined poses and, when that map is finer than 0.8 x the
-neutral GMM's build resolution, a GMM of it (at its FSC 0.143 resolution, no finer than 0.6 x
-the neutral's) is deformed by each particle's decoded motion and used as its reference
+neutral GMM's build resolution, a GMM of it (where its half maps agree at FSC 0.5, no finer
+than 0.6 x the neutral's) is deformed by each particle's decoded motion and used as its reference
 (:mod:`fine_reference`). Not in the first round: a reconstruction at the input poses is blurred
 by their errors and was worse than the decoded models. --reference decoded: the decoded models
 in every round. OUT/rounds.csv says which reference each round used.
@@ -195,7 +195,7 @@ def main(args) -> int:
             from ..io import metadata
             fine = build_fine_reference(metadata.read_particles(star), tm.neutral, device=device,
                                         ctf_mode=args.ctf_mode or tm.config.get("ctf_mode"),
-                                        label=f"round {r}'s refined poses") or fine
+                                        label=f"round {r}'s refined poses")
     if n_rounds > 1:
         _write_overall(meta0, out_meta, score0, res.score_after, args.out)
     if n_rounds > 1 or auto:
@@ -363,9 +363,9 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
 
 
 #: Settings that must not change for --resume to keep earlier rounds (the rest: device, batch size).
-_RESUME_KEYS = ("train", "particles", "latents", "encode", "mask", "core", "reference", "max_angle", "max_shift", "lowres", "highres",
-                "levels", "polish_steps", "score", "prior", "min_gain", "ctf_mode", "rounds", "max_rounds",
-                "retrain_epochs", "gate")
+_RESUME_KEYS = ("train", "particles", "latents", "encode", "mask", "core", "reference", "max_angle", "max_shift",
+                "lowres", "highres", "levels", "polish_steps", "score", "prior", "min_gain", "ctf_mode", "rounds",
+                "max_rounds", "retrain_epochs", "gate")
 
 
 def _resumable(args) -> bool:
