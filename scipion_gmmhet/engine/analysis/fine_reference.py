@@ -17,12 +17,15 @@ one refinement against
 So the decoder, not the encoder, set the floor; this module keeps the decoder's motion and takes
 the detail from the data.
 
-Deformation: the displacement of fine Gaussian ``i`` is the kernel-weighted mean of the decoded
+Deformation: the displacement of fine Gaussian ``i`` is the weighted mean of the decoded
 displacements ``c_j(z) - c_j(neutral)`` of the coarse Gaussians ``j`` (after the decoded model's
-rigid gauge, :class:`refine.LatentModels`), weights ``exp(-|x_i - x_j|^2 / (2 rho^2))`` over the
-``k`` nearest coarse Gaussians (``rho`` = :data:`KERNEL_A`; 3 and 5 A gave 0.79 deg, 8 A 0.85);
-amplitude changes, when the network makes them, scale the fine amplitudes by the same weighted
-mean of the coarse ratios. Widths stay the fine model's.
+rigid gauge, :class:`refine.LatentModels`), with the weights of the motion-corrected map's
+displacement field (:func:`motion_corrected.move_weights`: amplitude times
+``exp(-|x_i - x_j|^2 / (2 sigma^2))`` within 3 sigma, sigma the larger of the coarse Gaussians'
+median width and 2 px; a first version with 8 nearest neighbours and rho 3 / 5 / 8 A gave
+0.79 / 0.80 / 0.85 deg against the clean consensus); amplitude changes, when the network makes
+them, scale the fine amplitudes by the same weighted mean of the coarse ratios. Widths stay the
+fine model's.
 
 Which resolution: where the reconstruction's half maps agree at FSC = 0.5 (masked; the signal
 dominates the noise there), but no finer than
@@ -43,8 +46,6 @@ import torch
 log = logging.getLogger(__name__)
 
 FSC_THRESHOLD = 0.5     #: the map is modelled to where its half maps agree at FSC 0.5 (signal dominates)
-KERNEL_A = 5.0          #: rho, Angstrom: width of the displacement interpolation kernel
-NEIGHBOURS = 8          #: coarse Gaussians per fine Gaussian in the interpolation
 FINER_THAN = 0.8        #: use a fine reference only when its resolution < 0.8 x the neutral's
 FINEST = 0.6            #: ... and no finer than 0.6 x the neutral's (~4.6x its Gaussians: search cost)
 NYQUIST_MARGIN = 1.25   #: ... nor than 1.25 x Nyquist (2.5 px)
@@ -101,9 +102,12 @@ def build_fine_reference(meta, neutral, *, device="cpu", ctf_mode: str | None = 
 
 class WarpedModels:
     """Each particle's fine reference (:class:`FineReference` ``fine``) deformed by its decoded
-    model (``decoded``: a :class:`refine.LatentModels`); a :class:`refine.ParticleModels`."""
+    model (``decoded``: a :class:`refine.LatentModels`); a :class:`refine.ParticleModels`. The
+    coarse Gaussians' moves carry to the fine ones by :func:`motion_corrected.move_weights` (the
+    motion-corrected map's displacement field, same width :func:`motion_corrected.default_field_sigma_A`)."""
 
-    def __init__(self, decoded, fine, kernel_A: float = KERNEL_A, neighbours: int = NEIGHBOURS):
+    def __init__(self, decoded, fine):
+        from .motion_corrected import default_field_sigma_A, move_weights
         gmm = fine.gmm if isinstance(fine, FineReference) else fine
         self.decoded = decoded
         neutral = decoded.model.neutral
@@ -114,30 +118,27 @@ class WarpedModels:
         self.fine_sigmas = torch.as_tensor(np.asarray(gmm.sigmas_A), dtype=torch.float32)
         self.neutral_centers_A = np.asarray(gmm.centers_A)
         self.median_sigma_A = float(np.median(gmm.sigmas_A))
-        d2 = torch.cdist(self.fine_centers, self.coarse_centers) ** 2            # (Nf, Nc), once
-        k = min(int(neighbours), d2.shape[1])
-        d2k, self.index = torch.topk(d2, k, dim=1, largest=False)                 # (Nf, k)
-        w = torch.exp(-(d2k - d2k[:, :1]) / (2.0 * float(kernel_A) ** 2))        # nearest has weight 1
-        self.weights = w / w.sum(1, keepdim=True)
+        self.sigma_A = default_field_sigma_A(neutral.sigmas_A, neutral.apix)
+        self.weights, _ = move_weights(self.fine_centers, self.coarse_centers, self.coarse_amplitudes, self.sigma_A)
 
     def nearest_coarse(self) -> np.ndarray:
         """Index of each fine Gaussian's nearest coarse Gaussian ``(Nf,)`` (to carry a focus)."""
-        return self.index[:, 0].numpy()
+        return torch.cat([torch.cdist(self.fine_centers[i:i + 4096], self.coarse_centers).argmin(1)
+                          for i in range(0, len(self.fine_centers), 4096)]).numpy()
 
     def _on(self, device) -> tuple:
         """The fixed tensors on ``device`` (moved once per device: no copy per batch)."""
         key = str(device)
         if getattr(self, "_cache_key", None) != key:
             self._cache = tuple(t.to(device) for t in (self.coarse_centers, self.coarse_amplitudes, self.fine_centers,
-                                                     self.fine_amplitudes, self.fine_sigmas, self.index, self.weights))
+                                                     self.fine_amplitudes, self.fine_sigmas, self.weights))
             self._cache_key = key
         return self._cache
 
     def gaussians(self, rows, device):
-        cc, ca, fc, fa, fs, index, weights = self._on(device)
+        cc, ca, fc, fa, fs, W = self._on(device)
         c, a, _ = self.decoded.gaussians(rows, device)
-        disp = (c - cc)[:, index]                                                 # (B, Nf, k, 3)
-        centers = fc + torch.einsum("fk,bfkx->bfx", weights, disp)
-        ratio = (a / ca.clamp_min(1e-12))[:, index]                               # (B, Nf, k)
-        amplitudes = fa * torch.einsum("fk,bfk->bf", weights, ratio)
-        return centers, amplitudes, fs.expand(centers.shape[0], -1).clone()
+        B, n = c.shape[0], cc.shape[0]
+        moves = torch.cat([c - cc, (a / ca.clamp_min(1e-12))[..., None]], -1)      # (B, Nc, 4)
+        fine = torch.sparse.mm(W, moves.permute(1, 0, 2).reshape(n, B * 4)).reshape(-1, B, 4).permute(1, 0, 2)
+        return fc + fine[..., :3], fa * fine[..., 3], fs.expand(B, -1).clone()

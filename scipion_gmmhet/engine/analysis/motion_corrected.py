@@ -78,8 +78,37 @@ log = logging.getLogger(__name__)
 FORMULATIONS = ("hybrid", "real_space")
 
 
+def move_weights(points_A: torch.Tensor, centers_A: torch.Tensor, amplitudes: torch.Tensor, sigma_A: float,
+                 chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """How Gaussian moves carry to other points: the sparse ``(M, N)`` weights of the ``N``
+    Gaussians (centres ``centers_A``, Angstrom) at the ``M`` points ``points_A`` (Angstrom),
+    ``|amplitude| exp(-d^2 / (2 sigma^2))`` within ``3 sigma``, each row normalised to sum 1 (plus
+    1e-3 of the largest row sum, so points far from every Gaussian move little), and the rows' raw
+    sums ``(M,)``. A point's move is its row times the Gaussians' moves. Used for the displacement
+    field of :class:`DisplacementField` (points: its nodes) and for deforming a finer GMM with
+    the decoded moves (:mod:`fine_reference`; points: the fine Gaussians)."""
+    c, a = centers_A.float(), amplitudes.float().abs()
+    p = points_A.to(c.device).float()
+    cutoff = (3.0 * float(sigma_A)) ** 2
+    rows, cols, vals = [], [], []
+    for i0 in range(0, p.shape[0], chunk):
+        d2 = torch.cdist(p[i0:i0 + chunk], c).square()
+        r, j = (d2 < cutoff).nonzero(as_tuple=True)
+        rows.append(r + i0)
+        cols.append(j)
+        vals.append(a[j] * torch.exp(-d2[r, j] / (2.0 * float(sigma_A) ** 2)))
+    rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+    M = p.shape[0]
+    wsum = torch.zeros(M, device=c.device).index_add_(0, rows, vals)
+    eps = 1e-3 * float(wsum.max()) if wsum.numel() and float(wsum.max()) > 0 else 1.0
+    vals = vals / (wsum[rows] + eps)
+    W = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (M, c.shape[0]), check_invariants=False).coalesce()
+    return W, wsum
+
+
 class DisplacementField:
-    """Gaussian-weighted interpolation of per-Gaussian moves into a 3D displacement field.
+    """Gaussian-weighted interpolation of per-Gaussian moves into a 3D displacement field
+    (:func:`move_weights` on a grid of nodes every 2 voxels, then trilinear).
 
     ``centers_A`` ``(N, 3)`` neutral centres (xyz Angstrom from the box centre), ``amplitudes``
     ``(N,)``, ``box`` / ``apix`` of the map frame, ``sigma_A`` the interpolation width.
@@ -90,32 +119,18 @@ class DisplacementField:
         self.box, self.apix, self.sigma_A = int(box), float(apix), float(sigma_A)
         self.device = torch.device(device)
         c = torch.as_tensor(np.asarray(centers_A, np.float32), device=self.device)
-        a = torch.as_tensor(np.abs(np.asarray(amplitudes, np.float32)), device=self.device)
+        a = torch.as_tensor(np.asarray(amplitudes, np.float32), device=self.device)
         self.n_gauss = int(c.shape[0])
         D = self.box
         self.G = D // 2 + 1
         node_px = torch.linspace(0.0, D - 1.0, self.G, device=self.device) - D // 2
         zz, yy, xx = torch.meshgrid(node_px, node_px, node_px, indexing="ij")
         nodes = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3) * self.apix  # xyz A, [z, y, x] order
-        cutoff = (3.0 * self.sigma_A) ** 2
-        rows, cols, vals = [], [], []
-        for i0 in range(0, nodes.shape[0], chunk):
-            d2 = torch.cdist(nodes[i0:i0 + chunk], c).square()
-            r, j = (d2 < cutoff).nonzero(as_tuple=True)
-            rows.append(r + i0)
-            cols.append(j)
-            vals.append(a[j] * torch.exp(-d2[r, j] / (2.0 * self.sigma_A ** 2)))
-        rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
-        M = nodes.shape[0]
-        wsum = torch.zeros(M, device=self.device).index_add_(0, rows, vals)
-        eps = 1e-3 * float(wsum.max()) if wsum.numel() and float(wsum.max()) > 0 else 1.0
-        vals = vals / (wsum[rows] + eps)
+        self.weights, wsum = move_weights(nodes, c, a, self.sigma_A, chunk)
         # voxels the field can reach: the nodes' weight sums interpolated like the field, > 0
         reach = F.interpolate(wsum.reshape(1, 1, self.G, self.G, self.G), size=(D, D, D), mode="trilinear",
                               align_corners=True).reshape(-1)
         self.support = (reach > 0).nonzero().squeeze(1)
-        self.weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (M, self.n_gauss),
-                                               check_invariants=False).coalesce()
 
     def nodes_field(self, moves_A: torch.Tensor) -> torch.Tensor:
         """``(B, N, 3)`` moves (Angstrom) -> ``(B, 3, G, G, G)`` field (xyz Angstrom) on the nodes."""
