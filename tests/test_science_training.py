@@ -79,3 +79,26 @@ def test_effective_dimension_counts_directions_with_signal():
     assert effective_dimension(z, "kl")["effective_dim"] == 2
     assert effective_dimension(z, "l2")["effective_dim"] == 2
     assert effective_dimension(np.zeros((1, 4)), "kl")["effective_dim"] == 0
+
+
+def test_band_runs_to_the_last_ring_where_the_particles_carry_signal_together():
+    """The likelihood band ends where the mean FRC of n particles drops below 3 standard errors
+    (3 / sqrt(pi k n)), past where one particle's FRC meets its own noise level; e2gmm's
+    ring-FRC rule stops where one particle's FRC falls below min(0.5, 0.6 x peak)."""
+    from scipion_gmmhet.engine.training.config import band_last_ring
+
+    rings = np.arange(1, 33)
+    curve = 0.9 * np.exp(-((rings / 9.0) ** 2))  # signal fading with resolution
+    n = 512
+    last, rule = band_last_ring(curve, 1, n, "corr")
+    threshold = 3.0 / np.sqrt(np.pi * rings * n)
+    assert np.all(curve[:last] >= threshold[:last]) and curve[last] < threshold[last]
+    assert "3 standard errors" in rule
+    one_particle = np.nonzero(curve < 1.0 / np.sqrt(2 * np.pi * rings))[0][0]
+    assert last > one_particle  # weak rings still add information to the likelihood
+    # fewer particles: less certainty that a weak ring holds signal -> a coarser band
+    assert band_last_ring(curve, 1, 16, "corr")[0] < last
+    last_frc, _ = band_last_ring(curve, 1, n, "frc")
+    assert curve[last_frc - 1] >= 0.5 and curve[last_frc] < 0.5
+    # pure noise: the band keeps its minimum of 3 rings above the low-resolution limit
+    assert band_last_ring(np.zeros(32), 2, n, "corr")[0] == 4

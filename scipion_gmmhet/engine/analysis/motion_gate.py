@@ -42,9 +42,9 @@ Why not the simpler tests (measured on half models trained with the current defa
 - the model's own particles scored on the rings just finer than the training band (the first
   gate): honest, but once the band reaches the neutral GMM's resolution (``--loss corr``) those
   rings hold little signal and real motion was rejected (arm swing, SNR 0.1, 1,000 particles:
-  z -5.2 / -3.9; 5,000: +0.8 / +2.0). This test: +15.8 / +17.3 and +42.0 / +42.4 (500
-  particles: +11.4 / +12.0); homogeneous -13.3 / -14.9; pure noise -1.0 / -1.6 (four more noise
-  sets: -0.6 ... +2.0; a band forced to 17.5 A: +1.8 / -1.2).
+  z -1.4 / -1.8; 5,000: -4.0 / -1.5). This test: +15.7 / +17.5 and +42.6 / +43.2 (500
+  particles: +7.5 / +8.0); homogeneous -0.9 / +1.4; pure noise -0.7 / -1.5 (four more noise
+  sets: -1.0 ... +1.5; a band forced to 17.5 A: +2.6 / -1.0).
 """
 from __future__ import annotations
 

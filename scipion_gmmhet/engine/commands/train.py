@@ -65,9 +65,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "none; auto reads the star (ctf and flipped: old names of full and phase_flipped)")
     p.add_argument("--lowres", type=float, default=d.lowres_A, help="FRC band low-resolution limit, A (default 100)")
     p.add_argument("--highres", type=float, default=None,
-                   help="FRC band high-resolution limit, A (default: chosen from the data: last ring where the "
-                        "neutral model's per-particle FRC is >= min(0.5, 0.6 x its peak), never finer than the "
-                        "GMM's resolution)")
+                   help="band high-resolution limit, A (default: the neutral GMM's resolution, or coarser where "
+                        "the particles carry no signal: last ring where the mean FRC of 512 particles with the "
+                        "neutral model is 3 standard errors above 0; --loss frc: last ring where one "
+                        "particle's FRC is >= min(0.5, 0.6 x its peak))")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out fraction (default 0.05)")
     p.add_argument("--latent-noise", type=float, default=d.latent_noise, help="latent noise sd during training")
     p.add_argument("--latent-reg", type=float, default=d.latent_reg, help="weight of the latent-norm penalty")
