@@ -53,6 +53,10 @@ def latent_metrics(z: np.ndarray, truth: pd.DataFrame, labels: np.ndarray | None
                 pcs = PCA(n_components=1).fit_transform(z[sel])[:, 0]
                 per.append(float(abs(spearmanr(pcs, conf[sel]).correlation)))
             out["spearman_pc1_conformation_within_composition"] = per
+            out["spearman_trajectory_conformation_within_composition"] = [
+                _trajectory_spearman(z[comp == c], conf[comp == c]) for c in np.unique(comp)]
+        else:
+            out["spearman_trajectory_conformation"] = _trajectory_spearman(z, conf)
     if comp is not None and len(np.unique(comp)) > 1:
         km = KMeans(n_clusters=2, n_init=10, random_state=0).fit_predict(z)
         out["ari_kmeans2_composition"] = float(adjusted_rand_score(comp, km))
@@ -63,6 +67,14 @@ def latent_metrics(z: np.ndarray, truth: pd.DataFrame, labels: np.ndarray | None
         if labels is not None:
             out["ari_clusters_composition"] = float(adjusted_rand_score(comp, labels))
     return out
+
+
+def _trajectory_spearman(z: np.ndarray, conf: np.ndarray) -> float:
+    """|Spearman| of the data trajectory coordinate (``gmmhet analyze``'s 1-D ordering along the
+    latent manifold) with the true conformation."""
+    from scipy.stats import spearmanr
+    from .engine.analysis.trajectory import manifold_coordinate
+    return float(abs(spearmanr(manifold_coordinate(z).coordinate, conf).correlation))
 
 
 def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=None, refine=None) -> dict:
@@ -164,9 +176,15 @@ def write_demo_report(out_dir: str, sim: dict, build=None, train=None, cluster=N
 
 #: readable names of latent_metrics' keys
 METRIC_NAMES = {
-    "spearman_pc1_conformation": "|Spearman| of latent PC1 with the true conformation",
+    "spearman_pc1_conformation": "|Spearman| of latent PC1 of all particles with the true conformation "
+                                 "(with two compositions PC1 can follow the composition instead)",
     "spearman_pc1_conformation_within_composition":
         "|Spearman| of PC1 with the true conformation, within each composition",
+    "spearman_trajectory_conformation_within_composition":
+        "|Spearman| of the data trajectory coordinate (gmmhet analyze) with the true conformation, "
+        "within each composition",
+    "spearman_trajectory_conformation":
+        "|Spearman| of the data trajectory coordinate (gmmhet analyze) with the true conformation",
     "ari_kmeans2_composition": "adjusted Rand index, k-means (k=2) vs the true composition",
     "ari_kmeans2_whitened_composition":
         "adjusted Rand index, k-means (k=2) on whitened latents vs the true composition",
