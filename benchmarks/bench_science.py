@@ -167,7 +167,8 @@ def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int =
     ``band_A`` = (low, high) Angstrom (None: every ring to Nyquist, the whole image's white-noise
     likelihood), and ranked by the best-scoring point (maximum likelihood). No model, network or
     training can rank the particles better from the same images in that band (up to the grid
-    step). Returns {truth column: ceiling}."""
+    step). Returns {truth column: ceiling}, and {truth column + "_knn_r2": kNN R2 of the truth on
+    that best point} (:func:`knn_r2`, the latents' metric, on the ceiling's estimate)."""
     from scipion_gmmhet.engine.model.fourier import RingBinner
     from scipion_gmmhet.engine.model.gmm import project
     from scipion_gmmhet.engine.simulation.atomic import ATOM_SIGMA_A, build_system
@@ -192,7 +193,9 @@ def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int =
                                   for v in points], 1)
             best.append(points[scores.argmax(1).cpu().numpy()])
     best = np.concatenate(best)
-    return {c: abs_spearman(best[:, i], truth[rows, i]) for i, c in enumerate(sysm.coords)}
+    out = {c: abs_spearman(best[:, i], truth[rows, i]) for i, c in enumerate(sysm.coords)}
+    out.update({c + "_knn_r2": knn_r2(best, truth[rows, i]) for i, c in enumerate(sysm.coords)})
+    return out
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -254,8 +257,9 @@ def run_system(system: str, args) -> dict:
     truth = pd.read_csv(os.path.join(d, "truth.csv"))
     m = metrics(system, latent, truth, run_dir, d)
     if system == "hinge" and args.ceiling:
-        m["ceiling_band"] = bayes_ceiling(d, tuple(cfg_used_band(run_dir)))["conformation"]
-        m["ceiling_image"] = bayes_ceiling(d, None)["conformation"]
+        for where, band in (("band", tuple(cfg_used_band(run_dir))), ("image", None)):
+            c = bayes_ceiling(d, band)
+            m[f"ceiling_{where}"], m[f"ceiling_{where}_knn_r2"] = c["conformation"], c["conformation_knn_r2"]
     if system == "two_motions" and args.ceiling:   # 15 x 15 grid of (LID, NMP) openings
         for where, band in (("band", tuple(cfg_used_band(run_dir))), ("image", None)):
             c = bayes_ceiling(d, band, n=1000, grid=15, system=system)
