@@ -116,6 +116,13 @@ def summary_line(r: dict) -> str:
                 r["fsc_after"]["res05_A"], r["change_med"], r["change_shift_med_px"], r["seconds"]))
 
 
+#: the atomic-structure systems of ``gmmhet simulate`` (tests/data/1ake.pdb) and how they move
+ATOMIC = ("hinge", "two_motions", "cyclic")
+ATOMIC_NAMES = {"hinge": "hinge (LID and NMP opening together)",
+                "two_motions": "two-motion (LID and NMP opening independently)",
+                "cyclic": "cyclic (LID turning a full circle)"}
+
+
 def hinge_neutral_gmm(sim_dir: str, resolution_A: float, device) -> str:
     """The neutral GMM of the hinge data: ``build_gmm`` (``gmmhet build``) of its consensus map."""
     from scipion_gmmhet.engine.model.build import build_gmm
@@ -142,7 +149,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     core's pose, the arm's decoded projection subtracted), on the perturbed particles; and the
     same recipe on the unperturbed particles (its own training) for the no-harm check."""
     from scipion_gmmhet.engine import cli
-    if args.kind == "hinge" or args.neutral == "build":  # built from the consensus, as a user would
+    if args.kind in ATOMIC or args.neutral == "build":  # built from the consensus, as a user would
         neutral = hinge_neutral_gmm(sim_dir, args.resolution, device)
         neutral_note = f"gmmhet build of consensus.mrc at {args.resolution:g} A"
     else:
@@ -166,7 +173,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     if args.refine_mask == "core":
         refine_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "core_mask.mrc"), invert=True)]
     tag = f"{args.n}_{args.box}_{args.epochs}_{args.train_mask}_{args.changes.replace(',', '-')}"
-    if args.kind != "hinge" and args.neutral == "build":
+    if args.kind not in ATOMIC and args.neutral == "build":
         tag += f"_built{args.resolution:g}A"
     starts = [("perturbed", star_p, meta_p)]
     if not args.skip_true:
@@ -281,10 +288,12 @@ def speed_rows(args, sim_dir) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", default="conformational", choices=("conformational", "hinge"),
+    ap.add_argument("--kind", default="conformational", choices=("conformational",) + ATOMIC,
                     help="conformational: the simulator's pseudo-atomic molecule; hinge: adenylate kinase (--pdb) "
-                         "with LID and NMP opening (gmmhet simulate --kind hinge), neutral GMM built from its "
-                         "consensus at --resolution (needs --model trained --train-mask none --refine-mask none)")
+                         "with LID and NMP opening together (gmmhet simulate --kind hinge); two_motions: LID and "
+                         "NMP opening independently; cyclic: LID turning a full circle; the atomic systems' "
+                         "neutral GMM is built from their consensus at --resolution (needs --model trained "
+                         "--train-mask none --refine-mask none)"),
     ap.add_argument("--pdb", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                   "tests", "data", "1ake.pdb"))
     ap.add_argument("--resolution", type=float, default=8.0,
@@ -346,15 +355,15 @@ def main(argv=None) -> int:
 
     # 1. data
     t0 = time.time()
-    if args.kind == "hinge" and (args.train_mask != "none" or args.refine_mask != "none" or
+    if args.kind in ATOMIC and (args.train_mask != "none" or args.refine_mask != "none" or
                                  any(m.strip() == "truth" for m in args.model.split(","))):
-        raise SystemExit("--kind hinge: give --model trained --train-mask none --refine-mask none (no arm mask and "
+        raise SystemExit(f"--kind {args.kind}: give --model trained --train-mask none --refine-mask none (no arm mask and "
                          "no per-particle truth GMM for the atomic structure)")
-    if args.kind == "hinge":
+    if args.kind in ATOMIC:
         from scipion_gmmhet.engine.simulation.atomic import simulate_atomic
-        sim_dir = os.path.join(args.work, f"hinge_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}")
+        sim_dir = os.path.join(args.work, f"{args.kind}_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}")
         if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
-            simulate_atomic(sim_dir, "hinge", args.pdb, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
+            simulate_atomic(sim_dir, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
                             seed=args.seed)
     else:
         sim_dir = os.path.join(args.work, f"sim_{args.box}_{args.n}_{args.snr:g}_{args.n_gaussians}")
@@ -410,7 +419,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else (platform.processor() or "CPU")
     lines = [
         "# Orientation refinement benchmark (`benchmarks/bench_refine.py`)", "",
-        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase hinge set (LID and NMP opening; ' + common.portable(args.pdb) + ')'}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
+        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase ' + ATOMIC_NAMES[args.kind] + ' set (' + common.portable(args.pdb) + ')'}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
         f"poses perturbed by {args.perturb_deg:g} deg RMS rotations and {args.perturb_px:g} px RMS shifts. "
         f"Search: max angle {args.max_angle:g} deg, max shift {args.max_shift_px:g} px, score {args.score}, "
         f"prior {'on' if args.prior else 'off'}, evidence to move {args.min_gain:g} nats. Device: {device} ({dev_name}, {os.cpu_count()} cores). "

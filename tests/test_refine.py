@@ -532,3 +532,39 @@ def test_refinement_core_is_the_part_that_does_not_move(sim):
     assert focus.dtype == np.int64 and not arm[focus].any()
     assert len(focus) >= 0.5 * (~arm).sum()
     assert core_from_motion(np.zeros(40), 1.0).all()  # nothing moves: every Gaussian is the core
+
+
+def test_refined_poses_keep_the_input_object_frame():
+    """A common object-frame rotation of the moved particles (a reference in a turned frame) is
+    removed; each particle's own correction and the unmoved particles are kept exactly."""
+    from scipy.spatial.transform import Rotation
+
+    from scipion_gmmhet.engine.analysis.refine import RefineResult, keep_input_frame
+
+    rng = np.random.default_rng(4)
+    n = 400
+    A_in = Rotation.random(n, random_state=1).as_matrix()
+    own = Rotation.from_rotvec(rng.normal(0, 1.0, (n, 3)), degrees=True).as_matrix()  # per-particle corrections
+    drift = Rotation.from_rotvec([0.0, 0.0, 1.0], degrees=True).as_matrix()         # a 1-degree frame turn
+    moved = np.arange(n) % 4 != 0
+    A_new = A_in.copy()
+    A_new[moved] = own[moved] @ A_in[moved] @ drift
+    delta = Rotation.from_matrix(A_new @ np.transpose(A_in, (0, 2, 1))).as_rotvec(degrees=True)
+    res = RefineResult(A_new, np.zeros((n, 2)), delta, np.linalg.norm(delta, axis=1), np.zeros(n),
+                       np.zeros(n), np.zeros(n))
+    fixed, removed = keep_input_frame(res, A_in)
+    assert abs(removed - 1.0) < 0.15
+    assert np.array_equal(fixed.rotations[~moved], A_in[~moved]) and np.all(fixed.delta_angle_deg[~moved] == 0)
+    err = Rotation.from_matrix(np.einsum("nij,nkj->nik", fixed.rotations[moved], own[moved] @ A_in[moved]))
+    assert np.median(err.magnitude()) * 180 / np.pi < 0.15  # the turn is gone, the corrections stay
+    expected = Rotation.from_matrix(fixed.rotations @ np.transpose(A_in, (0, 2, 1))).magnitude() * 180 / np.pi
+    assert np.allclose(fixed.delta_angle_deg, expected, atol=1e-6)
+    few = RefineResult(A_new[:20], np.zeros((20, 2)), delta[:20], np.linalg.norm(delta[:20], axis=1),
+                       np.zeros(20), np.zeros(20), np.zeros(20))
+    assert keep_input_frame(few, A_in[:20])[1] == 0.0  # too few moved particles to estimate a drift
+    plain = A_in.copy()
+    plain[moved] = own[moved] @ A_in[moved]  # corrections only, no common turn
+    dp = Rotation.from_matrix(plain @ np.transpose(A_in, (0, 2, 1))).as_rotvec(degrees=True)
+    res0 = RefineResult(plain, np.zeros((n, 2)), dp, np.linalg.norm(dp, axis=1), np.zeros(n), np.zeros(n), np.zeros(n))
+    kept, removed0 = keep_input_frame(res0, A_in)
+    assert removed0 == 0.0 and kept is res0  # no significant drift: the poses are left as found

@@ -287,6 +287,11 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 summary.append('Refine-retrain rounds: %d%s; median angular change per round: %s deg'
                                % (len(med), ' (%s)' % stop if stop and stop != 'nan' else '',
                                   ', '.join('%.2f' % m for m in med)))
+                drift = [float(d) for d in rounds.get('frame_drift_deg', [])]
+                if any(d > 0 for d in drift):
+                    summary.append('Object-frame turn removed per round (a global rotation the data cannot '
+                                   'see, brought back to the input frame): %s deg'
+                                   % ', '.join('%.2f' % d for d in drift))
                 refs = [str(r) for r in rounds.get('reference', [])]
                 if any('Gaussians' in r for r in refs):
                     summary.append('Reference per round: %s' % '; '.join(refs))

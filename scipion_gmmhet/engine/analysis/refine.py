@@ -74,6 +74,7 @@ Focus mask
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -344,6 +345,7 @@ class RefineResult:
     gate_kept_input: bool = False            # the gold-standard check kept every input pose
     gate_t: float = float("nan")             # its shell-wise t statistic of the FSC gain
     gate_t_min: float = float("nan")         # ... and the value it had to reach
+    frame_drift_deg: float = 0.0             # object-frame rotation removed (keep_input_frame)
 
 
 def unchanged_result(res: RefineResult, rotations: np.ndarray, origins_A: np.ndarray, gate=None) -> RefineResult:
@@ -357,6 +359,50 @@ def unchanged_result(res: RefineResult, rotations: np.ndarray, origins_A: np.nda
                         float("nan") if gate is None else gate.fsc_input,
                         float("nan") if gate is None else gate.fsc_refined, True,
                         float(getattr(gate, "t", float("nan"))), float(getattr(gate, "t_min", float("nan"))))
+
+
+#: fewest moved particles from which :func:`keep_input_frame` estimates a frame drift
+FRAME_MIN_MOVED = 50
+
+
+def keep_input_frame(res: RefineResult, rotations_in: np.ndarray,
+                     min_moved: int = FRAME_MIN_MOVED) -> tuple[RefineResult, float]:
+    """``res`` with the refined poses brought back into the input poses' object frame.
+
+    One rotation of every particle's object frame (``A -> A G``, RELION matrices) leaves the
+    images' agreement with a reference and the half maps' FSC unchanged: the data cannot see it,
+    and a reference whose frame is turned (a finer reference built from a reconstruction and
+    deformed by the decoded motion, a decoded model that absorbed a rotation) pulls the refined
+    poses into its frame. The input poses' errors have no common rotation, so the mean object-frame
+    change ``G`` of the moved particles (``A_new = A_in G_i``; chordal mean) is that drift; it is
+    removed from the moved particles (``A_new G^T``), unmoved ones keep their input pose. Measured
+    on 1AKE with the LID turning a full circle (3,000 particles, SNR 1): round 2 turned the frame by
+    1.03 deg, median error 1.70 deg of which 1.34 without the turn. Removed only when the mean
+    change's rotation vector is significant against its standard error (chi-square, 3 degrees
+    of freedom, at 0.1%: the mean of few or scattered moves is noise) and at least ``min_moved``
+    particles moved; a particle's change can then exceed the search range by the removed turn.
+    Scores stay those of the search. Returns (result, removed rotation in degrees)."""
+    from scipy.spatial.transform import Rotation
+    from scipy.stats import chi2
+
+    moved = np.asarray(res.delta_angle_deg) > 0
+    n_moved = int(moved.sum())
+    if n_moved < max(int(min_moved), 3):
+        return res, 0.0
+    A_in = np.asarray(rotations_in, dtype=np.float64)
+    A_new = np.array(res.rotations, dtype=np.float64)
+    change = Rotation.from_matrix(np.einsum("nji,njk->nik", A_in[moved], A_new[moved]))  # A_in^T A_new
+    v = change.as_rotvec()
+    se = v.std(axis=0, ddof=1) / math.sqrt(n_moved)
+    if float(np.sum((v.mean(axis=0) / np.maximum(se, 1e-12)) ** 2)) < chi2.ppf(0.999, 3):
+        return res, 0.0
+    drift = change.mean()
+    A_new[moved] = A_new[moved] @ drift.as_matrix().T
+    delta = np.zeros((len(A_new), 3))
+    delta[moved] = Rotation.from_matrix(np.einsum("nij,nkj->nik", A_new[moved], A_in[moved])).as_rotvec(degrees=True)
+    angle = np.linalg.norm(delta, axis=1)
+    return dataclasses.replace(res, rotations=A_new, delta_rotvec_deg=delta, delta_angle_deg=angle), \
+        float(drift.magnitude() * 180.0 / math.pi)
 
 
 def search_limits(models, apix: float, device: torch.device, highres_A: float | None = None,

@@ -179,7 +179,7 @@ def main(args) -> int:
                         "reference": fine.describe() if fine is not None else "decoded models",
                         "gate_fsc_input": float(res.gate_fsc_input), "gate_fsc_refined": float(res.gate_fsc_refined),
                         "gate_kept_input": bool(res.gate_kept_input), "gate_t": float(res.gate_t),
-                        "gate_t_min": float(res.gate_t_min)})
+                        "gate_t_min": float(res.gate_t_min), "frame_drift_deg": float(res.frame_drift_deg)})
         log.info("refine round %d/%s: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)%s",
                  r, f"<={n_rounds}" if auto else n_rounds, s["angle_median_deg"], s["shift_median_A"],
                  s["angle_p90_deg"], s["shift_p90_A"],
@@ -274,6 +274,11 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
                               polish_steps=args.polish_steps, focus=focus, score=args.score, prior=args.prior,
                               batch_size=args.batch_size,
                               min_gain=refine.MIN_GAIN_NATS if args.min_gain is None else args.min_gain)
+    res, drift = refine.keep_input_frame(res, meta.rotation_matrices())
+    if drift:
+        res.frame_drift_deg = drift
+        log.info("refine: the refined poses' object frame had turned by %.3f deg against the input poses' "
+                 "(a global rotation the data cannot see); removed", drift)
     gate = None
     if getattr(args, "gate", True) and res.delta_angle_deg.any() | res.delta_shift_A.any():
         from ..analysis.refine_gate import gold_standard_gate
