@@ -46,6 +46,7 @@ except ImportError:  # an older engine in the speed worker (--speed-baseline) do
     RefineFolder = TrainFolder = None
 from scipion_gmmhet.engine.analysis import refine  # noqa: E402
 from scipion_gmmhet.engine.simulation import simulate  # noqa: E402
+from scipion_gmmhet.engine.simulation.atomic import SYSTEMS as ATOMIC_SYSTEMS  # noqa: E402
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler  # noqa: E402
 from scipion_gmmhet.engine.io.data import ParticleImages  # noqa: E402
 try:
@@ -117,7 +118,7 @@ def summary_line(r: dict) -> str:
 
 
 #: the atomic-structure systems of ``gmmhet simulate`` (tests/data/1ake.pdb) and how they move
-ATOMIC = ("hinge", "two_motions", "cyclic")
+ATOMIC = ATOMIC_SYSTEMS
 ATOMIC_NAMES = {"hinge": "hinge (LID and NMP opening together)",
                 "two_motions": "two-motion (LID and NMP opening independently)",
                 "cyclic": "cyclic (LID turning a full circle)"}

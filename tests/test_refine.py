@@ -465,6 +465,9 @@ def test_gate_needs_a_significant_shell_wise_gain():
     consistent = compare_shells(f_in, f_in + 0.003 + rng.normal(0, 0.002, 30))
     assert consistent.accepted and consistent.t_min == pytest.approx(1.699, abs=1e-3)
     assert not compare_shells(f_in, f_in - 0.01).accepted
+    same = compare_shells(f_in, f_in.copy())  # no change at all: t is 0, not NaN, and rejected
+    assert same.t == 0.0 and not same.accepted
+    assert compare_shells(f_in, f_in + 0.01).accepted  # the same gain in every shell
 
 
 def test_unchanged_result_restores_the_input_poses(sim):

@@ -25,6 +25,7 @@ unchanged); the corrections measured so far had t 2.0-5.5 (simulator rounds 1 an
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +67,10 @@ def compare_shells(fsc_input: np.ndarray, fsc_refined: np.ndarray, level: float 
     if k < 3:
         return GateResult(float(np.mean(fsc_input)), float(np.mean(fsc_refined)))
     sd = float(np.std(d, ddof=1))
-    t = float("inf") * np.sign(d.mean()) if sd == 0 else float(d.mean() / (sd / np.sqrt(k)))
+    if sd == 0:  # identical gain in every shell (e.g. none): its sign decides
+        t = math.copysign(math.inf, float(d.mean())) if d.mean() != 0 else 0.0
+    else:
+        t = float(d.mean() / (sd / np.sqrt(k)))
     return GateResult(float(np.mean(fsc_input)), float(np.mean(fsc_refined)), t, float(student_t.ppf(1 - level, k - 1)))
 
 
