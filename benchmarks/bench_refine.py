@@ -161,7 +161,9 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         train_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "arm_mask.mrc"))]
     refine_extra = ["--max-angle", str(args.max_angle), "--max-shift", str(args.max_shift_px * apix),
                     "--score", args.score, "--levels", str(args.levels), "--polish-steps", str(args.polish_steps),
-                    "--rounds", str(args.rounds), "--min-gain", str(args.min_gain), "--device", device]
+                    "--rounds", str(args.rounds), "--device", device]
+    if args.min_gain is not None:
+        refine_extra += ["--min-gain", str(args.min_gain)]
     if args.highres:
         refine_extra += ["--highres", str(args.highres)]
     if not args.prior:
@@ -188,8 +190,9 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         if not TrainFolder(train_dir).is_finished():
             if cli.main(["train", "--particles", star, "--gmm", neutral, "--out", train_dir] + train_extra):
                 raise SystemExit("training failed")
+        gain = f"{args.min_gain:g}" if args.min_gain is not None else "auto"
         out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}{'_core' if args.refine_core != 'none' else ''}"
-                                      f"_r{args.rounds}_g{args.min_gain:g}"
+                                      f"_r{args.rounds}_g{gain}"
                                       f"{'' if args.gate else '_nogate'}{'' if args.reference == 'auto' else '_' + args.reference}")
         t0 = time.time()
         if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
@@ -317,8 +320,9 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--polish-steps", type=int, default=0)
     ap.add_argument("--no-prior", dest="prior", action="store_false")
-    ap.add_argument("--min-gain", type=float, default=refine.MIN_GAIN_NATS,
-                    help="evidence (nats) a new pose needs (gmmhet refine --min-gain)")
+    ap.add_argument("--min-gain", type=float, default=None,
+                    help="evidence (nats) a new pose needs (gmmhet refine --min-gain; default the command's: "
+                         "5.5 in the first round, 0 after it; --model truth: 5.5)")
     ap.add_argument("--no-gate", dest="gate", action="store_false",
                     help="gmmhet refine --no-gate (keep the refined poses without the gold-standard check)")
     ap.add_argument("--skip-true", action="store_true", help="skip the no-harm run from the true poses")
@@ -343,6 +347,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".scratch", "refine"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "refine.md"))
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--thermal", type=float, default=0.0, metavar="A",
+                    help="atomic kinds: RMS thermal fluctuation of every atom per particle, Angstrom (like a "
+                         "molecular-dynamics ensemble; default 0: rigid domains)")
+    ap.add_argument("--truth-thermal", action="store_true",
+                    help="--model truth on a --thermal set: each particle's own fluctuated atoms (an oracle); "
+                         "default: the mean structure at its truth coordinates (what a conformational model can be)")
     ap.add_argument("--speed-baseline", default="",
                     help="git revision of the engine to compare speed with (e.g. cfef752, before the batched "
                          "search); empty: no speed section")
@@ -356,16 +366,16 @@ def main(argv=None) -> int:
 
     # 1. data
     t0 = time.time()
-    if args.kind in ATOMIC and (args.train_mask != "none" or args.refine_mask != "none" or
-                                 any(m.strip() == "truth" for m in args.model.split(","))):
-        raise SystemExit(f"--kind {args.kind}: give --model trained --train-mask none --refine-mask none (no arm mask and "
-                         "no per-particle truth GMM for the atomic structure)")
+    if args.kind in ATOMIC and "trained" in args.model and (args.train_mask != "none" or args.refine_mask != "none"):
+        raise SystemExit(f"--kind {args.kind}: give --train-mask none --refine-mask none (no arm mask for the atomic "
+                         "structure)")
     if args.kind in ATOMIC:
         from scipion_gmmhet.engine.simulation.atomic import simulate_atomic
-        sim_dir = os.path.join(args.work, f"{args.kind}_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}")
+        thermal = f"_thermal{args.thermal:g}" if args.thermal else ""
+        sim_dir = os.path.join(args.work, f"{args.kind}_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}{thermal}")
         if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
             simulate_atomic(sim_dir, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
-                            seed=args.seed)
+                            seed=args.seed, thermal_A=args.thermal)
     else:
         sim_dir = os.path.join(args.work, f"sim_{args.box}_{args.n}_{args.snr:g}_{args.n_gaussians}")
         if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
@@ -385,18 +395,27 @@ def main(argv=None) -> int:
     rot_p = meta_p.rotation_matrices()  # as written (Euler round trip)
     mol = (simulate.build_molecule(box, apix, int(info.get("molecule_seed", 0)), args.n_gaussians)
            if args.kind == "conformational" else None)
+    if args.kind in ATOMIC:  # each particle's atoms at its truth coordinates (and thermal displacement)
+        from scipion_gmmhet.engine.simulation.atomic import AtomicParticleModels, build_system
+        truth_models = AtomicParticleModels(build_system(args.kind, args.pdb),
+                                            truth[list(info["truth_coordinates"])].to_numpy(),
+                                            truth["particle"].to_numpy(),
+                                            float(info.get("thermal_A", 0.0)) if args.truth_thermal else 0.0,
+                                            int(info["seed"]))
+    else:
+        truth_models = mol.conformation_models(truth["conformation"].to_numpy())
 
     # 2. the particle-specific models, and the refinements
     truth_map, _ = read_map(os.path.join(sim_dir, "consensus.mrc"))
     kw = dict(max_angle_deg=args.max_angle, max_shift_A=args.max_shift_px * apix, highres_A=args.highres,
               score=args.score, levels=args.levels, polish_steps=args.polish_steps, prior=args.prior,
-              min_gain=args.min_gain)
+              min_gain=refine.MIN_GAIN_NATS if args.min_gain is None else args.min_gain)
     sections = []
     speed_lines = speed_rows(args, sim_dir) if args.speed_baseline else []
     for model_kind in [m.strip() for m in args.model.split(",") if m.strip() and m.strip() != "none"]:
         t0 = time.time()
         if model_kind == "truth":
-            models = mol.conformation_models(truth["conformation"].to_numpy())
+            models = truth_models
             rows = {}
             starts = [("perturbed", meta_p, rot_p, org_p), ("true poses", meta, rot_true, org_true)]
             for label, m, rot0, org0 in starts[:1] if args.skip_true else starts:
@@ -420,10 +439,10 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else (platform.processor() or "CPU")
     lines = [
         "# Orientation refinement benchmark (`benchmarks/bench_refine.py`)", "",
-        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase ' + ATOMIC_NAMES[args.kind] + ' set (' + common.portable(args.pdb) + ')'}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
+        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase ' + ATOMIC_NAMES[args.kind] + ' set (' + common.portable(args.pdb) + ')' + (f', thermal fluctuation {args.thermal:g} A RMS per atom' if args.thermal else '')}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
         f"poses perturbed by {args.perturb_deg:g} deg RMS rotations and {args.perturb_px:g} px RMS shifts. "
         f"Search: max angle {args.max_angle:g} deg, max shift {args.max_shift_px:g} px, score {args.score}, "
-        f"prior {'on' if args.prior else 'off'}, evidence to move {args.min_gain:g} nats. Device: {device} ({dev_name}, {os.cpu_count()} cores). "
+        f"prior {'on' if args.prior else 'off'}, evidence to move {'5.5 nats in the first round, 0 after it (gmmhet refine default)' if args.min_gain is None else format(args.min_gain, 'g') + ' nats'}. Device: {device} ({dev_name}, {os.cpu_count()} cores). "
         f"Command: `python benchmarks/bench_refine.py {' '.join(sys.argv[1:])}`", ""]
     for model_kind, model_note, rows in sections:
         lines += [f"## Model: {model_note}", "",

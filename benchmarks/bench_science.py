@@ -201,10 +201,12 @@ def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int =
 # ----------------------------------------------------------------------------- pipeline
 def dataset(system: str, args) -> str:
     apix = args.apix if system in SYSTEMS else 3.0
-    d = os.path.join(args.workdir, f"{system}_n{args.n}_box{args.box}_apix{apix:g}_snr{args.snr:g}_seed{args.seed}")
+    thermal = f"_thermal{args.thermal:g}" if args.thermal and system in SYSTEMS else ""
+    d = os.path.join(args.workdir, f"{system}_n{args.n}_box{args.box}_apix{apix:g}_snr{args.snr:g}_seed{args.seed}{thermal}")
     if not os.path.exists(os.path.join(d, "simulation.json")):
         if system in SYSTEMS:
-            simulate_atomic(d, system, PDB, n=args.n, box=args.box, apix=apix, snr=args.snr, seed=args.seed)
+            simulate_atomic(d, system, PDB, n=args.n, box=args.box, apix=apix, snr=args.snr, seed=args.seed,
+                            thermal_A=args.thermal)
         else:
             simulate(d, system, n=args.n, box=args.box, apix=apix, snr=args.snr, seed=args.seed)
     return d
@@ -284,6 +286,9 @@ def main(argv=None) -> int:
     p.add_argument("--apix", type=float, default=1.5, help="pixel size of the atomic systems (default 1.5 A)")
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--thermal", type=float, default=0.0, metavar="A",
+                   help="atomic systems: RMS thermal fluctuation of every atom per particle, Angstrom, like a "
+                        "molecular-dynamics ensemble (default 0: rigid domains)")
     p.add_argument("--zdim", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
     p.add_argument("--resolution", type=float, default=8.0, help="neutral GMM build resolution, A (default 8)")
@@ -306,7 +311,9 @@ def main(argv=None) -> int:
     info = common.machine_info()
     cols = list(dict.fromkeys(k for r in rows for k in r if k != "run_dir"))
     md = "\n".join([f"# Science benchmark ({args.tag or 'default'})", "", common.machine_line(info), "",
-                    f"SNR {args.snr}, CTF, exact poses, box {args.box}; GMM built at {args.resolution} A; targets: "
+                    f"SNR {args.snr}, CTF, exact poses, box {args.box}"
+                    + (f", thermal fluctuation {args.thermal:g} A RMS per atom (atomic systems)" if args.thermal else "")
+                    + f"; GMM built at {args.resolution} A; targets: "
                     + "; ".join(f"{s}: {TARGETS[s]}" for s in dict.fromkeys(r['system'] for r in rows)), "",
                     common.markdown_table(rows, [(c, c) for c in cols]), ""])
     print(md)

@@ -324,6 +324,15 @@ def test_cli_refine_rounds_alternate_with_retraining(sim, tmp_path):
                      "--out", str(tmp_path / "bad2")]) == 2
 
 
+def test_round_min_gain_default_and_override():
+    from scipion_gmmhet.engine.analysis.refine import LATER_ROUNDS_MIN_GAIN_NATS, MIN_GAIN_NATS
+    from scipion_gmmhet.engine.commands.refine import round_min_gain
+    assert round_min_gain(None, 1) == MIN_GAIN_NATS == 5.5
+    assert round_min_gain(None, 2) == round_min_gain(None, 5) == LATER_ROUNDS_MIN_GAIN_NATS == 0.0
+    assert round_min_gain(3.0, 1) == round_min_gain(3.0, 4) == 3.0   # --min-gain: every round
+    assert round_min_gain(0, 1) == 0.0
+
+
 def test_rounds_argument_and_angular_precision():
     from scipion_gmmhet.engine.commands.refine import _parse_rounds, angular_precision
     assert _parse_rounds("auto", 3) == (True, 3) and _parse_rounds("AUTO", 1) == (True, 1)
@@ -382,6 +391,8 @@ def test_cli_refine_auto_rounds_stop_rule(sim, tmp_path):
     assert not below[:-1].any()  # it stopped at the first round below the precision (or at the cap)
     assert rounds["stop"].iloc[-1] == ("converged" if below.iloc[-1] else "round limit")
     assert n == 2 or bool(below.iloc[-1])
+    # evidence to move: 5.5 nats in the first round, 0 after it (the gate guards every round)
+    assert list(rounds["min_gain_nats"]) == [5.5, 0.0][:n]
     for r in range(1, n + 1):
         assert os.path.exists(os.path.join(out, f"round_{r}", "train", "model.pt")) == (r < n)
     assert os.path.exists(os.path.join(out, "particles.star")) and os.path.exists(os.path.join(out, "pose_changes.csv"))

@@ -17,7 +17,7 @@ from scipion_gmmhet.engine.errors import InputError
 from scipion_gmmhet.engine.io import star
 from scipion_gmmhet.engine.model.gmm import GMM, project
 from scipion_gmmhet.engine.simulation.atomic import (build_system, domain_atoms_mask, read_pdb,
-                                                      simulate_atomic)
+                                                      simulate_atomic, thermal_displacements)
 
 PDB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "1ake.pdb")
 
@@ -157,3 +157,55 @@ def test_bad_input_and_cli(tmp_path, capsys):
     rc = cli.main(["simulate", "--out", str(tmp_path / "ok"), "--kind", "two_motions", "--pdb", PDB, "--n", "6",
                    "--snr", "inf"])
     assert rc == 0 and "6 two_motions particles (64 px, 1.5 A/px" in capsys.readouterr().out
+
+
+def test_thermal_fluctuations_rms_correlation_and_reproducibility():
+    s = build_system("hinge", PDB)
+    d = thermal_displacements(s, np.arange(1, 41), 1.0, seed=5)
+    assert d.shape == (40, len(s.centers_A), 3)
+    rmsf = np.sqrt((d.astype(np.float64) ** 2).sum(-1).mean())
+    assert 0.9 < rmsf < 1.1                                     # RMS per atom = thermal_A
+    np.testing.assert_array_equal(d[3:5], thermal_displacements(s, np.array([4, 5]), 1.0, seed=5))
+    assert not np.allclose(d[0], thermal_displacements(s, np.array([1]), 1.0, seed=6)[0])
+    # atoms of one residue move together (80% shared), neighbours along the chain partly
+    ca = np.flatnonzero(read_pdb(PDB)["name"] == "CA")
+    same = [np.corrcoef(d[:, a, 0], d[:, a + 1, 0])[0, 1] for a in ca[10:30]]  # CA and its C, same residue
+    far = [np.corrcoef(d[:, ca[i], 0], d[:, ca[i + 40], 0])[0, 1] for i in range(10, 30)]
+    assert np.mean(same) > 0.6 and abs(np.mean(far)) < 0.2
+    assert not thermal_displacements(s, np.arange(3), 0.0, seed=5).any()
+    # no rigid-body part: zero weighted mean and zero weighted angular moment about the centroid
+    w = s.electrons.astype(np.float64)[None, :, None]
+    r = s.centers_A - (w[0] * s.centers_A).sum(0) / w.sum()
+    assert np.abs((w * d).sum(1) / w.sum()).max() < 1e-4
+    assert np.abs((w * np.cross(r[None], d)).sum(1) / w.sum()).max() < 1e-3
+
+
+def test_remove_rigid_part_takes_out_a_small_rotation_and_shift():
+    from scipion_gmmhet.engine.simulation.atomic import remove_rigid_part
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=10.0, size=(200, 3))
+    omega = np.array([0.01, -0.02, 0.015])
+    rigid = np.cross(omega, x - x.mean(0)) + np.array([0.3, -0.2, 0.1])
+    wiggle = rng.normal(scale=0.5, size=(200, 3))
+    out = remove_rigid_part((rigid + wiggle)[None], x, np.ones(200))[0]
+    np.testing.assert_allclose(remove_rigid_part(rigid[None], x, np.ones(200))[0], 0, atol=1e-9)
+    assert np.sqrt(((out - wiggle) ** 2).sum(1).mean()) < 0.15   # only the wiggle's own rigid part goes
+
+
+def test_thermal_images_differ_and_consensus_is_wider(tmp_path, capsys):
+    kw = dict(n=4, box=64, apix=1.5, snr=float("inf"), seed=3, ctf=False)
+    rigid = simulate_atomic(str(tmp_path / "r"), "hinge", PDB, **kw)
+    md = simulate_atomic(str(tmp_path / "m"), "hinge", PDB, thermal_A=1.5, **kw)
+    with mrcfile.open(rigid["stack"]) as a, mrcfile.open(md["stack"]) as b:
+        x, y = np.array(a.data), np.array(b.data)
+    rel = np.abs(x - y).max() / np.abs(x).max()
+    assert 0.02 < rel < 0.8                                     # same particles, fluctuated atoms
+    from scipion_gmmhet.engine.io.mrc import read_map
+    c0, c1 = read_map(rigid["consensus"])[0], read_map(md["consensus"])[0]
+    assert c1.max() < c0.max() and abs(c1.sum() - c0.sum()) < 1e-3 * c0.sum()
+    assert json.load(open(md["json"]))["thermal_A"] == 1.5
+    with pytest.raises(InputError, match="thermal"):
+        simulate_atomic(str(tmp_path / "x"), "hinge", PDB, thermal_A=-1, **kw)
+    assert cli.main(["simulate", "--out", str(tmp_path / "c"), "--kind", "conformational", "--n", "4",
+                     "--thermal", "1"]) == 2
+    assert "--thermal" in capsys.readouterr().err

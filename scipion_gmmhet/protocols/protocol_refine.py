@@ -151,12 +151,14 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                            'each ring whitened by the particle\'s own power (the maximum-likelihood '
                            'score; much less sensitive to noise). FRC: plain mean of the ring '
                            'correlations (e2gmm\'s training loss).')
-        form.addParam('minGain', params.FloatParam, default=5.5, validators=[params.GE(0)],
+        form.addParam('minGain', params.FloatParam, default=-1, validators=[params.GE(-1)],
                       expertLevel=params.LEVEL_ADVANCED, label='Evidence to move (nats)',
                       help='How much better (log-likelihood, nats) a new pose must fit than the '
-                           'input pose before the particle moves. 5.5: a 95% likelihood-ratio test '
-                           'for the 5 pose parameters, so particles already at their best pose stay '
-                           'where they are; 0: take any improvement.')
+                           'input pose before the particle moves, in every round. -1 (default): '
+                           'automatic, 5.5 in the first round (a 95% likelihood-ratio test for the 5 '
+                           'pose parameters, so particles already at their best pose stay where they '
+                           'are) and 0 in later rounds, once the gold-standard check has accepted a '
+                           'round; 0: take any improvement.')
         form.addParam('levels', params.IntParam, default=3, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label='Finer rotation levels',
                       help='Local rotation lattices (step halved each time) after the coarse one.')
@@ -388,10 +390,11 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 '--score %s' % ('wcc' if self.score.get() == 0 else 'frc'),
                 '--levels %d' % self.levels.get(),
                 '--polish-steps %d' % self.polishSteps.get(),
-                '--min-gain %g' % self.minGain.get(),
                 '--batch-size %d' % self.batchSize.get(),
                 '--device %s' % ('cuda' if self.usesGpu() else 'cpu'),
                 '--out %s' % shlex.quote(self.getRefineDir())]
+        if self.minGain.get() is not None and self.minGain.get() >= 0:
+            args.append('--min-gain %g' % self.minGain.get())
         if self.maxShift.get() is not None and self.maxShift.get() >= 0:
             args.append('--max-shift %g' % self.maxShift.get())
         if self.highRes.get() is not None and self.highRes.get() > 0:

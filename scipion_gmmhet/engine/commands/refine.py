@@ -101,8 +101,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="maximise the score alone (default: MAP with a Gaussian prior of sigma = range/3 on "
                         "the pose change, which stops noise from pushing poses to the edge of the range)")
     p.add_argument("--min-gain", type=float, default=None, metavar="NATS",
-                   help="evidence a new pose needs over the input pose, in nats of the objective (default 5.5: "
-                        "a 95%% likelihood-ratio test for the 5 pose parameters; 0: take any improvement)")
+                   help="evidence a new pose needs over the input pose, in nats of the objective, in every "
+                        "round (default: 5.5 in the first round, a 95%% likelihood-ratio test for the 5 pose "
+                        "parameters, so correct poses stay; 0 from the second round on, after the "
+                        "gold-standard check has accepted a round; 0: take any improvement)")
     p.add_argument("--no-gate", dest="gate", action="store_false",
                    help="keep the refined poses even when their half maps agree less than the input poses' "
                         "(default: gold-standard check; a trained network's model errors move particles that "
@@ -169,13 +171,14 @@ def main(args) -> int:
             meta, out_meta, res = kept
             log.info("refine round %d: finished before the interruption; kept %s", r, round_dir)
         else:
-            meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir, core, fine)
+            meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir, core, fine,
+                                               min_gain=round_min_gain(args.min_gain, r))
             _save_round(res, round_dir)
         if meta0 is None:
             meta0, score0 = meta, res.score_before
         s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
         converged = s["angle_median_deg"] < precision
-        history.append({"round": r, **s, "converged": converged,
+        history.append({"round": r, **s, "converged": converged, "min_gain_nats": round_min_gain(args.min_gain, r),
                         "reference": fine.describe() if fine is not None else "decoded models",
                         "gate_fsc_input": float(res.gate_fsc_input), "gate_fsc_refined": float(res.gate_fsc_refined),
                         "gate_kept_input": bool(res.gate_kept_input), "gate_t": float(res.gate_t),
@@ -228,7 +231,19 @@ def _parse_rounds(rounds, max_rounds: int) -> tuple[bool, int]:
     return False, n
 
 
-def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str, core=None, fine=None):
+def round_min_gain(min_gain: float | None, round_number: int) -> float:
+    """Evidence (nats) a new pose needs in round ``round_number`` (1-based): ``--min-gain`` when
+    given, else :data:`refine.MIN_GAIN_NATS` (5.5) in the first round and
+    :data:`refine.LATER_ROUNDS_MIN_GAIN_NATS` (0) after it (each round still passes the
+    gold-standard check). At exact poses the first round moves nothing and no second runs."""
+    from ..analysis import refine
+    if min_gain is not None:
+        return float(min_gain)
+    return refine.MIN_GAIN_NATS if int(round_number) <= 1 else refine.LATER_ROUNDS_MIN_GAIN_NATS
+
+
+def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str, core=None, fine=None,
+                 min_gain: float | None = None):
     """One refinement of the particles of ``star`` against ``tm``'s decoded GMMs (with ``fine``, a
     :class:`fine_reference.FineReference`: that GMM deformed by them); writes
     ``out_dir/particles.star`` and ``out_dir/pose_changes.csv``. Returns (input metadata,
@@ -273,7 +288,7 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
                               lowres_A=lowres, highres_A=highres, levels=args.levels,
                               polish_steps=args.polish_steps, focus=focus, score=args.score, prior=args.prior,
                               batch_size=args.batch_size,
-                              min_gain=refine.MIN_GAIN_NATS if args.min_gain is None else args.min_gain)
+                              min_gain=round_min_gain(args.min_gain, 1) if min_gain is None else min_gain)
     res, drift = refine.keep_input_frame(res, meta.rotation_matrices())
     if drift:
         res.frame_drift_deg = drift
