@@ -82,7 +82,8 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                            'them. Their current poses are the starting point.')
         form.addParam('maxAngle', params.FloatParam, default=6.0, validators=[params.GE(0)],
                       label='Angular search range (deg)',
-                      help='Largest rotation away from the current pose, in degrees. Poses from a '
+                      help='Largest rotation away from the current pose in each refinement round, in '
+                           'degrees (over several rounds a particle can move further). Poses from a '
                            'consensus refinement are usually within a few degrees; 0 refines '
                            'shifts only.')
         form.addParam('maxShift', params.FloatParam, default=-1.0,

@@ -85,7 +85,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "that reconstruction is finer than the neutral GMM (scipion_gmmhet.engine.analysis."
                         "fine_reference); decoded: the decoded models themselves in every round")
     p.add_argument("--max-angle", type=float, default=6.0, metavar="DEG",
-                   help="largest rotation away from the current pose, degrees (default 6)")
+                   help="largest rotation away from the current pose in each round, degrees (default 6; "
+                        "over several rounds a particle can move further)")
     p.add_argument("--max-shift", type=float, default=None, metavar="A",
                    help="largest origin change, Angstrom (default 2 pixels)")
     p.add_argument("--lowres", type=float, default=None, metavar="A",
