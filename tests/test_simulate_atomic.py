@@ -209,3 +209,26 @@ def test_thermal_images_differ_and_consensus_is_wider(tmp_path, capsys):
     assert cli.main(["simulate", "--out", str(tmp_path / "c"), "--kind", "conformational", "--n", "4",
                      "--thermal", "1"]) == 2
     assert "--thermal" in capsys.readouterr().err
+
+
+def test_atomic_particle_models_are_each_particles_truth(tmp_path):
+    """bench_refine's ``--model truth`` on the atomic kinds: each particle's atoms at its truth
+    coordinates (mean structure), or with its own thermal displacement; same as the images'."""
+    from scipion_gmmhet.engine.simulation.atomic import AtomicParticleModels
+    s = build_system("two_motions", PDB)
+    coords = np.array([[0.1, 0.9], [0.7, 0.2], [0.5, 0.5]])
+    m = AtomicParticleModels(s, coords, np.array([1, 2, 3]))
+    c, a, sg = m.gaussians(np.array([2, 0]), "cpu")
+    assert c.shape == (2, len(s.centers_A), 3) and a.shape == sg.shape == (2, len(s.centers_A))
+    np.testing.assert_allclose(c[1].numpy(), s.gmm(coords[0]).centers_A, atol=1e-4)
+    np.testing.assert_allclose(a[0].numpy(), s.electrons)
+    np.testing.assert_allclose(m.neutral_centers_A, s.gmm(coords[2]).centers_A, atol=1e-4)
+    mt = AtomicParticleModels(s, coords, np.array([1, 2, 3]), thermal_A=1.0, seed=4)
+    ct = mt.gaussians(np.array([1]), "cpu")[0][0].numpy()
+    expect = s.centers(coords[1:2]).numpy() + thermal_displacements(s, np.array([2]), 1.0, 4,
+                                                                    s.centers(coords[1:2]).numpy())
+    np.testing.assert_allclose(ct, expect[0], atol=1e-4)
+    # the CLI writes the same thermal set
+    assert cli.main(["simulate", "--out", str(tmp_path / "md"), "--kind", "hinge", "--pdb", PDB, "--n", "3",
+                     "--snr", "inf", "--thermal", "0.5"]) == 0
+    assert json.load(open(tmp_path / "md" / "simulation.json"))["thermal_A"] == 0.5
