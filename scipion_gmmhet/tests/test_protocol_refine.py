@@ -179,6 +179,11 @@ class TestProtocolRefine(BaseTest):
         prot.inputParticles.set(self.protTrain)
         prot.inputParticles.setExtended('outputParticles')
         self.assertEqual(prot.validate(), [])
+        # "Evidence to move" -1 (default): the engine's per-round rule; a value sets every round
+        self.assertNotIn('--min-gain', prot._getRefineArgs())
+        prot.minGain.set(3.0)
+        self.assertIn('--min-gain 3', prot._getRefineArgs())
+        prot.minGain.set(-1)
         prot = self.launchProtocol(prot)
         before, after = self._errors(self.protTrain.outputParticles), self._errors(prot.outputParticles)
         self.assertEqual(sorted(before), sorted(after))

@@ -31,8 +31,10 @@ runs). A network with every Gaussian free iterates too: its decoded models are p
 of their robust translation (:class:`refine.LatentModels`), and each round passes the
 gold-standard check (:mod:`refine_gate`); measured at SNR 1 without a mask, median angular
 error 2.76 -> 2.17 -> 1.99 -> 1.95 deg over three rounds (with the earlier rigid gauge the rounds
-drifted, 2.53 -> 3.05 -> 3.14 deg, and such networks were refined once). The log and
-OUT/rounds.csv give the median change per round.
+drifted, 2.53 -> 3.05 -> 3.14 deg, and such networks were refined once). A particle moves in the
+first round only with 5.5 nats of evidence (correct poses stay), in later rounds to its best pose
+(:data:`refine.LATER_ROUNDS_MIN_GAIN_NATS`; --min-gain sets every round). The log and
+OUT/rounds.csv give the median change and the evidence asked per round.
 
 Finer reference (--reference auto, default): the neutral GMM the network deforms is built at
 the training resolution (e.g. 8 A), coarse for a pose search. From the second round on, the

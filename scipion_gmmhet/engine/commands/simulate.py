@@ -69,6 +69,9 @@ def main(args: argparse.Namespace) -> int:
     if args.kind in SYSTEMS and not args.pdb:
         raise InputError(f"--kind {args.kind}: needs an atomic structure; pass --pdb FILE "
                          "(e.g. tests/data/1ake.pdb)")
+    if args.thermal and args.kind not in SYSTEMS:
+        raise InputError(f"--thermal {args.thermal:g}: only for the real-structure kinds "
+                         f"({', '.join(SYSTEMS)}); drop it for --kind {args.kind}")
     args.device = str(resolve_device(args.device))  # a one-line error for cuda without a GPU
     make_output_dir(args.out)
     if args.kind in SYSTEMS:  # small atomic models: projected on the CPU
@@ -76,9 +79,6 @@ def main(args: argparse.Namespace) -> int:
                                  snr=args.snr, seed=args.seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,
                                  thermal_A=args.thermal)
     else:
-        if args.thermal:
-            raise InputError(f"--thermal {args.thermal:g}: only for the real-structure kinds "
-                             f"({', '.join(SYSTEMS)}); drop it for --kind {args.kind}")
         result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix or 3.0, snr=args.snr,
                           seed=args.seed, n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,
                           molecule_seed=args.molecule_seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,

@@ -26,8 +26,8 @@ Thermal fluctuations (``thermal_A``, default 0: rigid domains only)
     kernel of ``THERMAL_CHAIN_RESIDUES`` residues), 20% independent per atom. The field is drawn
     from the simulation seed and the particle number, so it is reproducible. Like the frames of a
     molecular-dynamics trajectory superposed on a reference before simulating images, each
-    particle's field has its rigid-body part removed (its electron-weighted mean translation and
-    least-squares small rotation about the centroid), so the particle's pose is the true pose of
+    particle's field has its rigid-body part removed (the electron-weighted Kabsch superposition
+    of its atoms onto the unfluctuated ones), so the particle's pose is the true pose of
     its fluctuated atoms (a random field of 1 A RMS on 1AKE otherwise turns the molecule by a
     median 0.6 deg and moves it by 0.14 A, a pose error no refinement could remove). The
     fluctuation left is 0.97 A RMS for 1 A asked. The consensus map
@@ -253,29 +253,14 @@ def draw_coords(system: AtomicSystem, n: int, rng: np.random.Generator) -> np.nd
     return rng.uniform(0.0, 1.0, size=(n, len(system.coords)))
 
 
-def remove_rigid_part(d: np.ndarray, centers_A: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Displacements ``d`` ``(B, N, 3)`` of atoms at ``centers_A`` (``(N, 3)`` or ``(B, N, 3)``) less
-    their rigid-body part: the ``weights``-weighted mean translation and the least-squares small
-    rotation ``w`` about the weighted centroid (inertia tensor ``I w = sum_i w_i r_i x d_i``)."""
-    d = np.asarray(d, np.float64)
-    w = np.asarray(weights, np.float64)[None, :, None]
-    r = np.broadcast_to(np.asarray(centers_A, np.float64), d.shape)
-    r = r - (w * r).sum(1, keepdims=True) / w.sum()
-    d = d - (w * d).sum(1, keepdims=True) / w.sum()
-    rr = (w * r * r).sum(1)                                                     # (B, 3)
-    inertia = rr.sum(1)[:, None, None] * np.eye(3) - np.einsum("bni,bnj->bij", w * r, r)
-    moment = (w * np.cross(r, d)).sum(1)                                        # (B, 3)
-    omega = np.linalg.solve(inertia, moment[..., None])[..., 0]
-    return d - np.cross(omega[:, None, :], r)
-
-
 def thermal_displacements(system: AtomicSystem, particles: np.ndarray, thermal_A: float, seed: int,
                           centers_A: np.ndarray | None = None) -> np.ndarray:
     """Thermal displacement ``(B, N, 3)`` float32 (Angstrom) of every atom of the particles numbered
     ``particles`` (module doc: RMS ``thermal_A`` per atom, residue-shared and chain-smoothed part plus
     an independent part; drawn from ``(seed, particle)``, so the same particle gets the same field),
     with its rigid-body part about the atoms ``centers_A`` (``(B, N, 3)``, default the structure at
-    all coordinates 0) removed (:func:`remove_rigid_part`)."""
+    all coordinates 0) removed: the electron-weighted Kabsch fit of the fluctuated atoms onto them
+    (:func:`refine.remove_rigid_motion`, one plain iteration), as MD frames are superposed."""
     n_atoms = len(system.centers_A)
     out = np.zeros((len(particles), n_atoms, 3), np.float32)
     if not thermal_A > 0:
@@ -292,8 +277,13 @@ def thermal_displacements(system: AtomicSystem, particles: np.ndarray, thermal_A
         rng = np.random.default_rng([int(seed), int(p), 7919])
         shared = K @ rng.standard_normal((len(uniq), 3))
         out[i] = s_shared * shared[inv] + s_atom * rng.standard_normal((n_atoms, 3))
-    at = system.centers_A if centers_A is None else centers_A
-    return remove_rigid_part(out, at, system.electrons).astype(np.float32)
+    from ..analysis.refine import remove_rigid_motion  # the weighted Kabsch fit refinement uses
+    at = torch.as_tensor(np.array(np.broadcast_to(system.centers_A if centers_A is None else centers_A,
+                                                  out.shape)), dtype=torch.float64)
+    fitted = torch.stack([remove_rigid_motion((c + torch.as_tensor(d, dtype=torch.float64))[None], c,
+                                              torch.as_tensor(system.electrons, dtype=torch.float64),
+                                              iterations=1)[0] - c for c, d in zip(at, out)])
+    return fitted.numpy().astype(np.float32)
 
 
 def project_atoms(system: AtomicSystem, truth: pd.DataFrame, coords: np.ndarray, box: int, apix: float,
