@@ -350,6 +350,9 @@ def main(argv=None) -> int:
     ap.add_argument("--thermal", type=float, default=0.0, metavar="A",
                     help="atomic kinds: RMS thermal fluctuation of every atom per particle, Angstrom (like a "
                          "molecular-dynamics ensemble; default 0: rigid domains)")
+    ap.add_argument("--frame", choices=["core", "all"], default="core",
+                    help="atomic kinds: frame of the true poses (gmmhet simulate --frame): core (default) or all "
+                         "(each conformation superposed on the middle one by all atoms, as MD frames usually are)")
     ap.add_argument("--truth-thermal", action="store_true",
                     help="--model truth on a --thermal set: each particle's own fluctuated atoms (an oracle); "
                          "default: the mean structure at its truth coordinates (what a conformational model can be)")
@@ -372,10 +375,11 @@ def main(argv=None) -> int:
     if args.kind in ATOMIC:
         from scipion_gmmhet.engine.simulation.atomic import simulate_atomic
         thermal = f"_thermal{args.thermal:g}" if args.thermal else ""
+        thermal += "_frameall" if args.frame == "all" else ""
         sim_dir = os.path.join(args.work, f"{args.kind}_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}{thermal}")
         if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
             simulate_atomic(sim_dir, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
-                            seed=args.seed, thermal_A=args.thermal)
+                            seed=args.seed, thermal_A=args.thermal, frame=args.frame)
     else:
         sim_dir = os.path.join(args.work, f"sim_{args.box}_{args.n}_{args.snr:g}_{args.n_gaussians}")
         if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
@@ -397,7 +401,7 @@ def main(argv=None) -> int:
            if args.kind == "conformational" else None)
     if args.kind in ATOMIC:  # each particle's atoms at its truth coordinates (and thermal displacement)
         from scipion_gmmhet.engine.simulation.atomic import AtomicParticleModels, build_system
-        truth_models = AtomicParticleModels(build_system(args.kind, args.pdb),
+        truth_models = AtomicParticleModels(build_system(args.kind, args.pdb, info.get("frame", "core")),
                                             truth[list(info["truth_coordinates"])].to_numpy(),
                                             truth["particle"].to_numpy(),
                                             float(info.get("thermal_A", 0.0)) if args.truth_thermal else 0.0,
@@ -439,7 +443,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else (platform.processor() or "CPU")
     lines = [
         "# Orientation refinement benchmark (`benchmarks/bench_refine.py`)", "",
-        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase ' + ATOMIC_NAMES[args.kind] + ' set (' + common.portable(args.pdb) + ')' + (f', thermal fluctuation {args.thermal:g} A RMS per atom' if args.thermal else '')}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
+        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase ' + ATOMIC_NAMES[args.kind] + ' set (' + common.portable(args.pdb) + ')' + (f', thermal fluctuation {args.thermal:g} A RMS per atom' if args.thermal else '') + (', every conformation superposed on the middle one by all atoms (--frame all)' if args.frame == 'all' else '')}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
         f"poses perturbed by {args.perturb_deg:g} deg RMS rotations and {args.perturb_px:g} px RMS shifts. "
         f"Search: max angle {args.max_angle:g} deg, max shift {args.max_shift_px:g} px, score {args.score}, "
         f"prior {'on' if args.prior else 'off'}, evidence to move {'5.5 nats in the first round, 0 after it (gmmhet refine default)' if args.min_gain is None else format(args.min_gain, 'g') + ' nats'}. Device: {device} ({dev_name}, {os.cpu_count()} cores). "

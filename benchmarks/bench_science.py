@@ -172,7 +172,8 @@ def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int =
     from scipion_gmmhet.engine.model.fourier import RingBinner
     from scipion_gmmhet.engine.model.gmm import project
     from scipion_gmmhet.engine.simulation.atomic import ATOM_SIGMA_A, build_system
-    sysm = build_system(system, PDB)
+    with open(os.path.join(sim_dir, "simulation.json")) as f:
+        sysm = build_system(system, PDB, json.load(f).get("frame", "core"))
     particles = Particles.from_star(os.path.join(sim_dir, "particles.star"))
     lo, hi = band_A if band_A else (None, None)
     particles.crop(hi)
@@ -202,11 +203,12 @@ def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int =
 def dataset(system: str, args) -> str:
     apix = args.apix if system in SYSTEMS else 3.0
     thermal = f"_thermal{args.thermal:g}" if args.thermal and system in SYSTEMS else ""
+    thermal += "_frameall" if args.frame == "all" and system in SYSTEMS else ""
     d = os.path.join(args.workdir, f"{system}_n{args.n}_box{args.box}_apix{apix:g}_snr{args.snr:g}_seed{args.seed}{thermal}")
     if not os.path.exists(os.path.join(d, "simulation.json")):
         if system in SYSTEMS:
             simulate_atomic(d, system, PDB, n=args.n, box=args.box, apix=apix, snr=args.snr, seed=args.seed,
-                            thermal_A=args.thermal)
+                            thermal_A=args.thermal, frame=args.frame)
         else:
             simulate(d, system, n=args.n, box=args.box, apix=apix, snr=args.snr, seed=args.seed)
     return d
@@ -286,6 +288,9 @@ def main(argv=None) -> int:
     p.add_argument("--apix", type=float, default=1.5, help="pixel size of the atomic systems (default 1.5 A)")
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--frame", choices=["core", "all"], default="core",
+                   help="atomic systems: frame of the true poses (gmmhet simulate --frame): core (default) or all "
+                        "(each conformation superposed on the middle one by all atoms, as MD frames usually are)")
     p.add_argument("--thermal", type=float, default=0.0, metavar="A",
                    help="atomic systems: RMS thermal fluctuation of every atom per particle, Angstrom, like a "
                         "molecular-dynamics ensemble (default 0: rigid domains)")
@@ -313,6 +318,8 @@ def main(argv=None) -> int:
     md = "\n".join([f"# Science benchmark ({args.tag or 'default'})", "", common.machine_line(info), "",
                     f"SNR {args.snr}, CTF, exact poses, box {args.box}"
                     + (f", thermal fluctuation {args.thermal:g} A RMS per atom (atomic systems)" if args.thermal else "")
+                    + (", every conformation superposed on the middle one by all atoms (--frame all)"
+                       if args.frame == "all" else "")
                     + f"; GMM built at {args.resolution} A; targets: "
                     + "; ".join(f"{s}: {TARGETS[s]}" for s in dict.fromkeys(r['system'] for r in rows)), "",
                     common.markdown_table(rows, [(c, c) for c in cols]), ""])

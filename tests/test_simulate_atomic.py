@@ -240,3 +240,39 @@ def test_atomic_particle_models_are_each_particles_truth(tmp_path):
     assert cli.main(["simulate", "--out", str(tmp_path / "md"), "--kind", "hinge", "--pdb", PDB, "--n", "3",
                      "--snr", "inf", "--thermal", "0.5"]) == 0
     assert json.load(open(tmp_path / "md" / "simulation.json"))["thermal_A"] == 0.5
+
+
+def test_frame_all_superposes_every_conformation_on_the_middle_one(tmp_path, capsys):
+    """``frame='all'`` (gmmhet simulate --frame all): each conformation is the core-frame structure
+    superposed on the middle state by all atoms (electron-weighted Kabsch), as MD frames usually
+    are: its centroid stays put, a second fit moves nothing, the core turns with the motion."""
+    from scipion_gmmhet.engine.analysis.refine import remove_rigid_motion
+    core, allf = build_system("hinge", PDB), build_system("hinge", PDB, frame="all")
+    w = torch.as_tensor(core.electrons, dtype=torch.float64)
+    mid = _at(core, conformation=0.5)
+    np.testing.assert_allclose(_at(allf, conformation=0.5), mid, atol=1e-3)   # the reference itself
+    for c in (0.0, 1.0):
+        x, x_core = _at(allf, conformation=c), _at(core, conformation=c)
+        centroid = (x * core.electrons[:, None]).sum(0) / core.electrons.sum()
+        assert np.abs(centroid).max() < 1e-3                                    # the middle state's (0)
+        again = remove_rigid_motion(torch.as_tensor(x, dtype=torch.float64)[None],
+                                    torch.as_tensor(mid, dtype=torch.float64), w, iterations=1)[0].numpy()
+        assert np.abs(again - x).max() < 1e-3                                   # nothing rigid left
+        # the same shape: pairwise distances kept; but the core moved (it was fixed in the core frame)
+        i = np.arange(0, len(x), 37)
+        d = lambda y: np.linalg.norm(y[i, None] - y[None, i], axis=-1)
+        np.testing.assert_allclose(d(x), d(x_core), atol=1e-3)
+        is_core = core.domain == "CORE"
+        assert np.sqrt(((x - x_core)[is_core] ** 2).sum(1).mean()) > 0.3
+    assert allf.moving().all() and not core.moving().all()
+    with pytest.raises(InputError, match="frame"):
+        build_system("hinge", PDB, frame="middle")
+    # the CLI: written to simulation.json and used by domain_atoms_mask; refused for synthetic kinds
+    assert cli.main(["simulate", "--out", str(tmp_path / "md"), "--kind", "hinge", "--pdb", PDB, "--n", "3",
+                     "--snr", "inf", "--frame", "all"]) == 0
+    assert json.load(open(tmp_path / "md" / "simulation.json"))["frame"] == "all"
+    lid = domain_atoms_mask(str(tmp_path / "md" / "simulation.json"), PDB, mid, "LID")
+    assert 0 < lid.sum() < len(mid)
+    assert cli.main(["simulate", "--out", str(tmp_path / "c"), "--kind", "conformational", "--n", "4",
+                     "--frame", "all"]) == 2
+    assert "--frame" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -12,12 +12,14 @@ examples:
   gmmhet simulate --out sim_comp --kind compositional --subunit-fraction 0.3 --n 2000 --box 48
   gmmhet simulate --out clean --kind homogeneous --n 100 --snr inf
   gmmhet simulate --out hinge --kind hinge --pdb tests/data/1ake.pdb --n 6000 --apix 1.5
-  gmmhet simulate --out hinge_md --kind hinge --pdb tests/data/1ake.pdb --n 6000 --thermal 1.0
+  gmmhet simulate --out hinge_md --kind hinge --pdb tests/data/1ake.pdb --n 6000 --thermal 1.0 --frame all
 
 kinds hinge, two_motions and cyclic move the domains of a real structure (--pdb, adenylate
 kinase numbering as PDB 1AKE: LID 122-159, NMP 30-59) rigidly about their hinges; see
 scipion_gmmhet.engine.simulation.atomic; --thermal adds molecular-dynamics-like fluctuations of
-every atom (RMS in Angstrom, different in each particle).
+every atom (RMS in Angstrom, different in each particle); --frame all superposes every
+conformation on the middle one by all atoms, as molecular-dynamics frames usually are (the true
+poses are then those of that frame; default core: the core never moves).
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thermal", type=float, default=0.0, metavar="A",
                         help="hinge/two_motions/cyclic: RMS thermal fluctuation of every atom in each particle, "
                              "Angstrom, like a molecular-dynamics ensemble (default 0: rigid domains)")
+    parser.add_argument("--frame", choices=["core", "all"], default=None,
+                        help="hinge/two_motions/cyclic: frame of the true poses: core (default; the core never "
+                             "moves) or all (each conformation superposed on the middle one by all atoms, as "
+                             "molecular-dynamics frames usually are)")
     parser.add_argument("--n", type=int, default=5000, help="number of particles (default 5000)")
     parser.add_argument("--box", type=int, default=64, help="box size in pixels, even (default 64)")
     parser.add_argument("--apix", type=float, default=None,
@@ -72,12 +78,15 @@ def main(args: argparse.Namespace) -> int:
     if args.thermal and args.kind not in SYSTEMS:
         raise InputError(f"--thermal {args.thermal:g}: only for the real-structure kinds "
                          f"({', '.join(SYSTEMS)}); drop it for --kind {args.kind}")
+    if args.frame and args.kind not in SYSTEMS:
+        raise InputError(f"--frame {args.frame}: only for the real-structure kinds "
+                         f"({', '.join(SYSTEMS)}); drop it for --kind {args.kind}")
     args.device = str(resolve_device(args.device))  # a one-line error for cuda without a GPU
     make_output_dir(args.out)
     if args.kind in SYSTEMS:  # small atomic models: projected on the CPU
         result = simulate_atomic(args.out, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix or 1.5,
                                  snr=args.snr, seed=args.seed, max_shift_px=args.max_shift_px, ctf=not args.no_ctf,
-                                 thermal_A=args.thermal)
+                                 thermal_A=args.thermal, frame=args.frame or "core")
     else:
         result = simulate(args.out, args.kind, n=args.n, box=args.box, apix=args.apix or 3.0, snr=args.snr,
                           seed=args.seed, n_states_maps=args.n_states_maps, subunit_fraction=args.subunit_fraction,

@@ -34,6 +34,12 @@ Thermal fluctuations (``thermal_A``, default 0: rigid domains only)
     is rendered with the atoms widened by the fluctuation (sigma^2 + thermal^2 / 3); the truth
     maps and GMMs stay the mean structure at each state.
 
+Frame of the true poses (``frame``, :data:`FRAMES`)
+    ``core`` (default): the core never moves and the domains turn about it. ``all``: every
+    conformation is superposed on the middle state by all atoms (electron-weighted Kabsch), as
+    molecular-dynamics frames usually are; the core then turns (up to ~3 deg across the 1AKE
+    hinge) and moves (~0.5 A) with the motion, and the true poses are those of that frame.
+
 Particles and files
     As :mod:`simulate`: uniform random poses, origin shifts, CTF (300 kV), white noise at
     ``snr``; ``particles.star`` + ``particles.mrcs``, ``consensus.mrc`` (population mean:
@@ -76,6 +82,11 @@ STATE_MAPS = {"hinge": 5, "two_motions": 3, "cyclic": 8}   # maps per coordinate
 CONSENSUS_BINS = {1: 24, 2: 8}                              # histogram bins per coordinate
 THERMAL_CHAIN_RESIDUES = 2.0                                # smoothing of the thermal field along the chain
 THERMAL_SHARED = 0.8                                        # fraction of its variance shared per residue
+#: the frame of each particle's true pose: ``core`` (the core never moves; the domains turn about
+#: it), ``all`` (each conformation superposed on the middle state by all atoms, electron-weighted
+#: Kabsch, as molecular-dynamics frames usually are before images are made: the core then turns
+#: by up to ~3 deg and moves by ~0.5 A across the 1AKE hinge motion)
+FRAMES = ("core", "all")
 
 
 def read_pdb(path: str) -> dict:
@@ -148,9 +159,23 @@ class AtomicSystem:
     coords: tuple
     cyclic: bool = False
     residue: np.ndarray | None = None   # (N,) residue numbers (thermal fluctuations)
+    frame: str = "core"                 # see FRAMES
+    _reference: torch.Tensor | None = None
 
     def centers(self, coords) -> torch.Tensor:
-        """Atom centres ``(B, N, 3)`` float32 (Angstrom) at truth coordinates ``(B, n_coords)``."""
+        """Atom centres ``(B, N, 3)`` float32 (Angstrom) at truth coordinates ``(B, n_coords)``, in
+        the system's ``frame`` (:data:`FRAMES`)."""
+        out = self._moved(coords)
+        if self.frame == "all":
+            from ..analysis.refine import remove_rigid_motion  # the weighted Kabsch fit refinement uses
+            if self._reference is None:
+                self._reference = self._moved(np.full((1, len(self.coords)), 0.5))[0]
+            out = remove_rigid_motion(out, self._reference, torch.as_tensor(self.electrons, dtype=torch.float64),
+                                      iterations=1)
+        return out.float()
+
+    def _moved(self, coords) -> torch.Tensor:
+        """Atom centres ``(B, N, 3)`` float64 with the domains moved and the core fixed."""
         t = torch.as_tensor(np.asarray(coords, np.float64)).reshape(-1, len(self.coords))
         out = torch.as_tensor(self.centers_A, dtype=torch.float64).expand(len(t), -1, -1).clone()
         for m in self.motions:
@@ -160,9 +185,13 @@ class AtomicSystem:
             out[:, sel] = torch.einsum("bij,bnj->bni", R, out[:, sel] - p) + p
             if m.lift_A is not None:
                 out[:, sel] += torch.as_tensor(m.lift_A, dtype=torch.float64)
-        return out.float()
+        return out
 
     def moving(self) -> np.ndarray:
+        """Bool ``(N,)``: the atoms whose position depends on the coordinates (all of them in
+        the ``all`` frame, where the core turns as the domains move)."""
+        if self.frame == "all":
+            return np.ones(len(self.centers_A), dtype=bool)
         return np.any([m.atoms for m in self.motions], axis=0)
 
     def gmm(self, coords, info: dict | None = None, box: int = 64, apix: float = 1.5) -> GMM:
@@ -183,10 +212,13 @@ def _hinge(atoms: dict, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * (ends[0] + ends[1]), axis / np.linalg.norm(axis)
 
 
-def build_system(system: str, pdb_path: str) -> AtomicSystem:
-    """The atomic model of ``system`` (one of :data:`SYSTEMS`) from ``pdb_path`` (see module doc)."""
+def build_system(system: str, pdb_path: str, frame: str = "core") -> AtomicSystem:
+    """The atomic model of ``system`` (one of :data:`SYSTEMS`) from ``pdb_path`` (see module doc),
+    poses in ``frame`` (:data:`FRAMES`)."""
     if system not in SYSTEMS:
         raise InputError(f"system {system!r}: unknown; use one of {', '.join(SYSTEMS)}")
+    if frame not in FRAMES:
+        raise InputError(f"frame {frame!r}: unknown; use one of {', '.join(FRAMES)}")
     atoms = read_pdb(pdb_path)
     xyz, res = atoms["xyz_A"], atoms["resseq"]
     domain = np.full(len(xyz), "CORE", dtype=object)
@@ -221,6 +253,7 @@ def build_system(system: str, pdb_path: str) -> AtomicSystem:
     sysm.centers_A = xyz - shift
     for m in motions:
         m.pivot_A = m.pivot_A - shift
+    sysm.frame = frame
     return sysm
 
 
@@ -332,7 +365,8 @@ def consensus_map(system: AtomicSystem, coords: np.ndarray, box: int, apix: floa
     mov = system.moving()
     c = system.centers(grid[used]).numpy()[:, mov]  # (S, n_moving, 3)
     peak = (ATOM_SIGMA_A / sigma) ** 3   # amplitudes are peak densities: keep each atom's mass
-    static = _render(system, system.centers_A[~mov], peak * system.electrons[~mov], box, apix, sigma)
+    static = (_render(system, system.centers_A[~mov], peak * system.electrons[~mov], box, apix, sigma)
+              if (~mov).any() else np.zeros((box, box, box), np.float32))
     weights = (peak * w[used][:, None] * system.electrons[mov][None]).reshape(-1)
     return static + _render(system, c.reshape(-1, 3), weights, box, apix, sigma)
 
@@ -365,15 +399,16 @@ def _check(system, n, box, apix, snr, thermal_A=0.0) -> None:
 
 def simulate_atomic(out_dir: str, system: str, pdb_path: str, n: int = 6000, box: int = 64, apix: float = 1.5,
                     snr: float = 0.1, seed: int = 0, max_shift_px: float = 2.0, ctf: bool = True,
-                    batch_size: int = 64, thermal_A: float = 0.0) -> dict:
+                    batch_size: int = 64, thermal_A: float = 0.0, frame: str = "core") -> dict:
     """Simulate ``n`` particles of ``system`` built from ``pdb_path`` into ``out_dir`` (module doc);
-    ``thermal_A``: RMS thermal fluctuation of every atom, Angstrom (0: rigid domains only).
+    ``thermal_A``: RMS thermal fluctuation of every atom, Angstrom (0: rigid domains only);
+    ``frame``: the frame of the true poses (:data:`FRAMES`).
     Returns ``{'out_dir', 'star', 'stack', 'consensus', 'truth_csv', 'json', 'truth_maps',
     'truth_gmm', 'summary'}`` with absolute paths."""
     _check(system, n, box, apix, snr, float(thermal_A))
     n, box, apix, snr, thermal_A = int(n), int(box), float(apix), float(snr), float(thermal_A)
     t0 = time.perf_counter()
-    sysm = build_system(system, pdb_path)
+    sysm = build_system(system, pdb_path, frame)
     out_dir = os.path.abspath(out_dir)
     for sub in ("truth_maps", "truth_gmm"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -437,7 +472,7 @@ def simulate_atomic(out_dir: str, system: str, pdb_path: str, n: int = 6000, box
               "apix": apix, "snr": summary["snr"], "seed": int(seed), "max_shift_px": float(max_shift_px),
               "ctf_applied": bool(ctf), "atom_sigma_A": ATOM_SIGMA_A, "voltage_kv": VOLTAGE_KV, "cs_mm": CS_MM,
               "amplitude_contrast": AMPLITUDE_CONTRAST, "truth_coordinates": list(sysm.coords),
-              "cyclic": sysm.cyclic, "thermal_A": thermal_A, "motions": motions, "states": states,
+              "cyclic": sysm.cyclic, "thermal_A": thermal_A, "frame": frame, "motions": motions, "states": states,
               "files": {"star": "particles.star", "stack": "particles.mrcs", "consensus": "consensus.mrc",
                         "truth_csv": "truth.csv"}, "summary": summary}
     json_path = os.path.join(out_dir, "simulation.json")
@@ -455,7 +490,7 @@ def domain_atoms_mask(sim_json: str, pdb_path: str, centers_A: np.ndarray, domai
     with the structure as centred in that simulation (middle state)."""
     with open(sim_json) as f:
         params = json.load(f)
-    sysm = build_system(params["system"], pdb_path)
+    sysm = build_system(params["system"], pdb_path, params.get("frame", "core"))
     atoms = sysm.centers(np.full((1, len(sysm.coords)), 0.5))[0].numpy()
     from scipy.spatial import cKDTree
     d_in, _ = cKDTree(atoms[sysm.domain == domain]).query(centers_A)
