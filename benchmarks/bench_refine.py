@@ -45,6 +45,7 @@ try:
 except ImportError:  # an older engine in the speed worker (--speed-baseline) does not need them
     RefineFolder = TrainFolder = None
 from scipion_gmmhet.engine.analysis import refine  # noqa: E402
+from scipion_gmmhet.engine.training.config import TrainConfig  # noqa: E402
 from scipion_gmmhet.engine.simulation import simulate  # noqa: E402
 from scipion_gmmhet.engine.simulation.atomic import SYSTEMS as ATOMIC_SYSTEMS  # noqa: E402
 from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler  # noqa: E402
@@ -329,7 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="truth,trained",
                     help="comma-separated: truth (each particle's ground-truth GMM), trained (the network)")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--changes", default="positions", help="what the network may change (gmmhet train --changes)")
+    ap.add_argument("--changes", default=",".join(TrainConfig().changes),
+                    help="what the network may change (gmmhet train --changes; default: gmmhet train's, "
+                         "positions,amplitudes; results before 2026-12-06's refine_changes.md used positions)")
     ap.add_argument("--refine-core", choices=["none", "auto"], default="none",
                     help="gmmhet refine --core (without --refine-mask core): auto scores the automatic rigid core")
     ap.add_argument("--reference", choices=["auto", "decoded"], default="auto",
