@@ -356,6 +356,10 @@ def main(argv=None) -> int:
     ap.add_argument("--frame", choices=["core", "all"], default="core",
                     help="atomic kinds: frame of the true poses (gmmhet simulate --frame): core (default) or all "
                          "(each conformation superposed on the middle one by all atoms, as MD frames usually are)")
+    ap.add_argument("--truth-widened", action="store_true",
+                    help="--model truth on a --thermal set: the mean structure with every atom widened by the "
+                         "disorder (sigma^2 + thermal^2 / 3, as the consensus map renders it): the best mean model "
+                         "the particles' own average can give")
     ap.add_argument("--truth-thermal", action="store_true",
                     help="--model truth on a --thermal set: each particle's own fluctuated atoms (an oracle); "
                          "default: the mean structure at its truth coordinates (what a conformational model can be)")
@@ -403,12 +407,14 @@ def main(argv=None) -> int:
     mol = (simulate.build_molecule(box, apix, int(info.get("molecule_seed", 0)), args.n_gaussians)
            if args.kind == "conformational" else None)
     if args.kind in ATOMIC:  # each particle's atoms at its truth coordinates (and thermal displacement)
-        from scipion_gmmhet.engine.simulation.atomic import AtomicParticleModels, build_system
+        from scipion_gmmhet.engine.simulation.atomic import ATOM_SIGMA_A, AtomicParticleModels, build_system
         truth_models = AtomicParticleModels(build_system(args.kind, args.pdb, info.get("frame", "core")),
                                             truth[list(info["truth_coordinates"])].to_numpy(),
                                             truth["particle"].to_numpy(),
                                             float(info.get("thermal_A", 0.0)) if args.truth_thermal else 0.0,
-                                            int(info["seed"]))
+                                            int(info["seed"]),
+                                            math.sqrt(ATOM_SIGMA_A ** 2 + float(info.get("thermal_A", 0.0)) ** 2 / 3.0)
+                                            if args.truth_widened else ATOM_SIGMA_A)
     else:
         truth_models = mol.conformation_models(truth["conformation"].to_numpy())
 

@@ -236,6 +236,13 @@ def test_atomic_particle_models_are_each_particles_truth(tmp_path):
     expect = s.centers(coords[1:2]).numpy() + thermal_displacements(s, np.array([2]), 1.0, 4,
                                                                     s.centers(coords[1:2]).numpy())
     np.testing.assert_allclose(ct, expect[0], atol=1e-4)
+    # widened by the disorder (bench_refine --truth-widened): same centres, each atom's mass kept
+    mw = AtomicParticleModels(s, coords, np.array([1, 2, 3]), sigma_A=1.5)
+    cw, aw, sw = mw.gaussians(np.array([2, 0]), "cpu")
+    np.testing.assert_allclose(cw.numpy(), c.numpy(), atol=1e-5)
+    np.testing.assert_allclose(sw.numpy(), 1.5)
+    np.testing.assert_allclose((aw * sw ** 3).numpy(), (a * sg ** 3).numpy(), rtol=1e-5)
+    assert mw.median_sigma_A == 1.5
     # the CLI writes the same thermal set
     assert cli.main(["simulate", "--out", str(tmp_path / "md"), "--kind", "hinge", "--pdb", PDB, "--n", "3",
                      "--snr", "inf", "--thermal", "0.5"]) == 0

@@ -264,11 +264,12 @@ class AtomicParticleModels:
     simulation). The reference for trained models in the refinement benchmarks."""
 
     def __init__(self, system: AtomicSystem, coords: np.ndarray, particles: np.ndarray,
-                 thermal_A: float = 0.0, seed: int = 0):
+                 thermal_A: float = 0.0, seed: int = 0, sigma_A: float = ATOM_SIGMA_A):
         self.system, self.coords = system, np.asarray(coords, np.float64).reshape(len(coords), -1)
         self.particles, self.thermal_A, self.seed = np.asarray(particles), float(thermal_A), int(seed)
         self.neutral_centers_A = system.centers(np.full((1, len(system.coords)), 0.5))[0].numpy()
-        self.median_sigma_A = ATOM_SIGMA_A
+        self.sigma_A = float(sigma_A)   # atom width; the consensus map's widened width models the average
+        self.median_sigma_A = self.sigma_A
 
     def gaussians(self, rows, device):
         rows = np.asarray(rows)
@@ -278,7 +279,9 @@ class AtomicParticleModels:
                                                               self.seed, cen.numpy()))
         B, n = cen.shape[:2]
         amp = torch.as_tensor(self.system.electrons, dtype=torch.float32).expand(B, n)
-        return cen.to(device), amp.contiguous().to(device), torch.full((B, n), ATOM_SIGMA_A, device=device)
+        peak = (ATOM_SIGMA_A / self.sigma_A) ** 3  # amplitudes are peak densities: keep each atom's mass
+        return (cen.to(device), (peak * amp).contiguous().to(device),
+                torch.full((B, n), self.sigma_A, device=device))
 
 
 def draw_coords(system: AtomicSystem, n: int, rng: np.random.Generator) -> np.ndarray:
