@@ -407,13 +407,14 @@ def main(argv=None) -> int:
     mol = (simulate.build_molecule(box, apix, int(info.get("molecule_seed", 0)), args.n_gaussians)
            if args.kind == "conformational" else None)
     if args.kind in ATOMIC:  # each particle's atoms at its truth coordinates (and thermal displacement)
-        from scipion_gmmhet.engine.simulation.atomic import ATOM_SIGMA_A, AtomicParticleModels, build_system
+        from scipion_gmmhet.engine.simulation.atomic import (ATOM_SIGMA_A, AtomicParticleModels, build_system,
+                                                              widened_sigma_A)
         truth_models = AtomicParticleModels(build_system(args.kind, args.pdb, info.get("frame", "core")),
                                             truth[list(info["truth_coordinates"])].to_numpy(),
                                             truth["particle"].to_numpy(),
                                             float(info.get("thermal_A", 0.0)) if args.truth_thermal else 0.0,
                                             int(info["seed"]),
-                                            math.sqrt(ATOM_SIGMA_A ** 2 + float(info.get("thermal_A", 0.0)) ** 2 / 3.0)
+                                            widened_sigma_A(float(info.get("thermal_A", 0.0)))
                                             if args.truth_widened else ATOM_SIGMA_A)
     else:
         truth_models = mol.conformation_models(truth["conformation"].to_numpy())

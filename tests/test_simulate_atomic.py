@@ -243,6 +243,8 @@ def test_atomic_particle_models_are_each_particles_truth(tmp_path):
     np.testing.assert_allclose(sw.numpy(), 1.5)
     np.testing.assert_allclose((aw * sw ** 3).numpy(), (a * sg ** 3).numpy(), rtol=1e-5)
     assert mw.median_sigma_A == 1.5
+    from scipion_gmmhet.engine.simulation.atomic import ATOM_SIGMA_A, widened_sigma_A
+    assert widened_sigma_A(0.0) == ATOM_SIGMA_A and abs(widened_sigma_A(3.0) ** 2 - ATOM_SIGMA_A ** 2 - 3.0) < 1e-12
     # the CLI writes the same thermal set
     assert cli.main(["simulate", "--out", str(tmp_path / "md"), "--kind", "hinge", "--pdb", PDB, "--n", "3",
                      "--snr", "inf", "--thermal", "0.5"]) == 0

@@ -56,7 +56,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -160,7 +160,7 @@ class AtomicSystem:
     cyclic: bool = False
     residue: np.ndarray | None = None   # (N,) residue numbers (thermal fluctuations)
     frame: str = "core"                 # see FRAMES
-    _reference: torch.Tensor | None = None
+    _reference: torch.Tensor | None = field(default=None, init=False, repr=False)  # middle state, frame all
 
     def centers(self, coords) -> torch.Tensor:
         """Atom centres ``(B, N, 3)`` float32 (Angstrom) at truth coordinates ``(B, n_coords)``, in
@@ -284,6 +284,13 @@ class AtomicParticleModels:
                 torch.full((B, n), self.sigma_A, device=device))
 
 
+def widened_sigma_A(thermal_A: float) -> float:
+    """Width (Angstrom) of an atom averaged over thermal fluctuations of RMS ``thermal_A``
+    (``sqrt(ATOM_SIGMA_A^2 + thermal_A^2 / 3)``, the per-axis variance added): how the population
+    mean (the consensus map) renders each atom."""
+    return math.sqrt(ATOM_SIGMA_A ** 2 + float(thermal_A) ** 2 / 3.0)
+
+
 def draw_coords(system: AtomicSystem, n: int, rng: np.random.Generator) -> np.ndarray:
     """Truth coordinates ``(n, n_coords)`` uniform in [0, 1) (independent per coordinate)."""
     return rng.uniform(0.0, 1.0, size=(n, len(system.coords)))
@@ -357,7 +364,7 @@ def consensus_map(system: AtomicSystem, coords: np.ndarray, box: int, apix: floa
     """Population mean map: static atoms once, the moving atoms averaged over a histogram of the
     particles' coordinates (:data:`CONSENSUS_BINS` bins per coordinate), in one rendering; thermal
     fluctuations of RMS ``thermal_A`` widen every atom (sigma^2 + thermal_A^2 / 3)."""
-    sigma = math.sqrt(ATOM_SIGMA_A ** 2 + float(thermal_A) ** 2 / 3.0)
+    sigma = widened_sigma_A(thermal_A)
     k = len(system.coords)
     bins = CONSENSUS_BINS.get(k, 6)
     counts, edges = np.histogramdd(coords, bins=bins, range=[(0.0, 1.0)] * k)
