@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 # torch goes in first so the package's "torch>=2.1" is already met (no multi-GB CUDA download on CPU boxes);
-# override e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124" for GPUs.
+# override e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" for GPUs.
 TORCH_SPEC ?= torch==2.13.0
 SCIPION_PINS := numpy==1.26.1 scipy==1.10.0 matplotlib==3.8.1 "mrcfile<=1.4.3"
 STAMP := $(VENV)/.gmmhet-installed
@@ -37,6 +37,9 @@ $(STAMP): setup.py
 	  (apt-get install -y -qq $(XVFB_PACKAGES) >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $(XVFB_PACKAGES) >/dev/null 2>&1)) || \
 	  echo "note: Xvfb not installed; the GUI screenshot test will be skipped"; }
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 11) else \
+	  "make: $(PYTHON) is Python %d.%d; the pinned Scipion stack (scipy 1.10.0, torch 2.13.0) needs 3.10 or 3.11: " \
+	  "run e.g. make demo PYTHON=python3.11" % sys.version_info[:2])'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q $(SCIPION_PINS) scipion-pyworkflow scipion-em scipion-app scipion-em-relion pytest hypothesis
@@ -56,11 +59,12 @@ test-scipion: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m scipion_gmmhet.demo --out $(CURDIR)/demo-output
 
-# Open a Scipion project in the GUI (default: the demo's). Scipion relaunches itself with the first
-# python3 on PATH, so the .venv's bin goes first (exported above): `make gui PROJECT=name`.
+# Open a Scipion project in the GUI (default: the demo's): `make gui PROJECT=name`. With -O Scipion
+# opens the window in this process (without it, it relaunches itself detached with the first python3
+# on PATH and make returns at once); the command blocks until the window is closed.
 PROJECT ?= gmmhet_demo
 gui: $(STAMP)
-	$(PY) -m scipion project $(PROJECT)
+	$(PY) -O -m scipion project $(PROJECT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_projection.py

@@ -61,6 +61,18 @@ def test_angular_distance():
     assert cv.angular_distance_deg(A, B) == pytest.approx(3.5, abs=1e-6)
 
 
+def test_angular_distance_exact_at_zero_and_accurate_everywhere():
+    """Identical poses are 0 exactly (arccos of the trace gave ~1e-6 deg, which counted as moved);
+    tiny and near-180 degree turns are accurate."""
+    rng = np.random.default_rng(0)
+    A = np.stack([cv.euler_to_matrix(*e) for e in rng.uniform(-180, 180, (200, 3))])
+    assert (cv.angular_distance_deg(A, A.copy()) == 0).all()
+    for angle in (1e-5, 0.01, 90.0, 179.99):
+        B = cv.euler_to_matrix(10.0, 20.0, 30.0 + angle)
+        assert cv.angular_distance_deg(A[0:1] * 0 + cv.euler_to_matrix(10.0, 20.0, 30.0), B)[0] == \
+            pytest.approx(angle, rel=1e-6)
+
+
 def test_wavelength_golden():
     assert float(cv.electron_wavelength_A(300.0)) == pytest.approx(0.019687, abs=2e-6)
     assert float(cv.electron_wavelength_A(200.0)) == pytest.approx(0.025079, abs=2e-6)

@@ -66,6 +66,17 @@ def test_every_command_takes_short_o_and_one_device_default():
             assert a.default == "auto", name
 
 
+def test_command_help_has_no_source_markup(capsys):
+    """--help is for users: no Sphinx roles or double backquotes from the developer docs."""
+    for name in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        for role in (":class:", ":mod:", ":func:", ":data:", "``"):
+            assert role not in out, (name, role)
+        assert "--threads" in out, name
+
+
 def test_top_level_help_is_for_users(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -124,8 +135,10 @@ def test_real_data_guide_commands_parse_and_numbers_match_the_benchmark():
 
 def test_make_gui_opens_a_project_with_the_venv_first_on_path():
     """`make gui` (the README's way to open the demo) runs Scipion from the .venv with the
-    .venv's bin first on PATH (Scipion relaunches itself with the first python3 there); the GUI
-    itself is opened by scipion_gmmhet/tests/test_gui_newcomer.py."""
+    .venv's bin first on PATH (the protocols it launches take the first python3 there), with -O so
+    that Scipion opens the window in this process instead of relaunching itself detached (make
+    would return at once, and under xvfb-run the display would go with it); the GUI itself is
+    opened by scipion_gmmhet/tests/test_gui_newcomer.py."""
     import shutil
     import subprocess
     if shutil.which("make") is None:
@@ -134,6 +147,6 @@ def test_make_gui_opens_a_project_with_the_venv_first_on_path():
     out = subprocess.run(["make", "-n", "-o", ".venv/.gmmhet-installed", "gui", "PROJECT=my_project"],
                          cwd=root, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "/.venv/bin/python -m scipion project my_project" in out.stdout
+    assert "/.venv/bin/python -O -m scipion project my_project" in out.stdout
     makefile = (root / "Makefile").read_text()
     assert "export PATH := $(VENV)/bin:$(PATH)" in makefile

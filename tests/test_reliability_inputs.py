@@ -384,7 +384,7 @@ def test_particles_and_map_of_different_sampling(good, capsys, caplog):
     # the command: a GMM built on another grid than the particles is refused
     GMM(gmm.centers_A, gmm.amplitudes, gmm.sigmas_A, 24, 1.5).save(str(d / "gmm24.npz"))
     assert_refused(["train", "--particles", star, "--gmm", d / "gmm24.npz", "--out", d / "t"], capsys,
-                   "box 24", "box 16", "rebuild the GMM")
+                   "box 24 at 1.5 A/px", "box 16 at 2 A/px", "--rescale_angpix 2 --new_box 16", "rebuild the GMM")
 
 
 # ============================================================================ files
@@ -448,6 +448,39 @@ def test_latent_dimension_below_one(good, capsys, k):
         d, star = good
         assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--zdim", k, "--out", d / "t"], capsys,
                        f"--zdim {k}", "at least 1")
+
+
+@pytest.mark.parametrize("value", ["0", "1", "gpu", "cuda", "cuda:0", "GPU"])
+def test_device_gpu_numbers_without_a_gpu(good, capsys, value, monkeypatch):
+    """A bare GPU number (RELION's ``--gpu 0``) and ``gpu`` mean CUDA; without one: one line that
+    echoes the value (the CPU-only CI machine; the same path on a GPU machine maps ``0`` to cuda:0)."""
+    from scipion_gmmhet.engine.device import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError) as e:
+        resolve_device(value)
+    one_line(e, f"--device {value}", "no CUDA device", "--device cpu")
+    d, star = good
+    assert_refused(["train", "--particles", star, "--gmm", d / "gmm.npz", "--device", value, "--out", d / "t"],
+                   capsys, f"--device {value}", "--device cpu")
+
+
+@pytest.mark.parametrize("value", ["cuda,0", "cuda:x", "tpu", "0,1", "-1"])
+def test_device_not_a_device(value):
+    from scipion_gmmhet.engine.device import resolve_device
+    with pytest.raises(InputError) as e:
+        resolve_device(value)
+    one_line(e, f"--device {value}", "cpu, auto, cuda, cuda:N or a GPU number")
+
+
+def test_device_numbers_map_to_cuda(monkeypatch):
+    from scipion_gmmhet.engine.device import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("1") == torch.device("cuda:1") and resolve_device("gpu") == torch.device("cuda")
+    assert resolve_device(" CPU ") == torch.device("cpu") and resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError) as e:
+        resolve_device("2")
+    one_line(e, "--device 2", "2 CUDA device(s)", "0 to 1")
 
 
 def test_latent_dimension_valid():

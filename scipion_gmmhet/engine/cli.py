@@ -28,10 +28,15 @@ a typical run (maps in Angstrom, particles with poses and CTF in a RELION star):
   gmmhet reconstruct --particles particles.star --indices analysis/cluster_00_rows.txt -o class00.mrc
   gmmhet eval --train train --z 0.5,0,0,0 -o state.mrc
 
-Every command takes -o/--out and --device (cpu, cuda, cuda:N or auto = cuda when available;
-default auto). 'gmmhet COMMAND --help' documents each command."""
+Every command takes -o/--out and --threads N (CPU threads; on a machine shared with other
+jobs give fewer than its cores, e.g. --threads 1: torch's default of one per core can run many
+times slower when a core is busy); all but convert take --device (cpu, cuda, cuda:N, a GPU
+number N, or auto = cuda when available; default auto). 'gmmhet COMMAND --help' documents each
+command."""
 
-DEVICE_HELP = "torch device: cpu, cuda, cuda:N or auto (default auto: cuda when available)"
+DEVICE_HELP = "torch device: cpu, cuda, cuda:N, a GPU number N, or auto (default auto: cuda when available)"
+THREADS_HELP = ("CPU threads for torch (default 0: torch's default, one per core; on a machine shared with other "
+                "jobs give fewer, e.g. 1)")
 
 # one latent point: '--z -1,0,0,0' and cryoDRGN's '--z -1 0 0 0' both become '--z=-1,0,0,0'
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -66,6 +71,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
         if action.dest == "device":
             action.default = "auto"
             action.help = DEVICE_HELP
+    if "--threads" not in p._option_string_actions:
+        p.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
 
 
 def _load(name: str):
@@ -94,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_threads(n: int) -> None:
+    """``--threads N`` (N >= 1) sets torch's intra-op threads; 0 keeps torch's default. Logged
+    with the load average, which says when a shared machine is busy."""
+    import os
+
+    import torch
+    if n < 0:
+        raise InputError(f"--threads {n}: give 0 (torch's default) or a number of threads >= 1")
+    if n:
+        torch.set_num_threads(n)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    logging.getLogger("scipion_gmmhet").info("CPU threads: %d of %d cores (load average %.2f)%s",
+                                             torch.get_num_threads(), os.cpu_count() or 0, load,
+                                             "" if n or load < 0.5 * (os.cpu_count() or 1) else
+                                             "; the machine is busy: --threads 1 may be much faster")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
@@ -103,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     try:
-        if getattr(args, "device", None) == "auto" and args.command not in ("train", "refine", "refine-domain"):
+        _set_threads(args.threads)
+        if getattr(args, "device", None) not in (None, "auto") or (
+                getattr(args, "device", None) == "auto" and args.command not in ("train", "refine", "refine-domain")):
             from .device import resolve_device
-            args.device = str(resolve_device("auto"))
+            args.device = str(resolve_device(args.device))  # '0' -> 'cuda:0'; a bad value: one line
         rc = args._main(args)
     except InputError as exc:
         print(f"gmmhet {args.command}: error: {exc}", file=sys.stderr)

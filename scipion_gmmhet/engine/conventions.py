@@ -95,10 +95,14 @@ def matrix_to_euler(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def angular_distance_deg(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Rotation angle (degrees) of ``A @ B.T`` for stacks of rotation matrices ``(..., 3, 3)``."""
+    """Rotation angle (degrees) of ``A @ B.T`` for stacks of rotation matrices ``(..., 3, 3)``.
+
+    ``atan2(sin, cos)`` from the antisymmetric part and the trace: accurate at every angle and
+    exactly 0 for identical matrices (``arccos`` of the trace alone gives ~1e-6 deg there)."""
     R = np.einsum("...ij,...kj->...ik", np.asarray(A, float), np.asarray(B, float))
     cos = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    sin = np.linalg.norm(R - np.swapaxes(R, -1, -2), axis=(-2, -1)) / (2.0 * np.sqrt(2.0))
+    return np.degrees(np.arctan2(sin, cos))
 
 
 def electron_wavelength_A(voltage_kv: ArrayLike) -> ArrayLike:

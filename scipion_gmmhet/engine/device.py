@@ -1,6 +1,6 @@
 """The compute device: resolving ``--device``, pinned host memory, and the out-of-memory policy.
 
-:func:`resolve_device` turns ``--device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``/empty) into a
+:func:`resolve_device` turns ``--device`` (``cpu``, ``cuda``, ``cuda:N``, a GPU number, ``auto``/empty) into a
 ``torch.device``; :class:`AdaptiveBatch` halves a batch size on device out-of-memory and carries
 on (:func:`is_oom` tells such an error apart); :func:`pinned` puts a host tensor in page-locked
 memory when it is going to a CUDA device.
@@ -19,11 +19,30 @@ OOM_HINT = ("lower --n-gauss / use a smaller box (Fourier crop via --highres) or
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
+    """``--device`` as a ``torch.device``: ``auto``/empty (CUDA when there is one), ``cpu``,
+    ``cuda``/``gpu``, ``cuda:N`` or a bare GPU number ``N`` (as RELION's ``--gpu``). Anything else,
+    or a CUDA device this machine lacks, is one :class:`InputError` that echoes the value."""
+    text = "" if device is None else str(device).strip().lower()
+    if text in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
-    return torch.device(device)
+    if text == "cpu":
+        return torch.device("cpu")
+    if text.isdigit():
+        text = "cuda:" + text
+    elif text == "gpu":
+        text = "cuda"
+    index = None
+    if text != "cuda":
+        head, _, num = text.partition(":")
+        if head != "cuda" or not num.isdigit():
+            raise InputError(f"--device {device}: not a device; give cpu, auto, cuda, cuda:N or a GPU number N")
+        index = int(num)
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if index is not None and index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(0 to {torch.cuda.device_count() - 1}); give one of those")
+    return torch.device(text)
 
 
 def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:

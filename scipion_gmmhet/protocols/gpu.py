@@ -20,15 +20,38 @@ def cudaAvailable() -> bool:
         return False
 
 
-def gpuErrors(prot) -> list[str]:
-    """The form's GPU error, if any: "Use GPU? = Yes" on a machine without CUDA (a run sent to
-    a queue is checked on its node, not here)."""
+def gpuListError(prot) -> str | None:
+    """The form's one-line error for a GPU IDs field that is not integers (e.g. 'cuda:0', '-1',
+    'abc'), where pyworkflow's ``getGpuList()`` raises ValueError; ``None`` when it parses."""
+    try:
+        prot.getGpuList()
+    except (ValueError, TypeError):
+        raw = prot.gpuList.get() if hasattr(prot, 'gpuList') else None
+        msg = ("GPU IDs: give integers separated by commas or spaces, e.g. 0 or 0,1 (got %r)"
+               % raw)
+        if isinstance(raw, str) and raw.strip().startswith('-'):
+            msg += '; to run on the CPU set "Use GPU?" to No'
+        return msg + '.'
+    return None
+
+
+def gpuErrors(prot, emptyError: str | None = None) -> list[str]:
+    """The form's GPU errors, if any: GPU IDs that are not integers (one line, instead of
+    pyworkflow's traceback), an empty GPU IDs field (``emptyError``, when given), and "Use GPU?
+    = Yes" on a machine without CUDA (a run sent to a queue is checked on its node, not here).
+    Call this before anything else in ``_validate`` uses ``getGpuList()``."""
     if not prot.usesGpu():
         return []
+    errors = []
+    listError = gpuListError(prot)
+    if listError:
+        errors.append(listError)
+    elif emptyError and not prot.getGpuList():
+        errors.append(emptyError)
     useQueue = getattr(prot, '_useQueue', None)
     if callable(useQueue) and useQueue():
-        return []
+        return errors
     if cudaAvailable():
-        return []
-    return ['Use GPU: no CUDA GPU is visible on this machine; set "Use GPU?" to No to run on '
-            'the CPU.']
+        return errors
+    return errors + ['Use GPU: no CUDA GPU is visible on this machine; set "Use GPU?" to No to '
+                     'run on the CPU.']

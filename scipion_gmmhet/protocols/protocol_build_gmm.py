@@ -150,10 +150,10 @@ class ProtGmmhetBuildGmm(GmmhetLabel, ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = gpuErrors(self)
+        errors = gpuErrors(self, 'GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         vol = self.inputVolume.get()
         if vol is None:
-            return ['Input map: select a volume.']
+            return errors + ['Input map: select a volume.']
         dims = vol.getDim()
         apix = vol.getSamplingRate()
         if dims is not None and len(set(dims)) != 1:
@@ -170,8 +170,6 @@ class ProtGmmhetBuildGmm(GmmhetLabel, ProtAnalysis3D):
             elif dims is not None and res > dims[0] * apix / 2.0:
                 errors.append('Target resolution: %.3g A is coarser than half the box (%.4g A); '
                               'give a finer resolution.' % (res, dims[0] * apix / 2.0))
-        if self.usesGpu() and not self.getGpuList():
-            errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors
 
     def _summary(self):

@@ -288,10 +288,10 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = gpuErrors(self)
+        errors = gpuErrors(self, 'GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         parts = self.inputParticles.get()
         if parts is None:
-            return ['Input particles: select the output of "gmmhet - train heterogeneity".']
+            return errors + ['Input particles: select the output of "gmmhet - train heterogeneity".']
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
                           'heterogeneity".')
@@ -305,8 +305,6 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         mask = self.domainMask.get()
         if mask is not None:  # the check and text of gmmhet analyze --domain-mask
             errors += maskGridErrors('Domain mask', mask, self._modelGrid(), 'the Gaussian model')
-        if self.usesGpu() and not self.getGpuList():
-            errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors
 
     def _summary(self):
@@ -330,12 +328,19 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         if not self.hasAttribute('outputClasses'):
             return []
         s = self.getSummary(missingOk=True) or {}
-        return ['The latent vectors of %d particles were clustered into %d classes with %s '
-                '(scikit-learn); each class was reconstructed by direct Fourier inversion with '
-                'Wiener-style CTF correction from two random halves (scipion-em-gmmhet), and the '
-                'Gaussian model was rendered at each cluster centre.'
+        space = ('their whitened principal components (those carrying at least 5% of the '
+                 'variance, each scaled to unit variance)' if self.whiten.get()
+                 else 'the raw latent vectors')
+        text = ('The latent vectors of %d particles were clustered into %d classes with %s '
+                '(scikit-learn) on %s.'
                 % (s.get('n_latents', 0), self.numberOfClusters.get(),
-                   METHOD_CHOICES[self.clusterMethod.get()])]
+                   METHOD_CHOICES[self.clusterMethod.get()], space))
+        if self.doReconstruct.get():
+            text += (' Each class was reconstructed by direct Fourier inversion with '
+                     'Wiener-style CTF correction from two random halves (scipion-em-gmmhet).')
+        if self.doGmmMaps.get():
+            text += ' The Gaussian model was rendered at each cluster centre.'
+        return [text]
 
     def _citations(self):
         return ['Chen2021']

@@ -241,10 +241,10 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = gpuErrors(self)
+        errors = gpuErrors(self, 'GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         parts = self.inputParticles.get()
         if parts is None:
-            return ['Input particles: select the output of "gmmhet - train heterogeneity".']
+            return errors + ['Input particles: select the output of "gmmhet - train heterogeneity".']
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment; give the output of "gmmhet - train '
                           'heterogeneity".')
@@ -262,8 +262,6 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             errors += maskGridErrors('Domain mask', domainMask, self._modelGrid(), 'the Gaussian model')
         if self.doDomain and (self.domainMaxAngle.get() is None or self.domainMaxAngle.get() < 0):
             errors.append('Domain angular range: give 0 or more degrees.')
-        if self.usesGpu() and not self.getGpuList():
-            errors.append('GPU IDs: give a GPU id (e.g. 0), or set Use GPU to No.')
         return errors
 
     def _summary(self):

@@ -53,6 +53,12 @@ from .labels import GmmhetLabel
 CHANGE_NAMES = ('positions', 'amplitudes', 'widths')
 
 
+def _joinWords(words) -> str:
+    """['positions', 'amplitudes', 'widths'] -> 'positions, amplitudes and widths'."""
+    words = list(words)
+    return ' and '.join(filter(None, [', '.join(words[:-1]), words[-1]])) if words else ''
+
+
 class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
     """Map every particle to a point of a small latent space whose decoded Gaussian model
     explains it (e2gmm's method, Chen & Ludtke, Nat Methods 2021).
@@ -118,8 +124,9 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
                       label='Gaussian model',
                       help='Output volume of "gmmhet - build Gaussian model" (it carries the '
                            'model file). Build it from the consensus map of these particles.')
+        # checked in _validate (one clear line; Scipion's GE validator would add a second,
+        # vaguer one: "Value should be greater or equal than the threshold")
         form.addParam('zDim', params.IntParam, default=4, condition='not doContinue',
-                      validators=[params.GE(1)],
                       label='Latent dimension',
                       help='Dimension of the latent space. 4 (e2gmm\'s default) holds several '
                            'independent motions or compositions; use 2 for a quick look, or '
@@ -296,11 +303,12 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
 
     # -------------------------- INFO functions -------------------------------
     def _validate(self):
-        errors = gpuErrors(self)
+        errors = gpuErrors(self, 'GPU IDs: give at least one GPU id (e.g. 0), or set Use GPU '
+                                 'to No.')
         if self.doContinue:
             prev = self.continueRun.get()
             if prev is None:
-                return ['Previous run: select the finished training run to continue.']
+                return errors + ['Previous run: select the finished training run to continue.']
             if not prev.isFinished() and not TrainFolder(prev.getTrainDir()).checkpoints():
                 errors.append('Previous run: it has no checkpoint yet; let it finish (or use '
                               'Continue on it).')
@@ -313,7 +321,7 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
 
         parts = self.inputParticles.get()
         if parts is None:
-            return ['Input particles: select a set of particles with 3D alignment.']
+            return errors + ['Input particles: select a set of particles with 3D alignment.']
         if not parts.hasAlignmentProj():
             errors.append('Input particles: no 3D alignment (projection poses); run a 3D '
                           'refinement or "gmmhet - import poses" first.')
@@ -350,8 +358,6 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
             grid = validate.model_grid(getGmmFile(vol)) if vol is not None and getGmmFile(vol) else None
             errors += maskGridErrors('Focus mask', mask, grid or volumeGrid(vol) or (box, apix),
                                      'the Gaussian model')
-        if self.usesGpu() and not self.getGpuList():
-            errors.append('GPU IDs: give at least one GPU id (e.g. 0), or set Use GPU to No.')
         return errors
 
     def _warnings(self):
@@ -425,17 +431,46 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
                       ' with a focus mask' if e['mask'] else ''))
         text = ('We analysed the heterogeneity of %d particles with a Gaussian-mixture-model '
                 'neural network (e2gmm\'s method [Chen2021], scipion-em-gmmhet): from the '
-                'gradient of the Fourier ring correlation between each particle and the neutral '
+                'gradient of %s between each particle and the projection of the neutral '
                 'Gaussian model, an encoder gave a %d-dimensional latent vector, decoded into '
-                'changes of the Gaussians\' %s; the networks were trained for %d epoch%s.%s'
-                % (nParts, e['zdim'], ', '.join(e['changes']) or 'parameters', epochs,
+                'changes of the Gaussians\' %s; the networks were trained for %d epoch%s to '
+                'maximise that similarity.%s'
+                % (nParts, self._lossMethodsText(), e['zdim'],
+                   _joinWords(e['changes']) or 'parameters', epochs,
                    '' if epochs == 1 else 's', sym))
         return [text]
 
     def _citations(self):
         return ['Chen2021']
 
+    def _lossMethodsText(self) -> str:
+        """The similarity this run trained with, in words for the methods text (with its
+        resolution band when the run recorded it)."""
+        folder = TrainFolder(self.getTrainDir())
+        band = folder.read_summary().get('band_A')
+        if not band:
+            cfg = folder.read_config().get('train', {})
+            band = [cfg.get('lowres_A'), cfg.get('highres_A')]
+        try:
+            band = '%.0f-%.1f A ' % (float(band[0]), float(band[1]))
+        except (TypeError, ValueError, IndexError):
+            band = ''
+        if self.getLossName() == 'frc':
+            return ('the Fourier ring correlation averaged over the rings of the %sresolution '
+                    'band (e2gmm\'s similarity)' % band)
+        return 'one correlation over all Fourier coefficients of the %sresolution band' % band
+
     # -------------------------- UTILS functions ------------------------------
+    def getLossName(self) -> str:
+        """The similarity the training maximised, as recorded by the run (``gmmhet train
+        --loss``): 'corr' (one correlation over the whole Fourier band, the engine's default,
+        which this protocol runs) or 'frc' (e2gmm's ring-averaged FRC; also runs recorded before
+        the setting existed)."""
+        cfg = TrainFolder(self.getTrainDir()).read_config().get('train')
+        if not cfg:
+            return 'corr'
+        return cfg.get('loss') or 'frc'
+
     def getTrainDir(self) -> str:
         """Folder of ``gmmhet train``'s output (latent.npy, model.pt, loss.csv, config.json,
         gmm.npz, checkpoints/): what ``gmmhet eval/analyze --train`` takes."""

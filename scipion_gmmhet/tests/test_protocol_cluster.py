@@ -147,7 +147,9 @@ class TestProtocolCluster(BaseTest):
         text = '\n'.join(prot.summary())
         self.assertIn('Class 1:', text)
         self.assertIn('FSC 0.143 resolution', text)
-        self.assertTrue(prot.methods())
+        methods = '\n'.join(prot.methods())
+        self.assertIn('on their whitened principal components', methods)  # the default
+        self.assertIn('Each class was reconstructed', methods)
 
     def test_2_volumes(self):
         prot = self.protCluster

@@ -164,7 +164,12 @@ class TestProtocolTrain(BaseTest):
         self.assertIn('final loss', summary)
         self.assertIn('Effective latent dimension:', summary)   # engine's train/summary.json
         self.assertIn('(lowest validation loss)', summary)
-        self.assertTrue(prot.methods())
+        # the methods text names the similarity this run trained with (the default 'corr')
+        self.assertEqual(prot.getLossName(), 'corr')
+        methods = '\n'.join(prot.methods())
+        self.assertIn('one correlation over all Fourier coefficients', methods)
+        self.assertNotIn('Fourier ring correlation', methods)
+        self.assertIn("Gaussians' positions and amplitudes;", methods)
         self.assertEqual(prot.getTrainDir(), prot.outputParticles.getFlexInfo().getAttr('trainDir'))
 
     def test_2_latentRowsByIdNotByPosition(self):
@@ -190,10 +195,13 @@ class TestProtocolTrain(BaseTest):
                                 changePositions=False, changeAmplitudes=False)
         prot.inputParticles.set(self.protParts)
         prot.inputParticles.setExtended('outputParticles')
-        errors = '\n'.join(prot.validate())
+        errorList = prot.validate()
+        errors = '\n'.join(errorList)
         self.assertIn('Gaussian model', errors)
         self.assertIn('What may change', errors)
-        self.assertIn('Latent dimension', errors)
+        # one message for zDim = 0 (the plugin's, not also Scipion's vaguer GE validator)
+        self.assertEqual([e for e in errorList if 'Latent dimension' in e],
+                         ['Latent dimension: must be at least 1.'])
         # Continue after changing a setting: a clear refusal instead of a silent restart
         trainDir = self.protTrain.getTrainDir()
         prot.inputGmm.set(self.protGmm)

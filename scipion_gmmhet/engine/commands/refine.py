@@ -3,7 +3,7 @@
 For every particle of STAR, a local search around its current pose (rotations within
 --max-angle degrees, origin shifts within --max-shift Angstrom) maximises the whitened
 correlation (or FRC) between the particle and the CTF-applied projection of the GMM the trained network
-decodes at the particle's latent point (see scipion_gmmhet.engine.analysis.refine). With --mask only
+decodes at the particle's latent point. With --mask only
 the Gaussians inside the mask are scored (the rest is subtracted from the particle): the pose
 of that domain. Writes OUT/particles.star (the input star with new rlnAngleRot/Tilt/Psi and
 rlnOriginX/YAngst; every other column untouched) and OUT/pose_changes.csv (row, particle id
@@ -21,37 +21,28 @@ Examples:
   gmmhet refine --train train_arm/ --particles particles.star --mask arm_mask.mrc --out refine_arm/
   gmmhet refine --train train/ --particles particles.star --rounds 1 --out refine_once/
 
-Iteration (--rounds, default auto): e2gmm's Extended Data Fig. 1. A network trained on particles
-with pose errors partly explains them as deformations, so one refinement against its decoded
-models corrects only part of the error; retraining on the refined poses gives models that
-explain less of it, and the next refinement corrects more. By default the command iterates until
-a round's median angular change falls below the search's angular precision (at most
---max-rounds refinements; at exact poses the first round changes nothing and no retraining
-runs). A network with every Gaussian free iterates too: its decoded models are put in the gauge
-of their robust translation (:class:`refine.LatentModels`), and each round passes the
-gold-standard check (:mod:`refine_gate`); measured at SNR 1 without a mask, median angular
-error 2.76 -> 2.17 -> 1.99 -> 1.95 deg over three rounds (with the earlier rigid gauge the rounds
-drifted, 2.53 -> 3.05 -> 3.14 deg, and such networks were refined once). A particle moves in the
-first round only with 5.5 nats of evidence (correct poses stay), in later rounds to its best pose
-(:data:`refine.LATER_ROUNDS_MIN_GAIN_NATS`; --min-gain sets every round). The log and
-OUT/rounds.csv give the median change and the evidence asked per round.
+Iteration (--rounds, default auto; e2gmm's Extended Data Fig. 1): a network trained on
+particles with pose errors partly explains them as deformations, so one refinement corrects
+only part of the error; retraining on the refined poses and refining again corrects more. By
+default the command repeats refine -> retrain until a round's median angular change falls below
+the search's angular precision (at most --max-rounds refinements), or a round moves no particle.
+A particle moves in the first round only with 5.5 nats of evidence, so correct poses stay; in
+later rounds it takes its best pose (--min-gain sets every round). Every round must make the
+half maps agree better (a gold-standard FSC check), else all particles keep their poses. The
+decoded models are compared in the frame of the neutral model (their own rigid translation
+removed), so no mask is needed. OUT/rounds.csv and the log give each round's median change,
+the evidence asked and the check.
 
-Finer reference (--reference auto, default): the neutral GMM the network deforms is built at
-the training resolution (e.g. 8 A), coarse for a pose search. From the second round on, the
-particles are reconstructed at the refined poses and, when that map is finer than 0.8 x the
-neutral GMM's build resolution, a GMM of it (where its half maps agree at FSC 0.5, no finer
-than 0.6 x the neutral's) is deformed by each particle's decoded motion and used as its reference
-(:mod:`fine_reference`). Not in the first round: a reconstruction at the input poses is blurred
-by their errors and was worse than the decoded models. --reference decoded: the decoded models
-in every round. OUT/rounds.csv says which reference each round used.
+Finer reference (--reference auto, default): from the second round on, the particles are
+reconstructed at the refined poses and, when that map is finer than the neutral GMM's build
+resolution, a GMM of it, deformed by each particle's decoded motion, is the reference.
+--reference decoded: the decoded models in every round.
 
-``--core auto`` (opt-in) scores the automatic rigid core instead of every Gaussian: the
-Gaussians that move least across the first network's decoded models, found once and kept for
-every round; the rest of each particle's decoded model is subtracted from its image, so a
-flexible part the network got wrong cannot pull the pose (:func:`rigid_core.refinement_core`).
-SNR 1, no mask, median angle error: simulator arm -38% -> -47%, 1AKE hinge -56% -> -50%, but at
-exact poses 68% of the simulator's particles stay unchanged (100% with every Gaussian scored),
-so it is not the default.
+--core auto (opt-in) scores only the automatic rigid core (the Gaussians that move least across
+the decoded models; the rest of each particle's model is subtracted from its image). It helped
+some perturbed sets but moved particles at exact poses, so it is not the default.
+
+Measured settings and results: benchmarks/README.md and the README's refinement table.
 """
 from __future__ import annotations
 
@@ -192,6 +183,11 @@ def main(args) -> int:
                  f"; below the angular precision {precision:.3f} deg: done" if auto and converged else "")
         star = RefineFolder(round_dir).particles
         if r == n_rounds or (auto and converged):
+            stop = "converged" if converged else "round limit"
+            break
+        if s["n_moved"] == 0:  # a retraining on the same poses would only repeat this round
+            stop = "no particle moved"
+            log.info("refine round %d: no particle moved; no further round", r)
             break
         # e2gmm's iteration: retrain on the refined poses, refine again
         tm = _retrain(tm, star, args, device, RefineFolder(round_dir).train.folder, resume)
@@ -205,7 +201,7 @@ def main(args) -> int:
     if n_rounds > 1:
         _write_overall(meta0, out_meta, score0, res.score_after, args.out)
     if n_rounds > 1 or auto:
-        history[-1]["stop"] = "converged" if history[-1]["converged"] else "round limit"
+        history[-1]["stop"] = stop
         RefineFolder(args.out).write_rounds(__import__("pandas").DataFrame(history))
         log.info("refine: %d round(s)%s; median change per round (deg): %s", len(history),
                  " (converged)" if history[-1]["converged"] else "",

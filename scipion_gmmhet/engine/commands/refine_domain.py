@@ -33,7 +33,7 @@ import numpy as np
 from ..ctf_modes import CTF_CHOICES, ctf_mode as ctf_mode_name
 from ..errors import InputError
 from ..io.atomic import make_output_dir
-from ..io.outputs import DomainFolder, write_csv, write_json
+from ..io.outputs import DomainFolder, n_moved, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def main(args) -> int:
     latents = particle_latents(tm, args.particles, len(meta), 1, args.latents, args.encode, device)
     models = refine.LatentModels(tm, latents)
     if args.domain_mask:
-        domain = np.isin(np.arange(len(tm.neutral)), focus_mask_gaussians(tm.neutral, args.domain_mask))
+        domain = np.isin(np.arange(len(tm.neutral)), focus_mask_gaussians(tm.neutral, args.domain_mask, "--domain-mask"))
     else:
         domain = domain_refine.domain_from_motion(models, device=device)
     res = domain_refine.refine_domain(
@@ -118,7 +118,7 @@ def main(args) -> int:
                "decoded_angle_median_deg": float(np.median(res.decoded_angle_deg)),
                "search_angle_median_deg": float(np.median(res.delta_angle_deg)),
                "search_shift_median_A": float(np.median(res.delta_shift_A)),
-               "n_moved_by_search": int(np.count_nonzero((res.delta_angle_deg > 0) | (res.delta_shift_A > 0)))}
+               "n_moved_by_search": n_moved(res.delta_angle_deg, res.delta_shift_A)}
     for key, m, path in (("plain", meta, folder.plain_map), ("domain", dmeta, folder.domain_map)):
         rec = reconstruct_particles(m, images=images, device=str(device), ctf_mode=parts.ctf_mode, mask=False)
         rec.mask = mask
@@ -133,13 +133,18 @@ def main(args) -> int:
              "%.2f deg / %.2f A (%d of %d particles moved); domain-masked FSC 0.143: particle poses %s A, domain "
              "poses %s A; wrote %s", summary["n_domain_gaussians"], len(domain), summary["decoded_angle_median_deg"],
              summary["search_angle_median_deg"], summary["search_shift_median_A"], summary["n_moved_by_search"],
-             len(meta), summary["plain_resolution_0143_masked_A"], summary["domain_resolution_0143_masked_A"],
+             len(meta), _fmt_A(summary["plain_resolution_0143_masked_A"]),
+             _fmt_A(summary["domain_resolution_0143_masked_A"]),
              args.out)
     return 0
 
 
 def _finite(x: float):
     return float(x) if math.isfinite(x) else None
+
+
+def _fmt_A(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _domain_mask(args, tm, models, domain) -> np.ndarray:

@@ -36,8 +36,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "hinge (LID and NMP open together), two_motions (independently), cyclic (LID "
                              "turns a full circle); those need --pdb")
     parser.add_argument("--pdb", default=None, metavar="FILE",
-                        help="atomic structure for hinge/two_motions/cyclic (adenylate kinase, e.g. "
-                             "tests/data/1ake.pdb)")
+                        help="atomic structure for hinge/two_motions/cyclic (adenylate kinase: 1AKE from the PDB, "
+                             "or tests/data/1ake.pdb in a clone of the source)")
     parser.add_argument("--thermal", type=float, default=0.0, metavar="A",
                         help="hinge/two_motions/cyclic: RMS thermal fluctuation of every atom in each particle, "
                              "Angstrom, like a molecular-dynamics ensemble (default 0: rigid domains)")
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.kind in SYSTEMS and not args.pdb:
         raise InputError(f"--kind {args.kind}: needs an atomic structure; pass --pdb FILE "
-                         "(e.g. tests/data/1ake.pdb)")
+                         "(e.g. 1AKE from the PDB, or tests/data/1ake.pdb in a clone of the source)")
     if args.thermal and args.kind not in SYSTEMS:
         raise InputError(f"--thermal {args.thermal:g}: only for the real-structure kinds "
                          f"({', '.join(SYSTEMS)}); drop it for --kind {args.kind}")

@@ -1,7 +1,8 @@
 """Train the heterogeneity network (e2gmm's encoder-decoder on a GMM) on aligned particles.
 
-Each particle is encoded from the gradient of the FRC between it and the neutral GMM's
-projection (at its pose, with its CTF) into a point of a small latent space; the decoder turns
+Each particle is encoded from the gradient of its similarity with the neutral GMM's projection
+(at its pose, with its CTF; --loss: the band correlation by default, e2gmm's ring FRC with
+--loss frc) into a point of a small latent space; the decoder turns
 latent points into changed GMMs. Writes OUT/latent.npy (float32, one row per particle in star
 order; with --symmetry, n_particles x n_ops rows, particle-major), OUT/model.pt, OUT/loss.csv
 (epoch, train_loss, val_loss, seconds), OUT/config.json, OUT/gmm.npz and OUT/checkpoints/.
@@ -55,7 +56,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                                 "(> 0.5) may change")
     p.add_argument("--symmetry", default="C1", help="C or D point group for symmetry expansion, e.g. C3, D2 "
                                                     "(use with a mask on one asymmetric unit)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (initialisation, order, noise)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (initialisation, order, noise) (default {d.seed})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     p.add_argument("--features", choices=["cache", "onthefly"], default=d.features,
@@ -63,15 +64,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctf", dest="ctf_mode", choices=CTF_CHOICES, default="auto",
                    help="how the images carry the CTF: full (raw images), phase_flipped, premultiplied, or "
                         "none; auto reads the star (ctf and flipped: old names of full and phase_flipped)")
-    p.add_argument("--lowres", type=float, default=d.lowres_A, help="FRC band low-resolution limit, A (default 100)")
+    p.add_argument("--lowres", type=float, default=d.lowres_A, help="low-resolution limit of the training band (the similarity's Fourier band), A (default 100)")
     p.add_argument("--highres", type=float, default=None,
                    help="band high-resolution limit, A (default: the neutral GMM's resolution, or coarser where "
                         "the particles carry no signal: last ring where the mean FRC of 512 particles with the "
                         "neutral model is 3 standard errors above 0; --loss frc: last ring where one "
                         "particle's FRC is >= min(0.5, 0.6 x its peak))")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out fraction (default 0.05)")
-    p.add_argument("--latent-noise", type=float, default=d.latent_noise, help="latent noise sd during training")
-    p.add_argument("--latent-reg", type=float, default=d.latent_reg, help="weight of the latent-norm penalty")
+    p.add_argument("--latent-noise", type=float, default=d.latent_noise, help=f"latent noise sd during training with --prior l2 (default {d.latent_noise})")
+    p.add_argument("--latent-reg", type=float, default=d.latent_reg, help=f"weight of the latent-norm penalty with --prior l2 (default {d.latent_reg})")
     p.add_argument("--loss", choices=["corr", "frc"], default=d.loss,
                    help="similarity of projection and particle: corr (one correlation over all Fourier "
                         "coefficients of the band: the white-noise likelihood) or frc (e2gmm's ring-averaged "

@@ -480,13 +480,24 @@ class DomainFolder(_Folder):
         return self.path("domain_summary.json")
 
 
+#: a particle "moved" when its pose changed by more than this (degrees, Angstrom): below any
+#: search step, above the rounding of poses written to a star and read back
+MOVED_TOLERANCE_DEG, MOVED_TOLERANCE_A = 1e-3, 1e-3
+
+
+def n_moved(delta_angle_deg, delta_shift_A) -> int:
+    """How many particles moved (changes above :data:`MOVED_TOLERANCE_DEG` / ``_A``)."""
+    a, s = np.asarray(delta_angle_deg, float), np.asarray(delta_shift_A, float)
+    return int(np.count_nonzero((a > MOVED_TOLERANCE_DEG) | (s > MOVED_TOLERANCE_A)))
+
+
 def pose_change_summary(delta_angle_deg, delta_shift_A, score_before, score_after) -> dict:
     """Median / 90th-percentile pose changes (degrees, Angstrom), how many particles moved, and
     mean scores: what the refine command logs and the protocol's summary shows."""
     a, s = np.asarray(delta_angle_deg, float), np.asarray(delta_shift_A, float)
     return {"angle_median_deg": float(np.median(a)), "angle_p90_deg": float(np.percentile(a, 90)),
             "shift_median_A": float(np.median(s)), "shift_p90_A": float(np.percentile(s, 90)),
-            "n_moved": int(np.count_nonzero((a > 0) | (s > 0))),
+            "n_moved": n_moved(a, s),
             "score_before_mean": float(np.mean(score_before)), "score_after_mean": float(np.mean(score_after))}
 
 

@@ -286,17 +286,17 @@ class FeatureSource:
         return self.load(self.read(items))
 
 
-def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:
+def focus_mask_gaussians(neutral: GMM, mask_path: str | None, option: str = "--mask") -> np.ndarray:
     """Indices of the Gaussians that may change: all without a mask; with an MRC mask, those
     whose centre's nearest voxel of the mask's own grid has a value > 0.5 (centres outside the
-    mask's box are outside). InputError when the mask selects none."""
+    mask's box are outside). InputError (naming ``option``) when the mask selects none."""
     n = len(neutral)
     if mask_path is None:
         return np.arange(n)
     from ..io.mrc import read_map
     from ..io.validate import check_mask_matches
     vol, apix = read_map(mask_path)
-    check_mask_matches(vol.shape, apix, (neutral.box,) * 3, neutral.apix, f"--mask {mask_path}",
+    check_mask_matches(vol.shape, apix, (neutral.box,) * 3, neutral.apix, f"{option} {mask_path}",
                        "the Gaussian model")
     d = vol.shape[0]
     idx = np.rint(neutral.centers_A.astype(np.float64) / apix).astype(np.int64) + d // 2  # (N, 3) xyz
@@ -305,7 +305,7 @@ def focus_mask_gaussians(neutral: GMM, mask_path: str | None) -> np.ndarray:
     ii = idx[inside]
     keep[inside] = vol[ii[:, 2], ii[:, 1], ii[:, 0]] > 0.5
     if not keep.any():
-        raise InputError(f"--mask {mask_path}: selects none of the {n} Gaussians (no centre where the mask "
+        raise InputError(f"{option} {mask_path}: selects none of the {n} Gaussians (no centre where the mask "
                          "is > 0.5); check that the mask covers the region of interest at the map's "
                          "pixel size and box")
     return np.nonzero(keep)[0]

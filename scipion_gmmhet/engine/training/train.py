@@ -276,9 +276,10 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
     if cfg.batch_size == 0:
         cfg.batch_size = REFERENCE_BATCH  # until _choose_batch
     if particles.box != neutral.box or abs(particles.apix - neutral.apix) > 1e-3 * neutral.apix:
-        raise InputError(f"--gmm: built for box {neutral.box} at {neutral.apix:.4f} A/px but the particles are "
-                         f"box {particles.box} at {particles.apix:.4f} A/px; rebuild the GMM from a map "
-                         "sampled like the particles")
+        raise InputError(f"--gmm: built for box {neutral.box} at {neutral.apix:.4g} A/px but the particles are "
+                         f"box {particles.box} at {particles.apix:.4g} A/px; resample the consensus map to the "
+                         f"particles' sampling (relion_image_handler --i map.mrc --angpix {neutral.apix:.4g} "
+                         f"--rescale_angpix {particles.apix:.4g} --new_box {particles.box}) and rebuild the GMM")
     if particles.n_particles < 2:
         raise InputError(f"--particles: {particles.n_particles} particle(s); training needs at least 2")
     amp = Amp(cfg.amp, device)
@@ -323,7 +324,12 @@ def _prepare_out_dir(folder: TrainFolder, cfg: TrainConfig, fingerprint: dict, r
         err = InputError(why) if why else None
     dist.raise_if_any(err)
     if not resume and main:
-        for p in folder.checkpoints():
+        old_ckpts = folder.checkpoints()
+        if old_ckpts or os.path.exists(folder.model):
+            log.info("train: %s holds an earlier run; starting a new one there (its model.pt and latents are "
+                     "replaced when this run writes its own; --resume continues the earlier run instead)",
+                     folder.folder)
+        for p in old_ckpts:
             os.remove(p)
     return auto_batch
 

@@ -1,0 +1,107 @@
+"""Harness test of what the gmmhet forms say before anything runs (no data, no training):
+
+- a GPU IDs field that is not integers ('cuda:0', '-1', 'abc') gives one plain line in every
+  GPU protocol's validation, not pyworkflow's "invalid literal for int()" traceback; an empty
+  one asks for a GPU id; a good one ('0', '0 1', '0,1') gives no GPU IDs error;
+- the Scipion menu (protocols.conf) names each protocol as its form does ("gmmhet - <_label>");
+- the train protocol's methods text reads the similarity ('corr' or 'frc') from the run's
+  recorded settings, and joins what may change as words ("positions and amplitudes").
+
+    python -m scipion tests scipion_gmmhet.tests.test_protocol_forms
+"""
+import os
+import re
+
+from pyworkflow.tests import BaseTest, setupTestProject
+
+import scipion_gmmhet
+from scipion_gmmhet.engine.io.outputs import TrainFolder
+from scipion_gmmhet.protocols import (ProtGmmhetBuildGmm, ProtGmmhetCluster, ProtGmmhetImportPoses,
+                                      ProtGmmhetRefine, ProtGmmhetTrain)
+from scipion_gmmhet.protocols.protocol_train import _joinWords
+
+GPU_PROTOCOLS = (ProtGmmhetBuildGmm, ProtGmmhetTrain, ProtGmmhetCluster, ProtGmmhetRefine)
+ALL_PROTOCOLS = GPU_PROTOCOLS + (ProtGmmhetImportPoses,)
+
+
+def _gpuIdErrors(errors):
+    return [e for e in errors if 'GPU ID' in e]
+
+
+class TestProtocolForms(BaseTest):
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+
+    def test_badGpuIds(self):
+        for cls in GPU_PROTOCOLS:
+            for bad in ('cuda:0', '-1', 'abc'):
+                prot = self.newProtocol(cls, useGpu=True, gpuList=bad)
+                errors = prot.validate()
+                where = (cls.__name__, bad, errors)
+                text = '\n'.join(errors)
+                self.assertNotIn('invalid literal', text, where)
+                self.assertNotIn('Traceback', text, where)
+                self.assertNotIn('validation failed', text, where)
+                expected = ('GPU IDs: give integers separated by commas or spaces, e.g. 0 '
+                            'or 0,1 (got %r)' % bad)
+                lines = _gpuIdErrors(errors)
+                self.assertEqual(len(lines), 1, where)
+                self.assertTrue(lines[0].startswith(expected), where)
+                self.assertNotIn('\n', lines[0], where)
+        # '-1' (the CPU in some programs) points to "Use GPU?"
+        prot = self.newProtocol(ProtGmmhetTrain, useGpu=True, gpuList='-1')
+        self.assertIn('set "Use GPU?" to No', _gpuIdErrors(prot.validate())[0])
+
+    def test_goodAndEmptyGpuIds(self):
+        for cls in GPU_PROTOCOLS:
+            for good in ('0', '0 1', '0,1'):
+                prot = self.newProtocol(cls, useGpu=True, gpuList=good)
+                self.assertEqual(_gpuIdErrors(prot.validate()), [], (cls.__name__, good))
+            prot = self.newProtocol(cls, useGpu=True, gpuList='')
+            lines = _gpuIdErrors(prot.validate())
+            self.assertEqual(len(lines), 1, (cls.__name__, lines))
+            self.assertIn('give', lines[0])
+            self.assertIn('GPU id (e.g. 0)', lines[0])
+            # "Use GPU?" = No: the field is not read at all
+            prot = self.newProtocol(cls, useGpu=False, gpuList='cuda:0')
+            self.assertEqual(_gpuIdErrors(prot.validate()), [], cls.__name__)
+
+    def test_menuNamesMatchLabels(self):
+        conf = os.path.join(os.path.dirname(scipion_gmmhet.__file__), 'protocols.conf')
+        with open(conf) as f:
+            entries = re.findall(r'"value":\s*"(\w+)",\s*"text":\s*"([^"]*)"', f.read())
+        byName = {cls.__name__: cls for cls in ALL_PROTOCOLS}
+        seen = set()
+        for value, text in entries:
+            if value in byName:
+                seen.add(value)
+                self.assertEqual(text, 'gmmhet - %s' % byName[value]._label, value)
+                self.assertEqual(text, byName[value].getClassLabel())
+        self.assertEqual(seen, set(byName))
+        # both menu trees list the four analysis protocols
+        for cls in GPU_PROTOCOLS:
+            self.assertEqual(sum(v == cls.__name__ for v, _ in entries), 2, cls.__name__)
+
+    def test_trainMethodsLoss(self):
+        self.assertEqual(_joinWords(['positions']), 'positions')
+        self.assertEqual(_joinWords(['positions', 'amplitudes']), 'positions and amplitudes')
+        self.assertEqual(_joinWords(['positions', 'amplitudes', 'widths']),
+                         'positions, amplitudes and widths')
+        self.assertEqual(_joinWords([]), '')
+        prot = self.newProtocol(ProtGmmhetTrain, useGpu=False)
+        trainDir = self.proj.getTmpPath('methods_train')
+        os.makedirs(trainDir, exist_ok=True)
+        prot.getTrainDir = lambda: trainDir
+        self.assertEqual(prot.getLossName(), 'corr')  # nothing recorded yet: the default
+        folder = TrainFolder(trainDir)
+        for loss, words in (('corr', 'one correlation over all Fourier coefficients of the '
+                                     '100-8.0 A resolution band'),
+                            ('frc', 'the Fourier ring correlation averaged over the rings of the '
+                                    '100-8.0 A resolution band')):
+            folder.write_config({'train': {'loss': loss, 'lowres_A': 100.0, 'highres_A': 8.0}})
+            self.assertEqual(prot.getLossName(), loss)
+            self.assertEqual(prot._lossMethodsText()[:len(words)], words)
+        # a run recorded before the setting existed trained with e2gmm's FRC
+        folder.write_config({'train': {'zdim': 4}})
+        self.assertEqual(prot.getLossName(), 'frc')
