@@ -20,6 +20,7 @@ from scipion_gmmhet.protocols import gpu  # noqa: E402
 CLASSES = ["ProtGmmhetImportPoses", "ProtGmmhetBuildGmm", "ProtGmmhetTrain", "ProtGmmhetCluster",
            "ProtGmmhetRefine"]
 CONF = Path(protocols.__file__).resolve().parents[1] / "protocols.conf"
+README_TEXT = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def _items(nodes):
@@ -39,6 +40,8 @@ def test_tree_labels_are_short_and_import_is_under_imports():
         for n in prots:
             # the tree's default column shows about 22 characters
             assert n["text"].startswith("gmmhet - ") and len(n["text"]) <= 22, n
+            # the README's protocol table gives each menu name next to the form's
+            assert n["text"] in README_TEXT, n
     spa = json.loads(cp["PROTOCOLS"]["Protocols SPA"])
     imports = next(n for n in spa if n["text"] == "Imports")
     assert "ProtGmmhetImportPoses" in [n["value"] for n in _items(imports["children"])]

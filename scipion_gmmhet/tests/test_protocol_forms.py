@@ -3,7 +3,6 @@
 - a GPU IDs field that is not integers ('cuda:0', '-1', 'abc') gives one plain line in every
   GPU protocol's validation, not pyworkflow's "invalid literal for int()" traceback; an empty
   one asks for a GPU id; a good one ('0', '0 1', '0,1') gives no GPU IDs error;
-- the Scipion menu (protocols.conf) names each protocol as its form does ("gmmhet - <_label>");
 - the train protocol's methods text reads the similarity ('corr' or 'frc') from the run's
   recorded settings, and joins what may change as words ("positions and amplitudes").
 
@@ -66,22 +65,6 @@ class TestProtocolForms(BaseTest):
             # "Use GPU?" = No: the field is not read at all
             prot = self.newProtocol(cls, useGpu=False, gpuList='cuda:0')
             self.assertEqual(_gpuIdErrors(prot.validate()), [], cls.__name__)
-
-    def test_menuNamesMatchLabels(self):
-        conf = os.path.join(os.path.dirname(scipion_gmmhet.__file__), 'protocols.conf')
-        with open(conf) as f:
-            entries = re.findall(r'"value":\s*"(\w+)",\s*"text":\s*"([^"]*)"', f.read())
-        byName = {cls.__name__: cls for cls in ALL_PROTOCOLS}
-        seen = set()
-        for value, text in entries:
-            if value in byName:
-                seen.add(value)
-                self.assertEqual(text, 'gmmhet - %s' % byName[value]._label, value)
-                self.assertEqual(text, byName[value].getClassLabel())
-        self.assertEqual(seen, set(byName))
-        # both menu trees list the four analysis protocols
-        for cls in GPU_PROTOCOLS:
-            self.assertEqual(sum(v == cls.__name__ for v, _ in entries), 2, cls.__name__)
 
     def test_trainMethodsLoss(self):
         self.assertEqual(_joinWords(['positions']), 'positions')
