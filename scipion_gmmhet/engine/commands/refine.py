@@ -25,7 +25,8 @@ Iteration (--rounds, default auto; e2gmm's Extended Data Fig. 1): a network trai
 particles with pose errors partly explains them as deformations, so one refinement corrects
 only part of the error; retraining on the refined poses and refining again corrects more. By
 default the command repeats refine -> retrain until a round's median angular change falls below
-the search's angular precision (at most --max-rounds refinements), or a round moves no particle.
+the search's angular precision (at most --max-rounds refinements; at exact poses the first round
+moves nothing and stops there).
 A particle moves in the first round only with 5.5 nats of evidence, so correct poses stay; in
 later rounds it takes its best pose (--min-gain sets every round). Every round must make the
 half maps agree better (a gold-standard FSC check), else all particles keep their poses. The
@@ -184,10 +185,6 @@ def main(args) -> int:
         star = RefineFolder(round_dir).particles
         if r == n_rounds or (auto and converged):
             stop = "converged" if converged else "round limit"
-            break
-        if s["n_moved"] == 0:  # a retraining on the same poses would only repeat this round
-            stop = "no particle moved"
-            log.info("refine round %d: no particle moved; no further round", r)
             break
         # e2gmm's iteration: retrain on the refined poses, refine again
         tm = _retrain(tm, star, args, device, RefineFolder(round_dir).train.folder, resume)
