@@ -77,6 +77,24 @@ def test_command_help_has_no_source_markup(capsys):
         assert "--threads" in out, name
 
 
+def test_threads_option_sets_torch_and_logs_the_load(tmp_path, capsys, caplog):
+    import logging
+
+    import torch
+    before = torch.get_num_threads()
+    caplog.set_level(logging.INFO)
+    try:
+        assert main(["simulate", "--kind", "conformational", "--n", "4", "--box", "32", "--threads", "1",
+                     "-o", str(tmp_path / "sim")]) == 0
+        assert torch.get_num_threads() == 1
+        assert "CPU threads: 1 of" in caplog.text and "load average" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+    assert main(["simulate", "--kind", "conformational", "--n", "4", "--threads", "-1",
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert "--threads -1: give 0" in capsys.readouterr().err
+
+
 def test_top_level_help_is_for_users(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -358,6 +358,13 @@ def _arm_mask(mol, path: str) -> str:
     return path
 
 
+def test_pose_change_summary_counts_only_real_moves():
+    """Float noise from writing a kept pose and reading it back (1e-6 deg) is not a move."""
+    from scipion_gmmhet.engine.io.outputs import pose_change_summary
+    s = pose_change_summary([0.0, 1.7e-6, 0.5, 0.0], [0.0, 0.0, 0.0, 2e-3], [0.1] * 4, [0.2] * 4)
+    assert s["n_moved"] == 2
+
+
 def _expected_stop(rounds, below, max_rounds: int) -> str:
     """rounds.csv's stop reason: converged (median change below the precision), else the round limit."""
     return "converged" if below.iloc[-1] else "round limit"

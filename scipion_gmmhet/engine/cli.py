@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stdout)
     try:
         _set_threads(args.threads)
-        if getattr(args, "device", None) not in (None, "auto") or (
-                getattr(args, "device", None) == "auto" and args.command not in ("train", "refine", "refine-domain")):
+        device = getattr(args, "device", None)
+        # 'auto' stays for the commands that pick per process (torchrun) or record it
+        if device is not None and (device != "auto" or args.command not in ("train", "refine", "refine-domain")):
             from .device import resolve_device
-            args.device = str(resolve_device(args.device))  # '0' -> 'cuda:0'; a bad value: one line
+            args.device = str(resolve_device(device))  # '0' -> 'cuda:0'; a bad value: one line
         rc = args._main(args)
     except InputError as exc:
         print(f"gmmhet {args.command}: error: {exc}", file=sys.stderr)
