@@ -143,7 +143,8 @@ def _definePlugin():
             """
             environ = env if env is not None else cls.getEnviron()
             if gpuList is None and hasattr(protocol, 'usesGpu') and protocol.usesGpu():
-                gpuList = protocol.getGpuList()
+                from .protocols.gpu import protocolGpus
+                gpuList = protocolGpus(protocol)
             if gpuList is not None:
                 environ['CUDA_VISIBLE_DEVICES'] = ','.join(str(int(g)) for g in gpuList)
             if numberOfThreads is None:

@@ -118,8 +118,10 @@ def run(args) -> dict:
 
 
 def guiCommand(project: str = "gmmhet_demo") -> str:
-    """A shell command that opens ``project`` in the Scipion GUI as printed: Scipion relaunches
-    itself with the first ``python3`` on PATH, so this interpreter's folder goes first."""
+    """A shell command that opens ``project`` in the Scipion GUI as printed, the same as ``make
+    gui``: with ``-O`` Scipion opens the window in this process and the command returns when the
+    window is closed (without it Scipion relaunches itself detached with the first ``python3`` on
+    PATH, so this interpreter's folder goes first either way)."""
     import shlex
     home = os.environ.get("SCIPION_HOME", "")
     env = f"SCIPION_HOME={shlex.quote(home)} " if home else ""
@@ -127,7 +129,7 @@ def guiCommand(project: str = "gmmhet_demo") -> str:
     env += f"SCIPION_USER_DATA={shlex.quote(data)} " if data else ""
     bindir = os.path.dirname(sys.executable)
     return (f"{env}PATH={shlex.quote(bindir)}:\"$PATH\" {shlex.quote(sys.executable)} "
-            f"-m scipion project {shlex.quote(project)}")
+            f"-O -m scipion project {shlex.quote(project)}")
 
 
 def _cuda_available() -> bool:

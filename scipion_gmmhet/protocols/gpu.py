@@ -35,6 +35,19 @@ def gpuListError(prot) -> str | None:
     return None
 
 
+def protocolGpus(prot, first: bool = False) -> list[int]:
+    """The GPU ids a run uses: ``[]`` when "Use GPU?" is No, the first id only with ``first``.
+    A GPU IDs field that does not parse (a run launched without the form's validation, e.g. from
+    a script) stops the run with the form's one-line message, not pyworkflow's ValueError."""
+    if not prot.usesGpu():
+        return []
+    listError = gpuListError(prot)
+    if listError:
+        raise ValueError(listError)
+    gpus = list(prot.getGpuList())
+    return gpus[:1] if first else gpus
+
+
 def gpuErrors(prot, emptyError: str | None = None) -> list[str]:
     """The form's GPU errors, if any: GPU IDs that are not integers (one line, instead of
     pyworkflow's traceback), an empty GPU IDs field (``emptyError``, when given), and "Use GPU?

@@ -29,7 +29,7 @@ from pwem.protocols import ProtAnalysis3D
 from .. import Plugin, convert
 from ..constants import GMM_FILE_ATTR  # the output volume's gmm.npz path; "train" reads it
 from ..engine.io.outputs import BuildFolder
-from .gpu import cudaAvailable, gpuErrors
+from .gpu import cudaAvailable, gpuErrors, protocolGpus
 from .validation import maskGridErrors, volumeGrid
 from .labels import GmmhetLabel
 
@@ -128,7 +128,7 @@ class ProtGmmhetBuildGmm(GmmhetLabel, ProtAnalysis3D):
 
     def buildStep(self, args):
         Plugin.runGmmhet(self, 'build', args,
-                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+                         gpuList=protocolGpus(self, first=True))
 
     def createOutputStep(self):
         inVol = self.inputVolume.get()

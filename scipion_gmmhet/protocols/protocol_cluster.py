@@ -42,7 +42,7 @@ from .. import Plugin, convert
 from ..engine.errors import InputError
 from ..engine.io.outputs import AnalysisFolder, reconstruction_paths
 from .trained_input import TrainedParticlesInput
-from .gpu import cudaAvailable, gpuErrors
+from .gpu import cudaAvailable, gpuErrors, protocolGpus
 from .validation import maskGridErrors
 from .labels import GmmhetLabel
 
@@ -156,7 +156,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
     # -------------------------- STEPS functions ------------------------------
     def analyzeStep(self, args):
         Plugin.runGmmhet(self, 'analyze', args,
-                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+                         gpuList=protocolGpus(self, first=True))
 
     def createOutputStep(self):
         parts = self.inputParticles.get()
@@ -273,7 +273,7 @@ class ProtGmmhetCluster(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
 
     def motionCorrectedStep(self, args):
         os.makedirs(self.getMotionDir(), exist_ok=True)
-        gpus = self.getGpuList()[:1] if self.usesGpu() else []
+        gpus = protocolGpus(self, first=True)
         for a in args:  # the plain consensus, then the motion-corrected map
             Plugin.runGmmhet(self, 'reconstruct', a, gpuList=gpus)
 

@@ -42,7 +42,7 @@ from ..engine.errors import InputError
 from ..engine.io.outputs import (DomainFolder, RefineFolder, pose_change_summary, read_fsc_csv,
                                  reconstruction_paths)
 from .trained_input import TrainedParticlesInput
-from .gpu import cudaAvailable, gpuErrors
+from .gpu import cudaAvailable, gpuErrors, protocolGpus
 from .validation import maskGridErrors
 from .labels import GmmhetLabel
 
@@ -193,7 +193,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
             args += ' --resume'
             self.info('Resuming the refinement in %s' % self.getRefineDir())
         Plugin.runGmmhet(self, 'refine', args,
-                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+                         gpuList=protocolGpus(self, first=True))
 
     def reconstructStep(self, which):
         star = self.getParticlesStar() if which == 'before' else self.getOutputStar()
@@ -201,7 +201,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         args = '--particles %s --out %s --device %s' % (
             shlex.quote(star), shlex.quote(self.getReconstruction(which)), 'cuda' if self.usesGpu() else 'cpu')
         Plugin.runGmmhet(self, 'reconstruct', args,
-                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+                         gpuList=protocolGpus(self, first=True))
 
     def createOutputStep(self):
         parts = self.inputParticles.get()
@@ -458,7 +458,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
 
     def refineDomainStep(self, args):
         Plugin.runGmmhet(self, 'refine-domain', args,
-                         gpuList=self.getGpuList()[:1] if self.usesGpu() else [])
+                         gpuList=protocolGpus(self, first=True))
 
     def _domainVolume(self, apix):
         folder = DomainFolder(self.getDomainDir())

@@ -46,7 +46,7 @@ from ..constants import FLEX_PROG_NAME, GMM_FILE_ATTR, TRAIN_DIR_ATTR  # noqa: F
 from ..engine.errors import InputError
 from ..engine.io import validate
 from ..engine.io.outputs import TrainFolder
-from .gpu import cudaAvailable, gpuErrors
+from .gpu import cudaAvailable, gpuErrors, protocolGpus
 from .validation import CTF_CHOICES, CTF_LABELS, ctfErrors, maskGridErrors, volumeGrid
 from .labels import GmmhetLabel
 #: Engine names of what the decoder may change, in the order of the form's booleans.
@@ -240,7 +240,7 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
             self._checkResumable(trainDir)
             args += ' --resume'
             self.info('Resuming training from %s' % ckpts[-1])
-        gpus = self.getGpuList() if self.usesGpu() else []
+        gpus = protocolGpus(self)
         # One DistributedDataParallel process per listed GPU ("0 1 2 3" -> 4 processes).
         Plugin.runGmmhet(self, 'train', args, gpuList=gpus, nprocs=max(1, len(gpus)))
 

@@ -150,8 +150,9 @@ class TestNewcomerGui(BaseTest):
             proc = subprocess.Popen(['bash', '-c', self.printed], env=env, stdout=err, stderr=err,
                                     start_new_session=True)
         try:
-            # Scipion's launcher relaunches the GUI as a detached child and returns: follow the
-            # screen and the processes of this session, not the launcher
+            # the printed command (python -O) opens the window in its own process; follow the
+            # screen and the processes of this session either way (without -O Scipion's
+            # launcher relaunches the GUI as a detached child and returns)
             deadline, stats = time.time() + 150, before
             while time.time() < deadline:
                 time.sleep(2)

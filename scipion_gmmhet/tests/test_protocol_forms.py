@@ -2,7 +2,8 @@
 
 - a GPU IDs field that is not integers ('cuda:0', '-1', 'abc') gives one plain line in every
   GPU protocol's validation, not pyworkflow's "invalid literal for int()" traceback; an empty
-  one asks for a GPU id; a good one ('0', '0 1', '0,1') gives no GPU IDs error;
+  one asks for a GPU id; a good one ('0', '0 1', '0,1') gives no GPU IDs error; a run launched
+  without the form (a script) stops on the same line when it reads the GPU list;
 - the train protocol's methods text reads the similarity ('corr' or 'frc') from the run's
   recorded settings, and joins what may change as words ("positions and amplitudes").
 
@@ -17,6 +18,7 @@ import scipion_gmmhet
 from scipion_gmmhet.engine.io.outputs import TrainFolder
 from scipion_gmmhet.protocols import (ProtGmmhetBuildGmm, ProtGmmhetCluster, ProtGmmhetImportPoses,
                                       ProtGmmhetRefine, ProtGmmhetTrain)
+from scipion_gmmhet.protocols.gpu import protocolGpus
 from scipion_gmmhet.protocols.protocol_train import _joinWords
 
 GPU_PROTOCOLS = (ProtGmmhetBuildGmm, ProtGmmhetTrain, ProtGmmhetCluster, ProtGmmhetRefine)
@@ -65,6 +67,22 @@ class TestProtocolForms(BaseTest):
             # "Use GPU?" = No: the field is not read at all
             prot = self.newProtocol(cls, useGpu=False, gpuList='cuda:0')
             self.assertEqual(_gpuIdErrors(prot.validate()), [], cls.__name__)
+
+    def test_launchPathGpuList(self):
+        """What the steps read (protocolGpus, also Plugin.runGmmhet's default): the ids, the
+        first one for single-GPU steps, none with "Use GPU?" = No, and for a field that does not
+        parse the form's one line as the run's error, not int()'s."""
+        for cls in GPU_PROTOCOLS:
+            self.assertEqual(protocolGpus(self.newProtocol(cls, useGpu=True, gpuList='0 1')), [0, 1])
+            self.assertEqual(protocolGpus(self.newProtocol(cls, useGpu=True, gpuList='1,0'), first=True), [1])
+            self.assertEqual(protocolGpus(self.newProtocol(cls, useGpu=False, gpuList='cuda:0')), [])
+            prot = self.newProtocol(cls, useGpu=True, gpuList='cuda:0')
+            with self.assertRaises(ValueError) as caught:
+                protocolGpus(prot)
+            message = str(caught.exception)
+            self.assertTrue(message.startswith("GPU IDs: give integers"), (cls.__name__, message))
+            self.assertNotIn('invalid literal', message)
+            self.assertNotIn('\n', message)
 
     def test_trainMethodsLoss(self):
         self.assertEqual(_joinWords(['positions']), 'positions')
