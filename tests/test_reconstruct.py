@@ -50,7 +50,7 @@ def _ctf(params):
 
 
 def _peak_shift(a, b):
-    cc = np.fft.irfftn(np.fft.rfftn(a) * np.conj(np.fft.rfftn(b)), s=a.shape)
+    cc = np.fft.irfftn(np.fft.rfftn(a) * np.conj(np.fft.rfftn(b)), s=a.shape, axes=(-3, -2, -1))
     idx = np.array(np.unravel_index(np.argmax(cc), cc.shape))
     return np.where(idx > a.shape[0] // 2, idx - a.shape[0], idx)
 
@@ -199,3 +199,14 @@ def test_masked_fsc_removes_mask_correlation():
     n1, n2 = rng.normal(size=truth.shape), rng.normal(size=truth.shape)
     tn = rc.masked_fsc(n1, n2, mask, APIX, randomise_from_shell=2)
     assert np.abs(tn["fsc"][3:]).mean() < 0.2
+
+
+def test_random_subset_message_prints_plain_numbers():
+    """rlnRandomSubset that is not whole numbers: the message shows the value as written, not
+    numpy 2's scalar repr (np.float64(1.5))."""
+    from scipion_gmmhet.engine.analysis.reconstruct import _random_subset_problem
+    halves, problem = _random_subset_problem(np.array([1.0, 2.0, 1.5]))
+    assert halves is None
+    assert "(e.g. 1.5)" in problem and "np." not in problem
+    halves, problem = _random_subset_problem(np.array([1.0, np.nan, 2.0]))
+    assert "(e.g. nan)" in problem

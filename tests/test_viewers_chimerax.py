@@ -9,8 +9,10 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from scipion_gmmhet.engine.model.gmm import GMM
-from scipion_gmmhet.viewers import chimerax as cx
+pytest.importorskip("pyworkflow")  # importing scipion_gmmhet.viewers imports pyworkflow
+
+from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
+from scipion_gmmhet.viewers import chimerax as cx  # noqa: E402
 
 
 def _gmm(n=5, box=32, apix=2.0, seed=0):

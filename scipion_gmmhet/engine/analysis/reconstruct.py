@@ -260,7 +260,7 @@ def _randomise_phases(vol: np.ndarray, from_shell: int, seed: int) -> np.ndarray
     beyond = shells >= from_shell
     rng = np.random.default_rng(seed)
     F[beyond] = np.abs(F[beyond]) * np.exp(2j * np.pi * rng.random(int(beyond.sum())))
-    return np.fft.irfftn(F, s=vol.shape)
+    return np.fft.irfftn(F, s=vol.shape, axes=(-3, -2, -1))
 
 
 def masked_fsc(map1: np.ndarray, map2: np.ndarray, mask: np.ndarray, apix: float,
@@ -349,7 +349,7 @@ def _random_subset_problem(column) -> tuple[np.ndarray | None, str | None]:
     values = pd.to_numeric(pd.Series(np.asarray(column)), errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values) | (values != np.round(values))
     if bad.any():
-        return None, f"holds {int(bad.sum())} value(s) that are not whole numbers (e.g. {np.asarray(column)[bad][0]!r})"
+        return None, f"holds {int(bad.sum())} value(s) that are not whole numbers (e.g. {np.asarray(column)[bad][0].item()!r})"
     h = values.astype(np.int64)
     present = sorted(set(np.unique(h).tolist()))
     other = [v for v in present if v not in (1, 2)]

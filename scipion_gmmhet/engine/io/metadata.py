@@ -446,7 +446,7 @@ def _canonical(particles: pd.DataFrame, optics: pd.DataFrame, root: str, path: s
             for c in ("X", "Y"):
                 v = pd.to_numeric(particles[f"rlnOrigin{c}"], errors="coerce").to_numpy(dtype=np.float64)
                 particles[f"rlnOrigin{c}Angst"] = v * px_part
-            particles.drop(columns=["rlnOriginX", "rlnOriginY"], inplace=True)
+            meta.particles = particles.drop(columns=["rlnOriginX", "rlnOriginY"])
         else:
             for c in ORIGINS:
                 particles[c] = 0.0

@@ -181,4 +181,4 @@ def lowpass_map(vol: np.ndarray, apix: float, resolution_A: float, edge_shells: 
     width = edge_shells / (box * apix)
     w = np.clip((cutoff + width / 2 - r) / width, 0.0, 1.0)
     w = 0.5 - 0.5 * np.cos(np.pi * w)
-    return np.fft.irfftn(F * w, s=vol.shape).astype(np.float32)
+    return np.fft.irfftn(F * w, s=vol.shape, axes=(-3, -2, -1)).astype(np.float32)
