@@ -27,7 +27,7 @@ MAX_FUNCTION_LINES = 120
 RESULT_FILES = ("latent.npy", "model.pt", "config.json", "loss.csv", "gmm.npz", "gmm_map.mrc", "fsc.csv",
                 "summary.json", "feature_stats.npz", "features.f16", "features.json", "labels.npy",
                 "centers.npy", "pose_changes.csv", "rounds.csv", "reproducibility.json",
-                "chimerax_clusters.cxc", "_fsc.csv", "_half1.mrc", "_half2.mrc", "epoch_*.pt")
+                "chimerax_clusters.cxc", "centering.csv", "particle_keys.txt", "_fsc.csv", "_half1.mrc", "_half2.mrc", "epoch_*.pt")
 
 
 def _engine_files() -> list[Path]:

@@ -90,7 +90,8 @@ class TrainedParticlesInput:
 
     def _latentsById(self, parts) -> dict[int, np.ndarray]:
         """{particle id: latent vector}: the particles' own ``_zFlex`` when they carry it, else
-        the training's latent.npy rows through the training star's ids."""
+        the training's latent.npy rows through the ids the training recorded (its particle
+        keys; runs without them: the training star's ids)."""
         out = {}
         for p in parts.iterItems(orderBy='id'):
             if hasattr(p, 'getZFlex'):
@@ -100,14 +101,15 @@ class TrainedParticlesInput:
         if out:
             return out
         trainDir, trainStar = self.getTrainDir(), self._trainStar()
-        if not trainDir or not trainStar or not os.path.exists(trainStar):
+        hasKeys = bool(trainDir) and os.path.exists(TrainFolder(trainDir).particle_keys)
+        if not trainDir or not (hasKeys or (trainStar and os.path.exists(trainStar))):
             raise InputError('input particles: no latent vectors and no training star; give the '
                              'output of "gmmhet - train heterogeneity"')
         from .protocol_train import latentRowsById
         folder = TrainFolder(trainDir)
         z = folder.read_latents(mmap=True)
         nOps = int(folder.read_config().get('n_ops', 1))
-        rows = latentRowsById(trainStar, z.shape[0], nOps)
+        rows = latentRowsById(trainStar, z.shape[0], nOps, trainDir)
         return {pid: np.asarray(z[r], dtype=np.float32) for pid, r in rows.items()}
 
     @staticmethod

@@ -106,3 +106,23 @@ class TestProtocolForms(BaseTest):
         # a run recorded before the setting existed trained with e2gmm's FRC
         folder.write_config({'train': {'zdim': 4}})
         self.assertEqual(prot.getLossName(), 'frc')
+
+    def test_trainCentringTexts(self):
+        """The summary and methods texts give the centring the run recorded (config.json), and
+        nothing when it did not centre; a continued run keeps its own setting."""
+        prot = self.newProtocol(ProtGmmhetTrain, useGpu=False)
+        trainDir = self.proj.getTmpPath('centring_train')
+        os.makedirs(trainDir, exist_ok=True)
+        prot.getTrainDir = lambda: trainDir
+        folder = TrainFolder(trainDir)
+        folder.write_config({'train': {'center': 'auto'},
+                             'centering': {'n_moved': 812, 'n_particles': 1000, 'median_correction_A': 1.7}})
+        self.assertEqual(prot._centeringLines(folder.read_config()),
+                         ["Centring: 812 of 1000 particles' shifts corrected before training (median 1.70 A)"])
+        self.assertIn('812 of 1000 particles were re-centred (median 1.70 A)', prot._centeringMethodsText())
+        self.assertEqual(prot._recordedCenterMode(), 'auto')
+        folder.write_config({'train': {'center': 'off'}, 'centering': None})
+        self.assertEqual(prot._centeringLines(folder.read_config()), [])
+        self.assertEqual(prot._centeringMethodsText(), '')
+        folder.write_config({'train': {'zdim': 4}})  # a run made before the option: it did not centre
+        self.assertEqual(prot._recordedCenterMode(), 'off')

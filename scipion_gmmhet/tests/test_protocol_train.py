@@ -190,6 +190,57 @@ class TestProtocolTrain(BaseTest):
         with self.assertRaises(Exception):
             latentRowsById(fn, len(ids) + 1)
 
+    def test_2b_latentRowsFollowRecordedKeys(self):
+        """With the training's recorded particle keys (id:<rlnGmmhetParticleId>) the id -> row
+        map follows them, even when the star recorded for the training was rewritten after it
+        (other order, fewer rows); the "cluster"/"refine" inputs get their latents that way."""
+        from scipion_gmmhet.engine.io.outputs import TrainFolder
+        from scipion_gmmhet.protocols.trained_input import TrainedParticlesInput
+        trainDir = self.protTrain.getTrainDir()
+        starFn = self.protTrain.getParticlesStar()
+        trainIds = read_star(starFn)['particles'][GMMHET_PARTICLE_ID].astype(int).tolist()
+        keys = TrainFolder(trainDir).read_particle_keys()
+        self.assertEqual(list(keys), ['id:%d' % pid for pid in trainIds])  # the run recorded them
+        self.assertEqual(latentRowsById(starFn, len(trainIds), 1, trainDir),
+                         {pid: i for i, pid in enumerate(trainIds)})
+        # a fake run: its keys in one order, the star it names rewritten in another, shorter
+        fake = TrainFolder(os.path.abspath(self.proj.getTmpPath('fake_train')))
+        os.makedirs(fake.folder, exist_ok=True)
+        order = np.random.default_rng(1).permutation(len(trainIds))
+        fakeIds = [trainIds[i] for i in order]
+        fake.write_particle_keys(['id:%d' % pid for pid in fakeIds])
+        z = np.stack([np.arange(len(fakeIds)), -np.arange(len(fakeIds))], 1).astype(np.float32)
+        fake.write_latents(z)
+        fake.write_config({'n_ops': 1})
+        blocks = read_star(starFn)
+        blocks['particles'] = blocks['particles'].iloc[::-2].reset_index(drop=True)
+        rewritten = os.path.abspath(self.proj.getTmpPath('rewritten.star'))
+        write_star(rewritten, blocks)
+        expected = {pid: i for i, pid in enumerate(fakeIds)}
+        self.assertEqual(latentRowsById(rewritten, len(fakeIds), 1, fake.folder), expected)
+        self.assertEqual(latentRowsById(rewritten, 2 * len(fakeIds), 2, fake.folder),
+                         {pid: 2 * i for i, pid in enumerate(fakeIds)})
+        with self.assertRaises(Exception):
+            latentRowsById(rewritten, len(fakeIds) + 1, 1, fake.folder)
+        with self.assertRaises(Exception):  # without keys: the star's count check, as before
+            latentRowsById(rewritten, len(fakeIds), 1, None)
+
+        class _NoZFlex:
+            def iterItems(self, orderBy=None):
+                return iter(())
+
+        class _Input(TrainedParticlesInput):
+            def getTrainDir(self):
+                return fake.folder
+
+            def _trainStar(self):
+                return rewritten
+
+        zById = _Input()._latentsById(_NoZFlex())
+        self.assertEqual(sorted(zById), sorted(fakeIds))
+        for pid, i in expected.items():
+            np.testing.assert_array_equal(zById[pid], z[i])
+
     def test_3_validation(self):
         prot = self.newProtocol(ProtGmmhetTrain, zDim=0, useGpu=False,
                                 changePositions=False, changeAmplitudes=False)

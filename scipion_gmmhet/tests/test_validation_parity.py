@@ -81,9 +81,9 @@ class TestValidationParity(BaseTest):
         self.assertTrue(lines[0].startswith(prefix), lines[0])
         return lines[0][len(prefix):]
 
-    def _train(self, parts, mask=None, ctfChoice=0):
+    def _train(self, parts, mask=None, ctfChoice=0, **extra):
         prot = self.newProtocol(ProtGmmhetTrain, zDim=2, numberOfEpochs=1, useGpu=False,
-                                ctfChoice=ctfChoice)
+                                ctfChoice=ctfChoice, **extra)
         prot.inputParticles.set(parts)
         prot.inputParticles.setExtended('outputParticles')
         prot.inputGmm.set(self.protVol)
@@ -127,6 +127,9 @@ class TestValidationParity(BaseTest):
         prot = self._train(self.protCtf)
         self.assertEqual(prot.validate(), [])
         self.assertNotIn('--ctf', prot._getTrainArgs())
+        # centring: on by default, off when the form says No (gmmhet train --center)
+        self.assertIn('--center auto', prot._getTrainArgs())
+        self.assertIn('--center off', self._train(self.protCtf, centerParticles=False)._getTrainArgs())
 
     def test_maskOfAnotherGrid(self):
         """A focus mask of another box or sampling: the train protocol and gmmhet train refuse it

@@ -61,6 +61,7 @@ import logging
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -396,28 +397,75 @@ def _training_info(train_dir: str) -> dict:
 
 def latents_for_rows(meta, train_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """``(latents (n_star_rows, K), found (n_star_rows,) bool)``: the training run's latent of
-    every row of ``meta`` whose image (stack file + index) was in the run's training star."""
-    import os
-    from ..io.metadata import read_particles
+    every row of ``meta`` whose particle was among the run's training particles, matched by
+    particle identity (the run's recorded keys, :mod:`io.pairing`: Scipion's particle id or
+    the image), never by row position: ``meta`` may hold them in any order, with others."""
+    from ..io.outputs import TrainFolder
+    from ..io.pairing import latent_rows_for, latents_for
     info = _training_info(train_dir)
     if int(info.get("n_ops", 1)) != 1:
         raise InputError(f"{train_dir}: trained with symmetry expansion; motion-corrected maps need a C1 training")
+    folder = TrainFolder(train_dir)
+    lat = folder.read_latents()
+    keys = folder.read_particle_keys()
+    recorded = keys is not None
+    if not recorded:  # a run from before the recorded keys
+        keys = _training_star_keys(info, train_dir, len(lat))
+    elif len(keys) != len(lat):
+        raise InputError(f"{train_dir}: {len(keys)} recorded particle keys but {len(lat)} latent rows; the "
+                         "training folder is inconsistent, retrain the half model into a new folder")
+    star_keys = _star_keys(meta, keys, train_dir)
+    found = pd.Series(star_keys).isin(keys).to_numpy()
+    out = np.zeros((len(meta), lat.shape[1]), np.float32)
+    if not found.any():
+        return out, found
+    if recorded:
+        rows = latent_rows_for(meta.subset(np.flatnonzero(found)), folder, 1, n_latent_rows=len(lat))
+    else:
+        rows = _rows_by_keys(star_keys[found], keys, train_dir)
+    if rows is None:
+        raise InputError(f"{meta.source}: some particles appear more often than in the training of {train_dir}; "
+                         "remove the repeated rows from the star")
+    out[found] = latents_for(lat, rows)
+    return out, found
+
+
+def _star_keys(meta, train_keys: np.ndarray, train_dir: str) -> np.ndarray:
+    """The keys of ``meta``'s particles of the kind the training recorded (id or image)."""
+    if not (train_keys.size and str(train_keys[0]).startswith("id:")):
+        return meta.particle_keys("image")
+    if "rlnGmmhetParticleId" not in meta.particles.columns:
+        raise InputError(f"{meta.source}: no rlnGmmhetParticleId column, but {train_dir} knows its particles by "
+                         "Scipion particle id; give the star exported with the particles (it has that column)")
+    return meta.particle_keys("id")
+
+
+def _training_star_keys(info: dict, train_dir: str, n_rows: int) -> np.ndarray:
+    """The particle keys of a run that predates their record: its training star's, when that
+    star is still there with one row per latent row (it may have been rewritten: warned)."""
+    import os
+    from ..io.metadata import read_particles
     star = info.get("particles")
     if not star or not os.path.exists(star):
-        raise InputError(f"{train_dir}: its training star {star!r} is gone; restore it or retrain the half model")
-    from ..io.outputs import TrainFolder
-    lat = TrainFolder(train_dir).read_latents()
-    tmeta = read_particles(star)
-    if len(tmeta) != len(lat):
-        raise InputError(f"{train_dir}: latent.npy has {len(lat)} rows but its star {star} has {len(tmeta)}")
-    tp, ti = tmeta.image_locations()
-    index = {(p, int(i)): k for k, (p, i) in enumerate(zip(tp.tolist(), ti.tolist()))}
-    mp, mi = meta.image_locations()
-    pos = np.array([index.get((p, int(i)), -1) for p, i in zip(mp.tolist(), mi.tolist())], dtype=np.int64)
-    found = pos >= 0
-    out = np.zeros((len(meta), lat.shape[1]), np.float32)
-    out[found] = lat[pos[found]]
-    return out, found
+        raise InputError(f"{train_dir}: no recorded particle keys and its training star {star!r} is gone; "
+                         "restore it or retrain the half model")
+    keys = read_particles(star).particle_keys()
+    if len(keys) != n_rows:
+        raise InputError(f"{train_dir}: {n_rows} latent rows but its training star {star} has {len(keys)} "
+                         "particles; restore the star it was trained on or retrain the half model")
+    log.warning("%s predates recorded particle keys: its particles are identified through its training star %s "
+                "(retrain the half model if that star was rewritten after the training)", train_dir, star)
+    return keys
+
+
+def _rows_by_keys(star_keys: np.ndarray, train_keys: np.ndarray, train_dir: str) -> np.ndarray | None:
+    """Training row of each of ``star_keys`` (all among ``train_keys``); None when one repeats."""
+    index = pd.Index(train_keys)
+    if not index.is_unique:
+        raise InputError(f"{train_dir}: its training star names a particle twice; retrain the half model")
+    if pd.Index(star_keys).has_duplicates:
+        return None
+    return index.get_indexer(star_keys).astype(np.int64)
 
 
 def half_moves(meta, halves: np.ndarray, half_dirs: dict, device="cpu", gate_z: float | None = DEFAULT_GATE_Z,

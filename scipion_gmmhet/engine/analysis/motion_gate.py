@@ -109,13 +109,10 @@ def restricted_binner(binner, pixels: torch.Tensor):
 
 def _particles_of(model, meta, device):
     """:class:`io.data.Particles` of ``meta`` with the model's CTF mode, cropped to its band."""
-    from ..io.data import ParticleImages, Particles
-    from ..io.validate import resolve_ctf_mode
-    has = bool(meta.has_ctf())
-    mode = resolve_ctf_mode(has, model.config.get("ctf_mode", "auto"), "particles",
-                            premultiplied=has and bool(np.any(meta.ctf_premultiplied())))
+    from ..io.data import ParticleImages, Particles, ctf_of
+    mode, ctf, premultiplied = ctf_of(meta, model.config.get("ctf_mode", "auto"), "particles")
     p = Particles(ParticleImages(meta), meta.rotation_matrices(), meta.origins_A(), meta.box, meta.apix,
-                  ctf=meta.ctf_params() if has and mode != "none" else None, ctf_mode=mode, device=device)
+                  ctf=ctf, ctf_mode=mode, device=device, premultiplied=premultiplied)
     p.crop(model.config.get("highres_A"))
     return p
 

@@ -2,7 +2,9 @@
 
 Method (RELION's backprojector, simplified):
 
-1. Each image's transform ``X = image_to_fourier(img)`` has its origin shift undone
+1. Each image has its background mean removed (the mean of the pixels outside the circle of
+   radius ``D/2``, as RELION normalises: :func:`subtract_background`); its transform
+   ``X = image_to_fourier(img)`` has its origin shift undone
    (``X * conj(origin_phase)``, see :mod:`conventions`) and is weighted by the CTF ``c``:
    the numerator gets ``c * X`` and the weight ``c^2`` (CTF-premultiplied data, where
    ``X = c * S``: numerator ``X``, weight ``c^2``; phase-flipped data, ``X = sign(c) c S``:
@@ -208,16 +210,35 @@ class Backprojector:
         return vol[lo:lo + D, lo:lo + D, lo:lo + D].float().cpu().numpy()
 
 
+def subtract_background(images: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, D, D)`` minus each one's background mean: the mean of its pixels outside the
+    circle of radius ``D / 2`` centred on pixel ``D // 2`` (RELION's background area, where the
+    particle is not). Unnormalised images (e.g. integer stacks with a large offset) otherwise carry
+    the offset at the Fourier origin, where the CTF is small (about -amplitude contrast): divided by
+    ``c^2`` it becomes a large constant that the gridding correction turns into a bowl. Normalised
+    images (background mean 0) are changed by the noise of that mean only."""
+    box = images.shape[-1]
+    c = np.arange(box) - box // 2
+    outside = (c[:, None] ** 2 + c[None, :] ** 2) > (box / 2.0) ** 2  # on the host: no device sync
+    if not outside.any():  # only for boxes of 1 px
+        return images
+    w = torch.as_tensor(outside / outside.sum(), dtype=torch.float64, device=images.device)
+    bg = (images.double() * w).sum(dim=(-2, -1))
+    return images - bg.to(images.dtype)[..., None, None]
+
+
 def prepare_batch(images: torch.Tensor, origins_A: torch.Tensor | None, ctf_params: dict | None, apix: float,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Real images ``(B, D, D)`` -> (centred transforms with the origin shift undone, CTF or None).
 
-    ``origins_A`` ``(B, 2)`` RELION origins (x, y) in Angstrom; ``ctf_params`` a dict of ``(B,)``
-    arrays as :meth:`ParticleMetadata.ctf_params` returns (None: no CTF)."""
+    Each image's background mean is removed first (:func:`subtract_background`). ``origins_A``
+    ``(B, 2)`` RELION origins (x, y) in Angstrom; ``ctf_params`` a dict of ``(B,)`` arrays as
+    :meth:`ParticleMetadata.ctf_params` returns (None: no CTF). Every map of the engine (plain,
+    motion-corrected, the refinement gate's and the domain maps) reads its images through here."""
     box = images.shape[-1]
     dev = images.device
     ky, kx = fourier_grid(box, apix, rfft=True, device=dev)
-    F = image_to_fourier(images.float())
+    F = image_to_fourier(subtract_background(images.float()))
     if origins_A is not None:
         o = torch.as_tensor(origins_A, dtype=torch.float32, device=dev)
         F = F * torch.conj(origin_phase(ky, kx, o[:, 0], o[:, 1]))

@@ -46,8 +46,10 @@ log = logging.getLogger("gmmhet.analyze")
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, metavar="DIR", help="output folder of 'gmmhet train'")
     parser.add_argument("--particles", metavar="STAR",
-                        help="the star the model was trained on (needed for reconstructions; default: the "
-                             "one recorded in DIR/config.json)")
+                        help="the star the model was trained on, or a subset of it, in any order (needed for "
+                             "reconstructions; its rows are paired with the latents by particle id or image, and "
+                             "labels.npy and cluster_XX_rows.txt follow its row order; default: the one recorded "
+                             "in DIR/config.json)")
     parser.add_argument("--latents", metavar="FILE.npy",
                         help="latent vectors to analyse instead of DIR/latent.npy: (N, K) float, row i = row i "
                              "of --particles (e.g. a subset of the trained particles); needs --particles")
@@ -170,18 +172,32 @@ def _inputs(args):
     log.info("latents: %d x %d from %s", z.shape[0], z.shape[1], args.train)
 
     meta = None
-    if star and (not args.no_reconstruct or args.latents):
+    if star and (not args.no_reconstruct or args.latents or args.particles):
         from ..io.metadata import read_particles
         meta = read_particles(star)
-        if len(meta) * n_ops != z.shape[0]:
-            raise InputError(f"--particles {star}: {len(meta)} particles x {n_ops} symmetry operator(s) but the "
-                             f"training has {z.shape[0]} latent rows; give the star the model was trained on")
+        if args.latents and len(meta) != z.shape[0]:
+            raise InputError(f"--particles {star}: {len(meta)} particles but --latents {args.latents} has "
+                             f"{z.shape[0]} rows; give the latents of these particles, row i = particle row i")
         if meta.box != box or abs(meta.apix - apix) > 1e-3 * apix:
             raise InputError(f"--particles {star}: box {meta.box} at {meta.apix:.4f} A/px but the model is box "
                              f"{box} at {apix:.4f} A/px; give the star the model was trained on")
+        if not args.latents:  # the star's rows in its own order: pair by particle identity, never by position
+            z = _paired_latents(args.train, star, meta, z, n_ops)
     elif not args.no_reconstruct:
         log.warning("no --particles star (and none recorded in the training): skipping reconstructions")
     return model, info, n_ops, z, star, meta
+
+
+def _paired_latents(train: str, star: str, meta, z: np.ndarray, n_ops: int) -> np.ndarray:
+    """The training latents of the particles of ``star`` in its row order (all ``n_ops`` rows of
+    each particle): matched by particle identity (:func:`io.pairing.latent_rows_for`)."""
+    from ..io.pairing import latent_rows_for, latents_for
+    rows = latent_rows_for(meta, train, n_ops, n_latent_rows=z.shape[0])
+    if rows is None:
+        raise InputError(f"--particles {star}: its {len(meta)} particles are not all among the "
+                         f"{z.shape[0] // max(1, n_ops)} particles the model was trained on; give the star the "
+                         "model was trained on (or a subset of it), or pass --latents")
+    return latents_for(z, rows, n_ops)
 
 
 def _embed_and_cluster(args, model, z, n_ops, folder, summary):

@@ -10,9 +10,10 @@ rlnOriginX/YAngst; every other column untouched) and OUT/pose_changes.csv (row, 
 when the star has rlnGmmhetParticleId, delta_angle_deg, delta_shift_A, score_before,
 score_after, and the new angles/origins), and logs the median and 90th-percentile changes.
 
-Latents: --latents Z.npy (row i = particle row i of STAR); else, when STAR has as many
-particles as the training run, the training latents (TRAIN/latent.npy) row by row;
-otherwise (or with --encode) the particles are encoded with the trained encoder.
+Latents: --latents Z.npy (row i = particle row i of STAR); else, when every particle of STAR
+is one of the training run's (in any order, or a subset), its training latent (TRAIN/latent.npy),
+matched by particle id or image, never by row position; otherwise (or with --encode) the
+particles are encoded with the trained encoder.
 
 Examples:
   gmmhet refine --train train/ --particles particles.star --out refine/
@@ -266,7 +267,7 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
         raise InputError(f"--particles {star}: box {parts.box} at {parts.apix:.4f} A/px but the model is "
                          f"box {tm.neutral.box} at {tm.neutral.apix:.4f} A/px; use the particles the model was trained on")
 
-    latents = particle_latents(tm, star, n, n_ops, latents_path, encode, device)
+    latents = particle_latents(tm, star, n, n_ops, latents_path, encode, device, meta=meta)
     models = refine.LatentModels(tm, latents)
     focus = focus_mask_gaussians(tm.neutral, args.mask) if args.mask else core
     if fine is not None:
@@ -326,10 +327,13 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     return meta, out_meta, res
 
 
-def particle_latents(tm, star: str, n: int, n_ops: int, latents_path, encode: bool, device) -> np.ndarray:
-    """Latent vectors ``(n, K)`` of the ``n`` particles of ``star``: ``latents_path`` (.npy, row i
-    = particle row i); else the training latents when ``star`` has the training run's particles
-    (identity-operator rows with symmetry); otherwise (or with ``encode``) encoded."""
+def particle_latents(tm, star: str, n: int, n_ops: int, latents_path, encode: bool, device,
+                     meta=None) -> np.ndarray:
+    """Latent vectors ``(n, K)`` of the ``n`` particles of ``star`` (``meta``: its metadata, read
+    when not given): ``latents_path`` (.npy, row i = particle row i); else the training latents
+    when every particle of ``star`` is a training particle, matched by particle identity
+    (:func:`io.pairing.latent_rows_for`; identity-operator rows with symmetry); otherwise (or
+    with ``encode``) encoded."""
     sym = tm.config.get("symmetry")
     latents = None
     if latents_path:
@@ -341,15 +345,19 @@ def particle_latents(tm, star: str, n: int, n_ops: int, latents_path, encode: bo
             raise InputError(f"--latents {latents_path}: shape {latents.shape}, expected ({n}, {tm.zdim}) "
                              "(one row per particle of --particles, the model's latent dimension)")
     elif not encode:
+        from ..io import metadata
+        from ..io.pairing import latent_rows_for
         z = tm.latents()
-        if z.shape[0] == n * n_ops:
-            latents = z[::n_ops]  # particle row i, identity operator
+        rows = latent_rows_for(meta if meta is not None else metadata.read_particles(star), tm.train_dir, n_ops,
+                               n_latent_rows=z.shape[0])
+        if rows is not None:
+            latents = z[rows * n_ops]  # the particle's training row, identity operator
             if n_ops > 1:
                 log.warning("refine: the model was trained with symmetry %s; each particle is refined against the "
                             "GMM decoded at its identity-operator latent", sym)
         else:
-            log.info("refine: %s has %d particles, the training latents %d rows; encoding the particles",
-                     star, n, z.shape[0])
+            log.info("refine: %s has %d particles, not all among the training's %d; encoding the particles",
+                     star, n, z.shape[0] // max(1, n_ops))
     if latents is None:
         latents = tm.encode_particles(star, device=str(device))[::n_ops]
     return latents
@@ -370,6 +378,7 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
         return load_trained(out_dir, device)
 
     cfg = TrainConfig.from_dict(tm.config)
+    cfg.center = "off"  # the refined shifts are the ones to train with (centring is for input poses)
     if args.retrain_epochs is not None:
         cfg.epochs = int(args.retrain_epochs)
     log.info("refine: retraining on the refined poses (%d epochs) into %s", cfg.epochs, out_dir)

@@ -82,6 +82,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         f"(e2gmm's fixed noise --latent-noise and penalty --latent-reg) (default {d.prior})")
     p.add_argument("--kl-weight", type=float, default=d.kl_weight,
                    help=f"weight of the KL term (nats) against the similarity, --prior kl (default {d.kl_weight:g})")
+    p.add_argument("--center", choices=["auto", "off"], default=d.center,
+                   help="auto: before training, check each particle's shift against the neutral GMM's "
+                        "projection (shift-only local search, up to 3 px; a shift moves only when the image "
+                        "says so) and train with the corrections, so that shift errors of the input poses "
+                        "do not become the latent space; the star is not changed and the corrections are "
+                        "written to centering.csv; off: the star's shifts as they are (default auto)")
     p.add_argument("--hidden", type=int, default=d.hidden, help="units per hidden layer (default 512)")
     p.add_argument("--layers", type=int, default=d.layers, help="hidden layers per network (default 3)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=d.amp,
@@ -126,7 +132,8 @@ def main(args) -> int:
                       latent_reg=args.latent_reg, hidden=args.hidden, layers=args.layers,
                       amp=args.amp, compile=args.compile, prefetch=args.prefetch,
                       proj_precision=args.proj_precision, loader_threads=args.loader_threads,
-                      log_every=args.log_every, loss=args.loss, prior=args.prior, kl_weight=args.kl_weight)
+                      log_every=args.log_every, loss=args.loss, prior=args.prior, kl_weight=args.kl_weight,
+                      center=args.center)
     resolve_device(args.device)  # a clear error before joining a process group
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:

@@ -9,8 +9,11 @@ the device).
 CTF of the model projection (``ctf_mode``, the vocabulary of :mod:`ctf_modes`): ``full``
 multiplies by RELION's CTF (raw images); ``phase_flipped`` by ``|CTF|``; ``premultiplied`` by
 ``CTF^2`` (images already multiplied by the CTF, ``rlnCtfDataAreCtfPremultiplied``); ``none``
-applies none. ``auto`` picks ``premultiplied`` for stars that say so, ``full`` when the star
-has CTF parameters, else ``none``.
+applies none. ``auto`` picks ``premultiplied`` when every optics group of the star says so,
+``full`` when the star has CTF parameters, else ``none``. In ``full`` mode the particles whose
+optics group is flagged ``rlnCtfDataAreCtfPremultiplied = 1`` get ``CTF^2`` (a per-particle
+flag kept on the device, chosen with ``torch.where``: star files that mix raw and premultiplied
+optics groups), as :mod:`analysis.reconstruct` does.
 
 Reading a batch has a host half (:meth:`Particles.read`: images into host memory, pinned when
 the device is CUDA; no device work, so it may run on the prefetch thread of
@@ -155,7 +158,10 @@ class Particles:
 
     def __init__(self, images, rotations: np.ndarray, origins_A: np.ndarray, box: int, apix: float,
                  ctf: dict | None = None, ctf_mode: str = "full", sym_ops: np.ndarray | None = None,
-                 device="cpu"):
+                 device="cpu", premultiplied: np.ndarray | None = None):
+        """``premultiplied``: ``(N,)`` bool, the particles whose images are CTF-premultiplied
+        (:meth:`metadata.ParticleMetadata.ctf_premultiplied`); used in ``full`` mode only (those
+        particles are modelled with ``CTF^2``, the others with the CTF)."""
         self.images = images
         self.box, self.apix = int(box), float(apix)
         self.n_particles = int(np.asarray(rotations).shape[0])
@@ -178,6 +184,15 @@ class Particles:
             self.ctf = {k: torch.as_tensor(np.asarray(ctf[k], dtype=np.float32), **f32) for k in _CTF_KEYS if k in ctf}
             if "bfactor" in self.ctf and not bool((self.ctf["bfactor"] != 0).any()):
                 del self.ctf["bfactor"]  # skips a per-batch host sync inside ctf_2d
+        # per-particle CTF^2 in 'full' mode (mixed optics groups); None when no particle needs it,
+        # so an all-raw set costs nothing. A bool tensor on the device: no host sync per batch.
+        self.premultiplied = None
+        if self.ctf is not None and ctf_mode == "full" and premultiplied is not None:
+            flags = np.asarray(premultiplied, dtype=bool).reshape(-1)
+            if flags.size != self.n_particles:
+                raise ValueError(f"premultiplied must have one flag per particle ({self.n_particles}), got {flags.size}")
+            if flags.any():
+                self.premultiplied = torch.as_tensor(flags, device=self.device)
         self.crop(None)
 
     def crop(self, highres_A: float | None) -> None:
@@ -219,13 +234,11 @@ class Particles:
         ctf_mode = parse_ctf_mode(ctf_mode, "ctf_mode", quiet=True)
         has_ctf = bool(meta.has_ctf())
         meta.validate(require_alignment=True, require_ctf=has_ctf and ctf_mode != "none", check_images=check_files)
-        from .validate import resolve_ctf_mode  # no CTF: refused unless ctf_mode == "none"
-        ctf_mode = resolve_ctf_mode(has_ctf, ctf_mode, star_path,
-                                    premultiplied=has_ctf and bool(np.any(meta.ctf_premultiplied())))
-        ctf = meta.ctf_params() if (has_ctf and ctf_mode != "none") else None
+        ctf_mode, ctf, premultiplied = ctf_of(meta, ctf_mode, star_path)
         ops = symmetry_operators(symmetry)
         return cls(ParticleImages(meta), meta.rotation_matrices(), meta.origins_A(), meta.box, meta.apix,
-                   ctf=ctf, ctf_mode=ctf_mode, sym_ops=ops if len(ops) > 1 else None, device=device)
+                   ctf=ctf, ctf_mode=ctf_mode, sym_ops=ops if len(ops) > 1 else None, device=device,
+                   premultiplied=premultiplied)
 
     def batch(self, items) -> Batch:
         """Load the images of expanded items (numpy or tensor ints) -> :class:`Batch` on the device
@@ -291,4 +304,25 @@ class Particles:
                 ctf = ctf.abs()
             elif self.ctf_mode == "premultiplied":
                 ctf = ctf * ctf
+            elif self.premultiplied is not None:  # 'full' with some premultiplied particles
+                ctf = torch.where(self.premultiplied[rows].reshape(-1, 1, 1), ctf * ctf, ctf)
         return Batch(items, F_img, rot, self.origins_A[rows], ctf)
+
+
+def ctf_of(meta: ParticleMetadata, ctf_mode: str | None, name: str) -> tuple[str, dict | None, np.ndarray | None]:
+    """``(mode, CTF parameters or None, per-particle premultiplied flags or None)`` for
+    :class:`Particles` of ``meta``. ``auto``/None: ``premultiplied`` when every particle's optics
+    group is flagged ``rlnCtfDataAreCtfPremultiplied``, ``full`` otherwise (the flagged particles,
+    if any, get ``CTF^2`` through the flags), ``none`` refused without CTF parameters unless
+    chosen (:func:`validate.resolve_ctf_mode`). ``name`` names the particles in messages."""
+    from .validate import resolve_ctf_mode  # no CTF: refused unless ctf_mode == "none"
+    has_ctf = bool(meta.has_ctf())
+    flags = np.asarray(meta.ctf_premultiplied(), dtype=bool) if has_ctf else np.zeros(len(meta), dtype=bool)
+    mode = resolve_ctf_mode(has_ctf, parse_ctf_mode(ctf_mode, "ctf_mode", quiet=True), name,
+                            premultiplied=bool(flags.size) and bool(flags.all()))
+    if mode == "none":
+        return mode, None, None
+    if mode == "full" and flags.any() and not flags.all():
+        log.info("%s: %d of %d particles are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied by optics "
+                 "group): modelled with CTF^2, the others with the CTF", name, int(flags.sum()), flags.size)
+    return mode, meta.ctf_params(), (flags if mode == "full" else None)

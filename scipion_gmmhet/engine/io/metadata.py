@@ -18,6 +18,7 @@ cryoSPARC ``.cs`` (numpy structured array)
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,8 @@ ORIGINS = ["rlnOriginXAngst", "rlnOriginYAngst"]
 OPTICS_CTF = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
 CTF_PARTICLE = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor",
                 "rlnCtfScalefactor"]
+# Xmipp/Scipion file-type hint after an image name ('000001@particles.mrcs:mrcs'): not part of the path.
+_TYPE_SUFFIX = re.compile(r":mrcs?$", re.IGNORECASE)
 # RELION 3.0 per-particle columns that live in the optics table from 3.1 on.
 _OPTICS_30 = OPTICS_CTF + ["rlnImagePixelSize", "rlnDetectorPixelSize", "rlnMagnification",
                            "rlnImageSize", "rlnImageDimensionality", "rlnCtfDataAreCtfPremultiplied"]
@@ -169,14 +172,17 @@ class ParticleMetadata:
 
     # ---------------------------------------------------------------- images
     def image_locations(self) -> tuple[np.ndarray, np.ndarray]:
-        """Absolute stack paths ``(N,)`` (object) and 0-based indices ``(N,)`` int64."""
+        """Absolute stack paths ``(N,)`` (object) and 0-based indices ``(N,)`` int64.
+
+        An Xmipp/Scipion file-type hint after the stack name (``000001@particles.mrcs:mrcs``,
+        ``:mrc``) is dropped: it is not part of the path."""
         if len(self.particles) == 0:  # str.partition of an empty Series has no columns
             return np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64)
         names = self.particles["rlnImageName"].astype(str)
         split = names.str.partition("@")
         has_at = split[1] == "@"
         idx_txt = split[0].where(has_at, "1")
-        rel = split[2].where(has_at, names)
+        rel = split[2].where(has_at, names).str.replace(_TYPE_SUFFIX, "", regex=True)
         idx = pd.to_numeric(idx_txt, errors="coerce")
         if idx.isna().any() or (idx % 1 != 0).any():
             bad = names[idx.isna() | (idx % 1 != 0)].iloc[0]
@@ -185,6 +191,31 @@ class ParticleMetadata:
         codes, uniq = pd.factorize(rel)
         resolved = np.array([os.path.abspath(os.path.join(self.root, p)) for p in uniq] + [""], dtype=object)
         return resolved[codes][: len(codes)], idx.to_numpy(np.int64) - 1
+
+    def particle_keys(self, kind: str = "auto") -> np.ndarray:
+        """The identity of each particle row ``(N,)`` str, to pair results with particles
+        (never by row position): ``id:<rlnGmmhetParticleId>`` (Scipion's particle id) when the
+        column is present (``kind`` ``"auto"`` or ``"id"``), else (``kind`` ``"image"``) the
+        image: ``img:<index>@<stack>`` with the 1-based index as an integer and the stack's
+        absolute real path (``1@x.mrcs``, ``000001@x.mrcs``, a relative path and a link to the
+        same file give one key). Reads no image data."""
+        if kind == "auto":
+            kind = "id" if "rlnGmmhetParticleId" in self.particles.columns else "image"
+        if kind == "id":
+            ids = self.particles["rlnGmmhetParticleId"].reset_index(drop=True)
+            num = pd.to_numeric(ids, errors="coerce")
+            text = ids.astype(str).str.strip()
+            whole = (num.notna() & (num % 1 == 0)).to_numpy()  # 12, 12.0 and 000012 are one id
+            text[whole] = num[whole].astype(np.int64).astype(str)
+            keys = ["id:" + _line_safe(t) for t in text.tolist()]
+        elif kind == "image":
+            paths, idx = self.image_locations()
+            codes, uniq = pd.factorize(paths)
+            real = [_line_safe(os.path.realpath(p)) for p in uniq]
+            keys = [f"img:{i + 1}@{real[c]}" for i, c in zip(idx.tolist(), codes.tolist())]
+        else:
+            raise ValueError(f"particle_keys: kind {kind!r} is not auto, id or image")
+        return np.array(keys, dtype=object)  # object: a million long paths as fixed-width text would be huge
 
     # ---------------------------------------------------------------- derive
     def subset(self, rows: np.ndarray) -> "ParticleMetadata":
@@ -218,7 +249,8 @@ class ParticleMetadata:
 
         Checks: particles present; required columns; every rlnOpticsGroup in the optics
         table; unique images (unless ``allow_duplicates``: symmetry-expanded stars repeat
-        images); finite poses and CTF; with ``check_images``, every stack exists, is a
+        images); finite poses and CTF (every CTF column of the particle table, and the voltage,
+        Cs and amplitude contrast of the optics groups in use); with ``check_images``, every stack exists, is a
         readable MRC whose image size matches the optics table, and holds every index used
         (each stack's header is read once).
         """
@@ -233,16 +265,18 @@ class ParticleMetadata:
         if require_ctf:
             self.ctf_params()
         checks = [c for c in ANGLES + ORIGINS if c in self.particles.columns]
-        if require_ctf:
-            checks += [c for c in ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"] if c in self.particles.columns]
+        if require_ctf:  # every CTF column the CTF is computed from (ctf_params), not only the defocus
+            checks += [c for c in CTF_PARTICLE if c in self.particles.columns]
         for c in checks:
             v = pd.to_numeric(self.particles[c], errors="coerce").to_numpy(dtype=np.float64)
             bad = ~np.isfinite(v)
             if bad.any():
                 i = int(np.argmax(bad))
                 raise InputError(f"{src}: {c} is not a finite number for {int(bad.sum())} particle(s) "
-                                 f"(first: row {i + 1}, {self.particles['rlnImageName'].iloc[i]}); "
-                                 "remove or fix those particles")
+                                 f"(first: row {i + 1} of the particle table, "
+                                 f"{self.particles['rlnImageName'].iloc[i]}); remove or fix those particles")
+        if require_ctf:
+            self._check_optics_ctf(rows)
         paths, idx = self.image_locations()
         if (idx < 0).any():
             i = int(np.argmax(idx < 0))
@@ -258,6 +292,24 @@ class ParticleMetadata:
                                  "expanded by the engine itself)")
         if check_images:
             self._check_stacks(paths, idx, rows)
+
+    def _check_optics_ctf(self, rows: np.ndarray) -> None:
+        """Refuse NaN/Inf voltage, Cs or amplitude contrast (and a voltage <= 0) in the optics
+        groups the particles use (``rows``: optics row of every particle)."""
+        used, count = np.unique(rows, return_counts=True)
+        names = (self.optics["rlnOpticsGroupName"] if "rlnOpticsGroupName" in self.optics.columns
+                 else self.optics["rlnOpticsGroup"]).astype(str).to_numpy()
+        for c in OPTICS_CTF:
+            if c not in self.optics.columns:
+                continue
+            v = pd.to_numeric(self.optics[c], errors="coerce").to_numpy(dtype=np.float64)[used]
+            bad = ~np.isfinite(v) | ((v <= 0) if c == "rlnVoltage" else False)
+            if bad.any():
+                k = int(np.argmax(bad))
+                what = "not a positive number" if c == "rlnVoltage" else "not a finite number"
+                raise InputError(f"{self.source}: {c} is {what} in {int(bad.sum())} optics group(s) (first: "
+                                 f"row {int(used[k]) + 1} of the optics table, group {names[used[k]]}, used by "
+                                 f"{int(count[k])} particle(s)); fix the data_optics block")
 
     def _check_stacks(self, paths: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
         src = self.source
@@ -280,6 +332,18 @@ class ParticleMetadata:
             if sizes and sizes != {d}:
                 raise InputError(f"{src}: {path} holds {d} x {d} px images but the optics table says "
                                  f"rlnImageSize {sorted(sizes)[0]}; the star file and stack do not match")
+
+
+def _line_safe(text: str) -> str:
+    """``text`` as one line of UTF-8 (a key file holds one key per line): line breaks and
+    undecodable bytes of a file name escaped."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
+def particle_keys(meta: ParticleMetadata, kind: str = "auto") -> np.ndarray:
+    """The identity of each particle row of ``meta`` (:meth:`ParticleMetadata.particle_keys`)."""
+    return meta.particle_keys(kind)
 
 
 # -------------------------------------------------------------------- reading
@@ -307,7 +371,7 @@ def _first_stack(names: pd.Series) -> str | None:
     if len(names) == 0:
         return None
     name = str(names.iloc[0])
-    return name.partition("@")[2] if "@" in name else name
+    return _TYPE_SUFFIX.sub("", name.partition("@")[2] if "@" in name else name)
 
 
 def _numeric(table: pd.DataFrame, columns: list[str], path: str, what: str) -> pd.DataFrame:

@@ -92,6 +92,16 @@ def _memmap(path: str):
     return header, data
 
 
+def _zyx_order(header) -> list[int] | None:
+    """Permutation that turns the file's array (sections, rows, columns) into ``[z, y, x]``
+    from the header's ``maps``/``mapr``/``mapc`` (None: already ``[z, y, x]``, or the header's
+    axis words are not a permutation of 1, 2, 3 and the file order is taken as it is)."""
+    axes = [int(header.maps), int(header.mapr), int(header.mapc)]
+    if sorted(axes) == [1, 2, 3] and axes != [3, 2, 1]:
+        return [axes.index(3), axes.index(2), axes.index(1)]
+    return None
+
+
 def _apix(header) -> float:
     mx = int(header.mx)
     cella = float(header.cella.x)
@@ -107,9 +117,9 @@ def read_map(path, apix: float | None = None) -> tuple[np.ndarray, float]:
     """
     path = os.fspath(path)
     header, data = _memmap(path)
-    axes = [int(header.maps), int(header.mapr), int(header.mapc)]
-    if sorted(axes) == [1, 2, 3] and axes != [3, 2, 1]:
-        data = np.transpose(data, [axes.index(3), axes.index(2), axes.index(1)])
+    order = _zyx_order(header)
+    if order is not None:
+        data = np.transpose(data, order)
     if data.shape[0] == 1:
         raise InputError(f"{path}: a 2D image ({data.shape[2]} x {data.shape[1]}), not a 3D map")
     if len(set(data.shape)) != 1:
@@ -154,11 +164,17 @@ def open_stack(path) -> np.ndarray:
     """Read-only memory map ``(n, D, D)`` of an image stack (.mrcs, or a 2D/3D .mrc).
 
     A single 2D image comes back as ``(1, D, D)``. The array keeps the file's dtype; copy
-    slices with ``np.asarray(stack[i], np.float32)``. InputError for missing, truncated or
-    corrupt files and for non-square images.
+    slices with ``np.asarray(stack[i], np.float32)``. The header's axis order
+    (``mapc``/``mapr``/``maps``, as :func:`read_map`) is honoured by a transposed view of the
+    memory map (e.g. images stored with ``mapc = 2``, ``mapr = 1`` come back as ``[y, x]``):
+    nothing is read until a slice is copied. InputError for missing, truncated or corrupt files
+    and for non-square images.
     """
     path = os.fspath(path)
-    _, data = _memmap(path)
+    header, data = _memmap(path)
+    order = _zyx_order(header)
+    if order is not None:
+        data = np.transpose(data, order)  # a view: still memory-mapped
     if data.shape[1] != data.shape[2]:
         raise InputError(f"{path}: images are {data.shape[2]} x {data.shape[1]} px, not square; "
                          "re-extract the particles in a square box")

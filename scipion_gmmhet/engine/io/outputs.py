@@ -10,7 +10,8 @@ here only. Writes are atomic (:mod:`atomic`). The layouts (see docs/architecture
 ``gmmhet train --out DIR`` (:class:`TrainFolder`)
     ``config.json`` (settings, fingerprint of the inputs, counts), ``gmm.npz`` (the neutral
     GMM), ``feature_stats.npz``, ``features.f16`` + ``features.json`` (feature cache),
-    ``checkpoints/epoch_NNNN.pt``, ``loss.csv``, ``model.pt``, ``latent.npy``.
+    ``checkpoints/epoch_NNNN.pt``, ``loss.csv``, ``model.pt``, ``latent.npy``,
+    ``particle_keys.txt`` (the identity of each training particle: results pair with particles by it).
 ``gmmhet analyze --out DIR`` (:class:`AnalysisFolder`)
     ``labels.npy``, ``centers.npy``, ``cluster_XX_rows.txt``, ``embedding_{pca,umap}.npy`` and ``.png``,
     ``cluster_XX_gmm.mrc``, reconstructions ``cluster_XX.mrc`` (:func:`reconstruction_paths`),
@@ -154,6 +155,9 @@ def gmm_file(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # gmmhet train
 
+#: first line of a training's particle_keys.txt
+PARTICLE_KEYS_HEADER = "# gmmhet particle keys 1: the identity of each particle row of the training star\n"
+
 #: settings that must match to resume a run (besides the inputs' fingerprint)
 RESUME_KEYS = ("zdim", "batch_size", "lr", "hidden", "layers", "latent_noise", "latent_reg", "val_fraction",
                "changes", "symmetry", "seed")
@@ -175,7 +179,7 @@ class TrainFolder(_Folder):
     """``gmmhet train``'s output folder (what ``--train`` of eval/analyze/refine takes)."""
 
     #: files that carry a run's state from one protocol run to the run that continues it
-    STATE_FILES = ("config.json", GMM_NPZ, "feature_stats.npz", "loss.csv")
+    STATE_FILES = ("config.json", GMM_NPZ, "feature_stats.npz", "loss.csv", "centering.csv")
     #: the feature cache (large; rebuilt when absent)
     CACHE_FILES = ("features.f16", "features.json")
 
@@ -250,6 +254,54 @@ class TrainFolder(_Folder):
 
     def write_latents(self, z: np.ndarray) -> None:
         save_npy(self.latent, z)
+
+    @property
+    def particle_keys(self) -> str:
+        """``particle_keys.txt``: the identity of each particle row of the training star
+        (:meth:`metadata.ParticleMetadata.particle_keys`), one per line after a ``#`` header."""
+        return self.path("particle_keys.txt")
+
+    def write_particle_keys(self, keys) -> None:
+        """Record the training particles' keys (``None``: remove a stale record, e.g. a run on
+        arrays in a folder that held a run on a star), atomically."""
+        if keys is None:
+            if os.path.exists(self.particle_keys):
+                os.remove(self.particle_keys)
+            return
+        write_text(self.particle_keys, PARTICLE_KEYS_HEADER + "".join(f"{k}\n" for k in keys))
+
+    def read_particle_keys(self) -> np.ndarray | None:
+        """The keys of :meth:`write_particle_keys` ``(N,)`` str; None for runs that predate them."""
+        if not os.path.exists(self.particle_keys):
+            return None
+        with open(self.particle_keys, encoding="utf-8", newline="\n") as f:
+            lines = f.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return np.array([k for k in lines if not k.startswith("#")], dtype=object)
+
+    @property
+    def centering(self) -> str:
+        """``centering.csv``: the shift corrections of :mod:`training.centering` (row, dx_A, dy_A;
+        Angstrom added to the RELION origins of training-star row ``row``, 0-based)."""
+        return self.path("centering.csv")
+
+    def write_centering(self, shifts_A: np.ndarray) -> None:
+        d = np.asarray(shifts_A, dtype=np.float64).reshape(-1, 2)
+        write_text(self.centering, "row,dx_A,dy_A\n" + "".join(f"{i},{x!r},{y!r}\n" for i, (x, y) in
+                                                               enumerate(d.tolist())))
+
+    def read_centering(self) -> np.ndarray | None:
+        """``(N, 2)`` float64 corrections of :meth:`write_centering`; None when the run has none."""
+        if not os.path.exists(self.centering):
+            return None
+        try:
+            t = np.loadtxt(self.centering, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+        except ValueError:
+            return None
+        if t.size == 0 or t.shape[1] != 3 or not np.array_equal(t[:, 0], np.arange(len(t))):
+            return None
+        return t[:, 1:3]
 
     def write_loss(self, history: list) -> None:
         """``loss.csv``: epoch, train_loss, val_loss, seconds, best (one row per finished epoch;

@@ -68,6 +68,7 @@ from ..model.fourier import LOSSES, RingBinner
 from ..model.gmm import GMM, project, projection_precision
 from ..model.networks import HetModel, parse_changes
 from .acceleration import Amp, autocast, compile_mlps
+from .centering import center_for_training
 from .batching import MIN_STEPS_PER_EPOCH, REFERENCE_BATCH, probe_batch_size, resident_rows, scaled_lr
 from .config import PRIORS, TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
 from .distributed import Dist
@@ -188,7 +189,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     device = particles.device
     folder = TrainFolder(out_dir)
     auto_batch = cfg.batch_size == 0
-    amp, frc_curve = _settle_config(particles, neutral, cfg, star_path)
+    amp, frc_curve, centering = _settle_config(particles, neutral, cfg, star_path, folder=folder, resume=resume,
+                                               dist=dist)
     fingerprint = run_fingerprint(cfg, particles, neutral, star_path)
     auto_batch = _prepare_out_dir(folder, cfg, fingerprint, resume, dist, auto_batch)
 
@@ -202,6 +204,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             "n_mobile": int(mobile.numel()), "n_features": feats.n_features, "rings": [binner.lo, binner.hi],
             "particles": os.path.abspath(star_path) if star_path else None, "device": str(device),
             "n_processes": dist.world_size, "particle_frc_per_ring": frc_curve,
+            "centering": centering.summary() if centering is not None else None,
             "model_file_version": MODEL_FILE_VERSION}
     if main:
         neutral.save(folder.gmm)
@@ -256,6 +259,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     if main:
         folder.write_loss(history)
         folder.write_summary(summary)
+        from ..io.pairing import record_particle_keys  # results pair with particles by these keys
+        record_particle_keys(folder, star_path, particles.n_particles)
         folder.write_latents(z)
         folder.write_model(model_payload(run.model, cfg, feats, mobile_np, info))
     dist.barrier()
@@ -265,9 +270,12 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
             "compiled": compiled, "summary": summary}
 
 
-def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_path: str | None):
-    """Check the inputs and settle ``cfg`` (in place): precision, changes, CTF mode, band and
-    position scale. Returns (:class:`acceleration.Amp`, per-ring FRC curve or None)."""
+def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_path: str | None,
+                   folder: TrainFolder | None = None, resume: bool = False, dist: Dist | None = None):
+    """Check the inputs and settle ``cfg`` (in place): precision, changes, CTF mode, centring
+    (``particles``' origins corrected in place, :mod:`centering`), band and position scale.
+    Returns (:class:`acceleration.Amp`, per-ring FRC curve or None, :class:`centering.Centering`
+    or None)."""
     device = particles.device
     if cfg.zdim < 1:
         raise InputError(f"--zdim {cfg.zdim}: the latent dimension must be at least 1")
@@ -297,13 +305,15 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
         raise InputError(f"--loss {cfg.loss}: give one of {', '.join(LOSSES)}")
     if cfg.prior not in PRIORS:
         raise InputError(f"--prior {cfg.prior}: give one of {', '.join(PRIORS)}")
+    centering = center_for_training(particles, neutral, cfg.center, folder if resume else None,
+                                    folder if (dist is None or dist.is_main) else None)
     frc_curve = None
     if cfg.highres_A is None:
         cfg.highres_A, frc_curve = auto_highres(particles, neutral, cfg)
     cfg.lowres_A, cfg.highres_A = default_band(neutral, particles.apix, particles.box, cfg.lowres_A, cfg.highres_A)
     if cfg.pos_scale_A is None:
         cfg.pos_scale_A = 0.1 * neutral.box * neutral.apix
-    return amp, frc_curve
+    return amp, frc_curve, centering
 
 
 def _prepare_out_dir(folder: TrainFolder, cfg: TrainConfig, fingerprint: dict, resume: bool, dist: Dist,

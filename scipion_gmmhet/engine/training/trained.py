@@ -128,7 +128,7 @@ class TrainedModel:
 
     def encode_particles(self, star_path: str, device=None, batch_size: int = 256) -> np.ndarray:
         """Latents of the particles of any star (same box/pixel size as the model), with the
-        training run's symmetry expansion and CTF mode; features computed on the fly."""
+        training run's symmetry expansion, CTF mode and centring; features computed on the fly."""
         dev = self.device if device is None else resolve_device(device)
         if dev != self.device:
             self.model.to(dev)
@@ -138,6 +138,9 @@ class TrainedModel:
         if particles.box != self.neutral.box or abs(particles.apix - self.neutral.apix) > 1e-3 * self.neutral.apix:
             raise InputError(f"{star_path}: particles are box {particles.box} at {particles.apix:.4f} A/px but the "
                              f"model is box {self.neutral.box} at {self.neutral.apix:.4f} A/px; use matching particles")
+        if self.config.get("center", "off") == "auto":  # as in training (runs before 0.2 did not centre)
+            from .centering import apply_centering, center_particles
+            apply_centering(particles, center_particles(particles, self.neutral))
         particles.crop(self.config["highres_A"])
         binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
                             device=dev, loss=self.config.get("loss", "frc"))
