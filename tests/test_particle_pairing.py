@@ -220,3 +220,26 @@ def test_train_records_keys_and_refine_pairs_or_encodes(sim, trained_run, tmp_pa
         assert "predates particle keys" in caplog.text
     finally:
         record_particle_keys(TrainFolder(out), star, 100)
+
+
+def test_analyze_says_at_once_when_the_images_are_not_found(sim, tmp_path, monkeypatch, capsys):
+    """A star whose image names resolve nowhere: one line before any clustering, and
+    --images-root points analyze to the stacks' folder."""
+    train = _run(sim, tmp_path / "train", monkeypatch)
+    names = metadata.read_particles(sim["star"]).particles["rlnImageName"].astype(str)
+    elsewhere = tmp_path / "elsewhere"
+    os.makedirs(elsewhere)
+    star = elsewhere / "moved.star"
+    with open(sim["star"]) as f:  # the same table, written by hand with bare stack names
+        text = f.read()
+    for n in set(names):
+        text = text.replace(n, n.split("@")[0] + "@" + os.path.basename(n.split("@")[1]))
+    star.write_text(text)
+    capsys.readouterr()
+    assert _analyze(train.folder, star, tmp_path / "a_missing") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "moved.star" in err, err
+    assert not os.path.exists(AnalysisFolder(str(tmp_path / "a_missing")).cluster_rows(0))
+    stack = names.iloc[0].split("@")[1]
+    stacks = os.path.dirname(os.path.join(os.path.dirname(sim["star"]), stack))  # as the star names it
+    assert _analyze(train.folder, star, tmp_path / "a_root", "--images-root", stacks) == 0

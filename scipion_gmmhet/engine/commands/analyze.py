@@ -50,6 +50,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "reconstructions; its rows are paired with the latents by particle id or image, and "
                              "labels.npy and cluster_XX_rows.txt follow its row order; default: the one recorded "
                              "in DIR/config.json)")
+    parser.add_argument("--images-root", metavar="DIR",
+                        help="directory the star's image names are relative to (default: the star's folder, "
+                             "or the first ancestor holding the first stack)")
     parser.add_argument("--latents", metavar="FILE.npy",
                         help="latent vectors to analyse instead of DIR/latent.npy: (N, K) float, row i = row i "
                              "of --particles (e.g. a subset of the trained particles); needs --particles")
@@ -174,7 +177,9 @@ def _inputs(args):
     meta = None
     if star and (not args.no_reconstruct or args.latents or args.particles):
         from ..io.metadata import read_particles
-        meta = read_particles(star)
+        meta = read_particles(star, images_root=getattr(args, "images_root", None))
+        if not args.no_reconstruct:  # missing stacks: say so now, not after the clustering
+            meta.validate(require_alignment=True, require_ctf=False, check_images=True, allow_duplicates=n_ops > 1)
         if args.latents and len(meta) != z.shape[0]:
             raise InputError(f"--particles {star}: {len(meta)} particles but --latents {args.latents} has "
                              f"{z.shape[0]} rows; give the latents of these particles, row i = particle row i")
