@@ -88,11 +88,13 @@ def main(argv=None) -> int:
                 e1 = pose_errors(rot, org + shifts, rot_t, org_t, meta.apix)
                 c = cfg.get("centering") or {}
                 row.update(shift_err_after_px=round(e1["sh_med_px"], 3), n_moved=c.get("n_moved"),
+                           n_found=c.get("n_found", c.get("n_moved")), gate_t=c.get("gate_t"),
                            center_s=c.get("seconds"))
             rows.append(row)
             print(json.dumps(row), flush=True)
     cols = [("start", "input poses"), ("angle_err_deg", "median angle error (deg)"),
             ("shift_err_px", "median shift error (px)"), ("center", "--center"),
+            ("n_found", "moved by the search"), ("gate_t", "half-map check t (needs 1.70)"),
             ("shift_err_after_px", "shift error after centring (px)"), ("n_moved", "particles re-centred"),
             ("spearman_pc1", "\\|Spearman\\| PC1"), ("knn_r2", "kNN R2"), ("effective_dim", "effective dim."),
             ("center_s", "centring s"), ("wall_s", "train wall s")]

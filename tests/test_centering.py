@@ -117,3 +117,27 @@ def test_center_off_and_bad_values(conf, tmp_path):
     assert f.read_centering() is None
     f.write_centering(np.array([[0.5, -0.25], [0.0, 0.0]]))
     np.testing.assert_array_equal(f.read_centering(), [[0.5, -0.25], [0.0, 0.0]])
+
+
+def test_exact_shifts_train_exactly_as_without_centring(conf, tmp_path):
+    """At exact poses the search still moves a few particles by their conformation; the
+    gold-standard check finds that the half maps do not agree better and keeps every shift, so
+    the run is the same as --center off (latents bit for bit)."""
+    args = ["--zdim", "2", "--epochs", "1", "--hidden", "32", "--layers", "1", "--batch-size", "64", "--device",
+            "cpu", "--particles", conf["star"], "--gmm", conf["gmm"]]
+    on, off = str(tmp_path / "on"), str(tmp_path / "off")
+    torch.set_num_threads(1)
+    assert cli_main(["train", *args, "--out", on]) == 0
+    assert cli_main(["train", *args, "--center", "off", "--out", off]) == 0
+    c = json.load(open(TrainFolder(on).config))["centering"]
+    assert c["n_moved"] == 0 and c["gate_accepted"] is False and c["n_found"] >= 0
+    assert not np.any(TrainFolder(on).read_centering())
+    np.testing.assert_array_equal(TrainFolder(on).read_latents(), TrainFolder(off).read_latents())
+
+
+def test_gate_keeps_real_corrections(conf, tmp_path):
+    """With 1.2 px shift errors the centred half maps agree better: the check keeps them."""
+    p = Particles.from_star(conf["star_off"])
+    c = ctr.gold_standard(ctr.center_particles(p, GMM.load(conf["gmm"])), conf["star_off"], p)
+    assert c.gate.accepted and c.gate.t > c.gate.t_min and c.n_moved == c.n_found > 100
+    assert c.summary()["gate_accepted"] is True

@@ -164,8 +164,9 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
                       label='Centre particles first?',
                       help='Yes: before training, each particle\'s shift is checked against the '
                            'projection of the neutral Gaussian model (a shift-only search up to 3 '
-                           'px; a shift changes only when the image says so) and the network '
-                           'trains with the corrected shifts. Shift errors of about a pixel '
+                           'px; a shift changes only when the image says so, and the corrections '
+                           'are kept only when the half maps agree better with them) and the '
+                           'network trains with the corrected shifts. Shift errors of about a pixel '
                            'otherwise become the latent space (simulated 1AKE hinge: |Spearman| '
                            '0.32 instead of 0.93). The input poses are not changed; refine '
                            'orientations refines them. No: the input shifts as they are.')

@@ -85,8 +85,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--center", choices=["auto", "off"], default=d.center,
                    help="auto: before training, check each particle's shift against the neutral GMM's "
                         "projection (shift-only local search, up to 3 px; a shift moves only when the image "
-                        "says so) and train with the corrections, so that shift errors of the input poses "
-                        "do not become the latent space; the star is not changed and the corrections are "
+                        "says so, and the corrections are kept only when the half maps agree better with "
+                        "them) and train with the corrections, so that shift errors of the input poses do "
+                        "not become the latent space; the star is not changed and the corrections are "
                         "written to centering.csv; off: the star's shifts as they are (default auto)")
     p.add_argument("--hidden", type=int, default=d.hidden, help="units per hidden layer (default 512)")
     p.add_argument("--layers", type=int, default=d.layers, help="hidden layers per network (default 3)")

@@ -9,15 +9,23 @@ Why
     median 1.14 px 0.318, and both 0.224 (all four latent directions used). Removing the
     rigid-body part of the decoder's moves (a translation or rigid gauge) does not help (0.14):
     the network absorbs a shift with amplitudes and bends. Centring the particles first does:
-    0.929 (shift error 1.14 -> 0.29 px); at exact poses 3% of the particles move and the
-    latents keep 0.937 (benchmarks/results/centering.md).
+    0.929 (shift error 1.14 -> 0.29 px); at exact poses nothing moves (below) and the latents
+    are those of ``--center off`` (benchmarks/results/centering_hinge_md_snr0.1.md).
 
 Method
     A shift-only local search (:func:`analysis.refine.refine_poses` with ``max_angle_deg=0``)
     of each particle's image against the CTF-applied projection of the neutral GMM at the
     particle's rotation, within ``max_shift_px`` (default 3 px, prior sigma 1 px), scored by
     the whitened band correlation, with refine's evidence test (a new shift must gain 5.5
-    nats; a correct shift stays exactly). Rotations are left alone: against one consensus
+    nats; a correct shift stays exactly). Then refine's gold-standard check
+    (:mod:`analysis.refine_gate`): the corrections are kept only when the two half maps agree
+    better with them, significantly; otherwise every particle keeps its shift. The neutral
+    model is not any particle's structure, so at exact poses the search still moves a few
+    percent of the particles by their conformation (two motions: 483 of 6,000), and those moves
+    make the half maps agree less (t = -3.6; hinge -4.0); real shift errors make them agree
+    better (1.14 px errors: t = 4.7). So exact poses train exactly as without centring (the
+    ungated moves had cost |Spearman| 0.002-0.006), in ~7 s of reconstructions for 6,000
+    particles at box 64 on one CPU thread. Rotations are left alone: against one consensus
     model they are biased by the motion (the same search with rotations made them worse,
     1.93 -> 2.12 deg), and the network tolerates them. The corrections are used for the
     gradient features and the training loss; the input star is not changed (``gmmhet refine``
@@ -44,10 +52,14 @@ MAX_SHIFT_PX = 3.0
 @dataclass
 class Centering:
     """Shift corrections ``shifts_A`` ``(n_particles, 2)`` (Angstrom, added to the RELION
-    origins; 0 rows where the input shift was kept) and how long the search took."""
+    origins; 0 rows where the input shift was kept), how long the search took, and the
+    gold-standard check (``gate``, :class:`analysis.refine_gate.GateResult`; None when not run)
+    with the number of particles the search had moved (``n_found``) before it."""
 
     shifts_A: np.ndarray
     seconds: float = 0.0
+    gate: object = None
+    n_found: int | None = None
 
     @property
     def n_moved(self) -> int:
@@ -57,10 +69,15 @@ class Centering:
         """JSON-ready numbers for summary.json and the logs."""
         d = np.linalg.norm(self.shifts_A, axis=1)
         moved = d[d > 0]
-        return {"n_moved": self.n_moved, "n_particles": int(len(d)),
-                "median_correction_A": round(float(np.median(moved)), 4) if moved.size else 0.0,
-                "p90_correction_A": round(float(np.percentile(moved, 90)), 4) if moved.size else 0.0,
-                "seconds": round(float(self.seconds), 2)}
+        out = {"n_moved": self.n_moved, "n_particles": int(len(d)),
+               "median_correction_A": round(float(np.median(moved)), 4) if moved.size else 0.0,
+               "p90_correction_A": round(float(np.percentile(moved, 90)), 4) if moved.size else 0.0,
+               "seconds": round(float(self.seconds), 2)}
+        if self.gate is not None:
+            out.update(n_found=self.n_found, gate_accepted=bool(self.gate.accepted),
+                       gate_fsc_input=round(float(self.gate.fsc_input), 4),
+                       gate_fsc_centred=round(float(self.gate.fsc_refined), 4), gate_t=round(float(self.gate.t), 2))
+        return out
 
 
 class _NeutralModels:
@@ -120,12 +137,13 @@ def apply_centering(particles, centering: Centering) -> None:
     particles.origins_A = particles.origins_A + s
 
 
-def center_for_training(particles, neutral, mode: str, saved_in=None, write_to=None):
+def center_for_training(particles, neutral, mode: str, saved_in=None, write_to=None, star_path=None):
     """What ``gmmhet train --center MODE`` does before anything else: 'off' -> None; 'auto' ->
     the :class:`Centering` of ``particles`` (read from the :class:`io.outputs.TrainFolder`
-    ``saved_in`` when it holds one for these particles: a resumed run; else searched and written
-    to the TrainFolder ``write_to``), applied to ``particles``' origins, with a log line (and a
-    warning when most shifts were off)."""
+    ``saved_in`` when it holds one for these particles: a resumed run; else searched, checked
+    against the half maps of ``star_path``'s particles (:func:`gold_standard`; no check without a
+    star) and written to the TrainFolder ``write_to``), applied to ``particles``' origins, with a
+    log line (and a warning when most shifts were off)."""
     from ..errors import InputError
     if mode not in CENTER_MODES:
         raise InputError(f"--center {mode}: give one of {', '.join(CENTER_MODES)}")
@@ -137,6 +155,8 @@ def center_for_training(particles, neutral, mode: str, saved_in=None, write_to=N
         log.info("centring: the corrections of the interrupted run (%s)", saved_in.centering)
     else:
         centering = center_particles(particles, neutral)
+        if star_path is not None and centering.n_moved:
+            centering = gold_standard(centering, star_path, particles)
         if write_to is not None:
             os.makedirs(write_to.folder, exist_ok=True)
             write_to.write_centering(centering.shifts_A)
@@ -150,6 +170,30 @@ def center_for_training(particles, neutral, mode: str, saved_in=None, write_to=N
                     "latent space would otherwise learn as motions; `gmmhet refine` refines them",
                     s["median_correction_A"])
     return centering
+
+
+def gold_standard(centering: Centering, star_path: str, particles) -> Centering:
+    """``centering`` kept when the half maps of ``star_path``'s particles agree better with its
+    corrections than without (:func:`analysis.refine_gate.compare_shells`), else all zeros."""
+    from ..analysis.reconstruct import normalise_ctf_mode
+    from ..analysis.refine_gate import compare_shells, half_map_fsc
+    from ..io import metadata
+    meta = metadata.read_particles(star_path)
+    if len(meta) != len(centering.shifts_A):
+        return centering
+    t0 = time.time()
+    mode = normalise_ctf_mode(particles.ctf_mode)
+    device = str(particles.device)
+    trial = meta.with_poses(None, meta.origins_A() + centering.shifts_A)
+    gate = compare_shells(half_map_fsc(meta, device, mode), half_map_fsc(trial, device, mode))
+    n_found = centering.n_moved
+    log.info("centring: gold-standard check: mean half-map FSC %.4f with the star's shifts, %.4f centred (shell-"
+             "wise gain t = %.2f, needs %.2f; %.1f s): %s", gate.fsc_input, gate.fsc_refined, gate.t, gate.t_min,
+             time.time() - t0, "centring" if gate.accepted else
+             f"the star's shifts were as good; the {n_found} moves followed the neutral model, not shift errors, "
+             "and every particle keeps its shift")
+    shifts = centering.shifts_A if gate.accepted else np.zeros_like(centering.shifts_A)
+    return Centering(shifts, centering.seconds + time.time() - t0, gate, n_found)
 
 
 class _RowView:

@@ -48,8 +48,9 @@ Defaults and why (see :class:`TrainConfig`):
   noisy rings costly (it stopped at 19 A on the 1AKE hinge, 8 A GMM, 1.5 A/px). Give
   ``highres_A`` to override; the reason is logged and written to summary.json.
 - ``center 'auto'``: before anything else each particle's shift is checked against the neutral
-  GMM's projection (a shift-only local search with refine's evidence test,
-  :mod:`training.centering`) and the corrections are used for the features and the loss: shift
+  GMM's projection (a shift-only local search with refine's evidence test, kept only when the
+  half maps agree better with the corrections, :mod:`training.centering`) and the corrections
+  are used for the features and the loss: shift
   errors of ~1 px otherwise become the latent space (MD-like 1AKE hinge, SNR 0.1: |Spearman|
   0.32 with shifts off by a median 1.14 px, 0.93 centred, 0.938 at exact shifts). ``'off'``:
   the star's shifts as they are.

@@ -306,7 +306,7 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
     if cfg.prior not in PRIORS:
         raise InputError(f"--prior {cfg.prior}: give one of {', '.join(PRIORS)}")
     centering = center_for_training(particles, neutral, cfg.center, folder if resume else None,
-                                    folder if (dist is None or dist.is_main) else None)
+                                    folder if (dist is None or dist.is_main) else None, star_path)
     frc_curve = None
     if cfg.highres_A is None:
         cfg.highres_A, frc_curve = auto_highres(particles, neutral, cfg)

@@ -139,8 +139,8 @@ class TrainedModel:
             raise InputError(f"{star_path}: particles are box {particles.box} at {particles.apix:.4f} A/px but the "
                              f"model is box {self.neutral.box} at {self.neutral.apix:.4f} A/px; use matching particles")
         if self.config.get("center", "off") == "auto":  # as in training (runs before 0.2 did not centre)
-            from .centering import apply_centering, center_particles
-            apply_centering(particles, center_particles(particles, self.neutral))
+            from .centering import center_for_training
+            center_for_training(particles, self.neutral, "auto", star_path=star_path)
         particles.crop(self.config["highres_A"])
         binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
                             device=dev, loss=self.config.get("loss", "frc"))
