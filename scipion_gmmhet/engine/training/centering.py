@@ -162,6 +162,9 @@ def center_for_training(particles, neutral, mode: str, saved_in=None, write_to=N
             write_to.write_centering(centering.shifts_A)
     apply_centering(particles, centering)
     s = centering.summary()
+    if not s["n_moved"]:
+        log.info("centring: every particle keeps the star's shift (%.1f s)", s["seconds"])
+        return centering
     log.info("centring: %d of %d particles' shifts corrected against the neutral GMM (median %.2f A, 90th "
              "percentile %.2f A; %.1f s; --center off keeps the star's shifts)", s["n_moved"], s["n_particles"],
              s["median_correction_A"], s["p90_correction_A"], s["seconds"])
