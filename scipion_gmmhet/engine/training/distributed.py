@@ -22,6 +22,7 @@ collectives do nothing.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -108,6 +109,11 @@ class Dist:
 
     def close(self) -> None:
         if self.initialized_here and torch.distributed.is_initialized():
+            # objects bound to the group (DistributedDataParallel and its reducer) that sit in
+            # reference cycles are freed now, while the group exists: freed by a later garbage
+            # collection or at exit they tear down gloo state that is gone, and the process aborts
+            # ("terminate called without an active exception", ~1 in 30 two-process CPU runs here)
+            gc.collect()
             torch.distributed.destroy_process_group()
             self.initialized_here = False
 

@@ -249,6 +249,7 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
         if main:
             _save_checkpoint(run, history, epoch, folder)
     info["best_epoch"] = _restore_best(run, history)
+    run.ddp = None  # released while the process group exists (Dist.close)
 
     t_lat = time.time()
     n_all = len(particles)
