@@ -112,20 +112,15 @@ def center_particles(particles, neutral, max_shift_px: float = MAX_SHIFT_PX, bat
         p1 = copy.copy(particles)
         p1.n_ops = 1
         p1.sym_ops = torch.eye(3, dtype=torch.float32, device=particles.device)[None]
-    n = int(p1.n_particles)
-    lo, hi = 0, n
-    shifts = np.zeros((n, 2), dtype=np.float64)
-    if hi > lo:
-        view = _RowView(p1, lo, hi)
-        search_log = logging.getLogger(refine_poses.__module__)
-        level = search_log.level
-        search_log.setLevel(logging.WARNING)  # its progress lines speak of refinement
-        try:
-            res = refine_poses(view, _RowModels(_NeutralModels(neutral), lo), max_angle_deg=0.0,
-                               max_shift_A=max_shift_px * p1.apix, batch_size=batch_size)
-        finally:
-            search_log.setLevel(level)
-        shifts[lo:hi] = np.asarray(res.origins_A, dtype=np.float64) - view.origins_A.double().cpu().numpy()
+    search_log = logging.getLogger(refine_poses.__module__)
+    level = search_log.level
+    search_log.setLevel(logging.WARNING)  # its progress lines speak of refinement
+    try:
+        res = refine_poses(p1, _NeutralModels(neutral), max_angle_deg=0.0, max_shift_A=max_shift_px * p1.apix,
+                           batch_size=batch_size)
+    finally:
+        search_log.setLevel(level)
+    shifts = np.asarray(res.origins_A, dtype=np.float64) - p1.origins_A.double().cpu().numpy()
     return Centering(shifts, time.time() - t0)
 
 
@@ -197,28 +192,3 @@ def gold_standard(centering: Centering, star_path: str, particles) -> Centering:
              "and every particle keeps its shift")
     shifts = centering.shifts_A if gate.accepted else np.zeros_like(centering.shifts_A)
     return Centering(shifts, centering.seconds + time.time() - t0, gate, n_found)
-
-
-class _RowView:
-    """Particles ``lo:hi`` of ``particles`` as a set of their own (rows renumbered from 0)."""
-
-    def __init__(self, particles, lo: int, hi: int):
-        self._p, self._lo = particles, int(lo)
-        self.n_particles, self.n_ops = int(hi - lo), 1
-        self.box, self.apix, self.device = particles.box, particles.apix, particles.device
-        self.rotations = particles.rotations[lo:hi]
-        self.origins_A = particles.origins_A[lo:hi]
-
-    def batch(self, rows):
-        return self._p.batch(np.asarray(rows, dtype=np.int64) + self._lo)
-
-
-class _RowModels:
-    """``models`` seen from a :class:`_RowView` (rows offset by ``lo``)."""
-
-    def __init__(self, models, lo: int):
-        self._m, self._lo = models, int(lo)
-        self.neutral_centers_A, self.median_sigma_A = models.neutral_centers_A, models.median_sigma_A
-
-    def gaussians(self, rows, device):
-        return self._m.gaussians(np.asarray(rows) + self._lo, device)
