@@ -126,3 +126,9 @@ class TestProtocolForms(BaseTest):
         self.assertEqual(prot._centeringMethodsText(), '')
         folder.write_config({'train': {'zdim': 4}})  # a run made before the option: it did not centre
         self.assertEqual(prot._recordedCenterMode(), 'off')
+        # ... nor estimate latents by the posterior; the summary says when a run did
+        self.assertEqual(prot._recordedSetting('latent_estimate', 'encoder', 'posterior'), 'encoder')
+        self.assertEqual(prot._posteriorLines({'latent_posterior': None}), [])
+        self.assertEqual(prot._posteriorLines({'latent_posterior': {'anchors': 64}}),
+                         ["Latents: posterior mean over 64 decoded states of the latent space, weighted "
+                          "by each image's likelihood"])

@@ -130,6 +130,10 @@ class TestValidationParity(BaseTest):
         # centring: on by default, off when the form says No (gmmhet train --center)
         self.assertIn('--center auto', prot._getTrainArgs())
         self.assertIn('--center off', self._train(self.protCtf, centerParticles=False)._getTrainArgs())
+        # latents: the likelihood posterior by default, the encoder's when the form says No
+        self.assertIn('--latent-estimate posterior', prot._getTrainArgs())
+        self.assertIn('--latent-estimate encoder',
+                      self._train(self.protCtf, posteriorLatents=False)._getTrainArgs())
 
     def test_maskOfAnotherGrid(self):
         """A focus mask of another box or sampling: the train protocol and gmmhet train refuse it

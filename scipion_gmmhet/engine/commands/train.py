@@ -89,6 +89,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "them) and train with the corrections, so that shift errors of the input poses do "
                         "not become the latent space; the star is not changed and the corrections are "
                         "written to centering.csv; off: the star's shifts as they are (default auto)")
+    p.add_argument("--latent-estimate", choices=["posterior", "encoder"], default=d.latent_estimate,
+                   help="posterior: after training, each particle's latent is the mean over a few dozen decoded "
+                        "latent states weighted by how well each explains its image (the likelihood; ranks the "
+                        "particles closer to what the data allow); encoder: the encoder's output "
+                        f"(default {d.latent_estimate})")
     p.add_argument("--hidden", type=int, default=d.hidden, help="units per hidden layer (default 512)")
     p.add_argument("--layers", type=int, default=d.layers, help="hidden layers per network (default 3)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=d.amp,
@@ -134,7 +139,7 @@ def main(args) -> int:
                       amp=args.amp, compile=args.compile, prefetch=args.prefetch,
                       proj_precision=args.proj_precision, loader_threads=args.loader_threads,
                       log_every=args.log_every, loss=args.loss, prior=args.prior, kl_weight=args.kl_weight,
-                      center=args.center)
+                      center=args.center, latent_estimate=args.latent_estimate)
     resolve_device(args.device)  # a clear error before joining a process group
     dist = init_from_env(args.device)  # torchrun: one process per GPU (see engine/training/distributed.py)
     try:

@@ -122,6 +122,11 @@ class RingBinner:
             self._hw = w
         return w
 
+    def band_dof(self) -> float:
+        """Real degrees of freedom of the band (its pixels in the full 2-D spectrum): the ``n``
+        of the white-noise log-likelihood with the best scale, ``-(n / 2) log(1 - corr^2)``."""
+        return float(self._hermitian_weight(self.flat_index.device).sum())
+
     def score(self, F1: torch.Tensor, F2: torch.Tensor) -> torch.Tensor:
         """The similarity the training maximises, ``(B,)``: :meth:`band_corr` (``loss = 'corr'``,
         the training default) or :meth:`mean_frc` (``loss = 'frc'``, e2gmm's)."""

@@ -54,6 +54,10 @@ Defaults and why (see :class:`TrainConfig`):
   errors of ~1 px otherwise become the latent space (MD-like 1AKE hinge, SNR 0.1: |Spearman|
   0.32 with shifts off by a median 1.14 px, 0.93 centred, 0.938 at exact shifts). ``'off'``:
   the star's shifts as they are.
+- ``latent_estimate 'posterior'``: after training, each particle's latent is the posterior mean
+  over a few dozen decoded latent states, weighted by the white-noise likelihood of its image
+  (:mod:`training.latent_posterior`; 1AKE hinge, SNR 0.1: |Spearman| 0.958 -> 0.962, kNN R2
+  0.904 -> 0.920). ``'encoder'``: the encoder's latents.
 - ``val_fraction 0.05``: a seeded 5% of particles (all symmetry copies of a particle go to the
   same side) never trains; its loss is logged every epoch to spot over-fitting.
 """
@@ -116,6 +120,7 @@ class TrainConfig:
     prior: str = "kl"
     kl_weight: float = 1e-3
     center: str = "auto"
+    latent_estimate: str = "posterior"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

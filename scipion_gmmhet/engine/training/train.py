@@ -69,6 +69,7 @@ from ..model.gmm import GMM, project, projection_precision
 from ..model.networks import HetModel, parse_changes
 from .acceleration import Amp, autocast, compile_mlps
 from .centering import center_for_training
+from .latent_posterior import final_latents
 from .batching import MIN_STEPS_PER_EPOCH, REFERENCE_BATCH, probe_batch_size, resident_rows, scaled_lr
 from .config import PRIORS, TrainConfig, auto_highres, default_band, fingerprint as run_fingerprint, split_items
 from .distributed import Dist
@@ -255,15 +256,17 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     n_all = len(particles)
     lo, hi = dist.block(n_all)
     z = encode_items(run.model, source, np.arange(lo, hi), max(cfg.batch_size, 256))
-    z = dist.gather_rows(z, n_all)
-    summary = _run_summary(cfg, z, history, info)
+    z_encoder = dist.gather_rows(z, n_all)
+    summary = _run_summary(cfg, z_encoder, history, info)  # effective dimension: the encoder's latents
+    z, anchors, summary["latent_posterior"] = final_latents(run.model, particles, binner, z_encoder, lo, hi, dist,
+                                                             cfg, device)
     if main:
         folder.write_loss(history)
         folder.write_summary(summary)
         from ..io.pairing import record_particle_keys  # results pair with particles by these keys
         record_particle_keys(folder, star_path, particles.n_particles)
         folder.write_latents(z)
-        folder.write_model(model_payload(run.model, cfg, feats, mobile_np, info))
+        folder.write_model(model_payload(run.model, cfg, feats, mobile_np, info, anchors))
     dist.barrier()
     log.info("wrote %s (%d x %d) in %.1f s; training %.1f s", folder.latent, z.shape[0],
              z.shape[1], time.time() - t_lat, time.time() - t_train)

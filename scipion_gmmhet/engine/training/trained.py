@@ -28,6 +28,7 @@ from ..model.gmm import GMM
 from ..model.networks import HetModel
 from .config import TrainConfig
 from .features import FeatureSource, GradientFeatures, feature_param_types
+from .latent_posterior import LatentAnchors, posterior_latents
 
 MODEL_FILE_VERSION = 2
 
@@ -51,9 +52,11 @@ def encode_items(model: HetModel, source, items: np.ndarray, batch_size: int) ->
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.decoder.zdim), np.float32)
 
 
-def model_payload(model: HetModel, cfg: TrainConfig, feats: GradientFeatures, mobile: np.ndarray, info: dict) -> dict:
+def model_payload(model: HetModel, cfg: TrainConfig, feats: GradientFeatures, mobile: np.ndarray, info: dict,
+                  anchors: LatentAnchors | None = None) -> dict:
     """The ``model.pt`` dict (format 2: tensors, plain containers, settings as JSON)."""
-    return {"version": MODEL_FILE_VERSION, "config_json": json.dumps(cfg.to_dict()),
+    extra = {"latent_anchors": anchors.to_payload()} if anchors is not None else {}
+    return {**extra, "version": MODEL_FILE_VERSION, "config_json": json.dumps(cfg.to_dict()),
             "info_json": json.dumps(info, default=float),
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "n_features": int(feats.n_features), "mobile": torch.as_tensor(np.asarray(mobile, dtype=np.int64)),
@@ -86,6 +89,7 @@ class TrainedModel:
                                   "scale": dict(stats["scale"]), "n_sample": int(stats.get("n_sample", 0))}
             self.mobile = np.asarray(payload["mobile"], dtype=np.int64)
             n_features = int(payload["n_features"])
+            self.anchors = LatentAnchors.from_payload(payload.get("latent_anchors"))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: incomplete model.pt (missing {exc}); {CONVERT_HINT}") from None
         self.payload = payload
@@ -147,7 +151,11 @@ class TrainedModel:
         feats = GradientFeatures(self.neutral, binner, torch.as_tensor(self.mobile),
                                  feature_param_types(self.config["changes"]), dev, stats=self.feature_stats)
         source = FeatureSource(particles, feats, None, dev)
-        return encode_items(self.model, source, np.arange(len(particles)), batch_size)
+        z = encode_items(self.model, source, np.arange(len(particles)), batch_size)
+        if self.anchors is not None:  # the training's estimate: the posterior over its anchors
+            z, _ = posterior_latents(self.model.decoder, particles, binner, np.arange(len(particles)), self.anchors,
+                                     batch_size, dev)
+        return z
 
 
 def load_trained(train_dir: str, device="cpu") -> TrainedModel:
