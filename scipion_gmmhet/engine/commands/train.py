@@ -38,6 +38,7 @@ from ..errors import InputError
 
 def add_args(p: argparse.ArgumentParser) -> None:
     from ..training.config import TrainConfig
+    from ..training.latent_posterior import LATENT_ESTIMATES
     d = TrainConfig()
     p.add_argument("--particles", required=True, help="RELION particle star file with 3D alignment and CTF")
     p.add_argument("--gmm", required=True, help="neutral GMM: 'gmmhet build' output folder or its gmm.npz")
@@ -89,7 +90,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "them) and train with the corrections, so that shift errors of the input poses do "
                         "not become the latent space; the star is not changed and the corrections are "
                         "written to centering.csv; off: the star's shifts as they are (default auto)")
-    p.add_argument("--latent-estimate", choices=["posterior", "encoder"], default=d.latent_estimate,
+    p.add_argument("--latent-estimate", choices=LATENT_ESTIMATES, default=d.latent_estimate,
                    help="posterior: after training, each particle's latent is the mean over a few dozen decoded "
                         "latent states weighted by how well each explains its image (the likelihood; ranks the "
                         "particles closer to what the data allow); encoder: the encoder's output "

@@ -212,7 +212,7 @@ def final_latents(model, particles, binner, z_encoder: np.ndarray, lo: int, hi: 
     """The latents a training writes: the encoder's ``z_encoder`` (all rows, every process) or,
     with ``cfg.latent_estimate == 'posterior'``, the posterior means (this process computes rows
     ``[lo, hi)``, gathered). Returns (latents, :class:`LatentAnchors` or None, summary dict or None)."""
-    if getattr(cfg, "latent_estimate", "encoder") != "posterior":
+    if cfg.latent_estimate != "posterior":
         return z_encoder, None, None
     anchors = fit_anchors(z_encoder, cfg.seed)
     if anchors is None:

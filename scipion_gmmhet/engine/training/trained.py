@@ -148,14 +148,13 @@ class TrainedModel:
         particles.crop(self.config["highres_A"])
         binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
                             device=dev, loss=self.config.get("loss", "frc"))
+        if self.anchors is not None:  # the training's estimate: the posterior over its anchors (no encoder pass)
+            return posterior_latents(self.model.decoder, particles, binner, np.arange(len(particles)), self.anchors,
+                                     batch_size, dev)[0]
         feats = GradientFeatures(self.neutral, binner, torch.as_tensor(self.mobile),
                                  feature_param_types(self.config["changes"]), dev, stats=self.feature_stats)
         source = FeatureSource(particles, feats, None, dev)
-        z = encode_items(self.model, source, np.arange(len(particles)), batch_size)
-        if self.anchors is not None:  # the training's estimate: the posterior over its anchors
-            z, _ = posterior_latents(self.model.decoder, particles, binner, np.arange(len(particles)), self.anchors,
-                                     batch_size, dev)
-        return z
+        return encode_items(self.model, source, np.arange(len(particles)), batch_size)
 
 
 def load_trained(train_dir: str, device="cpu") -> TrainedModel:
