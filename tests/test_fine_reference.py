@@ -83,6 +83,44 @@ def test_warped_models_carry_the_decoded_motion_onto_the_fine_gaussians():
     assert warped.nearest_coarse().shape == (900,)
 
 
+def test_layered_reference_is_the_decoded_model_below_the_crossover_and_the_fine_one_above():
+    """--reference auto: the layered GMM's projection is L D + (1 - L) F with the Gaussian
+    low-pass L = exp(-2 pi^2 tau^2 k^2), 1/2 at 1 / crossover; focus rows follow its layout."""
+    from scipion_gmmhet.engine.analysis.fine_reference import lowpass_width_A
+    from scipion_gmmhet.engine.model.gmm import project
+    rng = np.random.default_rng(1)
+    coarse = GMM(rng.uniform(-20, 20, size=(60, 3)), np.ones(60), np.full(60, 3.0), BOX, APIX, {})
+    fine = GMM(rng.uniform(-18, 18, size=(150, 3)), np.full(150, 0.5), np.full(150, 1.5), BOX, APIX, {})
+    decoded = refine.LatentModels(_DomainMove(coarse, [2.0, -1.0, 0.5]), np.zeros((2, 2)))
+    plain = WarpedModels(decoded, FineReference(fine, 4.8, "test"))
+    layered = WarpedModels(decoded, FineReference(fine, 4.8, "test"), crossover_A=12.0)
+    assert layered.layered and not plain.layered
+    assert lowpass_width_A(8.0) == pytest.approx(1.4985, abs=1e-3)
+    rows = np.arange(2)
+    c, a, s = layered.gaussians(rows, "cpu")
+    assert c.shape == (2, 60 + 2 * 150, 3) and len(layered.neutral_centers_A) == 60 + 2 * 150
+    assert layered.median_sigma_A == pytest.approx(1.5)  # the search band follows the fine model
+    R = torch.eye(3).expand(2, 3, 3)
+
+    def proj(g):
+        return project(*(t.float() for t in g), R, BOX, APIX)
+
+    P_layer, P_fine, P_dec = proj((c, a, s)), proj(plain.gaussians(rows, "cpu")), proj(decoded.gaussians(rows, "cpu"))
+    ky = torch.fft.fftfreq(BOX, d=APIX)[:, None]
+    kx = torch.fft.rfftfreq(BOX, d=APIX)[None, :]
+    L = torch.exp(-2 * np.pi ** 2 * lowpass_width_A(12.0) ** 2 * (kx ** 2 + ky ** 2))
+    expected = L * P_dec + (1 - L) * P_fine
+    assert torch.allclose(P_layer, expected, atol=1e-4 * float(P_layer.abs().max()))
+    k = torch.sqrt(kx ** 2 + ky ** 2)
+    near = (k - 1 / 12.0).abs() < 0.004
+    assert torch.allclose(L[near], torch.full_like(L[near], 0.5), atol=0.05)
+    fine_sel = np.asarray(fine.centers_A)[:, 0] > 0
+    f = layered.focus(None, fine_sel)
+    assert f.shape == (360,) and (f[60:210] == fine_sel).all() and (f[210:] == fine_sel).all()
+    assert f[:60][layered.nearest_coarse()[fine_sel]].all()
+    assert (plain.focus(None, fine_sel) == fine_sel).all()
+
+
 def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_model(sim, tmp_path):
     meta = metadata.read_particles(os.path.join(sim, "particles.star"))
     none = GMM.load(_neutral_with_resolution(sim, None, str(tmp_path / "none.npz")))
@@ -98,7 +136,8 @@ def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_m
     assert "Gaussians at" in ref.describe()
 
 
-@pytest.mark.parametrize("reference,focus", [("auto", None), ("decoded", None), ("auto", "mask"), ("auto", "core")])
+@pytest.mark.parametrize("reference,focus", [("auto", None), ("fine", None), ("decoded", None), ("auto", "mask"),
+                                             ("auto", "core")])
 def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, reference, focus):
     """With a neutral GMM recorded as built at a coarse resolution, round 2 aligns to the
     deformed fine reference (rounds.csv says which); --reference decoded keeps the decoded models."""
@@ -128,8 +167,9 @@ def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, referenc
                      "--out", out] + extra) == 0
     rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
     assert rounds["reference"].iloc[0] == "decoded models"
-    if reference == "auto":
+    if reference in ("auto", "fine"):
         assert "Gaussians at" in rounds["reference"].iloc[1] and "round 1" in rounds["reference"].iloc[1]
+        assert rounds["reference"].iloc[1].startswith("decoded models to ") == (reference == "auto")
     else:
         assert rounds["reference"].iloc[1] == "decoded models"
     assert len(metadata.read_particles(os.path.join(out, "particles.star"))) == len(meta)

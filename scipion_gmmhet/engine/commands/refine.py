@@ -35,10 +35,12 @@ decoded models are compared in the frame of the neutral model (their own rigid t
 removed), so no mask is needed. OUT/rounds.csv and the log give each round's median change,
 the evidence asked and the check.
 
-Finer reference (--reference auto, default): from the second round on, the particles are
+Layered reference (--reference auto, default): from the second round on, the particles are
 reconstructed at the refined poses and, when that map is finer than the neutral GMM's build
-resolution, a GMM of it, deformed by each particle's decoded motion, is the reference.
---reference decoded: the decoded models in every round.
+resolution, a GMM of it, deformed by each particle's decoded motion, is the reference beyond
+the training band's top; below it, the particle's decoded model (which describes a domain that
+moves far better than the consensus map does). --reference fine: the deformed GMM at every
+resolution (the default before 0.2.0); --reference decoded: the decoded models in every round.
 
 --core auto (opt-in) scores only the automatic rigid core (the Gaussians that move least across
 the decoded models; the rest of each particle's model is subtracted from its image). It helped
@@ -74,11 +76,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(the rest, decoded per particle, is subtracted), so a flexible part cannot pull the "
                         "pose (larger corrections on a big swinging domain, but moves some exact poses: see "
                         "rigid_core.refinement_core)")
-    p.add_argument("--reference", choices=["auto", "decoded"], default="auto",
-                   help="what each particle is aligned to after the first round: auto (default): a finer GMM of "
-                        "the reconstruction at the refined poses, deformed by the particle's decoded motion, when "
-                        "that reconstruction is finer than the neutral GMM (scipion_gmmhet.engine.analysis."
-                        "fine_reference); decoded: the decoded models themselves in every round")
+    p.add_argument("--reference", choices=["auto", "fine", "decoded"], default="auto",
+                   help="what each particle is aligned to after the first round: auto (default): its decoded "
+                        "model up to the training band's top and, beyond it, a finer GMM of the reconstruction at "
+                        "the refined poses deformed by the particle's decoded motion, when that reconstruction is "
+                        "finer than the neutral GMM (scipion_gmmhet.engine.analysis.fine_reference); fine: that "
+                        "deformed finer GMM at every resolution (the default before 0.2.0); decoded: the decoded "
+                        "models themselves in every round")
     p.add_argument("--max-angle", type=float, default=6.0, metavar="DEG",
                    help="largest rotation away from the current pose in each round, degrees (default 6; "
                         "over several rounds a particle can move further)")
@@ -175,7 +179,7 @@ def main(args) -> int:
         s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
         converged = s["angle_median_deg"] < precision
         history.append({"round": r, **s, "converged": converged, "min_gain_nats": round_min_gain(args.min_gain, r),
-                        "reference": fine.describe() if fine is not None else "decoded models",
+                        "reference": reference_name(fine, layer_crossover_A(args, tm.config)),
                         "gate_fsc_input": float(res.gate_fsc_input), "gate_fsc_refined": float(res.gate_fsc_refined),
                         "gate_kept_input": bool(res.gate_kept_input), "gate_t": float(res.gate_t),
                         "gate_t_min": float(res.gate_t_min), "frame_drift_deg": float(res.frame_drift_deg)})
@@ -190,7 +194,7 @@ def main(args) -> int:
         # e2gmm's iteration: retrain on the refined poses, refine again
         tm = _retrain(tm, star, args, device, RefineFolder(round_dir).train.folder, resume)
         latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
-        if getattr(args, "reference", "auto") == "auto":
+        if getattr(args, "reference", "auto") in ("auto", "fine"):
             from ..analysis.fine_reference import build_fine_reference
             from ..io import metadata
             fine = build_fine_reference(metadata.read_particles(star), tm.neutral, device=device,
@@ -205,6 +209,21 @@ def main(args) -> int:
                  " (converged)" if history[-1]["converged"] else "",
                  ", ".join(f"{h['angle_median_deg']:.3f}" for h in history))
     return 0
+
+
+def layer_crossover_A(args, cfg: dict) -> float | None:
+    """Resolution (Angstrom) below which a particle's decoded model stands for it in the later
+    rounds' reference: the training band's top with ``--reference auto``, None with ``fine``."""
+    return float(cfg["highres_A"]) if getattr(args, "reference", "auto") == "auto" else None
+
+
+def reference_name(fine, crossover_A: float | None) -> str:
+    """What a round aligned to, for rounds.csv and the log."""
+    if fine is None:
+        return "decoded models"
+    if crossover_A is not None:
+        return f"decoded models to {crossover_A:.1f} A, then {fine.describe()}"
+    return fine.describe()
 
 
 def angular_precision(max_angle_deg: float, levels: int) -> float:
@@ -271,12 +290,13 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     models = refine.LatentModels(tm, latents)
     focus = focus_mask_gaussians(tm.neutral, args.mask) if args.mask else core
     if fine is not None:
-        from ..analysis.fine_reference import WarpedModels
-        models = WarpedModels(models, fine)
+        models = warped_reference(models, fine, args, cfg)
         if args.mask:
-            focus = focus_mask_gaussians(fine.gmm, args.mask)
+            focus = models.focus(_as_mask(focus_mask_gaussians(tm.neutral, args.mask), models.n_coarse),
+                                 _as_mask(focus_mask_gaussians(fine.gmm, args.mask), models.n_fine))
         elif core is not None:  # a fine Gaussian belongs to the core when its nearest coarse one does
-            focus = np.flatnonzero(np.isin(models.nearest_coarse(), np.asarray(core)))
+            models_core = _as_mask(np.asarray(core), models.n_coarse)
+            focus = models.focus(models_core, models_core[models.nearest_coarse()])
     lowres = args.lowres if args.lowres is not None else cfg.get("lowres_A")
     highres = args.highres  # default: the model's own resolution (refine.refine_poses), finer than
     # the training band, which is chosen for the deformations rather than for the pose
@@ -325,6 +345,25 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
              s["score_before_mean"], s["score_after_mean"])
     log.info("refine: wrote %s and %s", folder.particles, folder.pose_changes)
     return meta, out_meta, res
+
+
+def warped_reference(decoded, fine, args, cfg: dict):
+    """The later rounds' reference (``--reference``): ``auto``, the particle's decoded model below
+    the training band's top and the deformed fine reference above it
+    (:class:`fine_reference.WarpedModels` with ``crossover_A``); ``fine``, the deformed fine
+    reference at every resolution."""
+    from ..analysis.fine_reference import WarpedModels
+    return WarpedModels(decoded, fine, crossover_A=layer_crossover_A(args, cfg))
+
+
+def _as_mask(selection: np.ndarray, n: int) -> np.ndarray:
+    """Boolean mask of length ``n`` from indices or a boolean array."""
+    selection = np.asarray(selection)
+    if selection.dtype == bool:
+        return selection
+    out = np.zeros(n, dtype=bool)
+    out[selection] = True
+    return out
 
 
 def particle_latents(tm, star: str, n: int, n_ops: int, latents_path, encode: bool, device,
