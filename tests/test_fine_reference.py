@@ -115,10 +115,11 @@ def test_layered_reference_is_the_decoded_model_below_the_crossover_and_the_fine
     near = (k - 1 / 12.0).abs() < 0.004
     assert torch.allclose(L[near], torch.full_like(L[near], 0.5), atol=0.05)
     fine_sel = np.asarray(fine.centers_A)[:, 0] > 0
-    f = layered.focus(None, fine_sel)
-    assert f.shape == (360,) and (f[60:210] == fine_sel).all() and (f[210:] == fine_sel).all()
-    assert f[:60][layered.nearest_coarse()[fine_sel]].all()
-    assert (plain.focus(None, fine_sel) == fine_sel).all()
+    coarse_sel = np.asarray(coarse.centers_A)[:, 0] > 0
+    f = layered.focus(coarse_sel, fine_sel)
+    assert f.shape == (360,) and (f[:60] == coarse_sel).all()
+    assert (f[60:210] == fine_sel).all() and (f[210:] == fine_sel).all()
+    assert (plain.focus(coarse_sel, fine_sel) == fine_sel).all()
 
 
 def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_model(sim, tmp_path):

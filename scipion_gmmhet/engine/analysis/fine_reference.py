@@ -148,12 +148,11 @@ class WarpedModels:
         self.fine_sigmas = torch.as_tensor(np.asarray(gmm.sigmas_A), dtype=torch.float32)
         self.crossover_A = None if crossover_A is None else float(crossover_A)
         self.tau_A = None if crossover_A is None else lowpass_width_A(crossover_A)
-        nc, nf = len(self.coarse_centers), len(self.fine_centers)
         # one row per Gaussian of gaussians(): [decoded widened, fine, fine widened (negative)] when layered
         self.neutral_centers_A = (np.concatenate([np.asarray(neutral.centers_A), np.asarray(gmm.centers_A),
                                                   np.asarray(gmm.centers_A)]) if self.layered
                                   else np.asarray(gmm.centers_A))
-        self.n_coarse, self.n_fine = nc, nf
+        self.n_coarse, self.n_fine = len(self.coarse_centers), len(self.fine_centers)
         self.median_sigma_A = float(np.median(gmm.sigmas_A))  # the search band follows the fine model
         self.sigma_A = default_field_sigma_A(neutral.sigmas_A, neutral.apix)
         self.weights, _ = move_weights(self.fine_centers, self.coarse_centers, self.coarse_amplitudes, self.sigma_A)
@@ -163,16 +162,12 @@ class WarpedModels:
         """True when the decoded models stand for the particle below :attr:`crossover_A`."""
         return self.crossover_A is not None
 
-    def focus(self, coarse_focus: np.ndarray | None, fine_focus: np.ndarray) -> np.ndarray:
+    def focus(self, coarse_focus: np.ndarray, fine_focus: np.ndarray) -> np.ndarray:
         """Boolean focus over :meth:`gaussians`' rows from one over the coarse (decoded) Gaussians
-        (``coarse_focus``, None: each fine Gaussian's nearest coarse one decides) and one over the
-        fine Gaussians."""
+        ``(Nc,)`` and one over the fine Gaussians ``(Nf,)``."""
         fine_focus = np.asarray(fine_focus, dtype=bool)
         if not self.layered:
             return fine_focus
-        if coarse_focus is None:
-            coarse_focus = np.zeros(self.n_coarse, dtype=bool)
-            coarse_focus[self.nearest_coarse()[fine_focus]] = True
         return np.concatenate([np.asarray(coarse_focus, dtype=bool), fine_focus, fine_focus])
 
     def nearest_coarse(self) -> np.ndarray:

@@ -291,12 +291,11 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     focus = focus_mask_gaussians(tm.neutral, args.mask) if args.mask else core
     if fine is not None:
         models = warped_reference(models, fine, args, cfg)
-        if args.mask:
-            focus = models.focus(_as_mask(focus_mask_gaussians(tm.neutral, args.mask), models.n_coarse),
-                                 _as_mask(focus_mask_gaussians(fine.gmm, args.mask), models.n_fine))
-        elif core is not None:  # a fine Gaussian belongs to the core when its nearest coarse one does
-            models_core = _as_mask(np.asarray(core), models.n_coarse)
-            focus = models.focus(models_core, models_core[models.nearest_coarse()])
+        if focus is not None:  # the mask's (or the core's) coarse Gaussians, carried to the fine ones
+            coarse = _as_mask(focus, models.n_coarse)
+            fine_sel = (_as_mask(focus_mask_gaussians(fine.gmm, args.mask), models.n_fine) if args.mask
+                        else coarse[models.nearest_coarse()])  # core: a fine Gaussian follows its nearest coarse one
+            focus = models.focus(coarse, fine_sel)
     lowres = args.lowres if args.lowres is not None else cfg.get("lowres_A")
     highres = args.highres  # default: the model's own resolution (refine.refine_poses), finer than
     # the training band, which is chosen for the deformations rather than for the pose
