@@ -120,6 +120,15 @@ def test_layered_reference_is_the_decoded_model_below_the_crossover_and_the_fine
     assert f.shape == (360,) and (f[:60] == coarse_sel).all()
     assert (f[60:210] == fine_sel).all() and (f[210:] == fine_sel).all()
     assert (plain.focus(coarse_sel, fine_sel) == fine_sel).all()
+    # the pose search's layout of the rows (its projector filters the fine layer instead of
+    # projecting the low-passed copies), with a focus keeping each fine Gaussian and its copy
+    assert layered.layers() == (60, 150, pytest.approx(lowpass_width_A(12.0))) and plain.layers() is None
+    assert refine.projection_layers(layered, None) == layered.layers()
+    assert refine.projection_layers(layered, torch.as_tensor(f))[:2] == (int(coarse_sel.sum()), int(fine_sel.sum()))
+    unpaired = f.copy()
+    unpaired[-1] = not unpaired[-1]
+    assert refine.projection_layers(layered, torch.as_tensor(unpaired)) is None
+    assert refine.projection_layers(plain, None) is None
 
 
 def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_model(sim, tmp_path):

@@ -91,6 +91,35 @@ def test_shift_scores_equal_exact_scores_and_find_the_shift(score):
     assert bool((best >= exact - 1e-5).all())
 
 
+def test_ring_scale_comes_from_the_refined_poses_of_the_batches_before():
+    """wcc's ring weights are a_r / noise_r, a_r the images' per-ring scale to the model summed
+    over the batches refined so far (1 before the first); a ring where the model does not match
+    gets next to no weight, and the score stays a correlation (1 for image = a_r model)."""
+    sc = refine._Scorer(BOX, APIX, None, 8.0, 2.5 * APIX, "cpu", "wcc")
+    R = sc.n_ring.numel()
+    p_img, p_mod = torch.rand(4, R) + 1.0, torch.rand(4, R) + 1.0
+    sc.set_noise(p_img, 0.5 * torch.sqrt(p_img * p_mod), p_mod)
+    inv_nu = sc.inv_noise.clone()
+    assert sc.ring_scale is None
+    w = sc.ring_coeffs(p_img, p_mod)
+    norm = torch.sqrt((p_img * inv_nu).sum(1, keepdim=True) * (p_mod * inv_nu).sum(1, keepdim=True))
+    torch.testing.assert_close(w, inv_nu / norm)  # a_r = 1: the whitened correlation
+    a1 = torch.linspace(1.0, 0.1, R)
+    a1[-1] = -0.3  # a ring where the model does not match the images
+    sc.add_ring_scale(a1 * p_mod[:2], p_mod[:2])
+    sc.add_ring_scale(0.5 * a1 * p_mod[2:], p_mod[2:])
+    expected = (a1 * p_mod[:2].sum(0) + 0.5 * a1 * p_mod[2:].sum(0)) / p_mod.sum(0)
+    torch.testing.assert_close(sc.ring_scale[0, :-1], expected[:-1])
+    assert float(sc.ring_scale[0, -1]) == pytest.approx(refine.RING_SCALE_FLOOR * float(expected.max()))
+    a = sc.ring_scale
+    cross = (a * p_mod)  # an image that is exactly a_r M: correlation 1 (its power a_r^2 p_mod)
+    score = (sc.ring_coeffs(a * a * p_mod, p_mod) * cross).sum(1)
+    torch.testing.assert_close(score, torch.ones(4))
+    frc = refine._Scorer(BOX, APIX, None, 8.0, 2.5 * APIX, "cpu", "frc")
+    frc.add_ring_scale(a1 * p_mod, p_mod)
+    torch.testing.assert_close(frc.ring_coeffs(p_img, p_mod), 1.0 / (R * torch.sqrt(p_img * p_mod)))
+
+
 def test_remove_rigid_motion_keeps_only_the_deformation():
     """A rigidly moved model with one domain deformed comes back onto the neutral model except
     for the deformation (robust fit: the moving domain does not drag it)."""
@@ -429,6 +458,35 @@ def test_pose_projector_equals_gmm_project():
     band = RingBinner(BOX, APIX, None, 12.0)
     Fb = PoseProjector(y, amp, sig, BOX, APIX, org, ctf, max_ring=band.hi, band_index=band.flat_index).project(1, B, R[1:], sh[1:])
     torch.testing.assert_close(Fb, band.gather(ref[C:]), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_pose_projector_layers_equal_the_projection_of_every_gaussian():
+    """A layered reference ([low-passed, fine, fine low-passed with negative amplitudes], as
+    fine_reference.WarpedModels builds it) projected with ``layers`` (the copies applied as a
+    1 - L filter, not projected) equals the projection of all its Gaussians, with and without
+    a low layer, at every band pixel."""
+    from scipion_gmmhet.engine.analysis.fine_reference import low_passed
+    from scipion_gmmhet.engine.analysis.pose_projector import PoseProjector
+    from scipion_gmmhet.engine.model.fourier import RingBinner
+    g = torch.Generator().manual_seed(3)
+    B, C, tau = 2, 5, 1.5
+    band = RingBinner(BOX, APIX, None, 2.5 * APIX)
+    org, ctf = torch.randn(B, 2, generator=g), torch.randn(B, BOX, BOX // 2 + 1, generator=g)
+    R = refine.rotvec_to_matrix(torch.randn(B, C, 3, generator=g) * 2)
+    sh = torch.randn(B, C, 2, generator=g)
+    for n_low in (30, 0):
+        low = low_passed(torch.randn(B, n_low, 3, generator=g) * 15, torch.rand(B, n_low, generator=g),
+                         3 + torch.rand(B, n_low, generator=g), tau)
+        fine = (torch.randn(B, 70, 3, generator=g) * 15, torch.rand(B, 70, generator=g),
+                1.5 + torch.rand(B, 70, generator=g))
+        c, a, s = (torch.cat(p, 1) for p in zip(low, fine, low_passed(*fine, tau, sign=-1.0)))
+        args = (BOX, APIX, org, ctf, band.hi, band.flat_index)
+        ref = PoseProjector(c, a, s, *args).project(0, B, R, sh)
+        layered = PoseProjector(c, a, s, *args, layers=(n_low, 70, tau))
+        assert layered.N == n_low + 70
+        torch.testing.assert_close(layered.project(0, B, R, sh), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="do not add up"):
+        PoseProjector(c, a, s, *args, layers=(1, 70, tau))
 
 
 def test_rigid_core_finds_the_moving_domain(sim):

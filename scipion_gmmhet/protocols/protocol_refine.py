@@ -151,9 +151,10 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_HLIST,
                       label='Score',
                       help='Whitened correlation: cross-correlation over the resolution band with '
-                           'each ring whitened by the particle\'s own power (the maximum-likelihood '
-                           'score; much less sensitive to noise). FRC: plain mean of the ring '
-                           'correlations (e2gmm\'s training loss).')
+                           'each ring whitened by the noise power and weighted by how well the model '
+                           'holds it (measured at the refined poses of the particles before; the '
+                           'maximum-likelihood score, much less sensitive to noise). FRC: plain mean '
+                           'of the ring correlations (e2gmm\'s training loss).')
         form.addParam('minGain', params.FloatParam, default=-1, validators=[params.GE(-1)],
                       expertLevel=params.LEVEL_ADVANCED, label='Evidence to move (nats)',
                       help='How much better (log-likelihood, nats) a new pose must fit than the '

@@ -126,7 +126,8 @@ class WarpedModels:
     ``1 / crossover_A`` (:func:`lowpass_width_A`): transform ``L D + (1 - L) F``. Since a Gaussian
     low-pass of a GMM is the same GMM with every width widened (mass kept), the layered model is
     one GMM: the decoded Gaussians widened, the fine Gaussians, and the fine Gaussians widened with
-    negative amplitudes (``Nc + 2 Nf`` Gaussians, about 2.2x the fine search's cost). Why: the
+    negative amplitudes (``Nc + 2 Nf`` Gaussians; the pose search projects only ``Nc + Nf`` of them
+    and applies the copies as a ``1 - L`` filter, :meth:`layers`). Why: the
     deformed fine reference takes its detail from the consensus map, where a domain that moves far
     is smeared; at the resolution the network was trained to, its decoded models describe that
     domain better. The crossover is the training band's top, where the decoder was fitted to the
@@ -161,6 +162,12 @@ class WarpedModels:
     def layered(self) -> bool:
         """True when the decoded models stand for the particle below :attr:`crossover_A`."""
         return self.crossover_A is not None
+
+    def layers(self) -> tuple[int, int, float] | None:
+        """``(n_low, n_fine, tau_A)`` of :meth:`gaussians`' rows when layered (for
+        :class:`pose_projector.PoseProjector`: it applies the negative low-passed copies as a
+        filter instead of projecting them), else None."""
+        return (self.n_coarse, self.n_fine, self.tau_A) if self.layered else None
 
     def focus(self, coarse_focus: np.ndarray, fine_focus: np.ndarray) -> np.ndarray:
         """Boolean focus over :meth:`gaussians`' rows from one over the coarse (decoded) Gaussians

@@ -34,12 +34,29 @@ class PoseProjector:
     Fourier ring (pixels) that the score reads (default Nyquist). ``band_index``: flat indices
     into ``(D, D//2+1)`` of the pixels the score reads (:attr:`fourier.RingBinner.flat_index`,
     all within ``max_ring``): :meth:`project` then returns only those coefficients.
+
+    ``layers`` ``(n_low, n_fine, tau_A)``: the Gaussians are a layered reference
+    (:class:`fine_reference.WarpedModels`): ``n_low`` low-passed ones, ``n_fine`` fine ones,
+    then the same ``n_fine`` low-passed by ``exp(-2 pi^2 tau^2 k^2)`` with negative amplitudes.
+    Such a copy's projection is the fine one's times that low-pass at every pixel, so it is not
+    projected: the fine layer's projection is multiplied by ``1 - L`` (``L`` is separable in
+    ``kx``, ``ky``: one ``(2M, 2M)`` factor on the separable product). Same result, the phases
+    and products of ``n_low + n_fine`` Gaussians instead of ``n_low + 2 n_fine``.
     """
 
     def __init__(self, centers_view_A: torch.Tensor, amplitudes: torch.Tensor, sigmas_A: torch.Tensor,
                  box: int, apix: float, origins_A: torch.Tensor, ctf: torch.Tensor | None = None,
-                 max_ring: int | None = None, band_index: torch.Tensor | None = None):
+                 max_ring: int | None = None, band_index: torch.Tensor | None = None,
+                 layers: tuple[int, int, float] | None = None):
         self.box, self.apix = box, apix
+        self.split, self.highpass = None, None
+        if layers is not None:
+            n_low, n_fine, _ = layers
+            if n_low + 2 * n_fine != centers_view_A.shape[1]:
+                raise ValueError(f"PoseProjector: layers {layers} do not add up to {centers_view_A.shape[1]} Gaussians")
+            keep = n_low + n_fine  # the negative low-passed copies are applied as a filter
+            centers_view_A, amplitudes, sigmas_A = centers_view_A[:, :keep], amplitudes[:, :keep], sigmas_A[:, :keep]
+            self.split = n_low
         self.y = centers_view_A.float()
         dev = self.y.device
         self.B, self.N = self.y.shape[0], self.y.shape[1]
@@ -52,6 +69,10 @@ class PoseProjector:
         w = projection_weights(amplitudes.float(), sig, apix)[:, None, :]
         self.env_x = torch.cat([env, env], dim=1).contiguous()  # (B, 2M, N) for [cos; sin]
         self.env_y = self.env_x * w
+        if layers is not None:
+            low = torch.exp(-(2.0 * math.pi ** 2) * float(layers[2]) ** 2 * k * k)  # (M,) L along one axis
+            low2 = torch.cat([low, low])  # rows/columns [cos; sin]
+            self.highpass = (1.0 - low2[:, None] * low2[None, :]).contiguous()  # (2M, 2M): 1 - L(ky) L(kx)
         self.origins_A = origins_A.float()
         self.ctf = ctf
         self._bufs: dict[str, torch.Tensor] = {}
@@ -89,7 +110,14 @@ class PoseProjector:
         pos = pos - org[..., None]
         Y = self._trig(pos[:, :, 1:2, :], self.env_y[b0:b1], "Y")
         X = self._trig(pos[:, :, 0:1, :], self.env_x[b0:b1], "X")
-        P = torch.matmul(Y, X.transpose(-1, -2)).reshape(b * C, 2 * M, 2 * M)
+        if self.split is None:
+            P = torch.matmul(Y, X.transpose(-1, -2))
+        else:  # layered: low layer as is, fine layer times (1 - L)
+            s = self.split
+            P = torch.matmul(Y[..., s:], X[..., s:].transpose(-1, -2)).mul_(self.highpass)
+            if s > 0:
+                P += torch.matmul(Y[..., :s], X[..., :s].transpose(-1, -2))
+        P = P.reshape(b * C, 2 * M, 2 * M)
         cc, cs, sc, ss = P[:, :M, :M], P[:, :M, M:], P[:, M:, :M], P[:, M:, M:]
         a, plus = self.row_a, self.row_plus
         re = torch.where(plus, (cc - ss)[:, a], (cc + ss)[:, a])

@@ -23,6 +23,8 @@ result.
    :func:`gmm.project`), clamped to the ranges.
 4. Acceptance: the best pose replaces the input pose only if it beats it in objective by
    ``min_gain`` nats and in score (the module docstring of :mod:`refine`).
+5. ``wcc``: the fit at the refined poses is added to the scorers' per-ring image-to-model scale
+   (:meth:`refine._Scorer.add_ring_scale`), which weights the rings of the batches after it.
 """
 from __future__ import annotations
 
@@ -47,16 +49,17 @@ class _Search:
     """State of one batch: the images, the projector(s), the objective."""
 
     def __init__(self, Fimg, y, amp, sig, o0, C, scorer, scorer_lo, max_angle, prior_deg, prior_px,
-                 max_elements, rotvec_to_matrix):
+                 max_elements, rotvec_to_matrix, layers=None):
         self.Fimg, self.scorer, self.scorer_lo = Fimg, scorer, scorer_lo
         self.B, self.device = Fimg.shape[0], Fimg.device
         self.max_angle, self.prior_deg, self.prior_px = max_angle, prior_deg, prior_px
         self.rotvec_to_matrix = rotvec_to_matrix
         box, apix = scorer.box, scorer.apix
         self.proj = PoseProjector(y, amp, sig, box, apix, o0, C, max_ring=scorer.binner.hi,
-                                  band_index=scorer.binner.flat_index)
+                                  band_index=scorer.binner.flat_index, layers=layers)
         self.proj_lo = (PoseProjector(y, amp, sig, box, apix, o0, C, max_ring=scorer_lo.binner.hi,
-                                      band_index=scorer_lo.binner.flat_index) if scorer_lo is not None else None)
+                                      band_index=scorer_lo.binner.flat_index, layers=layers)
+                        if scorer_lo is not None else None)
         self.max_elements = max_elements
         self.a = scorer.binner.gather(Fimg)  # the images' band coefficients
         self.a_lo = scorer_lo.binner.gather(Fimg) if scorer_lo is not None else None
@@ -106,17 +109,30 @@ class _Search:
                 out_s[b0:b1] = scorer.frc_band(ai, F).reshape(b1 - b0, C)
         return out_d, out_s
 
-    def set_noise(self, v, s_px, scorer=None):
-        """Whitening spectrum of ``scorer`` from the fit at rotation vectors/shifts ``(B, 3)``/``(B, 2)``."""
-        scorer = scorer or self.scorer
+    def fit(self, v, s_px, scorer):
+        """The model's band transforms at rotation vectors/shifts ``(B, 3)``/``(B, 2)`` for
+        ``scorer`` and the ring sums ``(B, R)`` of the fit: image power, cross term, model power."""
         proj = self.proj if scorer is self.scorer else self.proj_lo
         F = torch.cat([proj.project(b0, b1, self.rotvec_to_matrix(v[b0:b1, None]), s_px[b0:b1, None])
                        for b0, b1 in self._chunks(proj, 1)])
         g = scorer.binner
         a = self.a if scorer is self.scorer else self.a_lo
         p_img = self.p_img if scorer is self.scorer else self.p_img_lo
-        scorer.set_noise(p_img, g.ring_sums((F * a.conj()).real), g.ring_sums(F.real ** 2 + F.imag ** 2))
+        return F, p_img, g.ring_sums((F * a.conj()).real), g.ring_sums(F.real ** 2 + F.imag ** 2)
+
+    def set_noise(self, v, s_px, scorer=None):
+        """Whitening spectrum of ``scorer`` from the fit at rotation vectors/shifts ``(B, 3)``/``(B, 2)``."""
+        F, p_img, cross, p_mod = self.fit(v, s_px, scorer or self.scorer)
+        (scorer or self.scorer).set_noise(p_img, cross, p_mod)
         return F
+
+    def add_ring_scale(self, v, s_px):
+        """Add the fit at the refined poses ``v``, ``s_px`` to the scorers' image-to-model ring
+        scales (:meth:`refine._Scorer.add_ring_scale`), for the batches after this one."""
+        for scorer in (self.scorer, self.scorer_lo):
+            if scorer is not None:
+                _, _, cross, p_mod = self.fit(v, s_px, scorer)
+                scorer.add_ring_scale(cross, p_mod)
 
     def coarse(self, grid):
         """Best lattice rotation and shift ``(B, 3)``, ``(B, 2)`` by the low-resolution objective."""
@@ -214,13 +230,15 @@ class _Search:
 
 
 def search_batch(Fimg, y, amp, sig, o0, C, scorer, scorer_lo, *, max_angle, levels, polish_steps, max_elements,
-                 prior_deg, prior_px, min_gain, rotvec_to_matrix, coarse_grid, repeat_first: bool = False):
+                 prior_deg, prior_px, min_gain, rotvec_to_matrix, coarse_grid, repeat_first: bool = False,
+                 layers: tuple[int, int, float] | None = None):
     """Refine the poses of one batch (module docstring). ``y`` ``(B, N, 3)``: the Gaussians in the
     current view frame; ``o0`` ``(B, 2)`` current origins (A); ``C`` CTFs or None. Returns
     rotation vectors ``(B, 3)`` deg, shift changes ``(B, 2)`` px, score before and after ``(B,)``
-    (torch, on the device)."""
+    (torch, on the device). ``layers``: the layout of a layered reference
+    (:class:`pose_projector.PoseProjector`)."""
     S = _Search(Fimg, y, amp, sig, o0, C, scorer, scorer_lo, max_angle, prior_deg, prior_px, max_elements,
-                rotvec_to_matrix)
+                rotvec_to_matrix, layers)
     B, dev = S.B, S.device
     zv, zs = torch.zeros(B, 3, device=dev), torch.zeros(B, 2, device=dev)
     with torch.no_grad():
@@ -252,6 +270,9 @@ def search_batch(Fimg, y, amp, sig, o0, C, scorer, scorer_lo, *, max_angle, leve
     if polish_steps > 0:
         best_v, best_s, best_sc, best_ob = _polish(S, y, amp, sig, o0, C, best_v, best_s, best_sc, best_ob,
                                                    polish_steps)
+    if scorer.score == "wcc":  # the ring weights of the next batches, from this one's refined poses
+        with torch.no_grad():
+            S.add_ring_scale(best_v, best_s)
     keep = (best_ob > ob0 + min_gain) & (best_sc > score0)
     vec = torch.where(keep[:, None], best_v, torch.zeros_like(best_v)).detach()
     shift = torch.where(keep[:, None], best_s, torch.zeros_like(best_s)).detach()

@@ -17,11 +17,20 @@ Pose update (RELION terms)
     origins (``rlnOriginX/YAngst``): ``origin_new = origin_cur + d`` with ``|d| <= max_shift_A``.
 
 Score
-    ``wcc`` (default): the cross-correlation over the band, each ring whitened by the noise
-    power per pixel estimated for the batch (the power left after the best per-ring fit of the
-    model, ``p_img (1 - FRC^2)``, at the current poses and again at the coarse optimum). By
-    Cauchy-Schwarz its expectation is largest at the true pose, and it is the
-    maximum-likelihood score for Gaussian noise with that spectrum and a free image scale.
+    ``wcc`` (default): the cross-correlation over the band of the image with the model scaled
+    per ring, ``a_r M``, each ring whitened by the noise power per pixel estimated for the batch
+    (the power left after the best per-ring fit of the model, ``p_img (1 - FRC^2)``, at the
+    current poses and again at the coarse optimum). By Cauchy-Schwarz its expectation is
+    largest at the true pose, and it is the maximum-likelihood score for images
+    ``X = s a_r M + noise`` with that noise spectrum and a free image scale ``s``. ``a_r`` is
+    the per-ring scale of the images to the model (``sum cross / sum |M|^2``) measured at the
+    REFINED poses of the batches before (the first batch: 1), so the ring weights ``a_r /
+    noise_r`` follow how well the model holds each ring (disorder, a smeared or coarse
+    reference), as RELION's local searches weight by the reference's spectral SNR, and not how
+    far the input poses are off (measured at the input poses, a pose error damps the high
+    rings: on noise-free particles a domain's focused search lost a quarter of its precision).
+    Held-back conditions (3,000 particles, SNR 1), same networks side by side, ``a_r = 1``
+    (before 0.2.0) vs measured: see benchmarks/results/refine_ringscale_*.md.
     ``frc``: the plain mean of the ring FRCs (:meth:`fourier.RingBinner.mean_frc`, e2gmm's
     training loss), unbiased too but noisy: it gives the signal-poor outer rings as much weight
     as the signal-rich inner ones (on simulated box-32 particles at SNR 1 the true pose beats
@@ -102,6 +111,9 @@ MIN_GAIN_NATS = 5.5
 #: 0 from round 2 on: 1AKE hinge 0.86 vs 0.81 deg (2 nats), independent openings 1.11 vs 1.02,
 #: hinge with 1 A thermal fluctuations 1.28 vs 1.18 (results/refine_thermal.md)
 LATER_ROUNDS_MIN_GAIN_NATS = 0.0
+#: rings whose image-to-model scale is below this fraction of the largest ring's are weighted as if
+#: at it (the model does not match the images there: next to no weight, never a negative one)
+RING_SCALE_FLOOR = 1e-3
 PRIOR_FRACTION = 3.0  # prior sigma (per component) = search range / 3, as RELION's local searches
 
 
@@ -240,6 +252,8 @@ class _Scorer:
         self.n_ring = self.binner.onehot.sum(0)  # band pixels per ring (R,)
         self.n_pix = float(self.n_ring.sum())
         self.inv_noise = None  # (1, R) set per batch by set_noise (wcc)
+        self.ring_scale = None  # (1, R) per-ring scale of the images to the model at refined poses (wcc)
+        self._scale_sums = None  # its numerator and denominator, summed over the batches so far
         # columns kx = 0 (and Nyquist for even box) count once in irfft2: double them (module doc)
         dbl = torch.ones(W, device=self.device)
         dbl[0] = 2.0
@@ -261,10 +275,12 @@ class _Scorer:
         from the image's and the model's ring powers; neither depends on the shift."""
         if self.score == "frc":
             return 1.0 / (p_img.shape[1] * torch.sqrt(p_img * p_mod + 1e-30))
-        # whitened cross-correlation, with the batch's noise power per pixel of each ring
+        # whitened cross-correlation of the image with the ring-scaled model ``a_r M``, with the
+        # batch's noise power per pixel of each ring
         inv_nu = self.inv_noise if self.inv_noise is not None else self.n_ring / p_img.mean(0).clamp_min(1e-30)
-        norm = torch.sqrt((p_img * inv_nu).sum(1, keepdim=True) * (p_mod * inv_nu).sum(1, keepdim=True))
-        return inv_nu / norm.clamp_min(1e-30)
+        a = self.ring_scale if self.ring_scale is not None else torch.ones_like(inv_nu)
+        norm = torch.sqrt((p_img * inv_nu).sum(1, keepdim=True) * (p_mod * (a * a * inv_nu)).sum(1, keepdim=True))
+        return a * inv_nu / norm.clamp_min(1e-30)
 
     def set_noise(self, p_img: torch.Tensor, cross: torch.Tensor, p_mod: torch.Tensor) -> None:
         """Estimate the noise power per pixel of each ring from a batch at the current poses: the
@@ -273,7 +289,18 @@ class _Scorer:
         frc = (cross / torch.sqrt(p_img * p_mod).clamp_min(1e-30)).clamp(0.0, 1.0)
         resid = (p_img * (1.0 - frc * frc)).clamp_min(0.02 * p_img)  # (B, R)
         nu = (resid / self.n_ring).mean(0)
-        self.inv_noise = (1.0 / nu.clamp_min(1e-6 * float(nu.max()) + 1e-30))[None, :]
+        self.inv_noise = (1.0 / torch.maximum(nu, 1e-6 * nu.max() + 1e-30))[None, :]  # no host sync
+
+    def add_ring_scale(self, cross: torch.Tensor, p_mod: torch.Tensor) -> None:
+        """Add a batch's fit at its REFINED poses (ring sums ``(B, R)``) to the per-ring scale of
+        the images to the model, ``a_r = sum cross_r / sum p_mod_r`` over the batches so far, which
+        weights the rings of the batches after it (module docstring, Score): measured at refined
+        poses it says how well the model holds each ring, not how far the input poses are off.
+        Rings where the model does not match the images (``a_r <= 0``) get ~0 weight."""
+        sums = torch.stack([cross.sum(0), p_mod.sum(0)])
+        self._scale_sums = sums if self._scale_sums is None else self._scale_sums + sums
+        a = self._scale_sums[0] / self._scale_sums[1].clamp_min(1e-30)
+        self.ring_scale = torch.maximum(a, RING_SCALE_FLOOR * a.max().clamp_min(1e-30))[None, :]  # no host sync
 
     def frc(self, Fimg: torch.Tensor, Fmod: torch.Tensor) -> torch.Tensor:
         """The score ``(B,)`` of model transforms against image transforms."""
@@ -467,6 +494,7 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
         if not focus.any():
             raise InputError("--mask: the focus mask selects no Gaussian; give a mask covering part of the model")
         focus = torch.as_tensor(focus, device=device)
+    layers = projection_layers(models, focus)
     highres_A, max_elements = search_limits(models, apix, device, highres_A, max_elements)
     scorer = _Scorer(box, apix, lowres_A, highres_A, max_shift_A, device, score)
     scorer_lo = _coarse_scorer(scorer, lowres_A, max_shift_A, coarse_fraction)
@@ -483,7 +511,8 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(n, start + batch_size))
         vec, dshift_A, sb, sa = _refine_batch(particles, rows, models, scorer, scorer_lo, max_angle_deg, levels,
-                                              polish_steps, focus, max_elements, prior_deg, prior_px, min_gain)
+                                              polish_steps, focus, max_elements, prior_deg, prior_px, min_gain,
+                                              layers)
         R = rotvec_to_matrix(torch.as_tensor(vec, dtype=torch.float64)).numpy()
         out_rot[rows] = R @ rot_all[rows]
         out_org[rows] = org_all[rows] + dshift_A
@@ -513,8 +542,22 @@ def _coarse_scorer(scorer, lowres_A, max_shift_A, coarse_fraction):
                    scorer.device, scorer.score)
 
 
+def projection_layers(models, focus: torch.Tensor | None) -> tuple[int, int, float] | None:
+    """The layout of a layered reference's Gaussians (``models.layers()``,
+    :meth:`fine_reference.WarpedModels.layers`) among the scored ones (``focus``: a boolean
+    selection that keeps a fine Gaussian and its low-passed copy together), or None."""
+    layout = models.layers() if hasattr(models, "layers") else None
+    if layout is None or focus is None:
+        return layout
+    n_low, n_fine, tau = layout
+    f = focus.detach().cpu()
+    if not torch.equal(f[n_low:n_low + n_fine], f[n_low + n_fine:]):
+        return None  # not paired: project every Gaussian
+    return int(f[:n_low].sum()), int(f[n_low:n_low + n_fine].sum()), tau
+
+
 def _refine_batch(particles, rows, models, scorer, scorer_lo, max_angle, levels, polish_steps, focus,
-                  max_elements, prior_deg, prior_px, min_gain: float = MIN_GAIN_NATS):
+                  max_elements, prior_deg, prior_px, min_gain: float = MIN_GAIN_NATS, layers=None):
     """One batch: the focus subtraction, then :func:`pose_search.search_batch` (numpy results)."""
     from .pose_search import search_batch
     device, box, apix = particles.device, particles.box, particles.apix
@@ -537,6 +580,6 @@ def _refine_batch(particles, rows, models, scorer, scorer_lo, max_angle, levels,
                                          levels=levels, polish_steps=polish_steps, max_elements=max_elements,
                                          prior_deg=prior_deg, prior_px=prior_px, min_gain=min_gain,
                                          rotvec_to_matrix=rotvec_to_matrix, coarse_grid=grid,
-                                         repeat_first=focus is not None)
+                                         repeat_first=focus is not None, layers=layers)
     return (vec.double().cpu().numpy(), (shift_px * apix).double().cpu().numpy(), sb.double().cpu().numpy(),
             sa.double().cpu().numpy())

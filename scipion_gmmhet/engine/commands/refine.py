@@ -94,9 +94,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="high-resolution limit, Angstrom (default: where the median Gaussian's transform "
                         "falls to 1%%, 2.07 sigma, at least Nyquist)")
     p.add_argument("--score", choices=["wcc", "frc"], default="wcc",
-                   help="wcc: cross-correlation over the band with each ring whitened by the particle's "
-                        "ring power (default: the maximum-likelihood score, far less noise-sensitive); "
-                        "frc: plain mean of the ring FRCs (e2gmm's training loss)")
+                   help="wcc: cross-correlation over the band with each ring whitened by the noise power and "
+                        "weighted by how well the model holds it (the images' ring scale to the model at the "
+                        "refined poses of the batches before; default: the maximum-likelihood score, far less "
+                        "noise-sensitive); frc: plain mean of the ring FRCs (e2gmm's training loss)")
     p.add_argument("--no-prior", dest="prior", action="store_false",
                    help="maximise the score alone (default: MAP with a Gaussian prior of sigma = range/3 on "
                         "the pose change, which stops noise from pushing poses to the edge of the range)")
