@@ -67,7 +67,8 @@ def run(args) -> dict:
     out = {}
     for rep in range(args.repeats + 1):  # the first pass warms up
         for name, layers in layouts.items():
-            scorer.ring_scale = scorer_lo.ring_scale = scorer._scale_sums = scorer_lo._scale_sums = None
+            scorer.reset_ring_scale()
+            scorer_lo.reset_ring_scale()
             common.sync(device)
             t0 = time.perf_counter()
             vec, sh, _, sa = search_batch(Fimg, c, a, s, o0, ctf, scorer, scorer_lo, layers=layers, **kw)

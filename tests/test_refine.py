@@ -120,6 +120,42 @@ def test_ring_scale_comes_from_the_refined_poses_of_the_batches_before():
     torch.testing.assert_close(frc.ring_coeffs(p_img, p_mod), 1.0 / (R * torch.sqrt(p_img * p_mod)))
 
 
+@pytest.mark.parametrize("score", refine.SCORES)
+def test_search_batch_measures_the_ring_scale_at_the_poses_it_returns(score):
+    """wcc: after a batch both scorers (full band and coarse) hold a ring scale, measured at the
+    poses the search returns (noise-free images of the model at a small pose error: ~1 in the
+    inner rings); the next batch is scored with it; frc keeps none."""
+    from scipion_gmmhet.engine.analysis.pose_search import search_batch
+    g = torch.Generator().manual_seed(5)
+    B, N = 8, 60
+    c, a, s = torch.randn(B, N, 3, generator=g) * 12, torch.rand(B, N, generator=g) + 0.5, torch.full((B, N), 4.0)
+    R = refine.rotvec_to_matrix(torch.randn(B, 3, generator=g) * 1.0)
+    o0 = torch.zeros(B, 2)
+    Fimg = project(c, a, s, R, BOX, APIX, o0)
+    sc = refine._Scorer(BOX, APIX, None, 8.0, 2.0 * APIX, "cpu", score)
+    lo = refine._coarse_scorer(sc, None, 2.0 * APIX, None)
+    kw = dict(max_angle=4.0, levels=2, polish_steps=0, max_elements=1 << 21, prior_deg=4.0 / 3, prior_px=2.0 / 3,
+              min_gain=0.0, rotvec_to_matrix=refine.rotvec_to_matrix, coarse_grid=refine.coarse_rotation_grid(4.0))
+    search_batch(Fimg, c, a, s, o0, None, sc, lo, **kw)
+    if score == "frc":
+        assert sc.ring_scale is None and lo.ring_scale is None
+        return
+    assert sc.ring_scale.shape == (1, sc.n_ring.numel()) and lo.ring_scale.shape == (1, lo.n_ring.numel())
+    assert float(sc.ring_scale[0, :4].min()) > 0.8 and float(sc.ring_scale.max()) < 1.2
+    first = sc.ring_scale.clone()
+    search_batch(Fimg, c, a, s, o0, None, sc, lo, **kw)  # a second batch adds to the sums
+    assert sc._scale_sums is not None and sc.ring_scale.shape == first.shape
+    sc.reset_ring_scale()
+    assert sc.ring_scale is None and sc._scale_sums is None
+
+
+def test_ring_scale_without_any_positive_ring_is_no_weighting():
+    sc = refine._Scorer(BOX, APIX, None, 8.0, 2.5 * APIX, "cpu", "wcc")
+    R = sc.n_ring.numel()
+    sc.add_ring_scale(-torch.ones(3, R), torch.ones(3, R))  # inverted contrast: no ring matches
+    torch.testing.assert_close(sc.ring_scale, torch.ones(1, R))
+
+
 def test_remove_rigid_motion_keeps_only_the_deformation():
     """A rigidly moved model with one domain deformed comes back onto the neutral model except
     for the deformation (robust fit: the moving domain does not drag it)."""
@@ -464,7 +500,7 @@ def test_pose_projector_layers_equal_the_projection_of_every_gaussian():
     """A layered reference ([low-passed, fine, fine low-passed with negative amplitudes], as
     fine_reference.WarpedModels builds it) projected with ``layers`` (the copies applied as a
     1 - L filter, not projected) equals the projection of all its Gaussians, with and without
-    a low layer, at every band pixel."""
+    a low layer and with no fine Gaussian left (a focus outside them), at every band pixel."""
     from scipion_gmmhet.engine.analysis.fine_reference import low_passed
     from scipion_gmmhet.engine.analysis.pose_projector import PoseProjector
     from scipion_gmmhet.engine.model.fourier import RingBinner
@@ -474,16 +510,16 @@ def test_pose_projector_layers_equal_the_projection_of_every_gaussian():
     org, ctf = torch.randn(B, 2, generator=g), torch.randn(B, BOX, BOX // 2 + 1, generator=g)
     R = refine.rotvec_to_matrix(torch.randn(B, C, 3, generator=g) * 2)
     sh = torch.randn(B, C, 2, generator=g)
-    for n_low in (30, 0):
+    for n_low, n_fine in ((30, 70), (0, 70), (30, 0)):
         low = low_passed(torch.randn(B, n_low, 3, generator=g) * 15, torch.rand(B, n_low, generator=g),
                          3 + torch.rand(B, n_low, generator=g), tau)
-        fine = (torch.randn(B, 70, 3, generator=g) * 15, torch.rand(B, 70, generator=g),
-                1.5 + torch.rand(B, 70, generator=g))
+        fine = (torch.randn(B, n_fine, 3, generator=g) * 15, torch.rand(B, n_fine, generator=g),
+                1.5 + torch.rand(B, n_fine, generator=g))
         c, a, s = (torch.cat(p, 1) for p in zip(low, fine, low_passed(*fine, tau, sign=-1.0)))
         args = (BOX, APIX, org, ctf, band.hi, band.flat_index)
         ref = PoseProjector(c, a, s, *args).project(0, B, R, sh)
-        layered = PoseProjector(c, a, s, *args, layers=(n_low, 70, tau))
-        assert layered.N == n_low + 70
+        layered = PoseProjector(c, a, s, *args, layers=(n_low, n_fine, tau))
+        assert layered.N == n_low + n_fine
         torch.testing.assert_close(layered.project(0, B, R, sh), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     with pytest.raises(ValueError, match="do not add up"):
         PoseProjector(c, a, s, *args, layers=(1, 70, tau))

@@ -126,8 +126,9 @@ class WarpedModels:
     ``1 / crossover_A`` (:func:`lowpass_width_A`): transform ``L D + (1 - L) F``. Since a Gaussian
     low-pass of a GMM is the same GMM with every width widened (mass kept), the layered model is
     one GMM: the decoded Gaussians widened, the fine Gaussians, and the fine Gaussians widened with
-    negative amplitudes (``Nc + 2 Nf`` Gaussians; the pose search projects only ``Nc + Nf`` of them
-    and applies the copies as a ``1 - L`` filter, :meth:`layers`). Why: the
+    negative amplitudes (``Nc + 2 Nf`` Gaussians; the pose search's candidates project only
+    ``Nc + Nf`` of them and apply the copies as a ``1 - L`` filter, :meth:`layers`; the focus
+    subtraction and the optional Adam polish project all). Why: the
     deformed fine reference takes its detail from the consensus map, where a domain that moves far
     is smeared; at the resolution the network was trained to, its decoded models describe that
     domain better. The crossover is the training band's top, where the decoder was fitted to the

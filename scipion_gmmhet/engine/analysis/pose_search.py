@@ -23,8 +23,9 @@ result.
    :func:`gmm.project`), clamped to the ranges.
 4. Acceptance: the best pose replaces the input pose only if it beats it in objective by
    ``min_gain`` nats and in score (the module docstring of :mod:`refine`).
-5. ``wcc``: the fit at the refined poses is added to the scorers' per-ring image-to-model scale
-   (:meth:`refine._Scorer.add_ring_scale`), which weights the rings of the batches after it.
+5. ``wcc``: the fit at the poses returned (the accepted ones, else the input poses) is added to
+   the scorers' per-ring image-to-model scale (:meth:`refine._Scorer.add_ring_scale`), which
+   weights the rings of the batches after it.
 """
 from __future__ import annotations
 
@@ -270,12 +271,12 @@ def search_batch(Fimg, y, amp, sig, o0, C, scorer, scorer_lo, *, max_angle, leve
     if polish_steps > 0:
         best_v, best_s, best_sc, best_ob = _polish(S, y, amp, sig, o0, C, best_v, best_s, best_sc, best_ob,
                                                    polish_steps)
-    if scorer.score == "wcc":  # the ring weights of the next batches, from this one's refined poses
-        with torch.no_grad():
-            S.add_ring_scale(best_v, best_s)
     keep = (best_ob > ob0 + min_gain) & (best_sc > score0)
     vec = torch.where(keep[:, None], best_v, torch.zeros_like(best_v)).detach()
     shift = torch.where(keep[:, None], best_s, torch.zeros_like(best_s)).detach()
+    if scorer.score == "wcc":  # the ring weights of the next batches, at the poses returned
+        with torch.no_grad():
+            S.add_ring_scale(vec, shift)
     after = torch.where(keep, best_sc, score0).detach()
     return vec, shift, score0, after
 

@@ -29,6 +29,8 @@ Score
     reference), as RELION's local searches weight by the reference's spectral SNR, and not how
     far the input poses are off (measured at the input poses, a pose error damps the high
     rings: on noise-free particles a domain's focused search lost a quarter of its precision).
+    So the weights differ from batch to batch (most in the first ones): a particle's
+    ``score_before`` and ``score_after`` compare with each other, not across batches.
     Held-back conditions (3,000 particles, SNR 1), same networks side by side, ``a_r = 1``
     (before 0.2.0) vs measured: see benchmarks/results/refine_ringscale_*.md.
     ``frc``: the plain mean of the ring FRCs (:meth:`fourier.RingBinner.mean_frc`, e2gmm's
@@ -292,15 +294,23 @@ class _Scorer:
         self.inv_noise = (1.0 / torch.maximum(nu, 1e-6 * nu.max() + 1e-30))[None, :]  # no host sync
 
     def add_ring_scale(self, cross: torch.Tensor, p_mod: torch.Tensor) -> None:
-        """Add a batch's fit at its REFINED poses (ring sums ``(B, R)``) to the per-ring scale of
-        the images to the model, ``a_r = sum cross_r / sum p_mod_r`` over the batches so far, which
+        """Add a batch's fit at its REFINED poses (the poses the search returns: the new pose where
+        it was accepted, else the input pose; ring sums ``(B, R)``) to the per-ring scale of the
+        images to the model, ``a_r = sum cross_r / sum p_mod_r`` over the batches so far, which
         weights the rings of the batches after it (module docstring, Score): measured at refined
         poses it says how well the model holds each ring, not how far the input poses are off.
         Rings where the model does not match the images (``a_r <= 0``) get ~0 weight."""
         sums = torch.stack([cross.sum(0), p_mod.sum(0)])
         self._scale_sums = sums if self._scale_sums is None else self._scale_sums + sums
         a = self._scale_sums[0] / self._scale_sums[1].clamp_min(1e-30)
-        self.ring_scale = torch.maximum(a, RING_SCALE_FLOOR * a.max().clamp_min(1e-30))[None, :]  # no host sync
+        a_max = a.max()
+        # no ring with a positive scale (inverted contrast, a wrong template): no weighting (a_r = 1)
+        self.ring_scale = torch.where(a_max > 0, torch.maximum(a, RING_SCALE_FLOOR * a_max),
+                                      torch.ones_like(a))[None, :]  # no host sync
+
+    def reset_ring_scale(self) -> None:
+        """Forget the ring scale (``a_r`` = 1 again, as before the first batch)."""
+        self.ring_scale, self._scale_sums = None, None
 
     def frc(self, Fimg: torch.Tensor, Fmod: torch.Tensor) -> torch.Tensor:
         """The score ``(B,)`` of model transforms against image transforms."""
