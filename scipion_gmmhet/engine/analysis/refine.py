@@ -31,8 +31,7 @@ Score
     rings: on noise-free particles a domain's focused search lost a quarter of its precision).
     So the weights differ from batch to batch (most in the first ones): a particle's
     ``score_before`` and ``score_after`` compare with each other, not across batches.
-    Held-back conditions (3,000 particles, SNR 1), same networks side by side, ``a_r = 1``
-    (before 0.2.0) vs measured: see benchmarks/results/refine_ringscale_*.md.
+    Measured against ``a_r = 1`` (before 0.2.0): benchmarks/results/refine_ringscale_*.md.
     ``frc``: the plain mean of the ring FRCs (:meth:`fourier.RingBinner.mean_frc`, e2gmm's
     training loss), unbiased too but noisy: it gives the signal-poor outer rings as much weight
     as the signal-rich inner ones (on simulated box-32 particles at SNR 1 the true pose beats
@@ -496,11 +495,7 @@ def refine_poses(particles, models: ParticleModels, *, max_angle_deg: float = 6.
     if not max_shift_A >= 0:
         raise InputError(f"--max-shift: {max_shift_A} is not >= 0; give a range in Angstrom, e.g. {2 * apix:g}")
     if focus is not None:
-        focus = np.asarray(focus)
-        if focus.dtype != bool:
-            sel = np.zeros(len(models.neutral_centers_A), dtype=bool)
-            sel[focus] = True
-            focus = sel
+        focus = selection_mask(focus, len(models.neutral_centers_A))
         if not focus.any():
             raise InputError("--mask: the focus mask selects no Gaussian; give a mask covering part of the model")
         focus = torch.as_tensor(focus, device=device)
@@ -550,6 +545,16 @@ def _coarse_scorer(scorer, lowres_A, max_shift_A, coarse_fraction):
         return None
     return _Scorer(scorer.box, scorer.apix, lowres_A, scorer.box * scorer.apix / (top + 0.25), max_shift_A,
                    scorer.device, scorer.score)
+
+
+def selection_mask(selection, n: int) -> np.ndarray:
+    """Boolean mask ``(n,)`` of Gaussians from indices or a boolean array (a focus)."""
+    selection = np.asarray(selection)
+    if selection.dtype == bool:
+        return selection
+    out = np.zeros(n, dtype=bool)
+    out[selection] = True
+    return out
 
 
 def projection_layers(models, focus: torch.Tensor | None) -> tuple[int, int, float] | None:

@@ -293,9 +293,11 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
     if fine is not None:
         models = warped_reference(models, fine, args, cfg)
         if focus is not None:  # the mask's (or the core's) coarse Gaussians, carried to the fine ones
-            coarse = _as_mask(focus, models.n_coarse)
-            fine_sel = (_as_mask(focus_mask_gaussians(fine.gmm, args.mask), models.n_fine) if args.mask
-                        else coarse[models.nearest_coarse()])  # core: a fine Gaussian follows its nearest coarse one
+            coarse = refine.selection_mask(focus, models.n_coarse)
+            if args.mask:
+                fine_sel = refine.selection_mask(focus_mask_gaussians(fine.gmm, args.mask), models.n_fine)
+            else:  # core: a fine Gaussian follows its nearest coarse one
+                fine_sel = coarse[models.nearest_coarse()]
             focus = models.focus(coarse, fine_sel)
     lowres = args.lowres if args.lowres is not None else cfg.get("lowres_A")
     highres = args.highres  # default: the model's own resolution (refine.refine_poses), finer than
@@ -354,16 +356,6 @@ def warped_reference(decoded, fine, args, cfg: dict):
     reference at every resolution."""
     from ..analysis.fine_reference import WarpedModels
     return WarpedModels(decoded, fine, crossover_A=layer_crossover_A(args, cfg))
-
-
-def _as_mask(selection: np.ndarray, n: int) -> np.ndarray:
-    """Boolean mask of length ``n`` from indices or a boolean array."""
-    selection = np.asarray(selection)
-    if selection.dtype == bool:
-        return selection
-    out = np.zeros(n, dtype=bool)
-    out[selection] = True
-    return out
 
 
 def particle_latents(tm, star: str, n: int, n_ops: int, latents_path, encode: bool, device,
