@@ -97,6 +97,19 @@ class TrueMotionModels:
                 self.sigmas.expand(B, -1).clone().to(device))
 
 
+def _image_number(names: pd.Series) -> np.ndarray:
+    """The stack position of each image name ``NNNNNN@stack`` (1-based)."""
+    return names.astype(str).str.split("@").str[0].astype(int).to_numpy()
+
+
+def truth_rows(truth: pd.DataFrame, meta) -> pd.DataFrame:
+    """The simulation's truth table in the order of ``meta``'s particles, matched by image (not by position)."""
+    where = pd.Index(_image_number(truth["image_name"])).get_indexer(_image_number(meta.particles["rlnImageName"]))
+    if (where < 0).any():
+        raise SystemExit(f"{int((where < 0).sum())} particles of round 1's star are not in the simulation's truth.csv")
+    return truth.iloc[where].reset_index(drop=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True, help="a bench_refine.py --work folder (round 1 finished)")
@@ -121,10 +134,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--work {args.work}: round 1's retraining ({r1.train.folder}) is not finished")
     sim = sims[0]
     info = json.load(open(os.path.join(sim, "simulation.json")))
-    truth = pd.read_csv(os.path.join(sim, "truth.csv"))
     star = r1.particles
     tm = load_trained(r1.train.folder, "cpu")
     meta = metadata.read_particles(star)
+    truth = truth_rows(pd.read_csv(os.path.join(sim, "truth.csv")), meta)
     ctf = tm.config.get("ctf_mode")
     parts = Particles.from_star(star, ctf_mode=ctf, device="cpu")
     latents = particle_latents(tm, star, len(meta), 1, None, False, "cpu", meta=meta)
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
                                             "the noise-free consensus")
             elif kind.startswith("middle"):
                 res = float(kind[len("middle"):] or (args.fine_res or fine("round1").resolution_A))
-                middle = sorted(s for s in info["states"] if abs(float(s["coords"][0]) - 0.5) < 1e-6)
+                middle = [st for st in info["states"] if all(abs(float(x) - 0.5) < 1e-6 for x in st["coords"])]
                 vol, _ = read_map(os.path.join(sim, (middle[0] if middle else info["states"][len(info["states"]) // 2])["map"]))
                 cache[kind] = FineReference(build_gmm(np.asarray(vol, np.float32), meta.apix, res).gmm, res,
                                             "the true middle state")
@@ -167,9 +180,9 @@ def main(argv=None) -> int:
         motion = TrueMotionModels(tm, system, coords)
         return WarpedModels(motion, ref, crossover_A=crossover if layered else None)
 
-    def smoothed():
-        c = coords[:, 0]
-        K = np.exp(-0.5 * ((c[:, None] - c[None]) / LATENT_BANDWIDTH) ** 2)
+    def smoothed():  # Euclidean in the true coordinates (a cyclic angle is not wrapped)
+        d2 = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1)
+        K = np.exp(-0.5 * d2 / LATENT_BANDWIDTH ** 2)
         return refine.LatentModels(tm, ((K @ latents) / K.sum(1, keepdims=True)).astype(np.float32))
 
     class MeanGauge(refine.LatentModels):
