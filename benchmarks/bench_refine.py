@@ -335,11 +335,12 @@ def main(argv=None) -> int:
                          "positions,amplitudes; results before 2026-12-06's refine_changes.md used positions)")
     ap.add_argument("--refine-core", choices=["none", "auto"], default="none",
                     help="gmmhet refine --core (without --refine-mask core): auto scores the automatic rigid core")
-    ap.add_argument("--reference", choices=["auto", "fine", "decoded"], default="auto",
-                    help="gmmhet refine --reference (auto: from the second round on, the decoded models up to the "
-                         "training band's top and a finer reference deformed by the decoded motion beyond it; fine: "
-                         "that finer reference at every resolution, the default before 0.2.0; decoded: the decoded "
-                         "models in every round)")
+    ap.add_argument("--reference", choices=["auto", "network", "layered", "fine", "decoded"], default="auto",
+                    help="gmmhet refine --reference (auto = network: from the second round on, the network "
+                         "retrained on a finer GMM of the reconstruction and its decoded models; layered: the "
+                         "decoded models up to the training band's top and the finer GMM deformed by the decoded "
+                         "motion beyond it; fine: that deformed GMM at every resolution; decoded: the decoded "
+                         "models of the neutral GMM's network)")
     ap.add_argument("--refine-mask", default="core", choices=("core", "none"),
                     help="core: refine the core's pose with the arm's decoded projection subtracted; none: whole model")
     ap.add_argument("--rounds", default="3", help="gmmhet refine --rounds (refine-retrain iterations; auto: the "

@@ -2,6 +2,7 @@
 deformed by the decoded motion, used from the second refinement round on)."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -146,11 +147,12 @@ def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_m
     assert "Gaussians at" in ref.describe()
 
 
-@pytest.mark.parametrize("reference,focus", [("auto", None), ("fine", None), ("decoded", None), ("auto", "mask"),
-                                             ("auto", "core")])
+@pytest.mark.parametrize("reference,focus", [("auto", None), ("layered", None), ("fine", None), ("decoded", None),
+                                             ("auto", "mask"), ("auto", "core"), ("layered", "core")])
 def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, reference, focus):
-    """With a neutral GMM recorded as built at a coarse resolution, round 2 aligns to the
-    deformed fine reference (rounds.csv says which); --reference decoded keeps the decoded models."""
+    """With a neutral GMM recorded as built at a coarse resolution, round 2 aligns to the GMMs
+    of a network retrained on the finer GMM (auto = network), or to the deformed fine reference
+    (layered, fine); rounds.csv says which; --reference decoded keeps the decoded models."""
     from scipion_gmmhet.engine import cli
     from test_refine import perturb
     from scipion_gmmhet.engine.conventions import euler_to_matrix, matrix_to_euler
@@ -177,9 +179,22 @@ def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, referenc
                      "--out", out] + extra) == 0
     rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
     assert rounds["reference"].iloc[0] == "decoded models"
-    if reference in ("auto", "fine"):
+    retrained = GMM.load(os.path.join(out, "round_1", "train", "gmm.npz"))  # the retraining's model
+    neutral = GMM.load(gmm)
+    if reference in ("auto", "layered", "fine"):
         assert "Gaussians at" in rounds["reference"].iloc[1] and "round 1" in rounds["reference"].iloc[1]
-        assert rounds["reference"].iloc[1].startswith("decoded models to ") == (reference == "auto")
+        assert rounds["reference"].iloc[1].startswith("decoded models to ") == (reference == "layered")
+        assert rounds["reference"].iloc[1].startswith("decoded models of the network retrained on ") == (
+            reference == "auto")
     else:
         assert rounds["reference"].iloc[1] == "decoded models"
+    if reference == "auto":  # the network of round 2 deforms the finer GMM, trained to its resolution
+        assert len(retrained) != len(neutral)
+        finer = float(retrained.info["target_resolution_A"])
+        assert 0.6 * 40.0 - 1e-6 <= finer < 0.8 * 40.0
+        with open(os.path.join(out, "round_1", "train", "config.json")) as f:
+            assert json.load(f)["train"]["highres_A"] == pytest.approx(finer, rel=0.05)
+    else:  # retrained on the neutral GMM, as in round 1
+        assert len(retrained) == len(neutral)
+        np.testing.assert_allclose(np.asarray(retrained.centers_A), np.asarray(neutral.centers_A), atol=1e-4)
     assert len(metadata.read_particles(os.path.join(out, "particles.star"))) == len(meta)

@@ -117,14 +117,14 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
         form.addParam('fineReference', params.BooleanParam, default=True, condition='rounds != 1',
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Finer reference after the first round?',
-                      help='Yes (default): from the second round on, each particle is aligned to its decoded '
-                           'model up to the resolution the network was trained to and, beyond it, to a finer '
-                           'Gaussian model of the reconstruction at the refined poses, deformed by the '
-                           'particle\'s decoded motion, when that reconstruction is finer than the Gaussian '
-                           'model the network was trained on (gmmhet refine --reference auto; 1AKE at SNR 1, '
-                           '3,000 particles: the hinge 1.99 -> 0.71 deg, the LID turning a full circle '
-                           '1.99 -> 0.83 deg, about 1.05 with the decoded models alone). No: the decoded '
-                           'models in every round.')
+                      help='Yes (default): from the second round on, when the reconstruction at the refined '
+                           'poses is finer than the Gaussian model the network was trained on, each retraining '
+                           'learns a finer Gaussian model of that reconstruction, to its resolution, and each '
+                           'particle is aligned to the model this finer network decodes for it (gmmhet refine '
+                           '--reference auto; 1AKE at SNR 1, 3,000 particles: the hinge 1.99 -> 0.63 deg, with '
+                           '1 A of molecular-dynamics-like disorder 1.99 -> 1.09 deg; each retraining takes '
+                           'about 3x longer). No: the decoded models of the network trained on the input '
+                           'Gaussian model in every round.')
         form.addParam('maxRounds', params.IntParam, default=3, validators=[params.GE(1)], condition='rounds == 0',
                       label='Most rounds', help='Largest number of refinements in the automatic iteration.')
         form.addParam('retrainEpochs', params.IntParam, default=-1, condition='rounds != 1',

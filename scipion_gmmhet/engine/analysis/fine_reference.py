@@ -1,5 +1,8 @@
 """A finer reference for pose refinement: a GMM of the particles' own reconstruction, deformed
-per particle by the network's decoded motion.
+per particle by the network's decoded motion (``gmmhet refine --reference layered`` / ``fine``).
+``gmmhet refine --reference auto`` (``network``, the default) builds the same GMM
+(:func:`build_fine_reference`) and retrains the network on it instead, so the motion is
+learnt at its resolution (commands/refine.py).
 
 Why: the neutral GMM the network deforms is built at the training resolution (``gmmhet build
 --resolution 8``: ~170 Gaussians for adenylate kinase at 1.5 A/px). It describes the motion
@@ -120,7 +123,7 @@ class WarpedModels:
     coarse Gaussians' moves carry to the fine ones by :func:`motion_corrected.move_weights` (the
     motion-corrected map's displacement field, same width :func:`motion_corrected.default_field_sigma_A`).
 
-    ``crossover_A`` (the layered reference, ``gmmhet refine --reference auto``): below this
+    ``crossover_A`` (the layered reference, ``gmmhet refine --reference layered``): below this
     resolution the particle's own decoded model stands for it, above it the deformed fine
     reference, with the smooth Gaussian crossover ``L(k) = exp(-2 pi^2 tau^2 k^2)``, 1/2 at
     ``1 / crossover_A`` (:func:`lowpass_width_A`): transform ``L D + (1 - L) F``. Since a Gaussian

@@ -35,12 +35,15 @@ decoded models are compared in the frame of the neutral model (their own rigid t
 removed), so no mask is needed. OUT/rounds.csv and the log give each round's median change,
 the evidence asked and the check.
 
-Layered reference (--reference auto, default): from the second round on, the particles are
-reconstructed at the refined poses and, when that map is finer than the neutral GMM's build
-resolution, a GMM of it, deformed by each particle's decoded motion, is the reference beyond
-the training band's top; below it, the particle's decoded model (which describes a domain that
-moves far better than the consensus map does). --reference fine: the deformed GMM at every
-resolution (the default before 0.2.0); --reference decoded: the decoded models in every round.
+Finer network (--reference auto = network, default): from the second round on, the particles
+are reconstructed at the refined poses and, when that map is finer than the neutral GMM's build
+resolution, a GMM of it (at its gold-standard resolution, no finer than 0.6 x the neutral's) is
+the model of the retraining, trained to that resolution; each particle is then aligned to the
+GMM this finer network decodes for it. Else the retraining uses the neutral GMM, as in round 1.
+--reference layered: the network retrained on the neutral GMM; the particle's decoded model up
+to the training band's top and, beyond it, the finer GMM deformed by its decoded motion (the
+default of 0.2.0's earlier builds); --reference fine: that deformed GMM at every resolution;
+--reference decoded: the decoded models of the neutral GMM's network in every round.
 
 --core auto (opt-in) scores only the automatic rigid core (the Gaussians that move least across
 the decoded models; the rest of each particle's model is subtracted from its image). It helped
@@ -76,13 +79,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(the rest, decoded per particle, is subtracted), so a flexible part cannot pull the "
                         "pose (larger corrections on a big swinging domain, but moves some exact poses: see "
                         "rigid_core.refinement_core)")
-    p.add_argument("--reference", choices=["auto", "fine", "decoded"], default="auto",
-                   help="what each particle is aligned to after the first round: auto (default): its decoded "
-                        "model up to the training band's top and, beyond it, a finer GMM of the reconstruction at "
-                        "the refined poses deformed by the particle's decoded motion, when that reconstruction is "
-                        "finer than the neutral GMM (scipion_gmmhet.engine.analysis.fine_reference); fine: that "
-                        "deformed finer GMM at every resolution (the default before 0.2.0); decoded: the decoded "
-                        "models themselves in every round")
+    p.add_argument("--reference", choices=["auto", "network", "layered", "fine", "decoded"], default="auto",
+                   help="what each particle is aligned to after the first round: auto = network (default): the "
+                        "retraining learns a finer GMM of the reconstruction at the refined poses (when that "
+                        "reconstruction is finer than the neutral GMM; scipion_gmmhet.engine.analysis.fine_reference) "
+                        "to its resolution, and each particle is aligned to the GMM it decodes; layered: the "
+                        "network retrained on the neutral GMM, its decoded model up to the training band's top and "
+                        "the finer GMM deformed by the particle's decoded motion beyond it; fine: that deformed "
+                        "finer GMM at every resolution; decoded: the decoded models of the neutral GMM's network")
     p.add_argument("--max-angle", type=float, default=6.0, metavar="DEG",
                    help="largest rotation away from the current pose in each round, degrees (default 6; "
                         "over several rounds a particle can move further)")
@@ -163,7 +167,11 @@ def main(args) -> int:
     if args.mask is None and getattr(args, "core", "none") == "auto":
         from ..analysis.rigid_core import refinement_core
         core = refinement_core(tm, tm.latents())
-    fine = None  # the finer reference (from the second round on, --reference auto)
+    fine = None  # the deformed finer reference (from the second round on, --reference layered / fine)
+    base = tm  # the input network: its neutral GMM and settings anchor every retraining
+    mode = reference_mode(args)
+    label = reference_name(None, None)
+    round_core = core
     for r in range(1, n_rounds + 1):
         round_dir = args.out if n_rounds == 1 else RefineFolder(args.out).round(r).folder
         os.makedirs(round_dir, exist_ok=True)
@@ -172,15 +180,15 @@ def main(args) -> int:
             meta, out_meta, res = kept
             log.info("refine round %d: finished before the interruption; kept %s", r, round_dir)
         else:
-            meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir, core, fine,
-                                               min_gain=round_min_gain(args.min_gain, r))
+            meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir, round_core,
+                                               fine, min_gain=round_min_gain(args.min_gain, r))
             _save_round(res, round_dir)
         if meta0 is None:
             meta0, score0 = meta, res.score_before
         s = summary(res.delta_angle_deg, res.delta_shift_A, res.score_before, res.score_after)
         converged = s["angle_median_deg"] < precision
         history.append({"round": r, **s, "converged": converged, "min_gain_nats": round_min_gain(args.min_gain, r),
-                        "reference": reference_name(fine, layer_crossover_A(args, tm.config)),
+                        "reference": label,
                         "gate_fsc_input": float(res.gate_fsc_input), "gate_fsc_refined": float(res.gate_fsc_refined),
                         "gate_kept_input": bool(res.gate_kept_input), "gate_t": float(res.gate_t),
                         "gate_t_min": float(res.gate_t_min), "frame_drift_deg": float(res.frame_drift_deg)})
@@ -193,14 +201,26 @@ def main(args) -> int:
             stop = "converged" if converged else "round limit"
             break
         # e2gmm's iteration: retrain on the refined poses, refine again
-        tm = _retrain(tm, star, args, device, RefineFolder(round_dir).train.folder, resume)
-        latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
-        if getattr(args, "reference", "auto") in ("auto", "fine"):
+        finer = None
+        if mode != "decoded":
             from ..analysis.fine_reference import build_fine_reference
             from ..io import metadata
-            fine = build_fine_reference(metadata.read_particles(star), tm.neutral, device=device,
-                                        ctf_mode=args.ctf_mode or tm.config.get("ctf_mode"),
-                                        label=f"round {r}'s refined poses")
+            finer = build_fine_reference(metadata.read_particles(star), base.neutral, device=device,
+                                         ctf_mode=args.ctf_mode or base.config.get("ctf_mode"),
+                                         label=f"round {r}'s refined poses")
+        train_dir = RefineFolder(round_dir).train.folder
+        if mode == "network":
+            tm = _retrain(base, star, args, device, train_dir, resume,
+                          neutral=finer.gmm if finer is not None else None)
+            fine = None
+            round_core = core if core is None or finer is None else carry_selection(base.neutral, finer.gmm, core)
+            label = (f"decoded models of the network retrained on {finer.describe()}" if finer is not None
+                     else reference_name(None, None))
+        else:
+            tm = _retrain(tm, star, args, device, train_dir, resume)
+            fine = finer
+            label = reference_name(fine, layer_crossover_A(args, tm.config))
+        latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
     if n_rounds > 1:
         _write_overall(meta0, out_meta, score0, res.score_after, args.out)
     if n_rounds > 1 or auto:
@@ -212,10 +232,29 @@ def main(args) -> int:
     return 0
 
 
+def reference_mode(args) -> str:
+    """``--reference`` with ``auto`` resolved: ``network`` (default), ``layered``, ``fine`` or ``decoded``."""
+    mode = getattr(args, "reference", "auto") or "auto"
+    return "network" if mode == "auto" else mode
+
+
 def layer_crossover_A(args, cfg: dict) -> float | None:
     """Resolution (Angstrom) below which a particle's decoded model stands for it in the later
-    rounds' reference: the training band's top with ``--reference auto``, None with ``fine``."""
-    return float(cfg["highres_A"]) if getattr(args, "reference", "auto") == "auto" else None
+    rounds' reference: the training band's top with ``--reference layered``, None with ``fine``."""
+    return float(cfg["highres_A"]) if reference_mode(args) == "layered" else None
+
+
+def carry_selection(coarse, fine, selection) -> np.ndarray:
+    """A selection of ``coarse``'s Gaussians (indices or mask; the automatic core) carried to
+    ``fine``'s: each fine Gaussian takes its nearest coarse Gaussian's membership."""
+    import torch
+
+    from ..analysis import refine
+    keep = refine.selection_mask(selection, len(coarse))
+    cc = torch.as_tensor(np.asarray(coarse.centers_A), dtype=torch.float32)
+    fc = torch.as_tensor(np.asarray(fine.centers_A), dtype=torch.float32)
+    nearest = torch.cat([torch.cdist(fc[i:i + 4096], cc).argmin(1) for i in range(0, len(fc), 4096)]).numpy()
+    return keep[nearest]
 
 
 def reference_name(fine, crossover_A: float | None) -> str:
@@ -350,7 +389,7 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
 
 
 def warped_reference(decoded, fine, args, cfg: dict):
-    """The later rounds' reference (``--reference``): ``auto``, the particle's decoded model below
+    """The later rounds' reference (``--reference``): ``layered``, the particle's decoded model below
     the training band's top and the deformed fine reference above it
     (:class:`fine_reference.WarpedModels` with ``crossover_A``); ``fine``, the deformed fine
     reference at every resolution."""
@@ -394,11 +433,13 @@ def particle_latents(tm, star: str, n: int, n_ops: int, latents_path, encode: bo
     return latents
 
 
-def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
+def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False, neutral=None):
     """Train a new network with the settings of ``tm``'s run (its neutral GMM, band, mask,
     seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``.
-    ``resume``: a finished retraining (model.pt) is loaded, an interrupted one goes on from its
-    last checkpoint."""
+    ``neutral``: another GMM to train (the finer GMM of ``--reference network``), with the band
+    chosen again for it (:func:`training.config.default_band`: its build resolution, the
+    particles' signal). ``resume``: a finished retraining (model.pt) is loaded, an interrupted
+    one goes on from its last checkpoint."""
     from ..io.data import Particles
     from ..io.outputs import TrainFolder
     from ..training.config import TrainConfig
@@ -410,11 +451,14 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False):
 
     cfg = TrainConfig.from_dict(tm.config)
     cfg.center = "off"  # the refined shifts are the ones to train with (centring is for input poses)
+    if neutral is not None:
+        cfg.highres_A = None  # the band follows the finer GMM
     if args.retrain_epochs is not None:
         cfg.epochs = int(args.retrain_epochs)
-    log.info("refine: retraining on the refined poses (%d epochs) into %s", cfg.epochs, out_dir)
+    log.info("refine: retraining on the refined poses (%d epochs%s) into %s", cfg.epochs,
+             "" if neutral is None else f", {len(neutral)} Gaussians of the finer GMM", out_dir)
     particles = Particles.from_star(star, symmetry=cfg.symmetry, ctf_mode=cfg.ctf_mode, device=device)
-    train(particles, tm.neutral, cfg, out_dir, resume=resume, star_path=star)
+    train(particles, tm.neutral if neutral is None else neutral, cfg, out_dir, resume=resume, star_path=star)
     return load_trained(out_dir, device)
 
 
