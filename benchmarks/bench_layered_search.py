@@ -1,6 +1,6 @@
 """Pose-search speed with the layered reference: its low-passed copies filtered vs projected.
 
-The layered reference of `gmmhet refine`'s later rounds (``--reference auto``,
+The layered reference of `gmmhet refine`'s later rounds (``--reference layered``,
 ``fine_reference.WarpedModels``) is one GMM of ``Nc`` decoded Gaussians (low-passed), ``Nf`` fine
 Gaussians and the same ``Nf`` low-passed with negative amplitudes. The pose search's projector
 (``pose_projector.PoseProjector(layers=...)``) applies those copies as a ``1 - L`` filter on the

@@ -194,7 +194,7 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
         gain = f"{args.min_gain:g}" if args.min_gain is not None else "auto"
         out = os.path.join(args.work, f"refine_{key}_{tag}_{args.refine_mask}{'_core' if args.refine_core != 'none' else ''}"
                                       f"_r{args.rounds}_g{gain}"
-                                      f"{'' if args.gate else '_nogate'}{'' if args.reference == 'auto' else '_' + args.reference}")
+                                      f"{'' if args.gate else '_nogate'}{'' if args.reference in ('auto', 'network') else '_' + args.reference}")
         t0 = time.time()
         if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
             raise SystemExit("refine failed")

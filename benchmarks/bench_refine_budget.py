@@ -10,15 +10,18 @@ the settings ``gmmhet refine`` uses from round 2 on (``--score wcc``, prior, evi
 
 Variants (``--variants``, comma-separated):
 
-- ``default``: what round 2 does: a GMM of the reconstruction at round 1's poses (its
-  gold-standard resolution, no finer than 0.6 x the neutral's), deformed per particle by the
-  retrained network's decoded motion, below the training band's top the decoded model itself
-  (:class:`fine_reference.WarpedModels`, layered).
+- ``layered``: what round 2 does with ``gmmhet refine --reference layered`` (the default when
+  the budget was measured): a GMM of the reconstruction at round 1's poses (its gold-standard
+  resolution, no finer than 0.6 x the neutral's), deformed per particle by the retrained
+  network's decoded motion, below the training band's top the decoded model itself
+  (:class:`fine_reference.WarpedModels`, layered). The work folder's round 1 must have been
+  retrained on the neutral GMM (``bench_refine.py --reference layered``, ``fine`` or
+  ``decoded``), not on the finer GMM (the default ``network``).
 - ``fine_true_poses``: the same, the reconstruction at the TRUE poses.
 - ``fine_clean_consensus``: the same, a GMM of the noise-free population average (consensus.mrc).
-- ``smoothed_latents``: ``default`` with each particle's latent replaced by the kernel regression
+- ``smoothed_latents``: ``layered`` with each particle's latent replaced by the kernel regression
   of the latents on its true coordinate (bandwidth 0.02): no latent noise.
-- ``true_motion``: ``default``'s fine GMM moved by the TRUE motion instead of the decoded one: the
+- ``true_motion``: ``layered``'s fine GMM moved by the TRUE motion instead of the decoded one: the
   atoms' displacement sampled at the neutral GMM's Gaussians (weights of
   :func:`motion_corrected.move_weights`, 2 A) and carried to the fine Gaussians exactly as the
   decoded moves are (the low layer: the neutral GMM moved the same way).
@@ -28,7 +31,7 @@ Variants (``--variants``, comma-separated):
 - ``middle_true_motion_unlayered``: the same, the fine GMM at every resolution.
 - ``middle_true_motion_unlayered_fine``: the same with the middle state's GMM at 3.2 A.
 - ``truth``: each particle's true mean structure (atoms widened by the thermal disorder).
-- ``mean_gauge``: ``default`` with each decoded model's amplitude-weighted mean translation
+- ``mean_gauge``: ``layered`` with each decoded model's amplitude-weighted mean translation
   undone instead of its robust (core-weighted) one: the frame of an all-atom superposition.
 
 Run: ``python benchmarks/bench_refine_budget.py --work WORK [--variants ...] [--out FILE]``; one
@@ -65,7 +68,7 @@ from scipion_gmmhet.engine.simulation.atomic import AtomicParticleModels, build_
 from scipion_gmmhet.engine.training.trained import load_trained  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("default", "fine_true_poses", "fine_clean_consensus", "smoothed_latents", "true_motion",
+VARIANTS = ("layered", "fine_true_poses", "fine_clean_consensus", "smoothed_latents", "true_motion",
             "middle_decoded", "middle_true_motion", "middle_true_motion_unlayered",
             "middle_true_motion_unlayered_fine", "truth", "mean_gauge")
 MOTION_SIGMA_A = 2.0     # atoms -> neutral Gaussians: the true displacement at each neutral Gaussian
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--pdb", default=os.path.join(REPO, "tests", "data", "1ake.pdb"))
     ap.add_argument("--fine-res", type=float, default=None,
-                    help="resolution (A) of the middle state's GMM (default: that of the default's fine reference)")
+                    help="resolution (A) of the middle state's GMM (default: that of the layered variant's fine reference)")
     ap.add_argument("--out", default=None, help="markdown file (default: print only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -136,6 +139,10 @@ def main(argv=None) -> int:
     info = json.load(open(os.path.join(sim, "simulation.json")))
     star = r1.particles
     tm = load_trained(r1.train.folder, "cpu")
+    first = sorted(glob.glob(os.path.join(args.work, "train_pert_*")))
+    if first and len(load_trained(first[0], "cpu").neutral) != len(tm.neutral):
+        raise SystemExit(f"--work {args.work}: round 1 was retrained on a finer GMM (gmmhet refine --reference "
+                         "network, the default); run bench_refine.py with --reference layered for this budget")
     meta = metadata.read_particles(star)
     truth = truth_rows(pd.read_csv(os.path.join(sim, "truth.csv")), meta)
     ctf = tm.config.get("ctf_mode")
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
             return c - (w[None, :, None] * c).sum(1, keepdim=True) + (w[:, None] * c0).sum(0), a, s
 
     build = {
-        "default": lambda: WarpedModels(decoded, fine("round1"), crossover_A=crossover),
+        "layered": lambda: WarpedModels(decoded, fine("round1"), crossover_A=crossover),
         "fine_true_poses": lambda: WarpedModels(decoded, fine("true_poses"), crossover_A=crossover),
         "fine_clean_consensus": lambda: WarpedModels(decoded, fine("clean"), crossover_A=crossover),
         "smoothed_latents": lambda: WarpedModels(smoothed(), fine("round1"), crossover_A=crossover),

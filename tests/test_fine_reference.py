@@ -1,5 +1,6 @@
-"""Tests of engine/analysis/fine_reference.py and `gmmhet refine --reference` (the finer reference
-deformed by the decoded motion, used from the second refinement round on)."""
+"""Tests of engine/analysis/fine_reference.py and `gmmhet refine --reference` (from the second
+refinement round on: the network retrained on the finer GMM (auto = network), or that GMM
+deformed by the decoded motion (layered, fine))."""
 from __future__ import annotations
 
 import json
@@ -85,7 +86,7 @@ def test_warped_models_carry_the_decoded_motion_onto_the_fine_gaussians():
 
 
 def test_layered_reference_is_the_decoded_model_below_the_crossover_and_the_fine_one_above():
-    """--reference auto: the layered GMM's projection is L D + (1 - L) F with the Gaussian
+    """--reference layered: the layered GMM's projection is L D + (1 - L) F with the Gaussian
     low-pass L = exp(-2 pi^2 tau^2 k^2), 1/2 at 1 / crossover; focus rows follow its layout."""
     from scipion_gmmhet.engine.analysis.fine_reference import lowpass_width_A
     from scipion_gmmhet.engine.model.gmm import project
@@ -198,3 +199,44 @@ def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, referenc
         assert len(retrained) == len(neutral)
         np.testing.assert_allclose(np.asarray(retrained.centers_A), np.asarray(neutral.centers_A), atol=1e-4)
     assert len(metadata.read_particles(os.path.join(out, "particles.star"))) == len(meta)
+
+
+def test_cli_refine_network_resume_keeps_the_finer_gmm_its_retraining_started_from(sim, tmp_path, monkeypatch):
+    """--resume after an interrupted retraining on the finer GMM goes on from that retraining's own
+    GMM (not a rebuilt one, which need not be identical) and keeps the finished rounds; --core
+    auto is carried to the finer Gaussians; rounds.csv names the same references."""
+    from scipion_gmmhet.engine import cli
+    from test_refine import perturb
+    from scipion_gmmhet.engine.conventions import euler_to_matrix, matrix_to_euler
+    truth = pd.read_csv(os.path.join(sim, "truth.csv"))
+    meta = metadata.read_particles(os.path.join(sim, "particles.star"))
+    rot = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
+    rot_p, org_p = perturb(rot, truth[["origin_x_A", "origin_y_A"]].to_numpy(), seed=12)
+    star = str(tmp_path / "perturbed.star")
+    metadata.write_particles(star, meta.with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p))
+    gmm = _neutral_with_resolution(sim, 40.0, str(tmp_path / "neutral.npz"))
+    train_dir = str(tmp_path / "train")
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    out = str(tmp_path / "refine")
+    args = ["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1", "--rounds", "3",
+            "--retrain-epochs", "1", "--core", "auto", "--device", "cpu", "--out", out]
+    assert cli.main(args) == 0
+    first = pd.read_csv(os.path.join(out, "rounds.csv"))
+    assert first["reference"].iloc[1].startswith("decoded models of the network retrained on ")
+    r2 = os.path.join(out, "round_2")
+    kept_gmm = GMM.load(os.path.join(r2, "train", "gmm.npz"))
+    kept_model = os.path.getmtime(os.path.join(out, "round_1", "train", "model.pt"))
+    # interrupted during round 2's retraining: round 3 and the finished network are gone
+    os.remove(os.path.join(r2, "train", "model.pt"))
+    os.remove(os.path.join(out, "round_3", "refine_result.npz"))
+    from scipion_gmmhet.engine.analysis import fine_reference
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("a resumed run rebuilt the finer GMM")
+    monkeypatch.setattr(fine_reference, "build_fine_reference", no_rebuild)
+    assert cli.main(args + ["--resume"]) == 0
+    again = GMM.load(os.path.join(r2, "train", "gmm.npz"))
+    np.testing.assert_array_equal(np.asarray(again.centers_A), np.asarray(kept_gmm.centers_A))
+    assert os.path.getmtime(os.path.join(out, "round_1", "train", "model.pt")) == kept_model  # not retrained
+    assert list(pd.read_csv(os.path.join(out, "rounds.csv"))["reference"]) == list(first["reference"])

@@ -119,7 +119,7 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                       label='Finer reference after the first round?',
                       help='Yes (default): from the second round on, when the reconstruction at the refined '
                            'poses is finer than the Gaussian model the network was trained on, each retraining '
-                           'learns a finer Gaussian model of that reconstruction, to its resolution, and each '
+                           'learns a finer Gaussian model of that reconstruction, in a band up to its resolution, and each '
                            'particle is aligned to the model this finer network decodes for it (gmmhet refine '
                            '--reference auto; 1AKE at SNR 1, 3,000 particles: the hinge 1.99 -> 0.63 deg, with '
                            '1 A of molecular-dynamics-like disorder 1.99 -> 1.09 deg; each retraining takes '

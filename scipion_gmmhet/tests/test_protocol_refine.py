@@ -193,8 +193,8 @@ class TestProtocolRefine(BaseTest):
 
     def test_refine_fine_reference_from_the_second_round(self):
         """A neutral GMM that records its build resolution (as "build Gaussian model" writes it, here
-        a coarse 40 A): from the second round on the particles are aligned to a finer GMM of their
-        reconstruction, deformed by the decoded motion; the summary names it per round. Advanced
+        a coarse 40 A): from the second round on the particles are aligned to the models of a network
+        retrained on a finer GMM of their reconstruction; the summary names it per round. Advanced
         "Finer reference" = No passes --reference decoded."""
         from scipion_gmmhet.engine.model.gmm import GMM
         gmmDir = os.path.join(self.data['out_dir'], 'truth_gmm')

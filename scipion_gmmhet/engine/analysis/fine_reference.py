@@ -103,6 +103,21 @@ def build_fine_reference(meta, neutral, *, device="cpu", ctf_mode: str | None = 
     return ref
 
 
+def nearest_gaussian(points_A, centers_A) -> np.ndarray:
+    """Index ``(M,)`` of the nearest of the ``N`` centres ``centers_A`` (Angstrom) to each of the
+    ``M`` points ``points_A`` (chunked: never an ``M x N`` matrix larger than 4096 rows)."""
+    p = torch.as_tensor(np.asarray(points_A), dtype=torch.float32)
+    c = torch.as_tensor(np.asarray(centers_A), dtype=torch.float32)
+    return torch.cat([torch.cdist(p[i:i + 4096], c).argmin(1) for i in range(0, len(p), 4096)]).numpy()
+
+
+def carry_selection(coarse, fine, selection) -> np.ndarray:
+    """A selection of GMM ``coarse``'s Gaussians (indices or a boolean mask; e.g. the automatic
+    core) carried to GMM ``fine``'s: each fine Gaussian takes its nearest coarse one's membership."""
+    from .refine import selection_mask
+    return selection_mask(selection, len(coarse))[nearest_gaussian(fine.centers_A, coarse.centers_A)]
+
+
 def lowpass_width_A(crossover_A: float) -> float:
     """Width ``tau`` (Angstrom) of the Gaussian low-pass ``exp(-2 pi^2 tau^2 k^2)`` that is 1/2 at
     ``k = 1 / crossover_A``: ``tau = crossover_A sqrt(ln 2 / (2 pi^2))`` (1.50 A at 8 A)."""
@@ -183,8 +198,7 @@ class WarpedModels:
 
     def nearest_coarse(self) -> np.ndarray:
         """Index of each fine Gaussian's nearest coarse Gaussian ``(Nf,)`` (to carry a focus)."""
-        return torch.cat([torch.cdist(self.fine_centers[i:i + 4096], self.coarse_centers).argmin(1)
-                          for i in range(0, len(self.fine_centers), 4096)]).numpy()
+        return nearest_gaussian(self.fine_centers, self.coarse_centers)
 
     def _on(self, device) -> tuple:
         """The fixed tensors on ``device`` (moved once per device: no copy per batch)."""

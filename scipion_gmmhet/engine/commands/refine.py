@@ -38,7 +38,8 @@ the evidence asked and the check.
 Finer network (--reference auto = network, default): from the second round on, the particles
 are reconstructed at the refined poses and, when that map is finer than the neutral GMM's build
 resolution, a GMM of it (at its gold-standard resolution, no finer than 0.6 x the neutral's) is
-the model of the retraining, trained to that resolution; each particle is then aligned to the
+the model of the retraining, in a band up to that resolution (chosen again from the particles'
+signal); each particle is then aligned to the
 GMM this finer network decodes for it. Else the retraining uses the neutral GMM, as in round 1.
 --reference layered: the network retrained on the neutral GMM; the particle's decoded model up
 to the training band's top and, beyond it, the finer GMM deformed by its decoded motion (the
@@ -201,23 +202,22 @@ def main(args) -> int:
             stop = "converged" if converged else "round limit"
             break
         # e2gmm's iteration: retrain on the refined poses, refine again
-        finer = None
-        if mode != "decoded":
-            from ..analysis.fine_reference import build_fine_reference
-            from ..io import metadata
-            finer = build_fine_reference(metadata.read_particles(star), base.neutral, device=device,
-                                         ctf_mode=args.ctf_mode or base.config.get("ctf_mode"),
-                                         label=f"round {r}'s refined poses")
         train_dir = RefineFolder(round_dir).train.folder
+        finer = None
         if mode == "network":
+            finer = _finer_gmm(base, star, args, device, train_dir, resume, r)
             tm = _retrain(base, star, args, device, train_dir, resume,
                           neutral=finer.gmm if finer is not None else None)
             fine = None
-            round_core = core if core is None or finer is None else carry_selection(base.neutral, finer.gmm, core)
+            if core is not None and finer is not None:
+                from ..analysis.fine_reference import carry_selection
+                round_core = carry_selection(base.neutral, tm.neutral, core)
             label = (f"decoded models of the network retrained on {finer.describe()}" if finer is not None
                      else reference_name(None, None))
         else:
             tm = _retrain(tm, star, args, device, train_dir, resume)
+            if mode != "decoded":
+                finer = _finer_gmm(base, star, args, device, None, False, r)
             fine = finer
             label = reference_name(fine, layer_crossover_A(args, tm.config))
         latents_arg, encode = None, False  # the new run's latents are row i = particle i of the new star
@@ -232,6 +232,26 @@ def main(args) -> int:
     return 0
 
 
+def _finer_gmm(base, star: str, args, device, train_dir: str | None, resume: bool, r: int):
+    """The finer GMM of the reconstruction of ``star`` (:func:`fine_reference.build_fine_reference`
+    against ``base``'s neutral GMM), or None. With ``resume``, the one a retraining in
+    ``train_dir`` already started from (its gmm.npz) is reused, not rebuilt (a rebuilt GMM need
+    not be bit-identical, and the retraining's inputs must be)."""
+    from ..analysis.fine_reference import FineReference, build_fine_reference
+    from ..io import metadata
+    from ..io.outputs import TrainFolder
+    from ..model.gmm import GMM
+    label = f"round {r}'s refined poses"
+    if resume and train_dir and os.path.exists(TrainFolder(train_dir).gmm):
+        gmm = GMM.load(TrainFolder(train_dir).gmm)
+        if len(gmm) == len(base.neutral) and np.allclose(np.asarray(gmm.centers_A), np.asarray(base.neutral.centers_A)):
+            return None  # that retraining used the neutral GMM (no finer reconstruction)
+        log.info("refine: the retraining in %s started from a finer GMM (%d Gaussians); kept", train_dir, len(gmm))
+        return FineReference(gmm, float(gmm.info.get("target_resolution_A", "nan")), f"the reconstruction of {label}")
+    return build_fine_reference(metadata.read_particles(star), base.neutral, device=device,
+                                ctf_mode=args.ctf_mode or base.config.get("ctf_mode"), label=label)
+
+
 def reference_mode(args) -> str:
     """``--reference`` with ``auto`` resolved: ``network`` (default), ``layered``, ``fine`` or ``decoded``."""
     mode = getattr(args, "reference", "auto") or "auto"
@@ -242,19 +262,6 @@ def layer_crossover_A(args, cfg: dict) -> float | None:
     """Resolution (Angstrom) below which a particle's decoded model stands for it in the later
     rounds' reference: the training band's top with ``--reference layered``, None with ``fine``."""
     return float(cfg["highres_A"]) if reference_mode(args) == "layered" else None
-
-
-def carry_selection(coarse, fine, selection) -> np.ndarray:
-    """A selection of ``coarse``'s Gaussians (indices or mask; the automatic core) carried to
-    ``fine``'s: each fine Gaussian takes its nearest coarse Gaussian's membership."""
-    import torch
-
-    from ..analysis import refine
-    keep = refine.selection_mask(selection, len(coarse))
-    cc = torch.as_tensor(np.asarray(coarse.centers_A), dtype=torch.float32)
-    fc = torch.as_tensor(np.asarray(fine.centers_A), dtype=torch.float32)
-    nearest = torch.cat([torch.cdist(fc[i:i + 4096], cc).argmin(1) for i in range(0, len(fc), 4096)]).numpy()
-    return keep[nearest]
 
 
 def reference_name(fine, crossover_A: float | None) -> str:
@@ -437,8 +444,8 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False, ne
     """Train a new network with the settings of ``tm``'s run (its neutral GMM, band, mask,
     seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``.
     ``neutral``: another GMM to train (the finer GMM of ``--reference network``), with the band
-    chosen again for it (:func:`training.config.default_band`: its build resolution, the
-    particles' signal). ``resume``: a finished retraining (model.pt) is loaded, an interrupted
+    chosen again for it (the training's automatic band: up to the GMM's build resolution, no
+    further than the particles' signal reaches). ``resume``: a finished retraining (model.pt) is loaded, an interrupted
     one goes on from its last checkpoint."""
     from ..io.data import Particles
     from ..io.outputs import TrainFolder
@@ -452,7 +459,9 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False, ne
     cfg = TrainConfig.from_dict(tm.config)
     cfg.center = "off"  # the refined shifts are the ones to train with (centring is for input poses)
     if neutral is not None:
-        cfg.highres_A = None  # the band follows the finer GMM
+        log.info("refine: the band of the retraining is chosen again for the finer GMM (the run's: %s A)",
+                 cfg.highres_A)
+        cfg.highres_A = None
     if args.retrain_epochs is not None:
         cfg.epochs = int(args.retrain_epochs)
     log.info("refine: retraining on the refined poses (%d epochs%s) into %s", cfg.epochs,
@@ -476,6 +485,7 @@ def _resumable(args) -> bool:
     from ..io.atomic import write_text
     path = RefineFolder(args.out).settings
     now = {k: getattr(args, k, None) for k in _RESUME_KEYS}
+    now["reference"] = reference_mode(args)  # "auto" meant the layered reference before 0.2.0's finer network
     now = json.loads(json.dumps(now, default=str))
     same = False
     if args.resume:
