@@ -148,6 +148,25 @@ def test_fine_reference_only_when_the_reconstruction_is_finer_than_the_neutral_m
     assert "Gaussians at" in ref.describe()
 
 
+def _perturbed_training(sim, tmp_path, seed: int):
+    """The simulated particles with perturbed poses (star), a neutral GMM recorded as built at 40 A,
+    and a tiny network trained on them: (metadata, star, neutral GMM path, train folder)."""
+    from scipion_gmmhet.engine import cli
+    from test_refine import perturb
+    from scipion_gmmhet.engine.conventions import euler_to_matrix, matrix_to_euler
+    truth = pd.read_csv(os.path.join(sim, "truth.csv"))
+    meta = metadata.read_particles(os.path.join(sim, "particles.star"))
+    rot = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
+    rot_p, org_p = perturb(rot, truth[["origin_x_A", "origin_y_A"]].to_numpy(), seed=seed)
+    star = str(tmp_path / "perturbed.star")
+    metadata.write_particles(star, meta.with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p))
+    gmm = _neutral_with_resolution(sim, 40.0, str(tmp_path / "neutral.npz"))
+    train_dir = str(tmp_path / "train")
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
+                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    return meta, star, gmm, train_dir
+
+
 @pytest.mark.parametrize("reference,focus", [("auto", None), ("layered", None), ("fine", None), ("decoded", None),
                                              ("auto", "mask"), ("auto", "core"), ("layered", "core")])
 def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, reference, focus):
@@ -155,18 +174,7 @@ def test_cli_refine_second_round_uses_the_fine_reference(sim, tmp_path, referenc
     of a network retrained on the finer GMM (auto = network), or to the deformed fine reference
     (layered, fine); rounds.csv says which; --reference decoded keeps the decoded models."""
     from scipion_gmmhet.engine import cli
-    from test_refine import perturb
-    from scipion_gmmhet.engine.conventions import euler_to_matrix, matrix_to_euler
-    truth = pd.read_csv(os.path.join(sim, "truth.csv"))
-    meta = metadata.read_particles(os.path.join(sim, "particles.star"))
-    rot = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
-    rot_p, org_p = perturb(rot, truth[["origin_x_A", "origin_y_A"]].to_numpy(), seed=11)
-    star = str(tmp_path / "perturbed.star")
-    metadata.write_particles(star, meta.with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p))
-    gmm = _neutral_with_resolution(sim, 40.0, str(tmp_path / "neutral.npz"))
-    train_dir = str(tmp_path / "train")
-    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
-                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    meta, star, gmm, train_dir = _perturbed_training(sim, tmp_path, seed=11)
     out = str(tmp_path / f"refine_{reference}")
     extra = []
     if focus == "mask":  # the fine Gaussians inside the mask are scored, the rest subtracted
@@ -206,18 +214,7 @@ def test_cli_refine_network_resume_keeps_the_finer_gmm_its_retraining_started_fr
     GMM (not a rebuilt one, which need not be identical) and keeps the finished rounds; --core
     auto is carried to the finer Gaussians; rounds.csv names the same references."""
     from scipion_gmmhet.engine import cli
-    from test_refine import perturb
-    from scipion_gmmhet.engine.conventions import euler_to_matrix, matrix_to_euler
-    truth = pd.read_csv(os.path.join(sim, "truth.csv"))
-    meta = metadata.read_particles(os.path.join(sim, "particles.star"))
-    rot = euler_to_matrix(truth["rot"].to_numpy(), truth["tilt"].to_numpy(), truth["psi"].to_numpy())
-    rot_p, org_p = perturb(rot, truth[["origin_x_A", "origin_y_A"]].to_numpy(), seed=12)
-    star = str(tmp_path / "perturbed.star")
-    metadata.write_particles(star, meta.with_poses(np.stack(matrix_to_euler(rot_p), 1), org_p))
-    gmm = _neutral_with_resolution(sim, 40.0, str(tmp_path / "neutral.npz"))
-    train_dir = str(tmp_path / "train")
-    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
-                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+    _, star, gmm, train_dir = _perturbed_training(sim, tmp_path, seed=12)
     out = str(tmp_path / "refine")
     args = ["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1", "--rounds", "3",
             "--retrain-epochs", "1", "--core", "auto", "--device", "cpu", "--out", out]
