@@ -62,7 +62,8 @@ from scipion_gmmhet.engine.conventions import angular_distance_deg, euler_to_mat
 from scipion_gmmhet.engine.io import metadata  # noqa: E402
 from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
 from scipion_gmmhet.engine.io.mrc import read_map  # noqa: E402
-from scipion_gmmhet.engine.io.outputs import RefineFolder  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import RefineFolder, TrainFolder  # noqa: E402
+from scipion_gmmhet.engine.model.gmm import GMM  # noqa: E402
 from scipion_gmmhet.engine.model.build import build_gmm  # noqa: E402
 from scipion_gmmhet.engine.simulation.atomic import AtomicParticleModels, build_system, widened_sigma_A  # noqa: E402
 from scipion_gmmhet.engine.training.trained import load_trained  # noqa: E402
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     star = r1.particles
     tm = load_trained(r1.train.folder, "cpu")
     first = sorted(glob.glob(os.path.join(args.work, "train_pert_*")))
-    if first and len(load_trained(first[0], "cpu").neutral) != len(tm.neutral):
+    if first and len(GMM.load(TrainFolder(first[0]).gmm)) != len(tm.neutral):
         raise SystemExit(f"--work {args.work}: round 1 was retrained on a finer GMM (gmmhet refine --reference "
                          "network, the default); run bench_refine.py with --reference layered for this budget")
     meta = metadata.read_particles(star)

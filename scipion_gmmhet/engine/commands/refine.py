@@ -39,8 +39,8 @@ Finer network (--reference auto = network, default): from the second round on, t
 are reconstructed at the refined poses and, when that map is finer than the neutral GMM's build
 resolution, a GMM of it (at its gold-standard resolution, no finer than 0.6 x the neutral's) is
 the model of the retraining, in a band up to that resolution (chosen again from the particles'
-signal); each particle is then aligned to the
-GMM this finer network decodes for it. Else the retraining uses the neutral GMM, as in round 1.
+signal); each particle is then aligned to the GMM this finer network decodes for it. Else the
+retraining uses the neutral GMM, as in round 1.
 --reference layered: the network retrained on the neutral GMM; the particle's decoded model up
 to the training band's top and, beyond it, the finer GMM deformed by its decoded motion (the
 default of 0.2.0's earlier builds); --reference fine: that deformed GMM at every resolution;
@@ -208,7 +208,6 @@ def main(args) -> int:
             finer = _finer_gmm(base, star, args, device, train_dir, resume, r)
             tm = _retrain(base, star, args, device, train_dir, resume,
                           neutral=finer.gmm if finer is not None else None)
-            fine = None
             if core is not None and finer is not None:
                 from ..analysis.fine_reference import carry_selection
                 round_core = carry_selection(base.neutral, tm.neutral, core)
@@ -445,8 +444,8 @@ def _retrain(tm, star: str, args, device, out_dir: str, resume: bool = False, ne
     seed; ``--retrain-epochs`` epochs, default the run's) on the refined particles ``star``.
     ``neutral``: another GMM to train (the finer GMM of ``--reference network``), with the band
     chosen again for it (the training's automatic band: up to the GMM's build resolution, no
-    further than the particles' signal reaches). ``resume``: a finished retraining (model.pt) is loaded, an interrupted
-    one goes on from its last checkpoint."""
+    further than the particles' signal reaches). ``resume``: a finished retraining (model.pt) is
+    loaded, an interrupted one goes on from its last checkpoint."""
     from ..io.data import Particles
     from ..io.outputs import TrainFolder
     from ..training.config import TrainConfig
