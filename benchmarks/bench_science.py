@@ -58,7 +58,7 @@ from scipion_gmmhet.engine.simulation.atomic import SYSTEMS, domain_atoms_mask, 
 from scipion_gmmhet.engine.simulation.simulate import simulate  # noqa: E402
 from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
 from scipion_gmmhet.engine.training.config import TrainConfig  # noqa: E402
-from scipion_gmmhet.engine.training.train import train  # noqa: E402
+from scipion_gmmhet.engine.training.finer_model import train_model  # noqa: E402
 from scipion_gmmhet.engine.training.trained import TrainedModel  # noqa: E402
 
 log = logging.getLogger("bench_science")
@@ -253,8 +253,9 @@ def run_system(system: str, args) -> dict:
         latent = TrainFolder(run_dir).read_latents()
         summary = {}
     else:
-        particles = Particles.from_star(os.path.join(d, "particles.star"), device=args.device)
-        summary = train(particles, GMM.load(gmm_path), cfg, run_dir, star_path=os.path.join(d, "particles.star"))
+        star = os.path.join(d, "particles.star")
+        summary = train_model(lambda: Particles.from_star(star, device=args.device), GMM.load(gmm_path), cfg, run_dir,
+                              star_path=star, device=args.device)  # gmmhet train's path (--set finer_model=auto)
         latent = summary["latent"]
     t_train = time.time() - t0
     info = TrainFolder(run_dir).read_config()
@@ -271,7 +272,7 @@ def run_system(system: str, args) -> dict:
     cfg_used = info.get("train", {})
     tsum = TrainFolder(run_dir).read_summary()
     row = {"system": system, "tag": args.tag or "default", "n": args.n, "zdim": args.zdim,
-           "n_gauss": len(GMM.load(gmm_path)), "highres_A": cfg_used.get("highres_A"),
+           "n_gauss": len(GMM.load(TrainFolder(run_dir).gmm)), "highres_A": cfg_used.get("highres_A"),
            "epochs": cfg.epochs, "best_epoch": tsum.get("best_epoch"), "effective_dim": tsum.get("effective_dim"),
            "loss": cfg_used.get("loss", "frc"), "prior": cfg_used.get("prior", "l2"),
            **{k: round(v, 4) for k, v in m.items()},

@@ -351,6 +351,37 @@ class TestProtocolTrain(BaseTest):
         out.close()
         inp.close()
 
+    def test_7_finerModel(self):
+        """'Finer Gaussian model from the data?' reaches gmmhet train --finer-model auto. At 4 A/px
+        no finer GMM than the input's 12 A can be built (2.5 px = 10 A), so the run trains once and
+        says so; the summary line of a run that made one is tested on its summary.json record."""
+        prot = self.newProtocol(ProtGmmhetTrain, objLabel='train finer model', zDim=ZDIM,
+                                numberOfEpochs=1, seed=1, finerModel=True, useGpu=False)
+        prot.inputParticles.set(self.protParts)
+        prot.inputParticles.setExtended('outputParticles')
+        prot.inputGmm.set(self.protGmm)
+        prot.inputGmm.setExtended(self.gmmExtended)
+        self.assertIn('--finer-model auto', prot._getTrainArgs())
+        self.launchProtocol(prot)
+        prot = self.proj.getProtocol(prot.getObjId())
+        self._checkOutput(prot)
+        from scipion_gmmhet.engine.io.outputs import TrainFolder
+        folder = TrainFolder(prot.getTrainDir())
+        self.assertEqual(folder.read_config()['train']['finer_model'], 'off')  # trained once
+        self.assertFalse(os.path.exists(folder.first_model.folder))
+        self.assertNotIn('Finer model', '\n'.join(prot.summary()))
+        line = ProtGmmhetTrain._finerModelLines({'finer_model': {
+            'first_model': 'first_model', 'neutral_gaussians': 168, 'gaussians': 687, 'resolution_A': 4.8,
+            'source': 'the motion-corrected reconstruction of the particles at their input poses'}})
+        self.assertEqual(len(line), 1)
+        self.assertIn('687 Gaussians at 4.80 A of the motion-corrected reconstruction', line[0])
+        lost = ProtGmmhetTrain._finerModelLines({'finer_model': {
+            'first_model': 'first_model', 'neutral_gaussians': 166, 'gaussians': 679, 'resolution_A': 4.8,
+            'source': 'the reconstruction', 'effective_dim': 1, 'first_effective_dim': 2, 'fewer_directions': True}})
+        self.assertEqual(len(lost), 2)
+        self.assertIn('WARNING', lost[1])
+        self.assertIn('train/first_model', lost[1])
+
     def test_5_continue(self):
         """Scipion's Continue with more epochs resumes from the checkpoint; then a new protocol
         continues that run further without touching its folder."""

@@ -2,7 +2,9 @@
 per particle by the network's decoded motion (``gmmhet refine --reference layered`` / ``fine``).
 ``gmmhet refine --reference auto`` (``network``, the default) builds the same GMM
 (:func:`build_fine_reference`) and retrains the network on it instead, so the motion is
-learnt at its resolution (commands/refine.py).
+learnt at its resolution (commands/refine.py). ``gmmhet train --finer-model auto`` builds it of
+the motion-corrected reconstruction at the input poses (``moves``; training/finer_model.py)
+and trains on it.
 
 Why: the neutral GMM the network deforms is built at the training resolution (``gmmhet build
 --resolution 8``: ~170 Gaussians for adenylate kinase at 1.5 A/px). It describes the motion
@@ -74,32 +76,86 @@ def neutral_resolution_A(neutral) -> float | None:
         return None
 
 
-def build_fine_reference(meta, neutral, *, device="cpu", ctf_mode: str | None = None, seed: int = 0,
-                         label: str = "the particles") -> FineReference | None:
-    """Reconstruct the particles of ``meta`` (:class:`metadata.ParticleMetadata`, at their current
-    poses) and build a GMM of the map at its gold-standard resolution, or None (with a log line
-    saying why) when that is not finer than the neutral model (module docstring)."""
-    from ..model.build import build_gmm
-    from .reconstruct import normalise_ctf_mode, reconstruct_particles
+@dataclass
+class FineTarget:
+    """The particles' reconstruction at their current poses (``rec``, a
+    :class:`reconstruct.Reconstruction`) and the resolution a finer GMM of it is built at
+    (``resolution_A``: :func:`fine_target`)."""
+    rec: object
+    resolution_A: float
 
+
+def fine_target(meta, neutral, *, device="cpu", ctf_mode: str | None = None, seed: int = 0,
+                label: str = "the particles", purpose: str = "refining against the decoded models") -> FineTarget | None:
+    """Reconstruct the particles of ``meta`` (:class:`metadata.ParticleMetadata`, at their current
+    poses); the resolution of a finer GMM of the map (its half maps' FSC 0.5, clamped as the module
+    docstring says), or None with a log line (ending in ``purpose``) when that is not finer than
+    :data:`FINER_THAN` x the neutral GMM's build resolution (or it records none)."""
+    from ..model.fourier import resolution_at_threshold
+    from .reconstruct import normalise_ctf_mode, reconstruct_particles
     coarse = neutral_resolution_A(neutral)
     if coarse is None:
-        log.info("refine: the neutral GMM records no build resolution; refining against the decoded models")
+        log.info("the neutral GMM records no build resolution; %s", purpose)
         return None
-    from ..model.fourier import resolution_at_threshold
     rec = reconstruct_particles(meta, device=str(device), ctf_mode=normalise_ctf_mode(ctf_mode), progress=False,
                                 seed=seed)
     table = rec.fsc_masked if rec.fsc_masked is not None else rec.fsc
     res = resolution_at_threshold(table["freq_invA"], table["fsc"], FSC_THRESHOLD)
     res = max(float(res), FINEST * coarse, NYQUIST_MARGIN * 2.0 * float(meta.apix))
     if not (math.isfinite(res) and res < FINER_THAN * coarse):
-        log.info("refine: the reconstruction of %s reaches %.2f A (half-map FSC 0.5), not finer than %.2f x the "
-                 "neutral GMM's %.2f A; refining against the decoded models", label, res, FINER_THAN, coarse)
+        log.info("the reconstruction of %s reaches %.2f A (half-map FSC 0.5), not finer than %.2f x the neutral "
+                 "GMM's %.2f A; %s", label, res, FINER_THAN, coarse, purpose)
         return None
+    return FineTarget(rec, res)
+
+
+def build_fine_reference(meta, neutral, *, device="cpu", ctf_mode: str | None = None, seed: int = 0,
+                         label: str = "the particles", moves=None,
+                         target: FineTarget | None = None) -> FineReference | None:
+    """Reconstruct the particles of ``meta`` (:class:`metadata.ParticleMetadata`, at their current
+    poses) and build a GMM of the map at its gold-standard resolution, or None (with a log line
+    saying why) when that is not finer than the neutral model (module docstring; ``target``: the
+    :func:`fine_target` of these particles, when already made).
+
+    ``moves``: each particle's decoded Gaussian moves (:class:`motion_corrected.ModelMoves`, row
+    ``i`` = row ``i`` of ``meta``). The GMM is then built of the motion-corrected reconstruction
+    (each particle's deformation undone, :func:`motion_corrected.reconstruct_motion_corrected`,
+    the same moves for both half sets), at the plain reconstruction's resolution: shared moves
+    make the corrected half maps' FSC not independent, so it is not used to pick the resolution. The
+    corrected map is used only when its half maps agree (FSC 0.5) to that resolution: with few
+    particles its real-space normal equations are ill-conditioned (32 particles a half, box 32:
+    26 A against the plain map's 9.3 A; 400 a half: 7.6 against 7.5 A, and closer to the true
+    middle state than the plain map)."""
+    from ..model.build import build_gmm
+    from ..model.fourier import resolution_at_threshold
+    from .reconstruct import normalise_ctf_mode
+
+    target = target or fine_target(meta, neutral, device=device, ctf_mode=ctf_mode, seed=seed, label=label)
+    if target is None:
+        return None
+    rec, res = target.rec, target.resolution_A
+    source = f"the reconstruction of {label}"
+    if moves is not None:
+        from .motion_corrected import reconstruct_motion_corrected
+        from .reconstruct import half_assignment
+        mc = reconstruct_motion_corrected(meta, {1: moves, 2: moves}, halves=half_assignment(meta, seed), seed=seed,
+                                          device=str(device), ctf_mode=normalise_ctf_mode(ctf_mode), progress=False)
+        mc_table = mc.fsc_masked if mc.fsc_masked is not None else mc.fsc
+        mc_res = float(resolution_at_threshold(mc_table["freq_invA"], mc_table["fsc"], FSC_THRESHOLD))
+        if math.isfinite(mc_res) and mc_res <= res * (1.0 + 1e-6):
+            rec, source = mc, f"the motion-corrected reconstruction of {label}"
+            log.info("motion-corrected reconstruction of %s (each particle's decoded motion undone; half maps "
+                     "agree to %.2f A): %.0f s", label, mc_res, mc.seconds)
+        else:  # too few particles for the deformed backprojection's normal equations (measured at 32 a half)
+            log.info("the motion-corrected reconstruction of %s reaches only %.2f A (half-map FSC 0.5), coarser "
+                     "than the %.2f A of the finer GMM; its GMM is built of the plain reconstruction",
+                     label, mc_res, res)
     vol = np.asarray(rec.volume, dtype=np.float32)
     gmm = build_gmm(vol, float(meta.apix), res, device=str(device), seed=seed).gmm
-    ref = FineReference(gmm, res, f"the reconstruction of {label}")
-    log.info("refine: finer reference: %s (neutral GMM: %d Gaussians at %.2f A)", ref.describe(), len(neutral), coarse)
+    gmm.info["source"] = source
+    ref = FineReference(gmm, res, source)
+    log.info("finer GMM: %s (neutral GMM: %d Gaussians at %.2f A)", ref.describe(), len(neutral),
+             neutral_resolution_A(neutral))
     return ref
 
 

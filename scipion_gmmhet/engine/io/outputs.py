@@ -231,6 +231,12 @@ class TrainFolder(_Folder):
         return os.path.exists(self.model)
 
     @property
+    def first_model(self) -> "TrainFolder":
+        """``gmmhet train --finer-model auto``: the first training, on the given GMM (a whole
+        training folder; this folder's own model is the one trained on the finer GMM)."""
+        return TrainFolder(self.path("first_model"))
+
+    @property
     def summary(self) -> str:
         return self.path(SUMMARY_JSON)
 

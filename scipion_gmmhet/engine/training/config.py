@@ -121,6 +121,7 @@ class TrainConfig:
     kl_weight: float = 1e-3
     center: str = "auto"
     latent_estimate: str = "posterior"
+    finer_model: str = "off"  # auto: train again on a finer GMM of the data (finer_model.py)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
