@@ -61,6 +61,11 @@ def test_finer_model_trains_again_on_the_gmm_of_the_finer_reconstruction(sim, tm
     assert record["kl_weight"] == pytest.approx(expected) and cfg["kl_weight"] == pytest.approx(expected)
     assert expected < b1["kl_weight"]
     assert folder.read_latents().shape == (64, 2)
+    # OUT is an ordinary training folder: gmmhet analyze reads the finer network from it
+    an = tmp_path / "analyze"
+    assert cli.main(["analyze", "--train", out, "--clusters", "2", "--no-reconstruct", "--traj-steps", "3",
+                     "--out", str(an)]) == 0
+    assert (an / "pc1_00.mrc").exists() and len(json.loads((an / "summary.json").read_text())["clusters"]) == 2
 
 
 def test_finer_model_trains_once_when_the_reconstruction_is_not_finer(sim, tmp_path):
