@@ -157,7 +157,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     else:
         neutral = neutral_truth_gmm(sim_dir)
         neutral_note = "simulator truth_gmm/" + os.path.basename(neutral)
-    train_extra = ["--zdim", "4", "--epochs", str(args.epochs), "--changes", args.changes, "--device", device]
+    train_extra = ["--zdim", "4", "--epochs", str(args.epochs), "--changes", args.changes, "--device", device,
+                   "--finer-model", args.finer_model]
     if args.train_mask == "arm":
         train_extra += ["--mask", write_arm_mask(mol, os.path.join(args.work, "arm_mask.mrc"))]
     refine_extra = ["--max-angle", str(args.max_angle), "--max-shift", str(args.max_shift_px * apix),
@@ -179,6 +180,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
     tag = f"{args.n}_{args.box}_{args.epochs}_{args.train_mask}_{args.changes.replace(',', '-')}"
     if args.kind not in ATOMIC and args.neutral == "build":
         tag += f"_built{args.resolution:g}A"
+    if args.finer_model != "off":
+        tag += f"_finer{args.finer_model}"
     starts = [("perturbed", star_p, meta_p)]
     if not args.skip_true:
         star_t = os.path.join(args.work, "true.star")
@@ -214,7 +217,8 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
                                                          apix)["ang_med"])
         print("trained", label, summary_line(rows[label]), rows[label].get("rounds"), flush=True)
     note = (f"trained network (`gmmhet train`, {args.epochs} epochs, changes {args.changes}, neutral GMM = "
-            f"{neutral_note}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}) "
+            f"{neutral_note}, training focus mask: {'the arm' if args.train_mask == 'arm' else 'none'}, "
+            f"--finer-model {args.finer_model}) "
             f"then `gmmhet refine --rounds {args.rounds}` (refine, retrain on the refined poses, refine...; focus mask: "
             f"{'the core (the arm subtracted)' if args.refine_mask == 'core' else 'none'}"
             f"{', --core auto' if args.refine_core != 'none' else ''}, --reference {args.reference}); the no-harm row trains its "
@@ -330,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="truth,trained",
                     help="comma-separated: truth (each particle's ground-truth GMM), trained (the network)")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--finer-model", choices=["off", "auto"], default="off",
+                    help="gmmhet train --finer-model for the trained network (default off, as gmmhet train)")
     ap.add_argument("--changes", default=",".join(TrainConfig().changes),
                     help="what the network may change (gmmhet train --changes; default: gmmhet train's, "
                          "positions,amplitudes; results before 2026-12-06's refine_changes.md used positions)")
