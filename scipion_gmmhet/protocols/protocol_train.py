@@ -509,13 +509,14 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
                 % (nParts, self._lossMethodsText(), e['zdim'],
                    _joinWords(e['changes']) or 'parameters', epochs,
                    '' if epochs == 1 else 's', sym, self._centeringMethodsText()))
-        finer = (TrainFolder(self.getTrainDir()).read_summary() or {}).get('finer_model')
+        summary = TrainFolder(self.getTrainDir()).read_summary() or {}
+        finer = summary.get('finer_model')
         if finer:
             text += (' The network was then trained again on a finer Gaussian model (%d Gaussians at '
                      '%.2f A) of %s%s.' % (finer['gaussians'], finer['resolution_A'], finer['source'],
                                            ', each particle\'s decoded motion undone'
                                            if 'motion-corrected' in finer['source'] else ''))
-        if (TrainFolder(self.getTrainDir()).read_summary() or {}).get('latent_posterior'):
+        if summary.get('latent_posterior'):
             text += (' Each particle\'s latent vector was then the posterior mean over decoded '
                      'states of the latent space (k-means centres of the encoder\'s latents), '
                      'weighted by the white-noise likelihood of its image.')

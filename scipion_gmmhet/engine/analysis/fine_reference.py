@@ -86,7 +86,8 @@ class FineTarget:
 
 
 def fine_target(meta, neutral, *, device="cpu", ctf_mode: str | None = None, seed: int = 0,
-                label: str = "the particles", purpose: str = "refining against the decoded models") -> FineTarget | None:
+                label: str = "the particles",
+                purpose: str = "refining against the decoded models") -> FineTarget | None:
     """Reconstruct the particles of ``meta`` (:class:`metadata.ParticleMetadata`, at their current
     poses); the resolution of a finer GMM of the map (its half maps' FSC 0.5, clamped as the module
     docstring says), or None with a log line (ending in ``purpose``) when that is not finer than

@@ -40,7 +40,7 @@ from ..errors import InputError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from ..training.config import TrainConfig
+    from ..training.config import FINER_MODELS, TrainConfig
     from ..training.latent_posterior import LATENT_ESTIMATES
     d = TrainConfig()
     p.add_argument("--particles", required=True, help="RELION particle star file with 3D alignment and CTF")
@@ -98,7 +98,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "latent states weighted by how well each explains its image (the likelihood; ranks the "
                         "particles closer to what the data allow); encoder: the encoder's output "
                         f"(default {d.latent_estimate})")
-    p.add_argument("--finer-model", choices=["off", "auto"], default=d.finer_model,
+    p.add_argument("--finer-model", choices=FINER_MODELS, default=d.finer_model,
                    help="auto: when the particles' reconstruction at their poses is finer than 0.8 x the neutral "
                         "GMM's build resolution, train first on the given GMM (OUT/first_model), then build a GMM "
                         "of the motion-corrected reconstruction (each particle's decoded motion undone) at the "

@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 
 FRC_AUTO_THRESHOLD = 0.5
 PRIORS = ("kl", "l2")
+FINER_MODELS = ("off", "auto")  # gmmhet train --finer-model (training/finer_model.py)
 
 
 @dataclass

@@ -39,13 +39,10 @@ import numpy as np
 
 from ..io.outputs import TrainFolder
 from ..model.gmm import GMM
-from .config import TrainConfig
+from .config import FINER_MODELS, TrainConfig
 from .train import train
 
 log = logging.getLogger(__name__)
-
-FINER_MODEL_MODES = ("off", "auto")
-
 
 def train_model(make_particles: Callable, neutral: GMM, cfg: TrainConfig, out_dir: str, *, star_path: str,
                 resume: bool = False, dist=None, device="cpu") -> dict:
@@ -55,9 +52,9 @@ def train_model(make_particles: Callable, neutral: GMM, cfg: TrainConfig, out_di
     (``summary['finer_model']``: the first model and the finer GMM, when made). ``device``: where
     the reconstructions run (the training's device)."""
     mode = getattr(cfg, "finer_model", "off")
-    if mode not in FINER_MODEL_MODES:
+    if mode not in FINER_MODELS:
         from ..errors import InputError
-        raise InputError(f"--finer-model {mode}: give one of {', '.join(FINER_MODEL_MODES)}")
+        raise InputError(f"--finer-model {mode}: give one of {', '.join(FINER_MODELS)}")
     once = dataclasses.replace(cfg, finer_model="off")
     target = _finer_target(star_path, neutral, cfg, dist, device) if mode == "auto" else None
     if target is None:
@@ -68,6 +65,7 @@ def train_model(make_particles: Callable, neutral: GMM, cfg: TrainConfig, out_di
     if finer is None:
         if not (resume and first.is_finished()):
             log.info("finer model: first training on the given GMM (%d Gaussians) into %s", len(neutral), first.folder)
+            # a copy: train() sets its config's band, which the second training chooses again
             train(make_particles(), neutral, dataclasses.replace(once), first.folder, resume=resume,
                   star_path=star_path, dist=dist)
         finer = _finer_gmm(first, neutral, star_path, cfg, target, device)
@@ -79,7 +77,8 @@ def train_model(make_particles: Callable, neutral: GMM, cfg: TrainConfig, out_di
     summary = folder.read_summary()
     record = {"first_model": os.path.basename(first.folder), "neutral_gaussians": len(neutral),
               "gaussians": len(finer), "resolution_A": float(finer.info["target_resolution_A"]),
-              "source": finer.info.get("source", ""), "kl_weight": kl_weight, "effective_dim": summary.get("effective_dim"),
+              "source": finer.info.get("source", ""), "kl_weight": kl_weight,
+              "effective_dim": summary.get("effective_dim"),
               "first_effective_dim": first.read_summary().get("effective_dim")}
     record["fewer_directions"] = bool(record["effective_dim"] is not None and record["first_effective_dim"] is not None
                                       and record["effective_dim"] < record["first_effective_dim"])
@@ -120,8 +119,7 @@ def _finer_target(star_path: str, neutral: GMM, cfg: TrainConfig, dist, device):
     if str(cfg.symmetry).upper() not in ("C1", "NONE", ""):
         log.info("finer model: not with symmetry %s (a latent stands for one symmetry copy); %s", cfg.symmetry, why)
         return None
-    ctf = None if cfg.ctf_mode in (None, "auto") else cfg.ctf_mode
-    return fine_target(metadata.read_particles(star_path), neutral, device=str(device), ctf_mode=ctf,
+    return fine_target(metadata.read_particles(star_path), neutral, device=str(device), ctf_mode=cfg.ctf_mode,
                        seed=cfg.seed, label="the particles at their input poses", purpose=why)
 
 
@@ -133,8 +131,7 @@ def _finer_gmm(first: TrainFolder, neutral: GMM, star_path: str, cfg: TrainConfi
     from ..io import metadata
     from .trained import load_trained
     tm = load_trained(first.folder, str(device))
-    ctf = None if cfg.ctf_mode in (None, "auto") else cfg.ctf_mode
-    ref = build_fine_reference(metadata.read_particles(star_path), neutral, device=tm.device, ctf_mode=ctf,
+    ref = build_fine_reference(metadata.read_particles(star_path), neutral, device=tm.device, ctf_mode=cfg.ctf_mode,
                                seed=cfg.seed, label="the particles at their input poses",
                                moves=ModelMoves(tm, tm.latents()), target=target)
     return ref.gmm
