@@ -52,6 +52,10 @@ def test_finer_model_trains_again_on_the_gmm_of_the_finer_reconstruction(sim, tm
     assert record["first_effective_dim"] == folder.first_model.read_summary()["effective_dim"]
     assert record["effective_dim"] == folder.read_summary()["effective_dim"]
     assert record["fewer_directions"] == (record["effective_dim"] < record["first_effective_dim"])
+    # the second network started from the first one (training/warm_start.py), recorded
+    warm = record["warm_start"]
+    assert warm == folder.read_config()["warm_start"] and warm["steps"] == 1000
+    assert np.isfinite(warm["encoder_r2"]) and 0 <= warm["decoder_rel_mse"] < 0.5
     cfg = folder.read_config()["train"]
     assert cfg["finer_model"] == "auto" and cfg["highres_A"] == pytest.approx(res, rel=0.05)  # band up to the GMM
     # the KL weight per Fourier pixel of the first band: scaled by the bands' areas
@@ -89,6 +93,7 @@ def test_finer_model_resume_keeps_the_first_model_and_the_finer_gmm(sim, tmp_pat
     assert cli.main(args) == 0
     folder = TrainFolder(out)
     kept = GMM.load(folder.gmm)
+    warm = folder.read_summary()["finer_model"]["warm_start"]
     first_mtime = os.path.getmtime(folder.first_model.model)
     os.remove(folder.model)
     from scipion_gmmhet.engine.analysis import fine_reference
@@ -100,7 +105,8 @@ def test_finer_model_resume_keeps_the_first_model_and_the_finer_gmm(sim, tmp_pat
     assert folder.is_finished() and os.path.getmtime(folder.first_model.model) == first_mtime
     np.testing.assert_array_equal(np.asarray(GMM.load(folder.gmm).centers_A), np.asarray(kept.centers_A))
     with open(folder.summary) as f:
-        assert json.load(f)["finer_model"]["gaussians"] == len(kept)
+        record = json.load(f)["finer_model"]
+    assert record["gaussians"] == len(kept) and record["warm_start"] == warm  # the resumed run's start, kept
 
 
 def test_finer_model_refuses_an_unknown_mode(sim, tmp_path):

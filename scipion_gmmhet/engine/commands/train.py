@@ -7,8 +7,8 @@ latent points into changed GMMs. Writes OUT/latent.npy (float32, one row per par
 order; with --symmetry, n_particles x n_ops rows, particle-major), OUT/model.pt, OUT/loss.csv
 (epoch, train_loss, val_loss, seconds), OUT/config.json, OUT/gmm.npz and OUT/checkpoints/.
 With --finer-model auto and a reconstruction finer than the GMM, OUT/first_model holds a first
-training on the given GMM and OUT the second, on a finer GMM of the motion-corrected map
-(engine/training/finer_model.py).
+training on the given GMM and OUT the second, on a finer GMM of the motion-corrected map, its
+network started from the first (engine/training/finer_model.py, warm_start.py).
 
 Examples:
   gmmhet train --particles particles.star --gmm build/ --zdim 4 --epochs 30 --out train/
@@ -102,7 +102,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="auto: when the particles' reconstruction at their poses is finer than 0.8 x the neutral "
                         "GMM's build resolution, train first on the given GMM (OUT/first_model), then build a GMM "
                         "of the motion-corrected reconstruction (each particle's decoded motion undone) at the "
-                        "map's resolution and train again on it into OUT, the KL weight scaled to the wider band: "
+                        "map's resolution and train a second network on it into OUT, started from the first, the KL "
+                        "weight scaled to the wider band: "
                         "the band then reaches finer detail (3-5x the training time; it warns when the second "
                         "latent space has fewer directions carrying signal than the first); off: train once on "
                         "the given GMM "

@@ -12,17 +12,20 @@ half maps' FSC 0.5, no finer than 0.6 x the neutral's nor 2.5 px), the run
    reconstructed with the motion the first network decodes for it undone, so a moving domain is
    not smeared (:func:`fine_reference.build_fine_reference`; the plain map when the corrected
    half maps do not reach the resolution);
-3. trains again on that finer GMM into ``OUT`` (the band chosen again: up to its resolution, or
-   coarser where the particles carry no signal), with the KL weight per Fourier pixel of the
-   first band (:func:`_band_kl_weight`). ``OUT`` is then an ordinary training folder whose
-   ``gmm.npz`` is the finer GMM; ``summary.json``'s ``finer_model`` says what was done.
+3. trains a second network on that finer GMM into ``OUT`` (the band chosen again: up to its
+   resolution, or coarser where the particles carry no signal), with the KL weight per Fourier
+   pixel of the first band (:func:`_band_kl_weight`), started from the first network
+   (:mod:`warm_start`: its decoder fitted to the first one's motions carried to the fine
+   Gaussians, its encoder to the first latents). ``OUT`` is then an ordinary training folder
+   whose ``gmm.npz`` is the finer GMM; ``summary.json``'s ``finer_model`` says what was done.
 
 Otherwise (no finer reconstruction, no recorded build resolution, symmetry, or several
 processes under torchrun) the run trains once on the given GMM, as with ``--finer-model off``,
 and says why in the log. Measured (README, issue 13): the MD-like 1AKE hinge at SNR 0.1, 6,000
-particles, the neutral built at 8 A: |Spearman| PC1 0.944 -> 0.957 (kNN R2 0.884 -> 0.909), at
-3-5x the training time; with two independent motions the weaker one at 0.758 against 0.807 (lost,
-one latent direction of the first's two, with the KL weight unscaled). The run warns when the
+particles, the neutral built at 8 A: |Spearman| PC1 0.944 -> 0.957 (kNN R2 0.884 -> 0.911), at
+3-5x the training time; with two independent motions LID / NMP 0.952 / 0.807 -> 0.961 / 0.842
+(0.758 for NMP with the second network from random weights; lost, one latent direction of the
+first's two, with the KL weight unscaled too). The run warns when the
 second latent space has fewer directions than the first (``summary.json``'s
 ``finer_model.fewer_directions``); ``OUT/first_model`` is then the run to compare with. With
 ``--resume`` a finished first model is kept and an interrupted second training goes on from its
@@ -72,14 +75,16 @@ def train_model(make_particles: Callable, neutral: GMM, cfg: TrainConfig, out_di
     log.info("finer model: training on %d Gaussians at %.2f A (%s) into %s", len(finer),
              float(finer.info["target_resolution_A"]), finer.info.get("source", ""), out_dir)
     kl_weight = _band_kl_weight(cfg.kl_weight, first, float(finer.info["target_resolution_A"]))
+    warm = _warm_start(first, cfg, device) if (cfg.extra or {}).get("finer_warm_start", True) else None
     out = train(make_particles(), finer, dataclasses.replace(once, finer_model="auto", kl_weight=kl_weight), out_dir,
-                resume=resume, star_path=star_path, dist=dist)
+                resume=resume, star_path=star_path, dist=dist, warm_start=warm)
     summary = folder.read_summary()
     record = {"first_model": os.path.basename(first.folder), "neutral_gaussians": len(neutral),
               "gaussians": len(finer), "resolution_A": float(finer.info["target_resolution_A"]),
               "source": finer.info.get("source", ""), "kl_weight": kl_weight,
               "effective_dim": summary.get("effective_dim"),
-              "first_effective_dim": first.read_summary().get("effective_dim")}
+              "first_effective_dim": first.read_summary().get("effective_dim"),
+              "warm_start": folder.read_config().get("warm_start")}
     record["fewer_directions"] = bool(record["effective_dim"] is not None and record["first_effective_dim"] is not None
                                       and record["effective_dim"] < record["first_effective_dim"])
     if record["fewer_directions"]:  # measured: two independent openings, the weaker one lost (README)
@@ -106,6 +111,23 @@ def _band_kl_weight(kl_weight: float, first: TrainFolder, finer_A: float) -> flo
     log.info("finer model: KL weight %.3g x %.2f (the first band %.1f-%.1f A against %.1f-%.1f A)",
              kl_weight, ratio, lo, hi, lo, finer_A)
     return float(kl_weight * ratio)
+
+
+def _warm_start(first: TrainFolder, cfg: TrainConfig, device):
+    """The second training's warm start (:func:`warm_start.distill` from the first network and
+    its latents), or None when the first run's latents do not match the particles (logged)."""
+    from .trained import load_trained
+    from .warm_start import distill
+    tm = load_trained(first.folder, str(device))
+    z = tm.latents()
+
+    def fit(model, source, items):
+        if z.shape[0] != len(source.particles):
+            log.info("finer model: %s has %d latents for %d particles; the second network starts from random "
+                     "weights", first.folder, z.shape[0], len(source.particles))
+            return None
+        return distill(model, source, items, tm, z, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    return fit
 
 
 def _finer_target(star_path: str, neutral: GMM, cfg: TrainConfig, dist, device):

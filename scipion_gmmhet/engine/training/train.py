@@ -175,7 +175,7 @@ class _Run:
 
 
 def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, resume: bool = False,
-          star_path: str | None = None, dist: Dist | None = None) -> dict:
+          star_path: str | None = None, dist: Dist | None = None, warm_start=None) -> dict:
     """Train on ``particles`` (already on their device) from the ``neutral`` GMM; write the
     output directory described in the module docstring. Returns a summary dict.
 
@@ -184,6 +184,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     Device out-of-memory halves the physical batch (chunk) size and carries on: a batch is
     then processed in chunks whose gradients add up to the whole batch's, so the optimisation
     (batch size, number of Adam steps) is unchanged (see :class:`device.AdaptiveBatch`).
+    ``warm_start(model, source, train_items) -> dict``: fits a fresh network before the first
+    epoch (:mod:`warm_start`; recorded in config.json's ``warm_start``).
     """
     dist = dist if dist is not None else Dist(device=particles.device)
     main = dist.is_main
@@ -219,6 +221,9 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     train_items, val_items = split_items(particles.n_particles, particles.n_ops, cfg.val_fraction, cfg.seed)
     run = _Run(particles, cfg, dist, device, amp, binner, source, *_new_model(feats, neutral, mobile, cfg, device))
     history, start_epoch, resumed_chunk = _resume_state(run, folder, resume)
+    if warm_start is not None:  # a resumed run keeps the record of its start
+        info["warm_start"] = folder.read_config().get("warm_start") if history else warm_start(run.model, source,
+                                                                                                train_items)
     if auto_batch and not history:
         _choose_batch(run, train_items)  # one GPU: short probe; CPU and several processes: 64
     info["train"] = cfg.to_dict()
