@@ -335,7 +335,7 @@ def main(argv=None) -> int:
                     help="comma-separated: truth (each particle's ground-truth GMM), trained (the network)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--finer-model", choices=["off", "auto"], default="off",
-                    help="gmmhet train --finer-model for the trained network (default off, as gmmhet train)")
+                    help="gmmhet train --finer-model for the trained network (default off, as the README's refinement rows were measured; gmmhet train's own default is auto: results/refine_finer_md_s*.md)")
     ap.add_argument("--changes", default=",".join(TrainConfig().changes),
                     help="what the network may change (gmmhet train --changes; default: gmmhet train's, "
                          "positions,amplitudes; results before 2026-12-06's refine_changes.md used positions)")

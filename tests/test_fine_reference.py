@@ -206,7 +206,8 @@ def test_fine_reference_keeps_the_plain_map_when_the_motion_corrected_half_maps_
 
 def _perturbed_training(sim, tmp_path, seed: int):
     """The simulated particles with perturbed poses (star), a neutral GMM recorded as built at 40 A,
-    and a tiny network trained on them: (metadata, star, neutral GMM path, train folder)."""
+    and a tiny network trained on them, on that GMM (``--finer-model off``: refinement's own finer
+    GMM is what these tests check): (metadata, star, neutral GMM path, train folder)."""
     from scipion_gmmhet.engine import cli
     from test_refine import perturb
     from scipion_gmmhet.engine.conventions import euler_to_matrix, matrix_to_euler
@@ -219,7 +220,7 @@ def _perturbed_training(sim, tmp_path, seed: int):
     gmm = _neutral_with_resolution(sim, 40.0, str(tmp_path / "neutral.npz"))
     train_dir = str(tmp_path / "train")
     assert cli.main(["train", "--particles", star, "--gmm", gmm, "--zdim", "2", "--epochs", "1", "--hidden", "32",
-                     "--layers", "1", "--device", "cpu", "--out", train_dir]) == 0
+                     "--layers", "1", "--device", "cpu", "--finer-model", "off", "--out", train_dir]) == 0
     return meta, star, gmm, train_dir
 
 

@@ -352,15 +352,23 @@ class TestProtocolTrain(BaseTest):
         inp.close()
 
     def test_7_finerModel(self):
-        """'Finer Gaussian model from the data?' reaches gmmhet train --finer-model auto. At 4 A/px
-        no finer GMM than the input's 12 A can be built (2.5 px = 10 A), so the run trains once and
-        says so; the summary line of a run that made one is tested on its summary.json record."""
+        """'Finer Gaussian model from the data?' (Yes by default) reaches gmmhet train --finer-model
+        auto, No reaches off. At 4 A/px no finer GMM than the input's 12 A can be built (2.5 px =
+        10 A), so the run trains once and says so; the summary line of a run that made one is
+        tested on its summary.json record."""
+        once = self.newProtocol(ProtGmmhetTrain, objLabel='train once', finerModel=False)
+        once.inputParticles.set(self.protParts)
+        once.inputParticles.setExtended('outputParticles')
+        once.inputGmm.set(self.protGmm)
+        once.inputGmm.setExtended(self.gmmExtended)
+        self.assertIn('--finer-model off', once._getTrainArgs())
         prot = self.newProtocol(ProtGmmhetTrain, objLabel='train finer model', zDim=ZDIM,
-                                numberOfEpochs=1, seed=1, finerModel=True, useGpu=False)
+                                numberOfEpochs=1, seed=1, useGpu=False)
         prot.inputParticles.set(self.protParts)
         prot.inputParticles.setExtended('outputParticles')
         prot.inputGmm.set(self.protGmm)
         prot.inputGmm.setExtended(self.gmmExtended)
+        self.assertTrue(prot.finerModel.get())  # the default
         self.assertIn('--finer-model auto', prot._getTrainArgs())
         self.launchProtocol(prot)
         prot = self.proj.getProtocol(prot.getObjId())
