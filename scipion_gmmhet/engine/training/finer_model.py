@@ -75,9 +75,8 @@ def train_model(make_particles: Callable, neutral: GMM, cfg: TrainConfig, out_di
     log.info("finer model: training on %d Gaussians at %.2f A (%s) into %s", len(finer),
              float(finer.info["target_resolution_A"]), finer.info.get("source", ""), out_dir)
     kl_weight = _band_kl_weight(cfg.kl_weight, first, float(finer.info["target_resolution_A"]))
-    warm = _warm_start(first, cfg, device) if (cfg.extra or {}).get("finer_warm_start", True) else None
     out = train(make_particles(), finer, dataclasses.replace(once, finer_model="auto", kl_weight=kl_weight), out_dir,
-                resume=resume, star_path=star_path, dist=dist, warm_start=warm)
+                resume=resume, star_path=star_path, dist=dist, warm_start=_warm_start(first, cfg, device))
     summary = folder.read_summary()
     record = {"first_model": os.path.basename(first.folder), "neutral_gaussians": len(neutral),
               "gaussians": len(finer), "resolution_A": float(finer.info["target_resolution_A"]),

@@ -16,7 +16,8 @@ second). :func:`distill` starts it where the first network ended instead:
   ``log(1 - Var(z_k))`` per dimension (clipped to [0.01, 1]), the posterior width of a latent
   space whose aggregate matches the N(0, I) prior.
 
-Both fits are mean squared errors relative to the targets' mean square, minimised together by
+Both fits are relative mean squared errors (the encoder's per latent dimension over that
+dimension's variance, the decoder's over the targets' mean square), minimised together by
 Adam at 10x the training rate for ``steps`` steps of one training batch each (features from the
 training's own source: the cache by default, so a step costs an MLP pass). The training then
 runs as usual from these weights (its own optimiser, epochs and early stopping).
