@@ -246,7 +246,8 @@ def run_system(system: str, args) -> dict:
     if args.epochs:
         kw["epochs"] = args.epochs
     cfg = TrainConfig(**kw)
-    key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    keyed = cfg.to_dict() if args.finest is None else {**cfg.to_dict(), "finest": args.finest}
+    key = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     run_dir = os.path.join(d, f"train_{args.tag or 'default'}_{key}")
     t0 = time.time()
     if args.reuse and TrainFolder(run_dir).is_finished():
@@ -307,11 +308,17 @@ def main(argv=None) -> int:
                    help="hinge and two_motions: also the Bayes ceiling (ranking by the true atomic model at exact "
                         "poses, in the training band and over the whole image; about 3 CPU minutes for the hinge, "
                         "10 for two_motions)")
+    p.add_argument("--finest", type=float, default=None, metavar="F",
+                   help="experiment: the finer model's GMM no finer than F x the neutral's resolution "
+                        "(fine_reference.FINEST, default 0.6; also limits refinement's fine reference)")
     p.add_argument("--workdir", default=os.path.join(common.SCRATCH, "science"))
     p.add_argument("--name", default=None, help="results file name (default science[_TAG])")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
+    if args.finest is not None:
+        from scipion_gmmhet.engine.analysis import fine_reference
+        fine_reference.FINEST = args.finest
     os.makedirs(args.workdir, exist_ok=True)
     rows = [run_system(s.strip(), args) for s in args.systems.split(",") if s.strip()]
     info = common.machine_info()

@@ -109,6 +109,34 @@ def test_finer_model_resume_keeps_the_first_model_and_the_finer_gmm(sim, tmp_pat
     assert record["gaussians"] == len(kept) and record["warm_start"] == warm  # the resumed run's start, kept
 
 
+def test_finer_model_centres_once_against_the_given_gmm(sim, tmp_path, monkeypatch):
+    """The centring is decided once, by the first training against the given GMM: the second
+    training uses its corrections (no search against the finer GMM), and encoding particles with
+    the finer network later centres them against the given GMM too."""
+    from scipion_gmmhet.engine.training import centering
+    from scipion_gmmhet.engine.training.trained import load_trained
+    searched = []
+    real = centering.center_particles
+
+    def counted(particles, neutral, *a, **k):
+        searched.append(len(neutral))
+        return real(particles, neutral, *a, **k)
+    monkeypatch.setattr(centering, "center_particles", counted)
+    gmm = _neutral(sim, 40.0, str(tmp_path / "neutral.npz"))
+    out = str(tmp_path / "train")
+    star = os.path.join(sim, "particles.star")
+    assert cli.main(["train", "--particles", star, "--gmm", gmm, "--finer-model", "auto", "--center", "auto",
+                     "--out", out] + TINY) == 0
+    folder, n_given = TrainFolder(out), len(GMM.load(gmm))
+    assert len(GMM.load(folder.gmm)) != n_given and searched == [n_given]
+    first = folder.first_model.read_centering()
+    assert first is not None and first.shape == (64, 2)
+    np.testing.assert_array_equal(folder.read_centering(), first)
+    tm = load_trained(out)
+    assert len(tm.centering_reference()) == n_given
+    assert tm.encode_particles(star).shape == (64, 2) and searched == [n_given, n_given]
+
+
 def test_finer_model_refuses_an_unknown_mode(sim, tmp_path):
     from scipion_gmmhet.engine.errors import InputError
     from scipion_gmmhet.engine.training.config import TrainConfig

@@ -135,10 +135,11 @@ def apply_centering(particles, centering: Centering) -> None:
 def center_for_training(particles, neutral, mode: str, saved_in=None, write_to=None, star_path=None):
     """What ``gmmhet train --center MODE`` does before anything else: 'off' -> None; 'auto' ->
     the :class:`Centering` of ``particles`` (read from the :class:`io.outputs.TrainFolder`
-    ``saved_in`` when it holds one for these particles: a resumed run; else searched, checked
-    against the half maps of ``star_path``'s particles (:func:`gold_standard`; no check without a
-    star) and written to the TrainFolder ``write_to``), applied to ``particles``' origins, with a
-    log line (and a warning when most shifts were off)."""
+    ``saved_in`` when it holds one for these particles: a resumed run, or the finer model's first
+    training; else searched and checked against the half maps of ``star_path``'s particles
+    (:func:`gold_standard`; no check without a star)), written to the TrainFolder ``write_to``
+    and applied to ``particles``' origins, with a log line (and a warning when most shifts were
+    off)."""
     from ..errors import InputError
     if mode not in CENTER_MODES:
         raise InputError(f"--center {mode}: give one of {', '.join(CENTER_MODES)}")
@@ -147,14 +148,14 @@ def center_for_training(particles, neutral, mode: str, saved_in=None, write_to=N
     saved = saved_in.read_centering() if saved_in is not None else None
     if saved is not None and saved.shape == (particles.n_particles, 2):
         centering = Centering(saved)
-        log.info("centring: the corrections of the interrupted run (%s)", saved_in.centering)
+        log.info("centring: the corrections of %s", saved_in.centering)
     else:
         centering = center_particles(particles, neutral)
         if star_path is not None and centering.n_moved:
             centering = gold_standard(centering, star_path, particles)
-        if write_to is not None:
-            os.makedirs(write_to.folder, exist_ok=True)
-            write_to.write_centering(centering.shifts_A)
+    if write_to is not None and not (saved is not None and saved_in.centering == write_to.centering):
+        os.makedirs(write_to.folder, exist_ok=True)
+        write_to.write_centering(centering.shifts_A)
     apply_centering(particles, centering)
     s = centering.summary()
     if not s["n_moved"]:

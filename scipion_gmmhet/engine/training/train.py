@@ -175,7 +175,8 @@ class _Run:
 
 
 def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, resume: bool = False,
-          star_path: str | None = None, dist: Dist | None = None, warm_start=None) -> dict:
+          star_path: str | None = None, dist: Dist | None = None, warm_start=None,
+          centering_from: TrainFolder | None = None) -> dict:
     """Train on ``particles`` (already on their device) from the ``neutral`` GMM; write the
     output directory described in the module docstring. Returns a summary dict.
 
@@ -185,15 +186,15 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
     then processed in chunks whose gradients add up to the whole batch's, so the optimisation
     (batch size, number of Adam steps) is unchanged (see :class:`device.AdaptiveBatch`).
     ``warm_start(model, source, train_items) -> dict``: fits a fresh network before the first
-    epoch (:mod:`warm_start`; recorded in config.json's ``warm_start``).
-    """
+    epoch (:mod:`warm_start`; recorded in config.json's ``warm_start``). ``centering_from``: a
+    TrainFolder of these particles (the finer model's first) whose shift corrections are used."""
     dist = dist if dist is not None else Dist(device=particles.device)
     main = dist.is_main
     device = particles.device
     folder = TrainFolder(out_dir)
     auto_batch = cfg.batch_size == 0
     amp, frc_curve, centering = _settle_config(particles, neutral, cfg, star_path, folder=folder, resume=resume,
-                                               dist=dist)
+                                               dist=dist, centering_from=centering_from)
     fingerprint = run_fingerprint(cfg, particles, neutral, star_path)
     auto_batch = _prepare_out_dir(folder, cfg, fingerprint, resume, dist, auto_batch)
 
@@ -280,7 +281,8 @@ def train(particles: Particles, neutral: GMM, cfg: TrainConfig, out_dir: str, re
 
 
 def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_path: str | None,
-                   folder: TrainFolder | None = None, resume: bool = False, dist: Dist | None = None):
+                   folder: TrainFolder | None = None, resume: bool = False, dist: Dist | None = None,
+                   centering_from: TrainFolder | None = None):
     """Check the inputs and settle ``cfg`` (in place): precision, changes, CTF mode, centring
     (``particles``' origins corrected in place, :mod:`centering`), band and position scale.
     Returns (:class:`acceleration.Amp`, per-ring FRC curve or None, :class:`centering.Centering`
@@ -314,7 +316,8 @@ def _settle_config(particles: Particles, neutral: GMM, cfg: TrainConfig, star_pa
         raise InputError(f"--loss {cfg.loss}: give one of {', '.join(LOSSES)}")
     if cfg.prior not in PRIORS:
         raise InputError(f"--prior {cfg.prior}: give one of {', '.join(PRIORS)}")
-    centering = center_for_training(particles, neutral, cfg.center, folder if resume else None,
+    saved_in = centering_from if centering_from is not None else (folder if resume else None)
+    centering = center_for_training(particles, neutral, cfg.center, saved_in,
                                     folder if (dist is None or dist.is_main) else None, star_path)
     frc_curve = None
     if cfg.highres_A is None:

@@ -126,6 +126,12 @@ class TrainedModel:
         return GMM(c[0].cpu().numpy(), a[0].cpu().numpy(), s[0].cpu().numpy(), self.neutral.box, self.neutral.apix,
                    {"latent": " ".join(f"{v:.6g}" for v in z.reshape(-1))})
 
+    def centering_reference(self) -> GMM:
+        """The GMM particles are centred against before encoding (:mod:`centering`): the GMM given
+        to ``gmmhet train`` (a finer model's ``first_model/gmm.npz``; else the neutral)."""
+        first = TrainFolder(self.train_dir).first_model
+        return GMM.load(first.gmm) if os.path.exists(first.gmm) else self.neutral
+
     def latents(self) -> np.ndarray:
         """``latent.npy`` ``(n_items, K)`` of the training run."""
         return TrainFolder(self.train_dir).read_latents()
@@ -144,7 +150,7 @@ class TrainedModel:
                              f"model is box {self.neutral.box} at {self.neutral.apix:.4f} A/px; use matching particles")
         if self.config.get("center", "off") == "auto":  # as in training (runs before 0.2 did not centre)
             from .centering import center_for_training
-            center_for_training(particles, self.neutral, "auto", star_path=star_path)
+            center_for_training(particles, self.centering_reference(), "auto", star_path=star_path)
         particles.crop(self.config["highres_A"])
         binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
                             device=dev, loss=self.config.get("loss", "frc"))

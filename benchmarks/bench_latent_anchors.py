@@ -1,0 +1,108 @@
+"""Latent posterior with more anchors: the posterior latents of a finished training, recomputed.
+
+``gmmhet train --latent-estimate posterior`` (the default) scores every particle against
+``latent_posterior.MAX_ANCHORS`` (64) decoded latent states and takes the posterior mean. When
+the likelihood is sharp against the anchors' spacing (summary.json's ``median_peak_weight``
+0.3-0.7 on the finer model's two-motion, full-circle and MD-like seed-2 sets), the posterior
+means snap towards the anchors. This script takes a finished `bench_science.py` training (a
+``train_*`` folder inside its data set folder, which holds ``truth.csv`` and ``particles.star``),
+encodes the particles with its encoder (``TrainedModel.encode_particles``), fits ``M`` k-means
+anchors for each ``--anchors`` value, recomputes the posterior latents of the training's
+particles (centred by its centering.csv) with its own degrees of freedom, and scores them with
+bench_science's metrics, next to the encoder's latents and the saved ``latent.npy``.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_latent_anchors.py --system hinge \
+        --run benchmarks/.scratch/science/hinge_n6000_box64_apix1.5_snr0.1_seed2_thermal1_frameall/train_finerws_<key> \
+        --anchors 64,256 --name latent_anchors_md_s2
+
+The cost of the posterior grows with ``M`` (``N x M`` projections).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_science as bs  # noqa: E402
+import common  # noqa: E402
+
+from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
+from scipion_gmmhet.engine.io.outputs import TrainFolder  # noqa: E402
+from scipion_gmmhet.engine.model.fourier import RingBinner  # noqa: E402
+from scipion_gmmhet.engine.training import latent_posterior as lp  # noqa: E402
+from scipion_gmmhet.engine.training.trained import TrainedModel  # noqa: E402
+
+
+def _band_particles(tm: TrainedModel, star: str):
+    """The training's particles: its symmetry, CTF mode and centring (its centering.csv), cropped
+    to its band."""
+    from scipion_gmmhet.engine.training.centering import center_for_training
+    cfg = tm.config
+    particles = Particles.from_star(star, symmetry=cfg.get("symmetry"), ctf_mode=cfg.get("ctf_mode", "auto"))
+    center_for_training(particles, tm.centering_reference(), cfg.get("center", "off"),
+                        saved_in=TrainFolder(tm.train_dir), star_path=star)
+    particles.crop(cfg["highres_A"])
+    binner = RingBinner(particles.fbox, particles.fapix, cfg["lowres_A"], cfg["highres_A"],
+                        loss=cfg.get("loss", "frc"))
+    return particles, binner
+
+
+def _row(label, seconds, peak, m: dict) -> dict:
+    return {"latents": label, "seconds": None if seconds is None else round(seconds, 1),
+            "median_peak_weight": peak, **{k: round(v, 4) for k, v in m.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished bench_science training folder (train_*)")
+    p.add_argument("--system", default="hinge", help="its system (bench_science metrics): hinge, cyclic, ...")
+    p.add_argument("--anchors", default="64,256", help="comma list of anchor counts")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="latent_anchors")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    sim_dir = os.path.dirname(os.path.abspath(args.run))
+    star = os.path.join(sim_dir, "particles.star")
+    truth = pd.read_csv(os.path.join(sim_dir, "truth.csv"))
+    tm = TrainedModel(args.run)
+    saved_anchors, tm.anchors = tm.anchors, None  # encode_particles then runs the encoder
+    rows = []
+    t0 = time.time()
+    z_enc = tm.encode_particles(star)
+    rows.append(_row("encoder", time.time() - t0, None, bs.metrics(args.system, z_enc, truth, args.run, sim_dir)))
+    rows.append(_row(f"saved latent.npy ({len(saved_anchors.anchors) if saved_anchors else 0} anchors)", None, None,
+                     bs.metrics(args.system, TrainFolder(args.run).read_latents(), truth, args.run, sim_dir)))
+    particles, binner = _band_particles(tm, star)
+    seed = int(tm.config.get("seed", 0))
+    for m in (int(x) for x in args.anchors.split(",")):
+        lp.MAX_ANCHORS, lp.PARTICLES_PER_ANCHOR = m, 1
+        anchors = lp.fit_anchors(z_enc, seed)
+        anchors.n_dof = saved_anchors.n_dof if saved_anchors is not None else None
+        t0 = time.time()
+        z, info = lp.posterior_latents(tm.model.decoder, particles, binner, np.arange(len(particles)), anchors, 256,
+                                       "cpu")
+        rows.append(_row(f"posterior, {m} anchors", time.time() - t0, info["median_peak_weight"],
+                         bs.metrics(args.system, z, truth, args.run, sim_dir)))
+        logging.info("%s", rows[-1])
+    info = common.machine_info()
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    md = "\n".join([f"# Latent posterior with more anchors ({args.system})", "", common.machine_line(info), "",
+                    f"Training: {os.path.relpath(os.path.abspath(args.run), common.REPO)}; the degrees of freedom "
+                    f"of the training's own posterior. Command: `python benchmarks/bench_latent_anchors.py "
+                    f"--system {args.system} --run <that folder> --anchors {args.anchors}`", "",
+                    common.markdown_table(rows, [(c, c) for c in cols]), ""])
+    print(md)
+    common.write_results(args.name, md, {"machine": info, "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
