@@ -33,25 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_science as bs  # noqa: E402
 import common  # noqa: E402
 
-from scipion_gmmhet.engine.io.data import Particles  # noqa: E402
 from scipion_gmmhet.engine.io.outputs import TrainFolder  # noqa: E402
-from scipion_gmmhet.engine.model.fourier import RingBinner  # noqa: E402
 from scipion_gmmhet.engine.training import latent_posterior as lp  # noqa: E402
 from scipion_gmmhet.engine.training.trained import TrainedModel  # noqa: E402
-
-
-def _band_particles(tm: TrainedModel, star: str):
-    """The training's particles: its symmetry, CTF mode and centring (its centering.csv), cropped
-    to its band."""
-    from scipion_gmmhet.engine.training.centering import center_for_training
-    cfg = tm.config
-    particles = Particles.from_star(star, symmetry=cfg.get("symmetry"), ctf_mode=cfg.get("ctf_mode", "auto"))
-    center_for_training(particles, tm.centering_reference(), cfg.get("center", "off"),
-                        saved_in=TrainFolder(tm.train_dir), star_path=star)
-    particles.crop(cfg["highres_A"])
-    binner = RingBinner(particles.fbox, particles.fapix, cfg["lowres_A"], cfg["highres_A"],
-                        loss=cfg.get("loss", "frc"))
-    return particles, binner
 
 
 def _row(label, seconds, peak, m: dict) -> dict:
@@ -80,11 +64,10 @@ def main(argv=None) -> int:
     rows.append(_row("encoder", time.time() - t0, None, bs.metrics(args.system, z_enc, truth, args.run, sim_dir)))
     rows.append(_row(f"saved latent.npy ({len(saved_anchors.anchors) if saved_anchors else 0} anchors)", None, None,
                      bs.metrics(args.system, TrainFolder(args.run).read_latents(), truth, args.run, sim_dir)))
-    particles, binner = _band_particles(tm, star)
+    particles, binner = tm.band_particles(star, centering_from=TrainFolder(args.run))  # as the training centred them
     seed = int(tm.config.get("seed", 0))
     for m in (int(x) for x in args.anchors.split(",")):
-        lp.MAX_ANCHORS, lp.PARTICLES_PER_ANCHOR = m, 1
-        anchors = lp.fit_anchors(z_enc, seed)
+        anchors = lp.fit_anchors(z_enc, seed, max_anchors=m, per_anchor=1)
         anchors.n_dof = saved_anchors.n_dof if saved_anchors is not None else None
         t0 = time.time()
         z, info = lp.posterior_latents(tm.model.decoder, particles, binner, np.arange(len(particles)), anchors, 256,

@@ -86,12 +86,13 @@ class LatentAnchors:
                    None if n_dof is None else float(n_dof))
 
 
-def fit_anchors(z: np.ndarray, seed: int = 0) -> LatentAnchors | None:
-    """k-means anchors of the encoder latents ``z`` ``(N, K)`` (module doc), or None when there
-    are too few particles for :data:`MIN_ANCHORS`."""
+def fit_anchors(z: np.ndarray, seed: int = 0, max_anchors: int = MAX_ANCHORS,
+                per_anchor: int = PARTICLES_PER_ANCHOR) -> LatentAnchors | None:
+    """k-means anchors of the encoder latents ``z`` ``(N, K)``: ``min(max_anchors, N / per_anchor)``
+    centres (module doc), or None when that is below :data:`MIN_ANCHORS`."""
     from sklearn.cluster import KMeans
     n = len(z)
-    m = min(MAX_ANCHORS, n // PARTICLES_PER_ANCHOR)
+    m = min(max_anchors, n // per_anchor)
     if m < MIN_ANCHORS:
         return None
     rng = np.random.default_rng(seed)

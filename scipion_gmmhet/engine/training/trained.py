@@ -136,13 +136,12 @@ class TrainedModel:
         """``latent.npy`` ``(n_items, K)`` of the training run."""
         return TrainFolder(self.train_dir).read_latents()
 
-    def encode_particles(self, star_path: str, device=None, batch_size: int = 256) -> np.ndarray:
-        """Latents of the particles of any star (same box/pixel size as the model), with the
-        training run's symmetry expansion, CTF mode and centring; features computed on the fly."""
+    def band_particles(self, star_path: str, device=None, centering_from: TrainFolder | None = None):
+        """The particles of a star as the training saw them: its symmetry expansion and CTF mode,
+        centred (``centering_from``'s corrections, e.g. the training's own folder for its own
+        particles; else searched against :meth:`centering_reference`), cropped to its band.
+        Returns (:class:`io.data.Particles`, :class:`fourier.RingBinner`)."""
         dev = self.device if device is None else resolve_device(device)
-        if dev != self.device:
-            self.model.to(dev)
-            self.device = dev
         particles = Particles.from_star(star_path, symmetry=self.config.get("symmetry"),
                                         ctf_mode=self.config.get("ctf_mode", "auto"), device=dev)
         if particles.box != self.neutral.box or abs(particles.apix - self.neutral.apix) > 1e-3 * self.neutral.apix:
@@ -150,10 +149,21 @@ class TrainedModel:
                              f"model is box {self.neutral.box} at {self.neutral.apix:.4f} A/px; use matching particles")
         if self.config.get("center", "off") == "auto":  # as in training (runs before 0.2 did not centre)
             from .centering import center_for_training
-            center_for_training(particles, self.centering_reference(), "auto", star_path=star_path)
+            center_for_training(particles, self.centering_reference(), "auto", saved_in=centering_from,
+                                star_path=star_path)
         particles.crop(self.config["highres_A"])
         binner = RingBinner(particles.fbox, particles.fapix, self.config["lowres_A"], self.config["highres_A"],
                             device=dev, loss=self.config.get("loss", "frc"))
+        return particles, binner
+
+    def encode_particles(self, star_path: str, device=None, batch_size: int = 256) -> np.ndarray:
+        """Latents of the particles of any star (same box/pixel size as the model), with the
+        training run's symmetry expansion, CTF mode and centring; features computed on the fly."""
+        dev = self.device if device is None else resolve_device(device)
+        if dev != self.device:
+            self.model.to(dev)
+            self.device = dev
+        particles, binner = self.band_particles(star_path, dev)
         if self.anchors is not None:  # the training's estimate: the posterior over its anchors (no encoder pass)
             return posterior_latents(self.model.decoder, particles, binner, np.arange(len(particles)), self.anchors,
                                      batch_size, dev)[0]
