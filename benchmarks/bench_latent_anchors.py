@@ -5,7 +5,8 @@
 the likelihood is sharp against the anchors' spacing (summary.json's ``median_peak_weight``
 0.3-0.7 on the finer model's two-motion, full-circle and MD-like seed-2 sets), the posterior
 means snap towards the anchors. This script takes a finished `bench_science.py` training (a
-``train_*`` folder inside its data set folder, which holds ``truth.csv`` and ``particles.star``),
+``train_*`` folder inside its data set folder, which holds ``truth.csv`` and ``particles.star``, or
+its ``first_model``),
 encodes the particles with its encoder (``TrainedModel.encode_particles``), fits ``M`` k-means
 anchors for each ``--anchors`` value, recomputes the posterior latents of the training's
 particles (centred by its centering.csv) with its own degrees of freedom, and scores them with
@@ -15,7 +16,14 @@ bench_science's metrics, next to the encoder's latents and the saved ``latent.np
         --run benchmarks/.scratch/science/hinge_n6000_box64_apix1.5_snr0.1_seed2_thermal1_frameall/train_finerws_<key> \
         --anchors 64,256 --name latent_anchors_md_s2
 
-The cost of the posterior grows with ``M`` (``N x M`` projections).
+The cost of the posterior grows with ``M`` (``N x M`` projections). ``--refit M`` adds the
+training's own refit (``latent_posterior`` module doc, step 4: after the first ``--anchors``
+value's pass, ``M`` finer anchors, each particle scored only against those near its likely
+coarse ones) next to scoring all ``M`` for every particle:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_latent_anchors.py --system cyclic \
+        --run benchmarks/.scratch/science/cyclic_n6000_box64_apix1.5_snr0.1_seed1/train_finerws_<key>/first_model \
+        --anchors 64,240 --refit 240 --name latent_anchors_refit_cyclic
 """
 from __future__ import annotations
 
@@ -48,12 +56,16 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="a finished bench_science training folder (train_*)")
     p.add_argument("--system", default="hinge", help="its system (bench_science metrics): hinge, cyclic, ...")
     p.add_argument("--anchors", default="64,256", help="comma list of anchor counts")
+    p.add_argument("--refit", type=int, default=0,
+                   help="finer anchors of the training's refit after the first --anchors pass (0: none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="latent_anchors")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     sim_dir = os.path.dirname(os.path.abspath(args.run))
+    if not os.path.exists(os.path.join(sim_dir, "truth.csv")):  # a finer model's first_model folder
+        sim_dir = os.path.dirname(sim_dir)
     star = os.path.join(sim_dir, "particles.star")
     truth = pd.read_csv(os.path.join(sim_dir, "truth.csv"))
     tm = TrainedModel(args.run)
@@ -66,13 +78,25 @@ def main(argv=None) -> int:
                      bs.metrics(args.system, TrainFolder(args.run).read_latents(), truth, args.run, sim_dir)))
     particles, binner = tm.band_particles(star, centering_from=TrainFolder(args.run))  # as the training centred them
     seed = int(tm.config.get("seed", 0))
+    items, first = np.arange(len(particles)), None
     for m in (int(x) for x in args.anchors.split(",")):
         anchors = lp.fit_anchors(z_enc, seed, max_anchors=m, per_anchor=1)
         anchors.n_dof = saved_anchors.n_dof if saved_anchors is not None else None
         t0 = time.time()
-        z, info = lp.posterior_latents(tm.model.decoder, particles, binner, np.arange(len(particles)), anchors, 256,
-                                       "cpu")
-        rows.append(_row(f"posterior, {m} anchors", time.time() - t0, info["median_peak_weight"],
+        z, peak, largest = lp.posterior_rows(tm.model.decoder, particles, binner, items, anchors, 256, "cpu")
+        rows.append(_row(f"posterior, {m} anchors", time.time() - t0, round(float(np.median(peak)), 4),
+                         bs.metrics(args.system, z, truth, args.run, sim_dir)))
+        logging.info("%s", rows[-1])
+        first = first or (anchors, largest)
+    if args.refit and first is not None:
+        finer = lp.fit_anchors(z_enc, seed, max_anchors=args.refit)  # as the training's refit fits them
+        finer.n_dof = first[0].n_dof
+        candidates = lp.finer_candidates(first[0], finer, first[1])
+        per_particle = float(candidates(0, len(items)).sum()) / len(items)
+        t0 = time.time()
+        z, peak, _ = lp.posterior_rows(tm.model.decoder, particles, binner, items, finer, 256, "cpu", candidates)
+        rows.append(_row(f"refit: {len(finer.anchors)} anchors, {per_particle:.1f} per particle (near its likely "
+                         f"{len(first[0].anchors)})", time.time() - t0, round(float(np.median(peak)), 4),
                          bs.metrics(args.system, z, truth, args.run, sim_dir)))
         logging.info("%s", rows[-1])
     info = common.machine_info()
@@ -80,7 +104,8 @@ def main(argv=None) -> int:
     md = "\n".join([f"# Latent posterior with more anchors ({args.system})", "", common.machine_line(info), "",
                     f"Training: {os.path.relpath(os.path.abspath(args.run), common.REPO)}; the degrees of freedom "
                     f"of the training's own posterior. Command: `python benchmarks/bench_latent_anchors.py "
-                    f"--system {args.system} --run <that folder> --anchors {args.anchors}`", "",
+                    f"--system {args.system} --run <that folder> --anchors {args.anchors}"
+                    f"{f' --refit {args.refit}' if args.refit else ''}`", "",
                     common.markdown_table(rows, [(c, c) for c in cols]), ""])
     print(md)
     common.write_results(args.name, md, {"machine": info, "args": vars(args), "rows": rows})

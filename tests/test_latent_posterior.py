@@ -62,6 +62,31 @@ def test_likelihood_picks_the_simulated_state_and_the_posterior_follows_the_trut
     assert np.median(peak) > 0.5
 
 
+def test_finer_anchors_scored_near_the_likely_coarse_ones_give_the_full_posterior(conf):
+    """The refit's sparse scoring (each particle against the finer anchors owned by its likely
+    coarse anchors) gives the posterior of scoring every finer anchor, at a fraction of the pairs."""
+    gmms = conf["gmms"]
+    p = Particles.from_star(conf["star"])
+    p.crop(2.5 * APIX)
+    binner = RingBinner(p.fbox, p.fapix, None, 2.5 * APIX, loss="corr")
+    states = np.arange(len(gmms), dtype=np.float32)
+    coarse = lp.LatentAnchors(states[::2, None], np.full(len(states[::2]), -np.log(len(states[::2]))))
+    finer = lp.LatentAnchors(states[:, None], np.full(len(states), -np.log(len(states))))
+    dec, items = _truth_decoder(gmms), np.arange(len(p))
+    _, _, largest = lp.posterior_rows(dec, p, binner, items, coarse, 64, "cpu")
+    assert largest.shape == (len(p), min(lp.REFIT_TOP, len(coarse.anchors))) and np.all(largest[:, 0] >= 0)
+    candidates = lp.finer_candidates(coarse, finer, largest)
+    mask = candidates(0, len(p)).numpy()
+    assert mask.any(1).all() and mask.mean() < 0.9  # nobody without a candidate; not every pair
+    # a finer anchor belongs to its two nearest coarse ones: a particle whose only likely coarse
+    # state is 0 is scored against finer states 0, 1 (nearest to 0) and 2 (0 its second nearest), not 3 or 4
+    only0 = (largest[:, 0] == 0) & np.all(largest[:, 1:] < 0, axis=1)
+    assert only0.any() and np.all(mask[only0][:, :3]) and not mask[only0][:, 3:].any()
+    z_sparse, _, _ = lp.posterior_rows(dec, p, binner, items, finer, 64, "cpu", candidates)
+    z_full, _, _ = lp.posterior_rows(dec, p, binner, items, finer, 64, "cpu")
+    assert np.median(np.abs(z_sparse - z_full)) < 1e-3 and np.mean(np.abs(z_sparse - z_full) < 0.05) > 0.95
+
+
 def test_posterior_mean_weighs_the_prior_and_the_likelihood():
     anchors = lp.LatentAnchors(np.array([[0.0, 0.0], [2.0, 0.0]], np.float32), np.log(np.array([0.75, 0.25])))
     z, peak = lp.posterior_mean(torch.zeros((1, 2), dtype=torch.float64), anchors)
@@ -101,6 +126,32 @@ def test_train_writes_posterior_latents_and_encoding_again_gives_them(conf, tmp_
     s_e = train(p, neutral, cfg_e, str(tmp_path / "enc"), star_path=conf["star"])
     assert s_e["summary"]["latent_posterior"] is None and load_trained(str(tmp_path / "enc")).anchors is None
     assert not np.allclose(TrainFolder(str(tmp_path / "enc")).read_latents(), z)
+
+
+def test_sharp_posteriors_get_finer_anchors(conf, tmp_path, monkeypatch):
+    """Posteriors sharper than the threshold (here set to 0; 8 anchors, at most 240 / 5): the
+    anchors are fitted again, 4x as many, the summary keeps the first pass and model.pt carries
+    the finer anchors; with the threshold out of reach the first anchors stay."""
+    neutral = conf["gmms"][len(conf["gmms"]) // 2]
+    monkeypatch.setattr(lp, "MAX_ANCHORS", 8)
+    monkeypatch.setattr(lp, "PARTICLES_PER_ANCHOR", 5)
+    monkeypatch.setattr(lp, "REFIT_PEAK_WEIGHT", 0.0)
+    cfg = TrainConfig(zdim=2, epochs=3, batch_size=32, seed=1, center="off")
+    s = train(Particles.from_star(conf["star"]), neutral, cfg, str(tmp_path / "fine"), star_path=conf["star"])
+    info = s["summary"]["latent_posterior"]
+    assert info["coarse_pass"]["anchors"] == 8 and info["anchors"] == 8 * lp.REFIT_FACTOR == 32
+    # finer anchors share each particle's posterior among more states
+    assert info["median_peak_weight"] < info["coarse_pass"]["median_peak_weight"]
+    tm = load_trained(str(tmp_path / "fine"))
+    assert tm.anchors.anchors.shape == (32, 2) and tm.anchors.coarse.anchors.shape == (8, 2)
+    # encoding again scores the same (particle, finer anchor) pairs: the same latents
+    np.testing.assert_allclose(tm.encode_particles(conf["star"]), TrainFolder(str(tmp_path / "fine")).read_latents(),
+                               atol=1e-5)
+    monkeypatch.setattr(lp, "REFIT_PEAK_WEIGHT", 1.0)
+    s = train(Particles.from_star(conf["star"]), neutral, cfg, str(tmp_path / "coarse"), star_path=conf["star"])
+    info = s["summary"]["latent_posterior"]
+    assert info["anchors"] == 8 and "coarse_pass" not in info
+    assert load_trained(str(tmp_path / "coarse")).anchors.coarse is None
 
 
 def test_effective_dof_is_the_band_for_white_noise_and_fewer_for_coloured():

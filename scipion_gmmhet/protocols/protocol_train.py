@@ -487,8 +487,13 @@ class ProtGmmhetTrain(GmmhetLabel, ProtAnalysis3D):
         p = summary.get('latent_posterior')
         if not p:
             return []
-        return ['Latents: posterior mean over %d decoded states of the latent space, weighted '
-                'by each image\'s likelihood' % p['anchors']]
+        line = ('Latents: posterior mean over %d decoded states of the latent space, weighted '
+                'by each image\'s likelihood' % p['anchors'])
+        coarse = p.get('coarse_pass')
+        if coarse:
+            line += (' (the first %d states were too far apart for these images: median largest '
+                     'weight %.2f)' % (coarse['anchors'], coarse['median_peak_weight']))
+        return [line]
 
     def _methods(self):
         if not self.hasAttribute('outputParticles'):

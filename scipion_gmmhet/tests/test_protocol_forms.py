@@ -132,3 +132,8 @@ class TestProtocolForms(BaseTest):
         self.assertEqual(prot._posteriorLines({'latent_posterior': {'anchors': 64}}),
                          ["Latents: posterior mean over 64 decoded states of the latent space, weighted "
                           "by each image's likelihood"])
+        finer = {'anchors': 240, 'coarse_pass': {'anchors': 64, 'median_peak_weight': 0.5667}}
+        self.assertEqual(prot._posteriorLines({'latent_posterior': finer}),
+                         ["Latents: posterior mean over 240 decoded states of the latent space, weighted "
+                          "by each image's likelihood (the first 64 states were too far apart for these "
+                          "images: median largest weight 0.57)"])
