@@ -19,7 +19,7 @@ bench_science's metrics, next to the encoder's latents and the saved ``latent.np
 The cost of the posterior grows with ``M`` (``N x M`` projections). ``--refit M`` adds the
 training's own refit (``latent_posterior`` module doc, step 4: after the first ``--anchors``
 value's pass, ``M`` finer anchors, each particle scored only against those near its likely
-coarse ones) next to scoring all ``M`` for every particle:
+coarse ones); with ``M`` in ``--anchors`` too, next to scoring all ``M`` for every particle:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_latent_anchors.py --system cyclic \
         --run benchmarks/.scratch/science/cyclic_n6000_box64_apix1.5_snr0.1_seed1/train_finerws_<key>/first_model \
@@ -89,9 +89,8 @@ def main(argv=None) -> int:
         logging.info("%s", rows[-1])
         first = first or (anchors, largest)
     if args.refit and first is not None:
-        finer = lp.fit_anchors(z_enc, seed, max_anchors=args.refit)  # as the training's refit fits them
-        finer.n_dof = first[0].n_dof
-        candidates = lp.finer_candidates(first[0], finer, first[1])
+        finer = lp.finer_anchors(first[0], z_enc, seed, args.refit)  # as the training's refit fits them
+        candidates = lp.finer_candidates(finer.coarse, finer, first[1])
         per_particle = float(candidates(0, len(items)).sum()) / len(items)
         t0 = time.time()
         z, peak, _ = lp.posterior_rows(tm.model.decoder, particles, binner, items, finer, 256, "cpu", candidates)

@@ -258,6 +258,14 @@ def finer_candidates(coarse: LatentAnchors, finer: LatentAnchors, largest: np.nd
     return candidates
 
 
+def finer_anchors(coarse: LatentAnchors, z: np.ndarray, seed: int, max_anchors: int) -> LatentAnchors:
+    """The refit's anchors (module doc, step 4): ``max_anchors`` k-means centres of the encoder
+    latents ``z`` with the coarse anchors' degrees of freedom, ``coarse`` kept on them."""
+    finer = fit_anchors(z, seed, max_anchors=max_anchors)
+    finer.n_dof, finer.coarse = coarse.n_dof, coarse
+    return finer
+
+
 def posterior_rows(decoder, particles, binner, items: np.ndarray, anchors: LatentAnchors, batch_size: int,
                     device, candidates=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Posterior mean latents ``(len(items), K)`` float32, largest weights ``(len(items),)`` and
@@ -328,8 +336,7 @@ def final_latents(model, particles, binner, z_encoder: np.ndarray, lo: int, hi: 
         log.info("latent posterior: median largest weight %.2f > %.2f with %d anchors (the likelihood is sharper "
                  "than their spacing); scoring again against %d, each particle against those near its likely "
                  "ones", info["median_peak_weight"], REFIT_PEAK_WEIGHT, len(anchors.anchors), finer_m)
-        finer = fit_anchors(z_encoder, cfg.seed, max_anchors=finer_m)
-        finer.n_dof, finer.coarse = anchors.n_dof, anchors
+        finer = finer_anchors(anchors, z_encoder, cfg.seed, finer_m)
         coarse = {k: info[k] for k in ("anchors", "median_peak_weight", "seconds")}
         candidates = finer_candidates(anchors, finer, largest)
         (z, info, _), anchors = scored(finer, candidates), finer
