@@ -158,6 +158,25 @@ def two_motion_metrics(z: np.ndarray, truth: pd.DataFrame, run_dir: str, sim_dir
     return out
 
 
+def grid_correlations(particles, binner, rows: np.ndarray, n_points: int, centers_at, amplitudes, sigmas_A,
+                      batch: int = 100) -> np.ndarray:
+    """Band correlation ``(len(rows), n_points)`` of each particle of ``rows`` (at its exact pose,
+    CTF and shift) with a model at each of ``n_points`` states: ``centers_at(g, B)`` gives the
+    ``(B, N, 3)`` Angstrom centres of state ``g`` for a batch of ``B``; ``amplitudes``, ``sigmas_A``
+    ``(N,)`` are shared by all states. ``binner``: the band (:class:`fourier.RingBinner`)."""
+    from scipion_gmmhet.engine.model.gmm import project
+    out = []
+    with torch.no_grad():
+        for i0 in range(0, len(rows), batch):
+            b = particles.batch(rows[i0:i0 + batch])
+            B = len(b.rotations)
+            out.append(torch.stack([binner.band_corr(project(torch.as_tensor(centers_at(g, B), dtype=torch.float32),
+                                                             amplitudes, sigmas_A, b.rotations, particles.fbox,
+                                                             particles.fapix, b.origins_A, b.ctf), b.F_img)
+                                    for g in range(n_points)], 1).double().cpu().numpy())
+    return np.concatenate(out)
+
+
 def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int = 41,
                   system: str = "hinge") -> dict:
     """The best |Spearman| any per-particle estimate can reach on the ``hinge`` or ``two_motions``
@@ -170,7 +189,6 @@ def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int =
     step). Returns {truth column: ceiling}, and {truth column + "_knn_r2": kNN R2 of the truth on
     that best point} (:func:`knn_r2`, the latents' metric, on the ceiling's estimate)."""
     from scipion_gmmhet.engine.model.fourier import RingBinner
-    from scipion_gmmhet.engine.model.gmm import project
     from scipion_gmmhet.engine.simulation.atomic import ATOM_SIGMA_A, build_system
     with open(os.path.join(sim_dir, "simulation.json")) as f:
         sysm = build_system(system, PDB, json.load(f).get("frame", "core"))
@@ -184,16 +202,9 @@ def bayes_ceiling(sim_dir: str, band_A: tuple | None, n: int = 1500, grid: int =
     points = np.stack(np.meshgrid(*[axis] * len(sysm.coords), indexing="ij"), -1).reshape(-1, len(sysm.coords))
     electrons = torch.as_tensor(sysm.electrons, dtype=torch.float32)
     sigmas = torch.full((len(electrons),), ATOM_SIGMA_A)
-    best = []
-    with torch.no_grad():
-        for i0 in range(0, len(rows), 100):
-            b = particles.batch(rows[i0:i0 + 100])
-            scores = torch.stack([binner.score(project(sysm.centers(np.repeat(v[None], len(b.rotations), 0)),
-                                                       electrons, sigmas, b.rotations, particles.fbox,
-                                                       particles.fapix, b.origins_A, b.ctf), b.F_img)
-                                  for v in points], 1)
-            best.append(points[scores.argmax(1).cpu().numpy()])
-    best = np.concatenate(best)
+    rho = grid_correlations(particles, binner, rows, len(points),
+                            lambda g, B: sysm.centers(np.repeat(points[g][None], B, 0)), electrons, sigmas)
+    best = points[rho.argmax(1)]
     out = {c: abs_spearman(best[:, i], truth[rows, i]) for i, c in enumerate(sysm.coords)}
     out.update({c + "_knn_r2": knn_r2(best, truth[rows, i]) for i, c in enumerate(sysm.coords)})
     return out
