@@ -28,9 +28,9 @@ Rows (``--variants``):
   coarse moves carried to its Gaussians as :class:`fine_reference.WarpedModels` does), the
   posterior over the training's anchors: what rebuilding the reference after the training gives.
 
-The true motion of a GMM: each Gaussian moves with the atoms near it (weights
-``exp(-d^2 / (2 s^2))``, ``s`` the larger of its width and 2 A, at the state whose atoms lie
-nearest the GMM's centres).
+The true motion of a GMM: bench_refine_budget's :class:`TrueMotionModels` (each Gaussian moves
+with the atoms within ~2 A of it, :func:`motion_corrected.move_weights`), from the grid state whose
+atoms lie nearest the GMM's centres.
 
 Run (one thread, ~15 min at 1,500 rows; the reconstruction ~3 min):
 
@@ -53,6 +53,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_science as bs  # noqa: E402
+from bench_refine_budget import TrueMotionModels  # noqa: E402
 import common  # noqa: E402
 
 from scipion_gmmhet.engine.analysis.fine_reference import WarpedModels  # noqa: E402
@@ -72,28 +73,22 @@ from scipion_gmmhet.engine.training.trained import TrainedModel  # noqa: E402
 log = logging.getLogger("bench_latent_budget")
 VARIANTS = ("latents", "truth_band", "truth_image", "clean_map_gmm", "noisy_map_gmm", "training_gmm",
             "rebuilt_gmm", "rebuilt_gmm_decoded")
-MOTION_SIGMA_A = 2.0   # a Gaussian follows the atoms within ~its width (at least 2 A)
 
 
-def true_motion(gmm: GMM, atoms: np.ndarray) -> np.ndarray:
-    """Centres ``(G, N, 3)`` of ``gmm``'s Gaussians at each of the ``G`` states whose atoms are
-    ``atoms`` ``(G, A, 3)``: each Gaussian moves with the atoms near it, from the state whose atoms
-    lie nearest the GMM's centres (its own state)."""
-    c = np.asarray(gmm.centers_A, np.float64)
-    nearest = [np.sqrt(((c[:, None] - a[None]) ** 2).sum(-1).min(1)).mean() for a in atoms]
-    k0 = int(np.argmin(nearest))
-    d2 = ((c[:, None] - atoms[k0][None]) ** 2).sum(-1)
-    s = np.maximum(np.asarray(gmm.sigmas_A, np.float64), MOTION_SIGMA_A)[:, None]
-    w = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2 * s ** 2))
-    w /= w.sum(1, keepdims=True)
-    return c[None] + np.einsum("ja,gad->gjd", w, atoms - atoms[k0][None])
+def own_state(gmm: GMM, atoms: np.ndarray) -> int:
+    """The grid state whose atoms ``atoms[g]`` ``(G, A, 3)`` lie nearest ``gmm``'s centres (mean
+    distance to the nearest atom): the state the GMM was built of, where its true motion starts."""
+    c = torch.as_tensor(np.asarray(gmm.centers_A), dtype=torch.float64)
+    return int(np.argmin([float(torch.cdist(c, torch.as_tensor(a)).min(1).values.mean()) for a in atoms]))
 
 
 def grid_estimates(rho: np.ndarray, n_dof: float, axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Maximum-likelihood state and posterior mean (flat prior) of each row of band correlations."""
-    ll = -(n_dof / 2.0) * np.log1p(-np.clip(rho, -0.999999, 0.999999) ** 2)
-    w = np.exp(ll - ll.max(1, keepdims=True))
-    return axis[rho.argmax(1)], (w / w.sum(1, keepdims=True)) @ axis
+    """Maximum-likelihood state and posterior mean of each row of band correlations over the grid
+    ``axis``: the states as anchors with a flat prior, the training's likelihood and posterior
+    (:func:`latent_posterior.band_log_likelihood`, :func:`latent_posterior.posterior_mean`)."""
+    states = lp.LatentAnchors(axis[:, None].astype(np.float32), np.full(len(axis), -np.log(len(axis))))
+    ll = lp.band_log_likelihood(torch.as_tensor(rho, dtype=torch.float64).clamp(-0.999999, 0.999999), n_dof)
+    return axis[rho.argmax(1)], lp.posterior_mean(ll, states)[0][:, 0]
 
 
 def with_noise(clean: np.ndarray, fsc_half: np.ndarray, seed: int) -> np.ndarray:
@@ -157,7 +152,12 @@ class Budget:
         return {"ml": self.metrics(ml), "pm": self.metrics(pm)}
 
     def moved(self, gmm: GMM) -> dict:
-        return self.on_grid(true_motion(gmm, self.atoms), gmm.amplitudes, gmm.sigmas_A, self.band[1])
+        """``gmm`` moved by the true motion (bench_refine_budget's :class:`TrueMotionModels`, from
+        the state it was built of) and scored at every grid state."""
+        grid = self.axis[:, None]
+        motion = TrueMotionModels(None, self.sysm, grid, gmm=gmm, reference=grid[own_state(gmm, self.atoms)])
+        centers = motion.gaussians(np.arange(len(grid)), "cpu")[0]
+        return self.on_grid(centers, gmm.amplitudes, gmm.sigmas_A, self.band[1])
 
     def build(self, vol: np.ndarray) -> GMM:
         return build_gmm(vol, float(self.simulation["apix"]), self.resolution_A, seed=self.seed).gmm

@@ -78,12 +78,15 @@ LATENT_BANDWIDTH = 0.02  # kernel regression of the latents on the true coordina
 
 class TrueMotionModels:
     """The neutral GMM moved by the true atomic motion, as a decoded model would be
-    (:class:`refine.ParticleModels`; ``model`` is the trained network, for its neutral GMM)."""
+    (:class:`refine.ParticleModels`; ``model`` is the trained network, for its neutral GMM).
+    ``gmm``: another GMM to move instead (bench_latent_budget.py); ``reference``: the true
+    coordinates at which the GMM's Gaussians sit (default 0.5 each, the middle state)."""
 
-    def __init__(self, tm, system, coords: np.ndarray):
+    def __init__(self, tm, system, coords: np.ndarray, gmm=None, reference: np.ndarray | None = None):
         self.model, self.system, self.coords = tm, system, coords
-        self.atoms0 = system.centers(np.full((1, coords.shape[1]), 0.5))[0].float()
-        n = tm.neutral
+        ref = np.full((1, coords.shape[1]), 0.5) if reference is None else np.asarray(reference).reshape(1, -1)
+        self.atoms0 = system.centers(ref)[0].float()
+        n = tm.neutral if gmm is None else gmm
         self.centers = torch.as_tensor(np.asarray(n.centers_A)).float()
         self.amplitudes = torch.as_tensor(np.asarray(n.amplitudes)).float()
         self.sigmas = torch.as_tensor(np.asarray(n.sigmas_A)).float()

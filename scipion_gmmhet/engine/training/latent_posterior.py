@@ -195,12 +195,12 @@ def _scan(decoder, particles, binner, items: np.ndarray, anchors: LatentAnchors,
         if candidates is None:
             r = pairs(b, torch.arange(B, device=device).repeat_interleave(M),
                       torch.arange(M, device=device).repeat(B)).reshape(B, M)
-            ll = -0.5 * n_dof * torch.log1p(-r * r)
+            ll = band_log_likelihood(r, n_dof)
         else:
             bi, mi = candidates(i0, i1).to(device).nonzero(as_tuple=True)
             r = pairs(b, bi, mi)
             ll = torch.full((B, M), float("-inf"), dtype=torch.float64, device=device)
-            ll[bi, mi] = -0.5 * n_dof * torch.log1p(-r * r)
+            ll[bi, mi] = band_log_likelihood(r, n_dof)
         out.append(reduce(ll.cpu()))
 
     AdaptiveBatch(min(batch_size, budget), "latent posterior", device).run(len(items), step)
@@ -216,6 +216,12 @@ def anchor_log_likelihoods(decoder, particles, binner, items: np.ndarray, anchor
     return torch.cat(out) if out else torch.zeros((0, len(anchors.anchors)), dtype=torch.float64)
 
 
+def band_log_likelihood(rho: torch.Tensor, n_dof: float) -> torch.Tensor:
+    """White-noise log-likelihood with the best scale of band correlations ``rho`` (module doc,
+    step 3): ``-(n_dof / 2) log(1 - rho^2)``; ``rho`` kept inside (-1, 1) by the caller."""
+    return -0.5 * n_dof * torch.log1p(-rho * rho)
+
+
 def posterior_weights(log_lik: torch.Tensor, anchors: LatentAnchors) -> torch.Tensor:
     """Posterior weights ``(N, M)`` float64 (rows sum to 1) from log-likelihoods ``(N, M)``
     (:func:`anchor_log_likelihoods`; ``-inf``: not scored) and the anchors' prior."""
@@ -225,9 +231,12 @@ def posterior_weights(log_lik: torch.Tensor, anchors: LatentAnchors) -> torch.Te
 def posterior_mean(log_lik: torch.Tensor, anchors: LatentAnchors) -> tuple[np.ndarray, np.ndarray]:
     """Posterior mean latents ``(N, K)`` float32 and each particle's largest posterior weight
     ``(N,)`` from log-likelihoods ``(N, M)`` (:func:`anchor_log_likelihoods`)."""
-    w = posterior_weights(log_lik, anchors)
-    z = (w @ torch.as_tensor(anchors.anchors, dtype=torch.float64)).float().numpy()
-    return z, w.max(1).values.numpy()
+    return _mean_and_peak(posterior_weights(log_lik, anchors), anchors)
+
+
+def _mean_and_peak(w: torch.Tensor, anchors: LatentAnchors) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean latents ``(N, K)`` float32 and largest weights ``(N,)`` of weights ``w``."""
+    return (w @ torch.as_tensor(anchors.anchors, dtype=torch.float64)).float().numpy(), w.max(1).values.numpy()
 
 
 def _largest_weights(w: torch.Tensor) -> np.ndarray:
@@ -272,8 +281,7 @@ def posterior_rows(decoder, particles, binner, items: np.ndarray, anchors: Laten
     the anchors of the largest weights (:func:`_largest_weights`)."""
     def reduce(ll):
         w = posterior_weights(ll, anchors)
-        return ((w @ torch.as_tensor(anchors.anchors, dtype=torch.float64)).float().numpy(),
-                w.max(1).values.numpy(), _largest_weights(w))
+        return (*_mean_and_peak(w, anchors), _largest_weights(w))
     parts = _scan(decoder, particles, binner, items, anchors, batch_size, device, reduce, candidates)
     K = anchors.anchors.shape[1]
     if not parts:
