@@ -122,7 +122,8 @@ def summary_line(r: dict) -> str:
 ATOMIC = ATOMIC_SYSTEMS
 ATOMIC_NAMES = {"hinge": "hinge (LID and NMP opening together)",
                 "two_motions": "two-motion (LID and NMP opening independently)",
-                "cyclic": "cyclic (LID turning a full circle)"}
+                "cyclic": "cyclic (LID turning a full circle)",
+                "trajectory": "molecular-dynamics trajectory (each particle one frame of --pdb's MODELs)"}
 
 
 def hinge_neutral_gmm(sim_dir: str, resolution_A: float, device) -> str:
@@ -199,9 +200,12 @@ def trained_rows(args, sim_dir, star_p, meta, meta_p, mol, rot_true, org_true, t
                                       f"_r{args.rounds}_g{gain}"
                                       f"{'' if args.gate else '_nogate'}{'' if args.reference in ('auto', 'network') else '_' + args.reference}")
         t0 = time.time()
-        if cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
+        if args.reuse and os.path.exists(RefineFolder(out).pose_changes):   # a finished refinement
+            dt = float("nan")
+        elif cli.main(["refine", "--train", train_dir, "--particles", star, "--out", out] + refine_extra):
             raise SystemExit("refine failed")
-        dt = time.time() - t0
+        else:
+            dt = time.time() - t0
         m_out = metadata.read_particles(RefineFolder(out).particles)
         ch = pd.read_csv(RefineFolder(out).pose_changes)
         rows[label] = evaluate(m, m_out, rot_true, org_true, truth_map, device, dt, ch["delta_angle_deg"].to_numpy(),
@@ -300,7 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kind", default="conformational", choices=("conformational",) + ATOMIC,
                     help="conformational: the simulator's pseudo-atomic molecule; hinge: adenylate kinase (--pdb) "
                          "with LID and NMP opening together (gmmhet simulate --kind hinge); two_motions: LID and "
-                         "NMP opening independently; cyclic: LID turning a full circle; the atomic systems' "
+                         "NMP opening independently; cyclic: LID turning a full circle; trajectory: the frames of a "
+                         "molecular-dynamics trajectory (--pdb: a multi-model PDB, benchmarks/md_frames.py); the atomic systems' "
                          "neutral GMM is built from their consensus at --resolution (needs --model trained "
                          "--train-mask none --refine-mask none)"),
     ap.add_argument("--pdb", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -331,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gate", dest="gate", action="store_false",
                     help="gmmhet refine --no-gate (keep the refined poses without the gold-standard check)")
     ap.add_argument("--skip-true", action="store_true", help="skip the no-harm run from the true poses")
+    ap.add_argument("--reuse", action="store_true",
+                    help="--model trained: reuse finished refinements in --work (their time is then not measured)")
     ap.add_argument("--model", default="truth,trained",
                     help="comma-separated: truth (each particle's ground-truth GMM), trained (the network)")
     ap.add_argument("--epochs", type=int, default=20)
@@ -392,6 +399,7 @@ def main(argv=None) -> int:
         from scipion_gmmhet.engine.simulation.atomic import simulate_atomic
         thermal = f"_thermal{args.thermal:g}" if args.thermal else ""
         thermal += "_frameall" if args.frame == "all" else ""
+        thermal += "_" + os.path.splitext(os.path.basename(args.pdb))[0] if args.kind == "trajectory" else ""
         sim_dir = os.path.join(args.work, f"{args.kind}_{args.box}_{args.apix:g}_{args.n}_{args.snr:g}_s{args.seed}{thermal}")
         if not os.path.exists(os.path.join(sim_dir, "truth.csv")):
             simulate_atomic(sim_dir, args.kind, args.pdb, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
@@ -462,7 +470,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else (platform.processor() or "CPU")
     lines = [
         "# Orientation refinement benchmark (`benchmarks/bench_refine.py`)", "",
-        f"Data: simulated {'conformational set' if args.kind == 'conformational' else 'adenylate kinase ' + ATOMIC_NAMES[args.kind] + ' set (' + common.portable(args.pdb) + ')' + (f', thermal fluctuation {args.thermal:g} A RMS per atom' if args.thermal else '') + (', every conformation superposed on the middle one by all atoms (--frame all)' if args.frame == 'all' else '')}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
+        f"Data: simulated {'conformational set' if args.kind == 'conformational' else ('' if args.kind == 'trajectory' else 'adenylate kinase ') + ATOMIC_NAMES[args.kind] + ' set (' + common.portable(args.pdb) + ')' + (f', thermal fluctuation {args.thermal:g} A RMS per atom' if args.thermal else '') + (', every conformation superposed on the middle one by all atoms (--frame all)' if args.frame == 'all' else '')}, {args.n} particles, box {box}, {apix:g} A/px, SNR {args.snr:g}, CTF; "
         f"poses perturbed by {args.perturb_deg:g} deg RMS rotations and {args.perturb_px:g} px RMS shifts. "
         f"Search: max angle {args.max_angle:g} deg, max shift {args.max_shift_px:g} px, score {args.score}, "
         f"prior {'on' if args.prior else 'off'}, evidence to move {'5.5 nats in the first round, 0 after it (gmmhet refine default)' if args.min_gain is None else format(args.min_gain, 'g') + ' nats'}. Device: {device} ({dev_name}, {os.cpu_count()} cores). "

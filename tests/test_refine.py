@@ -629,6 +629,60 @@ def test_cli_refine_gold_standard_check_decides_between_input_and_refined_poses(
     assert (table["delta_angle_deg"].any() or table["delta_shift_A"].any()) == (not kept)
 
 
+def test_cli_refine_keeps_input_poses_when_round_one_stays_below_the_precision(sim, tmp_path, monkeypatch):
+    """A first round that moves most particles by less than the search can resolve (here a search
+    whose result is 0.2 deg turns of 60% of the particles, as a model's errors move exact poses;
+    the precision is 1 deg with --max-angle 4 --levels 1, and 0.25 px), passed by the gold-standard
+    check (as on a real trajectory's exact poses): every particle keeps its input pose, rounds.csv
+    says why; --no-gate writes the moves."""
+    from scipy.spatial.transform import Rotation
+
+    from scipion_gmmhet.engine import cli
+    from scipion_gmmhet.engine.commands.refine import below_precision
+    star, train_dir = _perturbed_star_and_tiny_model(sim, tmp_path, seed=13, id_step=1, deg_rms=0.3, px_rms=0.05)
+
+    def small_moves(particles, models, **kw):   # the search's result: 0.2 deg turns, 0.1 px shifts
+        A = particles.rotations.detach().cpu().double().numpy()
+        org = particles.origins_A.detach().cpu().double().numpy()
+        n = len(A)
+        rng = np.random.default_rng(0)
+        axis = rng.normal(size=(n, 3))
+        vec = 0.2 * axis / np.linalg.norm(axis, axis=1, keepdims=True) * (np.arange(n) % 5 < 3)[:, None]
+        d_org = 0.1 * APIX * (np.arange(n) % 5 < 3)[:, None] * np.array([[1.0, 0.0]])
+        R = Rotation.from_rotvec(np.radians(vec)).as_matrix()
+        score = np.full(n, 0.5)
+        return refine.RefineResult(R @ A, org + d_org, vec, np.linalg.norm(vec, axis=1),
+                                   np.linalg.norm(d_org, axis=1), score, score + 0.01)
+    monkeypatch.setattr(refine, "refine_poses", small_moves)
+    from scipion_gmmhet.engine.analysis import refine_gate   # the half maps fooled, as on the real trajectory
+    monkeypatch.setattr(refine_gate, "gold_standard_gate",
+                        lambda *a, **k: refine_gate.GateResult(0.6218, 0.6240, 2.62, 1.70))
+    args = ["refine", "--train", train_dir, "--particles", star, "--max-angle", "4", "--levels", "1", "--device", "cpu",
+            "--max-rounds", "1"]
+    free = str(tmp_path / "nogate")
+    assert cli.main(args + ["--no-gate", "--out", free]) == 0
+    moved = pd.read_csv(os.path.join(free, "pose_changes.csv"))
+    assert (moved["delta_angle_deg"] > 0.1).mean() == pytest.approx(0.6, abs=0.05)
+    out = str(tmp_path / "gate")
+    assert cli.main(args + ["--out", out]) == 0
+    rounds = pd.read_csv(os.path.join(out, "rounds.csv"))
+    assert bool(rounds["below_precision"].iloc[0]) and not bool(rounds["gate_kept_input"].iloc[0])
+    assert rounds["gate_fsc_refined"].iloc[0] == pytest.approx(0.6240)   # the check's verdict kept on record
+    kept = pd.read_csv(os.path.join(out, "pose_changes.csv"))
+    assert not kept["delta_angle_deg"].any() and not kept["delta_shift_A"].any()
+    old, new = metadata.read_particles(star), metadata.read_particles(os.path.join(out, "particles.star"))
+    np.testing.assert_array_equal(new.euler_deg(), old.euler_deg())
+    np.testing.assert_array_equal(new.origins_A(), old.origins_A())
+    # the rule itself: both medians below the precision, and something moved
+    res = refine.RefineResult(np.repeat(np.eye(3)[None], 9, 0), np.zeros((9, 2)), np.zeros((9, 3)),
+                              np.r_[np.zeros(4), np.full(5, 0.5)], np.zeros(9), np.zeros(9), np.zeros(9))
+    assert below_precision(res, 1.0, 0.3) and not below_precision(res, 0.4, 0.3)
+    res.delta_shift_A = np.full(9, 0.5)
+    assert not below_precision(res, 1.0, 0.3)             # shifts beyond the precision: a real correction
+    res.delta_angle_deg, res.delta_shift_A = np.zeros(9), np.zeros(9)
+    assert not below_precision(res, 1.0, 0.3)             # nothing moved: nothing to keep
+
+
 def test_refinement_core_is_the_part_that_does_not_move(sim):
     """The refinement's default focus (``gmmhet refine --core auto``): decoded models whose arm
     swings with the latent while the body stays put -> the focus is the body, not the arm, and a

@@ -1,5 +1,5 @@
 """Tests of simulation/atomic.py: rigid-domain motions of a real structure (tests/data/1ake.pdb,
-adenylate kinase) and `gmmhet simulate --kind hinge|two_motions|cyclic`."""
+adenylate kinase) and `gmmhet simulate --kind hinge|two_motions|cyclic|trajectory`."""
 from __future__ import annotations
 
 import json
@@ -285,3 +285,78 @@ def test_frame_all_superposes_every_conformation_on_the_middle_one(tmp_path, cap
     assert cli.main(["simulate", "--out", str(tmp_path / "c"), "--kind", "conformational", "--n", "4",
                      "--frame", "all"]) == 2
     assert "--frame" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def _write_models(path, atoms, frames):
+    """A multi-model PDB of ``frames`` ``(F, N, 3)`` with ``atoms``' names, residues and elements."""
+    element = {6.0: "C", 7.0: "N", 8.0: "O", 16.0: "S"}
+    with open(path, "w") as f:
+        for k, xyz in enumerate(frames, 1):
+            f.write(f"MODEL     {k:4d}\n")
+            for i, (x, y, z) in enumerate(xyz):
+                f.write(f"ATOM  {i + 1:5d} {atoms['name'][i]:<4s} ALA A{atoms['resseq'][i]:4d}    "
+                        f"{x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00          {element[float(atoms['electrons'][i])]:>2s}\n")
+            f.write("ENDMDL\n")
+        f.write("END\n")
+
+
+def test_trajectory_frames_are_superposed_drawn_and_projected(tmp_path, capsys):
+    """``--kind trajectory``: the MODELs of one PDB file are the frames of a molecular-dynamics
+    trajectory; each is superposed on the middle one by all atoms (whatever rigid motion the file
+    has), each particle is one frame (``frame`` and ``conformation`` = frame / (F - 1) in truth.csv),
+    and its image is that frame's projection."""
+    hinge = build_system("hinge", PDB)                 # three states of the hinge, as frames
+    states = np.stack([_at(hinge, conformation=c) for c in (0.0, 0.5, 1.0)])
+    rng = np.random.default_rng(0)
+    moved = states.copy()
+    for k in (0, 2):                                   # the outer frames turned and moved in the file
+        R = euler_to_matrix(*(np.array([v]) for v in rng.uniform(-40, 40, 3)))[0]
+        moved[k] = states[k] @ R.T + rng.uniform(-5, 5, 3)
+    moved[1] += np.array([3.0, -2.0, 1.0])             # the middle one only shifted
+    atoms = read_pdb(PDB)
+    path = str(tmp_path / "frames.pdb")
+    _write_models(path, atoms, moved)
+    assert read_pdb(path)["xyz_A"].shape == states[0].shape   # the first model without all_models
+    traj = build_system("trajectory", path)
+    allf = build_system("hinge", PDB, frame="all")     # the same superposition of the same states
+    assert traj.frames_A.shape == (3,) + states[0].shape and traj.moving().all() and traj.motions == []
+    for k, c in enumerate((0.0, 0.5, 1.0)):
+        np.testing.assert_allclose(traj.frames_A[k], _at(allf, conformation=c), atol=5e-3)
+    # a coordinate picks the nearest frame
+    np.testing.assert_allclose(traj.centers(np.array([[0.3], [0.26], [0.9]])).numpy(),
+                               traj.frames_A[[1, 1, 2]], atol=1e-4)
+
+    res = simulate_atomic(str(tmp_path / "md"), "trajectory", path, n=30, snr=float("inf"), seed=2, ctf=False)
+    truth = pd.read_csv(res["truth_csv"])
+    assert set(truth["frame"]) == {0, 1, 2}
+    np.testing.assert_allclose(truth["conformation"], truth["frame"] / 2.0)
+    params = json.load(open(res["json"]))
+    assert params["n_frames"] == 3 and params["motions"] == [] and params["frame"] == "all"
+    with mrcfile.open(res["stack"]) as m:
+        data = np.array(m.data)
+    r = truth.iloc[0]
+    A = torch.as_tensor(euler_to_matrix(np.array([r["rot"]]), np.array([r["tilt"]]), np.array([r["psi"]])),
+                        dtype=torch.float32)
+    g = traj.gmm([r["conformation"]], box=64, apix=1.5)
+    c, a, sg = g.tensors()
+    img = fourier_to_image(project(c, a, sg, A, 64, 1.5, origins_A=torch.tensor(
+        [[r["origin_x_A"], r["origin_y_A"]]], dtype=torch.float32)), 64)[0].numpy()
+    assert np.abs(img - data[0]).max() < 1e-3 * np.abs(img).max()
+    from scipion_gmmhet.engine.io.mrc import read_map
+    cons = read_map(res["consensus"])[0]                # every frame by its count: mass kept
+    assert abs(cons.sum() - read_map(res["truth_maps"]["conf_000"])[0].sum()) < 1e-3 * cons.sum()
+
+    # the CLI, and frames that are not one trajectory
+    assert cli.main(["simulate", "--out", str(tmp_path / "cli"), "--kind", "trajectory", "--pdb", path,
+                     "--n", "4", "--snr", "inf"]) == 0
+    assert "4 trajectory particles" in capsys.readouterr().out
+    with pytest.raises(InputError, match="one model"):
+        build_system("trajectory", PDB)
+    bad = str(tmp_path / "bad.pdb")
+    with open(path) as f:
+        lines = f.readlines()
+    second = lines.index("ENDMDL\n") + 2               # drop the first atom of model 2
+    with open(bad, "w") as f:
+        f.writelines(lines[:second] + lines[second + 1:])
+    with pytest.raises(InputError, match="model 2 has"):
+        build_system("trajectory", bad)

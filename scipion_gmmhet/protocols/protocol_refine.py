@@ -162,7 +162,9 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                            'automatic, 5.5 in the first round (a 95% likelihood-ratio test for the 5 '
                            'pose parameters, so particles already at their best pose stay where they '
                            'are) and 0 in later rounds, once the gold-standard check has accepted a '
-                           'round; 0: take any improvement.')
+                           'round; 0: take any improvement. When the first round moves the median '
+                           'particle by less than the search resolves (its angular precision and '
+                           '0.25 px), every particle keeps its input pose.')
         form.addParam('levels', params.IntParam, default=3, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label='Finer rotation levels',
                       help='Local rotation lattices (step halved each time) after the coarse one.')
@@ -299,6 +301,10 @@ class ProtGmmhetRefine(GmmhetLabel, TrainedParticlesInput, ProtAnalysis3D):
                 refs = [str(r) for r in rounds.get('reference', [])]
                 if any('Gaussians' in r for r in refs):
                     summary.append('Reference per round: %s' % '; '.join(refs))
+                if 'below_precision' in rounds and str(rounds['below_precision'][0]) == 'True':
+                    summary.append('Round 1 moved the median particle by less than the search can resolve: '
+                                   'no pose correction found, only moves that fit the model\'s errors; every '
+                                   'particle kept its input pose')
                 if 'gate_kept_input' in rounds and str(rounds['gate_kept_input'][-1]) == 'True':
                     summary.append('Gold-standard check: the refined poses do not make the half maps agree '
                                    'significantly better (mean FSC %.4f with the input poses, %.4f with the '

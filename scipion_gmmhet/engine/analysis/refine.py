@@ -369,9 +369,7 @@ class _Scorer:
         return shift, best
 
 
-# ---------------------------------------------------------------------------------------------
-# The refinement
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------- The refinement
 @dataclass
 class RefineResult:
     """Refined poses and their changes, keyed by particle row (index into the inputs)."""
@@ -389,6 +387,8 @@ class RefineResult:
     gate_t: float = float("nan")             # its shell-wise t statistic of the FSC gain
     gate_t_min: float = float("nan")         # ... and the value it had to reach
     frame_drift_deg: float = 0.0             # object-frame rotation removed (keep_input_frame)
+    below_precision: bool = False            # a first round's median change below the search's precision:
+    #                                          every input pose kept (commands.refine.below_precision)
 
 
 def unchanged_result(res: RefineResult, rotations: np.ndarray, origins_A: np.ndarray, gate=None) -> RefineResult:

@@ -29,7 +29,11 @@ default the command repeats refine -> retrain until a round's median angular cha
 the search's angular precision (at most --max-rounds refinements; at exact poses the first round
 moves nothing and stops there).
 A particle moves in the first round only with 5.5 nats of evidence, so correct poses stay; in
-later rounds it takes its best pose (--min-gain sets every round). Every round must make the
+later rounds it takes its best pose (--min-gain sets every round). When the first round's
+median change stays below the search's precision (the angular precision and 0.25 px), it found no
+correction it can resolve for the typical particle, only moves that fit the model's errors (the
+frames of a real molecular-dynamics trajectory at their exact poses: half of them moved by a
+median 0.32 deg, and the map got worse): every particle keeps its input pose. Every round must make the
 half maps agree better (a gold-standard FSC check), else all particles keep their poses. The
 decoded models are compared in the frame of the neutral model (their own rigid translation
 removed), so no mask is needed. OUT/rounds.csv and the log give each round's median change,
@@ -113,8 +117,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "gold-standard check has accepted a round; 0: take any improvement)")
     p.add_argument("--no-gate", dest="gate", action="store_false",
                    help="keep the refined poses even when their half maps agree less than the input poses' "
-                        "(default: gold-standard check; a trained network's model errors move particles that "
-                        "were right, and then every particle keeps its input pose)")
+                        "or the first round's median change is below the search's precision (default: both "
+                        "checks; a trained network's model errors move particles that were right, and then "
+                        "every particle keeps its input pose)")
     p.add_argument("--levels", type=int, default=3, help="finer rotation lattices after the coarse one (default 3)")
     p.add_argument("--polish-steps", type=int, default=0,
                    help="Adam steps on the exact score after the search (default 0: the lattice search and shift polish suffice)")
@@ -182,7 +187,7 @@ def main(args) -> int:
             log.info("refine round %d: finished before the interruption; kept %s", r, round_dir)
         else:
             meta, out_meta, res = _refine_once(tm, star, latents_arg, encode, args, device, round_dir, round_core,
-                                               fine, min_gain=round_min_gain(args.min_gain, r))
+                                               fine, min_gain=round_min_gain(args.min_gain, r), round_number=r)
             _save_round(res, round_dir)
         if meta0 is None:
             meta0, score0 = meta, res.score_before
@@ -192,7 +197,8 @@ def main(args) -> int:
                         "reference": label,
                         "gate_fsc_input": float(res.gate_fsc_input), "gate_fsc_refined": float(res.gate_fsc_refined),
                         "gate_kept_input": bool(res.gate_kept_input), "gate_t": float(res.gate_t),
-                        "gate_t_min": float(res.gate_t_min), "frame_drift_deg": float(res.frame_drift_deg)})
+                        "gate_t_min": float(res.gate_t_min), "frame_drift_deg": float(res.frame_drift_deg),
+                        "below_precision": bool(res.below_precision)})
         log.info("refine round %d/%s: median change %.3f deg and %.3f A (90th percentile %.3f deg, %.3f A)%s",
                  r, f"<={n_rounds}" if auto else n_rounds, s["angle_median_deg"], s["shift_median_A"],
                  s["angle_p90_deg"], s["shift_p90_A"],
@@ -278,6 +284,19 @@ def angular_precision(max_angle_deg: float, levels: int) -> float:
     return float(max_angle_deg) / 2.0 ** (int(levels) + 1)
 
 
+#: the shift search's precision (pixels; its first sub-pixel step): with the angular precision, the
+#: median change below which a first round found nothing it can resolve (:func:`below_precision`)
+SHIFT_PRECISION_PX = 0.25
+
+
+def below_precision(res, angle_deg: float, shift_A: float) -> bool:
+    """Whether a refinement moved particles but the median particle's change stays below the
+    search's precision in angle (``angle_deg``) and in shift (``shift_A``): then the moves fit the
+    model's errors, not pose errors the search can resolve (``res``: :class:`refine.RefineResult`)."""
+    moved = bool(res.delta_angle_deg.any() or res.delta_shift_A.any())
+    return moved and float(np.median(res.delta_angle_deg)) < angle_deg and float(np.median(res.delta_shift_A)) < shift_A
+
+
 def _parse_rounds(rounds, max_rounds: int) -> tuple[bool, int]:
     """``--rounds`` -> (automatic?, most refinements)."""
     if str(rounds).strip().lower() == "auto":
@@ -305,9 +324,9 @@ def round_min_gain(min_gain: float | None, round_number: int) -> float:
 
 
 def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_dir: str, core=None, fine=None,
-                 min_gain: float | None = None):
-    """One refinement of the particles of ``star`` against ``tm``'s decoded GMMs (with ``fine``, a
-    :class:`fine_reference.FineReference`: that GMM deformed by them); writes
+                 min_gain: float | None = None, round_number: int = 1):
+    """Refinement round ``round_number`` of the particles of ``star`` against ``tm``'s decoded GMMs
+    (with ``fine``, a :class:`fine_reference.FineReference`: that GMM deformed by them); writes
     ``out_dir/particles.star`` and ``out_dir/pose_changes.csv``. Returns (input metadata,
     output metadata, :class:`refine.RefineResult`)."""
     import pandas as pd
@@ -368,6 +387,13 @@ def _refine_once(tm, star: str, latents_path, encode: bool, args, device, out_di
             res.gate_t, res.gate_t_min = gate.t, gate.t_min
         else:
             res = refine.unchanged_result(res, meta.rotation_matrices(), meta.origins_A(), gate)
+    limits = (angular_precision(args.max_angle, args.levels), SHIFT_PRECISION_PX * parts.apix)
+    if getattr(args, "gate", True) and round_number == 1 and below_precision(res, *limits):
+        log.info("refine: median change %.3f deg and %.3f A, below the search's precision (%.3f deg, %.3f A): no "
+                 "correction it can resolve for the typical particle; every particle keeps its input pose",
+                 np.median(res.delta_angle_deg), np.median(res.delta_shift_A), *limits)
+        res = refine.unchanged_result(res, meta.rotation_matrices(), meta.origins_A(), gate)
+        res.gate_kept_input, res.below_precision = False, True
     euler = np.stack(matrix_to_euler(res.rotations), axis=1)
     origins = np.array(res.origins_A, dtype=np.float64)
     same = (res.delta_angle_deg == 0) & (res.delta_shift_A == 0)  # unchanged: keep the exact input values

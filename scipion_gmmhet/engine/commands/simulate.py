@@ -13,13 +13,17 @@ examples:
   gmmhet simulate --out clean --kind homogeneous --n 100 --snr inf
   gmmhet simulate --out hinge --kind hinge --pdb tests/data/1ake.pdb --n 6000 --apix 1.5
   gmmhet simulate --out hinge_md --kind hinge --pdb tests/data/1ake.pdb --n 6000 --thermal 1.0 --frame all
+  gmmhet simulate --out md --kind trajectory --pdb frames.pdb --n 6000 --apix 1.5
 
 kinds hinge, two_motions and cyclic move the domains of a real structure (--pdb, adenylate
 kinase numbering as PDB 1AKE: LID 122-159, NMP 30-59) rigidly about their hinges; see
 scipion_gmmhet.engine.simulation.atomic; --thermal adds molecular-dynamics-like fluctuations of
 every atom (RMS in Angstrom, different in each particle); --frame all superposes every
 conformation on the middle one by all atoms, as molecular-dynamics frames usually are (the true
-poses are then those of that frame; default core: the core never moves).
+poses are then those of that frame; default core: the core never moves). Kind trajectory takes
+any protein's molecular-dynamics frames, the MODELs of one PDB file in order (MDAnalysis, mdtraj
+and gmx trjconv write them), superposes them on the middle frame by all atoms, and makes each
+particle one frame drawn uniformly (truth.csv: frame, and conformation = frame / (frames - 1)).
 """
 from __future__ import annotations
 
@@ -34,17 +38,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", required=True, choices=KINDS + SYSTEMS,
                         help="kind of heterogeneity (synthetic molecule), or a motion of a real structure: "
                              "hinge (LID and NMP open together), two_motions (independently), cyclic (LID "
-                             "turns a full circle); those need --pdb")
+                             "turns a full circle), trajectory (the MODELs of --pdb are the frames of a "
+                             "molecular-dynamics trajectory); those need --pdb")
     parser.add_argument("--pdb", default=None, metavar="FILE",
                         help="atomic structure for hinge/two_motions/cyclic (adenylate kinase: 1AKE from the PDB, "
-                             "or tests/data/1ake.pdb in a clone of the source)")
+                             "or tests/data/1ake.pdb in a clone of the source); for trajectory a multi-model PDB, "
+                             "one MODEL per frame")
     parser.add_argument("--thermal", type=float, default=0.0, metavar="A",
                         help="hinge/two_motions/cyclic: RMS thermal fluctuation of every atom in each particle, "
                              "Angstrom, like a molecular-dynamics ensemble (default 0: rigid domains)")
     parser.add_argument("--frame", choices=["core", "all"], default=None,
                         help="hinge/two_motions/cyclic: frame of the true poses: core (default; the core never "
                              "moves) or all (each conformation superposed on the middle one by all atoms, as "
-                             "molecular-dynamics frames usually are)")
+                             "molecular-dynamics frames usually are; trajectory frames always are)")
     parser.add_argument("--n", type=int, default=5000, help="number of particles (default 5000)")
     parser.add_argument("--box", type=int, default=64, help="box size in pixels, even (default 64)")
     parser.add_argument("--apix", type=float, default=None,

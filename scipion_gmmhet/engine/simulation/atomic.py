@@ -17,7 +17,11 @@ Motions (``system``)
     uniform in [0, 1] (45 and 30 degrees end to end). ``cyclic``: LID, lifted ``CYCLIC_LIFT_A`` (6 A) away
     from the core on a stalk, turns a full circle (``angle_deg`` uniform in [0, 360)) about the
     core -> LID centroid direction through its hinge point; its centroid runs round a circle of
-    about 10 A radius (few atoms within 3 A of the rest at any angle).
+    about 10 A radius (few atoms within 3 A of the rest at any angle). ``trajectory``: the
+    frames of a molecular-dynamics trajectory, the MODELs of one PDB file in order (any protein;
+    e.g. written by MDAnalysis, mdtraj or ``gmx trjconv``), superposed on the middle frame by all
+    atoms (electron-weighted Kabsch); each particle is one frame drawn uniformly, ``conformation``
+    = frame / (frames - 1) and ``frame`` (0-based) in ``truth.csv``; no domains.
 
 Thermal fluctuations (``thermal_A``, default 0: rigid domains only)
     Molecular-dynamics-like disorder on top of the motion: every particle's atoms are displaced
@@ -72,13 +76,13 @@ from .stack import write_stack
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("hinge", "two_motions", "cyclic")
+SYSTEMS = ("hinge", "two_motions", "cyclic", "trajectory")
 ATOM_SIGMA_A = 1.2
 ELECTRONS = {"C": 6, "N": 7, "O": 8, "S": 16, "P": 15, "SE": 34}
 DOMAIN_RESIDUES = {"LID": (122, 159), "NMP": (30, 59)}   # adenylate kinase (1AKE) numbering
 OPENING_DEG = {"LID": 45.0, "NMP": 30.0}
 CYCLIC_LIFT_A = 6.0
-STATE_MAPS = {"hinge": 5, "two_motions": 3, "cyclic": 8}   # maps per coordinate
+STATE_MAPS = {"hinge": 5, "two_motions": 3, "cyclic": 8, "trajectory": 5}   # maps per coordinate
 CONSENSUS_BINS = {1: 24, 2: 8}                              # histogram bins per coordinate
 THERMAL_CHAIN_RESIDUES = 2.0                                # smoothing of the thermal field along the chain
 THERMAL_SHARED = 0.8                                        # fraction of its variance shared per residue
@@ -89,17 +93,23 @@ THERMAL_SHARED = 0.8                                        # fraction of its va
 FRAMES = ("core", "all")
 
 
-def read_pdb(path: str) -> dict:
+def read_pdb(path: str, all_models: bool = False) -> dict:
     """Heavy atoms of the first model and first chain of a PDB file: ``{'xyz_A' (N, 3),
     'electrons' (N,), 'resseq' (N,) int, 'name' (N,) atom names, 'chain'}`` (alternate
-    locations other than blank/A dropped)."""
+    locations other than blank/A dropped); ``all_models``: also ``'frames_A'`` ``(F, N, 3)``, the
+    same atoms in every MODEL (the frames of a trajectory)."""
     if not os.path.isfile(path):
         raise InputError(f"--pdb {path}: no such file; give a PDB file (e.g. tests/data/1ake.pdb)")
-    xyz, el, res, names, chain = [], [], [], [], None
+    models, xyz, el, res, names, chain = [], [], [], [], [], None
     with open(path, errors="replace") as f:
         for line in f:
             if line.startswith("ENDMDL"):
-                break
+                if not all_models:
+                    break
+                if xyz:
+                    models.append(np.asarray(xyz, np.float64))
+                    xyz = []
+                continue
             if not line.startswith(("ATOM", "HETATM")) or line.startswith("HETATM"):
                 continue
             if line[16] not in (" ", "A"):
@@ -112,15 +122,27 @@ def read_pdb(path: str) -> dict:
                 continue
             try:
                 xyz.append([float(line[30:38]), float(line[38:46]), float(line[46:54])])
-                res.append(int(line[22:26]))
+                r = int(line[22:26])
             except ValueError:
                 raise InputError(f"--pdb {path}: unreadable ATOM line {line.rstrip()!r}; give a standard PDB file")
-            el.append(ELECTRONS.get(e, 6))
-            names.append(line[12:16].strip())
-    if len(xyz) < 10:
-        raise InputError(f"--pdb {path}: {len(xyz)} heavy atoms found; give a PDB file of a protein chain")
-    return {"xyz_A": np.asarray(xyz, np.float64), "electrons": np.asarray(el, np.float32),
-            "resseq": np.asarray(res), "name": np.asarray(names), "chain": chain}
+            if not models:
+                res.append(r)
+                el.append(ELECTRONS.get(e, 6))
+                names.append(line[12:16].strip())
+    if xyz:
+        models.append(np.asarray(xyz, np.float64))
+    if not models or len(models[0]) < 10:
+        raise InputError(f"--pdb {path}: {len(models[0]) if models else 0} heavy atoms found; give a PDB file of a "
+                         "protein chain")
+    for k, m in enumerate(models[1:], 2):
+        if len(m) != len(models[0]):
+            raise InputError(f"--pdb {path}: model {k} has {len(m)} heavy atoms, model 1 {len(models[0])}; give the "
+                             "frames of one trajectory (the same atoms in every MODEL)")
+    out = {"xyz_A": models[0], "electrons": np.asarray(el, np.float32), "resseq": np.asarray(res),
+           "name": np.asarray(names), "chain": chain}
+    if all_models:
+        out["frames_A"] = np.stack(models)
+    return out
 
 
 def _rotation(axis: np.ndarray, theta: torch.Tensor) -> torch.Tensor:
@@ -160,13 +182,14 @@ class AtomicSystem:
     cyclic: bool = False
     residue: np.ndarray | None = None   # (N,) residue numbers (thermal fluctuations)
     frame: str = "core"                 # see FRAMES
+    frames_A: np.ndarray | None = None  # (F, N, 3) trajectory frames, superposed (system ``trajectory``)
     _reference: torch.Tensor | None = field(default=None, init=False, repr=False)  # middle state, frame all
 
     def centers(self, coords) -> torch.Tensor:
         """Atom centres ``(B, N, 3)`` float32 (Angstrom) at truth coordinates ``(B, n_coords)``, in
         the system's ``frame`` (:data:`FRAMES`)."""
         out = self._moved(coords)
-        if self.frame == "all":
+        if self.frame == "all" and self.frames_A is None:   # trajectory frames come superposed
             from ..analysis.refine import remove_rigid_motion  # the weighted Kabsch fit refinement uses
             if self._reference is None:
                 self._reference = self._moved(np.full((1, len(self.coords)), 0.5))[0]
@@ -177,6 +200,9 @@ class AtomicSystem:
     def _moved(self, coords) -> torch.Tensor:
         """Atom centres ``(B, N, 3)`` float64 with the domains moved and the core fixed."""
         t = torch.as_tensor(np.asarray(coords, np.float64)).reshape(-1, len(self.coords))
+        if self.frames_A is not None:   # the nearest frame
+            k = np.clip(np.rint(t[:, 0].numpy() * (len(self.frames_A) - 1)), 0, len(self.frames_A) - 1)
+            return torch.as_tensor(self.frames_A[k.astype(np.int64)], dtype=torch.float64)
         out = torch.as_tensor(self.centers_A, dtype=torch.float64).expand(len(t), -1, -1).clone()
         for m in self.motions:
             R = _rotation(m.axis, t[:, m.coord] * math.radians(m.degrees))
@@ -190,7 +216,7 @@ class AtomicSystem:
     def moving(self) -> np.ndarray:
         """Bool ``(N,)``: the atoms whose position depends on the coordinates (all of them in
         the ``all`` frame, where the core turns as the domains move)."""
-        if self.frame == "all":
+        if self.frame == "all" or self.frames_A is not None:
             return np.ones(len(self.centers_A), dtype=bool)
         return np.any([m.atoms for m in self.motions], axis=0)
 
@@ -219,6 +245,8 @@ def build_system(system: str, pdb_path: str, frame: str = "core") -> AtomicSyste
         raise InputError(f"system {system!r}: unknown; use one of {', '.join(SYSTEMS)}")
     if frame not in FRAMES:
         raise InputError(f"frame {frame!r}: unknown; use one of {', '.join(FRAMES)}")
+    if system == "trajectory":
+        return _trajectory_system(pdb_path)
     atoms = read_pdb(pdb_path)
     xyz, res = atoms["xyz_A"], atoms["resseq"]
     domain = np.full(len(xyz), "CORE", dtype=object)
@@ -257,6 +285,23 @@ def build_system(system: str, pdb_path: str, frame: str = "core") -> AtomicSyste
     return sysm
 
 
+def _trajectory_system(pdb_path: str) -> AtomicSystem:
+    """The ``trajectory`` system: every MODEL of ``pdb_path`` superposed on the middle one by all
+    atoms (electron-weighted Kabsch) and centred on its electron-weighted centroid."""
+    atoms = read_pdb(pdb_path, all_models=True)
+    frames, w = atoms["frames_A"], atoms["electrons"].astype(np.float64)
+    if len(frames) < 2:
+        raise InputError(f"--pdb {pdb_path}: one model; --kind trajectory needs the frames of a trajectory as the "
+                         "MODELs of one PDB file (e.g. MDAnalysis, mdtraj or gmx trjconv -o frames.pdb)")
+    from ..analysis.refine import remove_rigid_motion  # the weighted Kabsch fit refinement uses
+    mid = frames[(len(frames) - 1) // 2]
+    mid = mid - (mid * w[:, None]).sum(0) / w.sum()
+    fitted = remove_rigid_motion(torch.as_tensor(frames), torch.as_tensor(mid), torch.as_tensor(w), iterations=1)
+    return AtomicSystem("trajectory", mid, atoms["electrons"], np.full(len(mid), "CORE", dtype=object), [],
+                        ("conformation",), residue=np.asarray(atoms["resseq"]), frame="all",
+                        frames_A=fitted.numpy())
+
+
 class AtomicParticleModels:
     """The ground-truth model of each particle of an atomic set as a :class:`refine.ParticleModels`:
     its atoms at its truth coordinates ``coords[row]`` (``(n, n_coords)``), plus its thermal
@@ -292,7 +337,11 @@ def widened_sigma_A(thermal_A: float) -> float:
 
 
 def draw_coords(system: AtomicSystem, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Truth coordinates ``(n, n_coords)`` uniform in [0, 1) (independent per coordinate)."""
+    """Truth coordinates ``(n, n_coords)`` uniform in [0, 1) (independent per coordinate); a
+    trajectory's: frames drawn uniformly, ``frame / (frames - 1)``."""
+    if system.frames_A is not None:
+        F = len(system.frames_A)
+        return rng.integers(0, F, size=(n, 1)) / float(F - 1)
     return rng.uniform(0.0, 1.0, size=(n, len(system.coords)))
 
 
@@ -366,10 +415,12 @@ def consensus_map(system: AtomicSystem, coords: np.ndarray, box: int, apix: floa
     fluctuations of RMS ``thermal_A`` widen every atom (sigma^2 + thermal_A^2 / 3)."""
     sigma = widened_sigma_A(thermal_A)
     k = len(system.coords)
-    bins = CONSENSUS_BINS.get(k, 6)
-    counts, edges = np.histogramdd(coords, bins=bins, range=[(0.0, 1.0)] * k)
-    mids = [0.5 * (e[:-1] + e[1:]) for e in edges]
-    grid = np.stack(np.meshgrid(*mids, indexing="ij"), -1).reshape(-1, k)
+    if system.frames_A is not None:   # every frame drawn, by its count
+        grid, counts = np.unique(np.asarray(coords, np.float64).reshape(-1, k), axis=0, return_counts=True)
+    else:
+        counts, edges = np.histogramdd(coords, bins=CONSENSUS_BINS.get(k, 6), range=[(0.0, 1.0)] * k)
+        mids = [0.5 * (e[:-1] + e[1:]) for e in edges]
+        grid = np.stack(np.meshgrid(*mids, indexing="ij"), -1).reshape(-1, k)
     w = counts.reshape(-1) / counts.sum()
     used = w > 0
     mov = system.moving()
@@ -419,6 +470,7 @@ def simulate_atomic(out_dir: str, system: str, pdb_path: str, n: int = 6000, box
     n, box, apix, snr, thermal_A = int(n), int(box), float(apix), float(snr), float(thermal_A)
     t0 = time.perf_counter()
     sysm = build_system(system, pdb_path, frame)
+    frame = sysm.frame
     out_dir = os.path.abspath(out_dir)
     for sub in ("truth_maps", "truth_gmm"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -428,6 +480,8 @@ def simulate_atomic(out_dir: str, system: str, pdb_path: str, n: int = 6000, box
     # fits in the box: every atom of the extreme states within 0.48 box of the centre
     probe = np.array(np.meshgrid(*[[0.0, 0.25, 0.5, 0.75, 1.0]] * len(sysm.coords), indexing="ij")).reshape(
         len(sysm.coords), -1).T
+    if sysm.frames_A is not None:
+        probe = np.arange(len(sysm.frames_A))[:, None] / (len(sysm.frames_A) - 1.0)
     r_max = float(sysm.centers(probe).norm(dim=-1).max()) + 2 * ATOM_SIGMA_A + 2 * thermal_A
     if r_max > 0.5 * box * apix - max_shift_px * apix:
         raise InputError(f"box {box} x {apix} A: the {system} system reaches {r_max:.0f} A from the centre; "
@@ -438,6 +492,8 @@ def simulate_atomic(out_dir: str, system: str, pdb_path: str, n: int = 6000, box
             truth.insert(3 + j, name, coords[:, j])
     if sysm.cyclic:
         truth.insert(3 + len(sysm.coords), "angle_deg", 360.0 * coords[:, 0])
+    if sysm.frames_A is not None:
+        truth.insert(3, "frame", np.rint(coords[:, 0] * (len(sysm.frames_A) - 1)).astype(np.int64))
     truth["image_name"] = [f"{i:06d}@particles.mrcs" for i in range(1, n + 1)]
 
     stack_path = os.path.join(out_dir, "particles.mrcs")
@@ -483,6 +539,7 @@ def simulate_atomic(out_dir: str, system: str, pdb_path: str, n: int = 6000, box
               "ctf_applied": bool(ctf), "atom_sigma_A": ATOM_SIGMA_A, "voltage_kv": VOLTAGE_KV, "cs_mm": CS_MM,
               "amplitude_contrast": AMPLITUDE_CONTRAST, "truth_coordinates": list(sysm.coords),
               "cyclic": sysm.cyclic, "thermal_A": thermal_A, "frame": frame, "motions": motions, "states": states,
+              "n_frames": None if sysm.frames_A is None else int(len(sysm.frames_A)),
               "files": {"star": "particles.star", "stack": "particles.mrcs", "consensus": "consensus.mrc",
                         "truth_csv": "truth.csv"}, "summary": summary}
     json_path = os.path.join(out_dir, "simulation.json")
