@@ -14,7 +14,7 @@ Systems (simulated, SNR 0.1, CTF, exact poses, 64 px):
   best rotation and reflection: :func:`circular_agreement`; the median residual in degrees) of the
   angle in the whitened plane of the first two latent PCs with the truth angle, |.|.
 - ``trajectory``: the frames of a molecular-dynamics trajectory (``--trajectory``, a multi-model
-  PDB; e.g. adenylate kinase closing, MDAnalysis' ``adk_dims.dcd`` converted by md_frames.py),
+  PDB; e.g. adenylate kinase opening, MDAnalysis' ``adk_dims.dcd`` converted by md_frames.py),
   each particle one frame; the hinge's metrics against the frame number.
 - ``mixed`` / ``conformational``: the five-domain synthetic molecule (3 A/px); ARI of k-means
   k=2 on the whitened latents, |Spearman| within each composition, as bench_latent_quality.

@@ -360,3 +360,8 @@ def test_trajectory_frames_are_superposed_drawn_and_projected(tmp_path, capsys):
         f.writelines(lines[:second] + lines[second + 1:])
     with pytest.raises(InputError, match="model 2 has"):
         build_system("trajectory", bad)
+    swapped = lines[:second] + [lines[second + 1], lines[second]] + lines[second + 2:]   # atoms 1, 2 of model 2
+    with open(bad, "w") as f:
+        f.writelines(swapped)
+    with pytest.raises(InputError, match="model 2's atom 1 is residue 1 CA, model 1's residue 1 N"):
+        build_system("trajectory", bad)

@@ -100,15 +100,15 @@ def read_pdb(path: str, all_models: bool = False) -> dict:
     same atoms in every MODEL (the frames of a trajectory)."""
     if not os.path.isfile(path):
         raise InputError(f"--pdb {path}: no such file; give a PDB file (e.g. tests/data/1ake.pdb)")
-    models, xyz, el, res, names, chain = [], [], [], [], [], None
+    models, xyz, ids, el, chain = [], [], [], [], None   # per model: (coordinates, (residue, atom name))
     with open(path, errors="replace") as f:
         for line in f:
             if line.startswith("ENDMDL"):
+                if xyz:
+                    models.append((np.asarray(xyz, np.float64), ids))
+                    xyz, ids = [], []
                 if not all_models:
                     break
-                if xyz:
-                    models.append(np.asarray(xyz, np.float64))
-                    xyz = []
                 continue
             if not line.startswith(("ATOM", "HETATM")) or line.startswith("HETATM"):
                 continue
@@ -122,22 +122,26 @@ def read_pdb(path: str, all_models: bool = False) -> dict:
                 continue
             try:
                 xyz.append([float(line[30:38]), float(line[38:46]), float(line[46:54])])
-                r = int(line[22:26])
+                ids.append((int(line[22:26]), line[12:16].strip()))
             except ValueError:
                 raise InputError(f"--pdb {path}: unreadable ATOM line {line.rstrip()!r}; give a standard PDB file")
             if not models:
-                res.append(r)
                 el.append(ELECTRONS.get(e, 6))
-                names.append(line[12:16].strip())
     if xyz:
-        models.append(np.asarray(xyz, np.float64))
-    if not models or len(models[0]) < 10:
-        raise InputError(f"--pdb {path}: {len(models[0]) if models else 0} heavy atoms found; give a PDB file of a "
-                         "protein chain")
-    for k, m in enumerate(models[1:], 2):
-        if len(m) != len(models[0]):
-            raise InputError(f"--pdb {path}: model {k} has {len(m)} heavy atoms, model 1 {len(models[0])}; give the "
-                             "frames of one trajectory (the same atoms in every MODEL)")
+        models.append((np.asarray(xyz, np.float64), ids))
+    if not models or len(models[0][1]) < 10:
+        raise InputError(f"--pdb {path}: {len(models[0][1]) if models else 0} heavy atoms found; give a PDB file of "
+                         "a protein chain")
+    first = models[0][1]
+    for k, (_, m) in enumerate(models[1:], 2):
+        if m != first:
+            what = (f"model {k} has {len(m)} heavy atoms, model 1 {len(first)}" if len(m) != len(first) else
+                    "model %d's atom %d is residue %d %s, model 1's residue %d %s" % next(
+                        (k, a + 1, *m[a], *first[a]) for a in range(len(m)) if m[a] != first[a]))
+            raise InputError(f"--pdb {path}: {what}; give the frames of one trajectory (the same atoms in the "
+                             "same order in every MODEL)")
+    res, names = zip(*first)
+    models = [m[0] for m in models]
     out = {"xyz_A": models[0], "electrons": np.asarray(el, np.float32), "resseq": np.asarray(res),
            "name": np.asarray(names), "chain": chain}
     if all_models:
